@@ -1,0 +1,34 @@
+"""memtrain: train large PyTorch models in less GPU memory.
+
+profile -> plan -> execute. Public names are re-exported here and imported lazily, so
+``import memtrain`` stays fast and does not pull in transformers or the solver.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "MemtrainError": "memtrain.errors",
+    "ProfileResult": "memtrain.profile",
+    "LayerProfile": "memtrain.profile",
+    "profile_model": "memtrain.profile",
+    "profile_causal_lm": "memtrain.profile",
+    "register_state_formula": "memtrain.profile",
+    "build_causal_lm": "memtrain.models",
+    "load_config": "memtrain.models",
+    "get_device": "memtrain.hardware",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'memtrain' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

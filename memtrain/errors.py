@@ -1,0 +1,20 @@
+"""User-facing errors.
+
+Everything a user can get wrong (an unknown model, a malformed config, an impossible budget)
+raises :class:`MemtrainError`. The CLI prints its message on one line and exits with status 2,
+so bad input never ends in a traceback from deep inside PyTorch.
+"""
+
+from __future__ import annotations
+
+
+class MemtrainError(Exception):
+    """An error caused by the user's input, with a message that says what to do about it."""
+
+
+class UnknownModelError(MemtrainError):
+    """A model name that is neither a preset nor a path to a config."""
+
+
+class ConfigError(MemtrainError):
+    """A config file or recipe that cannot be read or has invalid values."""

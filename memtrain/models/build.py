@@ -1,0 +1,106 @@
+"""Build random-weight causal LMs from configs, on the meta device or a real one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from memtrain.errors import ConfigError, MemtrainError
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise MemtrainError(f"unknown dtype {name!r}; use one of bf16, fp16, fp32") from None
+
+
+def build_causal_lm(
+    config,
+    dtype: str | torch.dtype = "bf16",
+    device: str | torch.device = "meta",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> nn.Module:
+    """Instantiate ``AutoModelForCausalLM.from_config`` with random weights.
+
+    On ``meta`` nothing is allocated, so a 70B model costs a few megabytes of Python objects.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    try:
+        with device:
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=torch_dtype, attn_implementation=attn_implementation
+            )
+    except ValueError as exc:
+        message = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"cannot build {config.name_or_path!r}: {message}") from None
+    return model
+
+
+@dataclass
+class LayerSpec:
+    """One profiling unit: a name, what kind of layer it is, and the modules that make it up."""
+
+    name: str
+    kind: str
+    modules: list[nn.Module] = field(default_factory=list)
+
+
+def _is_norm(name: str, module: nn.Module) -> bool:
+    lowered = name.lower()
+    return isinstance(module, nn.LayerNorm) or "norm" in lowered or lowered in {"ln_f"}
+
+
+def causal_lm_layers(model: nn.Module) -> list[LayerSpec]:
+    """Default granularity for a Hugging Face causal LM.
+
+    Embeddings (token and learned position embeddings together), each transformer block, the
+    final norm and the LM head. The loss, computed after the head, is added by the profiler.
+    """
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise MemtrainError(
+            f"{type(model).__name__} is not a Hugging Face causal LM; pass layers= to the profiler"
+        )
+    embed = LayerSpec("embed", "embedding")
+    blocks: list[LayerSpec] = []
+    norm: LayerSpec | None = None
+    for name, child in base.named_children():
+        if isinstance(child, nn.Embedding):
+            embed.modules.append(child)
+        elif isinstance(child, nn.ModuleList) and not blocks:
+            blocks = [LayerSpec(f"block.{i}", "block", [b]) for i, b in enumerate(child)]
+        elif blocks and _is_norm(name, child):
+            norm = LayerSpec("norm", "norm", [child])
+    head = model.get_output_embeddings()
+    if not embed.modules or not blocks or head is None:
+        raise MemtrainError(
+            f"cannot find embeddings, blocks and head in {type(model).__name__}; "
+            "pass layers= to the profiler"
+        )
+    layers = [embed, *blocks]
+    if norm is not None:
+        layers.append(norm)
+    layers.append(LayerSpec("lm_head", "head", [head]))
+    return layers

@@ -1,0 +1,149 @@
+"""The profiler's result: one type for dry runs and measured runs, saved as versioned JSON.
+
+The planner reads this file, so every field is documented and the schema carries a version.
+All sizes are bytes, all times seconds, all counts per training step of one micro-batch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memtrain.errors import ConfigError
+
+SCHEMA = "memtrain.profile"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class SavedTensor:
+    """One tensor kept for backward by a layer.
+
+    ``nbytes`` is the size of its storage the first time that storage is saved; a storage saved
+    again (twice, or through a view) has ``nbytes == 0`` so sums never double count.
+    ``token_dim`` is the dimension that grows with the sequence (``None`` if none does).
+    """
+
+    shape: list[int]
+    dtype: str
+    nbytes: int
+    token_dim: int | None
+    is_layer_input: bool
+    op: str
+
+
+@dataclass
+class LayerProfile:
+    """What one layer costs in a training step."""
+
+    name: str
+    kind: str  # embedding | block | norm | head | loss | other
+    param_bytes: int
+    grad_bytes: int
+    optimizer_state_bytes: int
+    saved_bytes: int  # activations saved for backward (parameters excluded, storages once)
+    saved_tensors: list[SavedTensor]
+    input_bytes: int  # bytes of the layer's (first) input activation
+    output_bytes: int  # bytes of the layer's (first) output activation
+    forward_transient_bytes: int  # peak inside forward above what is live when forward ends
+    backward_transient_bytes: int  # peak inside backward above what is live when it starts
+    forward_flops: float
+    backward_flops: float
+    forward_time_s: float  # measured, or estimated from FLOPs and bytes on the target device
+    backward_time_s: float
+    param_count: int = 0
+
+    @property
+    def token_scaled_saved_bytes(self) -> int:
+        """Saved bytes that have a token dimension (what token-wise swapping can move)."""
+        return sum(t.nbytes for t in self.saved_tensors if t.token_dim is not None)
+
+
+@dataclass
+class TimelinePoint:
+    """Live device bytes at one moment of the step (for plots and the simulated peak)."""
+
+    phase: str  # forward | backward | optimizer
+    layer: str
+    live_bytes: int
+
+
+@dataclass
+class ProfileResult:
+    """A per-layer account of one training step."""
+
+    model: str
+    mode: str  # "dry-run" | "measured"
+    device: str  # where it ran: meta | cpu | cuda
+    target: str  # hardware preset whose rates turned FLOPs into times (or the real device)
+    batch: int
+    seq: int
+    dtype: str
+    optimizer: str
+    layers: list[LayerProfile]
+    param_count: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_state_bytes: int
+    saved_bytes: int
+    largest_transient_bytes: int
+    predicted_peak_bytes: int  # weights + grads + states + saved + largest transient
+    simulated_peak_bytes: int | None  # peak of the live-bytes timeline (dry run: simulated)
+    measured_peak_bytes: int | None  # torch.cuda.max_memory_allocated in a measured CUDA run
+    step_time_s: float
+    timeline: list[TimelinePoint] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    schema: str = SCHEMA
+    schema_version: int = SCHEMA_VERSION
+
+    def layer(self, name: str) -> LayerProfile:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, path: str | Path | None = None, indent: int | None = 1) -> str:
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProfileResult:
+        if data.get("schema") != SCHEMA:
+            raise ConfigError("not a memtrain profile (missing schema 'memtrain.profile')")
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ConfigError(
+                f"profile schema version {data.get('schema_version')} is not supported "
+                f"(this memtrain reads version {SCHEMA_VERSION}); re-run memtrain profile"
+            )
+        data = dict(data)
+        data["layers"] = [
+            LayerProfile(
+                **{
+                    **layer,
+                    "saved_tensors": [SavedTensor(**t) for t in layer["saved_tensors"]],
+                }
+            )
+            for layer in data["layers"]
+        ]
+        data["timeline"] = [TimelinePoint(**p) for p in data.get("timeline", [])]
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> ProfileResult:
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            try:
+                text = Path(path_or_text).read_text()
+            except OSError as exc:
+                raise ConfigError(f"{path_or_text}: cannot read profile ({exc.strerror})") from None
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"profile is not valid JSON ({exc.msg})") from None

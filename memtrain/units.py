@@ -48,4 +48,15 @@ def format_bytes(n: float, unit: str | None = None) -> str:
             if abs(n) >= size:
                 return f"{n / size:.2f} {unit}"
         return f"{int(n)} B"
-    return f"{n / {'TiB': 2**40, 'GiB': 2**30, 'MiB': 2**20, 'KiB': 2**10, 'B': 1}[unit]:.2f} {unit}"
+    return (
+        f"{n / {'TiB': 2**40, 'GiB': 2**30, 'MiB': 2**20, 'KiB': 2**10, 'B': 1}[unit]:.2f} {unit}"
+    )
+
+
+def short_bytes(n: float) -> str:
+    """Compact binary size for dense tables: ``416M``, ``24.1G``, ``1.04T``."""
+    for suffix, size in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if abs(n) >= size:
+            value = n / size
+            return f"{value:.3g}{suffix}" if value < 100 else f"{value:.0f}{suffix}"
+    return f"{int(n)}B"

@@ -1,0 +1,96 @@
+"""Make attention on meta tensors save what it would save on the target device.
+
+On the meta device PyTorch picks the "math" attention, which keeps the full S x S attention
+matrix for backward; on a GPU (and on the CPU) fused kernels keep only the output and a
+log-sum-exp per row. A dry run therefore routes ``scaled_dot_product_attention`` to the fused
+op the target device would choose, so saved bytes and FLOPs match a real run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+MATH, FLASH, EFFICIENT = 0, 1, 2
+
+
+def cpu_backend(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> int:
+    """Ask PyTorch's own CPU selector, on tiny real tensors with the same properties."""
+
+    def tiny(t: torch.Tensor, seq: int = 4) -> torch.Tensor:
+        shape = list(t.shape)
+        shape[-2] = seq
+        return torch.zeros([1] * (len(shape) - 3) + shape[-3:], dtype=t.dtype)
+
+    mask = None
+    if attn_mask is not None:
+        mask = torch.zeros((1,) * (attn_mask.dim() - 2) + (4, 4), dtype=attn_mask.dtype)
+    return int(
+        torch._fused_sdp_choice(
+            tiny(query), tiny(key), tiny(value), mask, dropout_p, is_causal, enable_gqa=enable_gqa
+        )
+    )
+
+
+def cuda_backend(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> int:
+    """PyTorch's CUDA preference on Hopper/Ampere: flash, then memory-efficient, then math."""
+    head_dim = query.shape[-1]
+    half = query.dtype in (torch.float16, torch.bfloat16)
+    if half and attn_mask is None and head_dim <= 256 and head_dim % 8 == 0:
+        return FLASH
+    if head_dim % 8 == 0 and not enable_gqa:
+        return EFFICIENT
+    return MATH
+
+
+class TargetAttention(TorchFunctionMode):
+    """Route ``F.scaled_dot_product_attention`` to the fused kernel of ``target`` ("cpu"/"cuda")."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.target = target
+        self.choices: list[int] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        return self._attention(*args, **kwargs)
+
+    def _attention(
+        self,
+        query,
+        key,
+        value,
+        attn_mask=None,
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        enable_gqa=False,
+    ):
+        chooser = cuda_backend if self.target == "cuda" else cpu_backend
+        backend = chooser(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        self.choices.append(backend)
+        if backend == FLASH:
+            # The CPU flash op keeps q, k, v, out and lse, as the CUDA flash kernel does (plus
+            # two 8-byte RNG scalars there); both take grouped k/v heads as they are.
+            out, _lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+            )
+            return out
+        if backend == EFFICIENT:
+            out = torch.ops.aten._scaled_dot_product_efficient_attention(
+                query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale
+            )
+            return out[0]
+        return F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )

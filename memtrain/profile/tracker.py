@@ -1,0 +1,160 @@
+"""A dispatch-level observer of one training step: FLOPs, estimated op times, live bytes.
+
+Every ATen op passes through :class:`OpTracker`. It
+
+* counts FLOPs with PyTorch's own formulas (``torch.utils.flop_counter``), halving causal
+  attention because fused kernels skip the masked half;
+* estimates each op's time on a target device as a roofline, ``max(FLOPs / rate, bytes / bandwidth)``;
+* optionally tracks live tensor storage, the way a caching allocator sees it: a storage is allocated
+  when an op first returns it and freed when its last reference dies (a weak-reference finaliser),
+  with sizes rounded up to the allocator's 512-byte blocks. On meta tensors this simulates device
+  memory without allocating any.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+from memtrain.hardware.devices import DeviceSpec
+
+aten = torch.ops.aten
+
+ALLOCATOR_BLOCK = 512  # the CUDA caching allocator rounds every block up to a multiple of this
+KERNEL_LAUNCH_S = 4e-6  # fixed cost charged to every op that launches a kernel
+
+_ZERO_COST = {
+    aten.detach,
+    aten.alias,
+    aten._unsafe_view,
+    aten.lift_fresh,
+    aten.empty,
+    aten.empty_strided,
+    aten.empty_like,
+    aten.scalar_tensor,
+    aten._local_scalar_dense,
+}
+
+
+def round_block(nbytes: int, block: int = ALLOCATOR_BLOCK) -> int:
+    return -(-nbytes // block) * block if block > 1 else nbytes
+
+
+def _cpu_flash_forward_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
+    b, h, s_q, d = query.shape
+    s_k = key.shape[-2]
+    return 4 * b * h * s_q * s_k * d
+
+
+def _cpu_flash_backward_flops(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    b, h, s_q, d = query.shape
+    s_k = key.shape[-2]
+    return 10 * b * h * s_q * s_k * d  # recompute q k^T, then dV, dP, dQ, dK
+
+
+_EXTRA_FLOPS: dict = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
+}
+
+
+def _is_causal(func, args, kwargs) -> bool:
+    if "is_causal" in kwargs:
+        return bool(kwargs["is_causal"])
+    for index, argument in enumerate(func._schema.arguments):
+        if argument.name == "is_causal":
+            return bool(args[index]) if index < len(args) else bool(argument.default_value)
+    return False
+
+
+def op_flops(func, args, kwargs, out) -> float:
+    """FLOPs of one ATen op call (0 for ops without a formula: elementwise work is bytes-bound)."""
+    packet = func._overloadpacket
+    formula = _EXTRA_FLOPS.get(packet) or flop_registry.get(packet)
+    if formula is None:
+        return 0.0
+    if packet in _EXTRA_FLOPS:
+        flops = formula(*args, out_val=out, **kwargs)
+    else:
+        flops = formula(*args, **kwargs, out_val=out)
+    if "attention" in packet.__name__ and _is_causal(func, args, kwargs):
+        flops *= 0.5
+    return float(flops)
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class OpTracker(TorchDispatchMode):
+    """Observe every op of a step; see the module docstring."""
+
+    def __init__(
+        self,
+        device_spec: DeviceSpec | None,
+        track_memory: bool,
+        on_op: Callable[[float, float], None],
+        on_alloc: Callable[[int], None] | None = None,
+        block: int = ALLOCATOR_BLOCK,
+    ):
+        super().__init__()
+        self.spec = device_spec
+        self.track_memory = track_memory
+        self.on_op = on_op  # (flops, estimated seconds) -> None
+        self.on_alloc = on_alloc  # live bytes after an allocation -> None
+        self.block = block
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._live: dict[int, int] = {}
+        self.last_op: str = ""
+
+    # -- memory -----------------------------------------------------------------------------
+    def _free(self, key: int) -> None:
+        self.live_bytes -= self._live.pop(key, 0)
+
+    def _record_allocations(self, inputs: list, outputs: list) -> None:
+        input_keys = {t.untyped_storage()._cdata for t in inputs if isinstance(t, torch.Tensor)}
+        for t in outputs:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key in input_keys or key in self._live:
+                continue
+            size = round_block(storage.nbytes(), self.block)
+            self._live[key] = size
+            self.live_bytes += size
+            weakref.finalize(storage, self._free, key)
+            if self.live_bytes > self.peak_bytes:
+                self.peak_bytes = self.live_bytes
+            if self.on_alloc is not None:
+                self.on_alloc(self.live_bytes)
+
+    # -- time ---------------------------------------------------------------------------------
+    def _estimate_seconds(self, func, flops: float, inputs: list, outputs: list) -> float:
+        if self.spec is None or func.is_view or func._overloadpacket in _ZERO_COST:
+            return 0.0
+        tensors = [t for t in inputs + outputs if isinstance(t, torch.Tensor)]
+        moved = sum(_tensor_bytes(t) for t in tensors)
+        seconds = moved / self.spec.achievable_hbm_bandwidth
+        if flops:
+            elem = min((t.element_size() for t in tensors if t.is_floating_point()), default=2)
+            seconds = max(seconds, flops / self.spec.matmul_rate(elem))
+        return seconds + KERNEL_LAUNCH_S
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.last_op = func._overloadpacket.__name__
+        inputs, _ = tree_flatten((args, kwargs))
+        outputs, _ = tree_flatten(out)
+        if self.track_memory:
+            self._record_allocations(inputs, outputs)
+        flops = op_flops(func, args, kwargs, out)
+        self.on_op(flops, self._estimate_seconds(func, flops, inputs, outputs))
+        return out

@@ -22,6 +22,11 @@ _EXPORTS: dict[str, str] = {
     "build_causal_lm": "memtrain.models",
     "load_config": "memtrain.models",
     "get_device": "memtrain.hardware",
+    "GaLoreAdamW": "memtrain.optim",
+    "GaLoreAdafactor": "memtrain.optim",
+    "FRUGAL": "memtrain.optim",
+    "build_optimizer": "memtrain.optim",
+    "register_step_in_backward": "memtrain.optim",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,0 +1,79 @@
+"""What every memtrain optimizer shares: exact checkpoints, state accounting, step counters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+
+from memtrain.errors import MemtrainError
+from memtrain.profile.optimizer_state import measured_state_bytes
+
+# Scalars read on the host every step: kept on the CPU so reading them never syncs the GPU.
+HOST_STATE_KEYS = ("step", "block_start")
+
+
+class MemtrainOptimizer(torch.optim.Optimizer):
+    """Base class: state tensors keep their own dtype on load, so a resumed run is bit-exact.
+
+    (``torch.optim.Optimizer`` casts every floating state tensor to the parameter's dtype on
+    load; our float32 projections and Adafactor statistics of bf16 weights must stay float32.)
+    """
+
+    @staticmethod
+    def _process_value_according_to_param_policy(
+        param: torch.Tensor,
+        value: torch.Tensor,
+        param_id: int,
+        param_groups: list[dict[Any, Any]],
+        key: Hashable = None,
+    ) -> torch.Tensor:
+        if key in HOST_STATE_KEYS:
+            return value.to("cpu")
+        return value.to(device=param.device)
+
+    def state_bytes(self) -> int:
+        """Bytes held in ``self.state`` (every tensor, shared storage counted once)."""
+        return sum(measured_state_bytes(self).values())
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        # Built eagerly: stepping inside backward swaps param_groups for one-parameter views.
+        params = (p for g in self.param_groups for p in g["params"])
+        self._index_cache = {id(p): i for i, p in enumerate(params)}
+
+    def param_index(self, param: torch.Tensor) -> int:
+        """Position of ``param`` across all groups: a stable key for seeding its refreshes."""
+        return self._index_cache[id(param)]
+
+    def _run_closure(self, closure: Callable[[], Any] | None) -> Any:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+
+def init_step(state: dict[str, Any]) -> int:
+    """The parameter's completed-step count (float32 CPU scalar in the state, like torch)."""
+    if "step" not in state:
+        state["step"] = torch.zeros((), dtype=torch.float32)
+    return int(state["step"].item())
+
+
+def grads_of(group: dict[str, Any]) -> list[torch.Tensor]:
+    params = [p for p in group["params"] if p.grad is not None]
+    for p in params:
+        if p.grad.is_sparse:
+            raise MemtrainError("memtrain optimizers do not support sparse gradients")
+    return params
+
+
+def check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise MemtrainError(f"{name} must be positive, got {value!r}")
+
+
+def check_unit_interval(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise MemtrainError(f"{name} must be in [0, 1), got {value!r}")

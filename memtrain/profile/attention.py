@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 MATH, FLASH, EFFICIENT = 0, 1, 2
 
@@ -51,6 +52,7 @@ class TargetAttention(TorchFunctionMode):
         super().__init__()
         self.target = target
         self.choices: list[int] = []
+        self._cache: dict[tuple, int] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -70,7 +72,20 @@ class TargetAttention(TorchFunctionMode):
         enable_gqa=False,
     ):
         chooser = cuda_backend if self.target == "cuda" else cpu_backend
-        backend = chooser(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        key_ = (
+            query.dtype,
+            query.shape[-1],
+            key.shape[-3:-2],
+            None if attn_mask is None else attn_mask.dtype,
+            dropout_p > 0,
+            is_causal,
+            enable_gqa,
+        )
+        backend = self._cache.get(key_)
+        if backend is None:
+            with _disable_current_modes():  # the choice itself is not part of the step
+                backend = chooser(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+            self._cache[key_] = backend
         self.choices.append(backend)
         if backend == FLASH:
             # The CPU flash op keeps q, k, v, out and lse, as the CUDA flash kernel does (plus
@@ -94,3 +109,19 @@ class TargetAttention(TorchFunctionMode):
             scale=scale,
             enable_gqa=enable_gqa,
         )
+
+
+class CpuKernelOutputs(TorchDispatchMode):
+    """Give meta ops the output dtypes the CPU kernels produce where the two differ.
+
+    The CPU layer norm returns its mean and reciprocal std in the input's dtype for bf16/fp16
+    inputs (CUDA and the meta kernel use float32); autograd saves both.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.native_layer_norm.default:
+            dtype = args[0].dtype
+            if dtype in (torch.bfloat16, torch.float16) and out[1].dtype != dtype:
+                return out[0], out[1].to(dtype), out[2].to(dtype)
+        return out

@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_flatten
 from memtrain.errors import MemtrainError
 from memtrain.hardware.devices import DeviceSpec, get_device
 from memtrain.models.build import LayerSpec
-from memtrain.profile.attention import TargetAttention
+from memtrain.profile.attention import CpuKernelOutputs, TargetAttention
 from memtrain.profile.optimizer_state import (
     OptimizerSpec,
     measured_state_bytes,
@@ -224,10 +224,11 @@ def profile_model(
     )
     if isinstance(memory, TrackedMemory):
         memory.attach(tracker)
-    recorder = SavedTensorRecorder(scopes, excluded, op_name=lambda: tracker.last_op)
+    recorder = SavedTensorRecorder(scopes, excluded, producer=tracker.producer)
     attention = TargetAttention(semantics) if dry else contextlib.nullcontext()
+    quirks = CpuKernelOutputs() if dry and semantics == "cpu" else contextlib.nullcontext()
     try:
-        with recorder.hooks(), attention, tracker:
+        with recorder.hooks(), attention, quirks, tracker:
             scopes.begin("forward")
             output = _run_model(model, inputs)
             loss = loss_fn(output, inputs)

@@ -24,6 +24,8 @@ class SavedTensor:
     ``nbytes`` is the size of its storage the first time that storage is saved; a storage saved
     again (twice, or through a view) has ``nbytes == 0`` so sums never double count.
     ``token_dim`` is the dimension that grows with the sequence (``None`` if none does).
+    ``op`` names the ATen op that produced the tensor (e.g. the attention kernel for its output
+    and log-sum-exp), so executors and the planner can tell which tensor is which.
     """
 
     shape: list[int]

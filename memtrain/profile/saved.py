@@ -33,7 +33,7 @@ class SavedTensorRecorder:
 
     scopes: LayerScopes
     excluded_storages: set[int]
-    op_name: callable = lambda: ""
+    producer: callable = lambda tensor: ""
     records: list[SavedRecord] = field(default_factory=list)
     _seen: set[int] = field(default_factory=set)
 
@@ -58,7 +58,7 @@ class SavedTensorRecorder:
                 dtype=tensor.dtype,
                 nbytes=nbytes,
                 is_layer_input=key == self.scopes.stats[layer].input_storage,
-                op=self.op_name(),
+                op=self.producer(tensor),
             )
         )
         return tensor

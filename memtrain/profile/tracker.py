@@ -111,11 +111,28 @@ class OpTracker(TorchDispatchMode):
         self.live_bytes = 0
         self.peak_bytes = 0
         self._live: dict[int, int] = {}
-        self.last_op: str = ""
+        self._producer: dict[int, str] = {}
 
     # -- memory -----------------------------------------------------------------------------
     def _free(self, key: int) -> None:
         self.live_bytes -= self._live.pop(key, 0)
+
+    def producer(self, tensor: torch.Tensor) -> str:
+        """Name of the ATen op that created this tensor's storage ("" if made outside)."""
+        return self._producer.get(tensor.untyped_storage()._cdata, "")
+
+    def _forget(self, key: int) -> None:
+        self._producer.pop(key, None)
+
+    def _record_producers(self, name: str, inputs: list, outputs: list) -> None:
+        input_keys = {t.untyped_storage()._cdata for t in inputs if isinstance(t, torch.Tensor)}
+        for t in outputs:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in input_keys and key not in self._producer:
+                    self._producer[key] = name
+                    weakref.finalize(storage, self._forget, key)
 
     def _record_allocations(self, inputs: list, outputs: list) -> None:
         input_keys = {t.untyped_storage()._cdata for t in inputs if isinstance(t, torch.Tensor)}
@@ -150,9 +167,9 @@ class OpTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        self.last_op = func._overloadpacket.__name__
         inputs, _ = tree_flatten((args, kwargs))
         outputs, _ = tree_flatten(out)
+        self._record_producers(func._overloadpacket.__name__, inputs, outputs)
         if self.track_memory:
             self._record_allocations(inputs, outputs)
         flops = op_flops(func, args, kwargs, out)

@@ -1,0 +1,408 @@
+"""Benchmark memtrain's fused linear cross-entropy against the usual ways to compute the loss.
+
+For each shape and input kind (random, or peaked softmax) and each method it prints the
+forward+backward time (median of CUDA-event timings), the extra peak memory (peak allocated
+during forward+backward minus the inputs and the gradients every method must return) and the
+relative errors of the loss and both gradients against a float32 reference (no TF32).
+
+Methods: naive PyTorch, torch.compile of the same, cut-cross-entropy (gradient filter on and
+off), Liger's fused linear cross-entropy, memtrain exact and memtrain filtered. Third-party
+packages that are not installed are reported as missing, not skipped silently.
+
+Also: a GPU correctness check of memtrain's Triton path on small odd shapes against a float64
+reference, and the peak memory of a training step of the ``llama-3.2-1b`` preset with and
+without the fused loss.
+
+Reproduce (one GPU):  python benchmarks/bench_linear_cross_entropy.py --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memtrain.kernels import linear_cross_entropy, reference_linear_cross_entropy  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def naive(h, w, y):
+    return F.cross_entropy((h @ w.t()).float(), y)
+
+
+_compiled = None
+
+
+def compiled(h, w, y):
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(naive)
+    return _compiled(h, w, y)
+
+
+def cce(filter_on: bool):
+    from cut_cross_entropy import linear_cross_entropy as cce_lce
+
+    eps = "auto" if filter_on else None
+    return lambda h, w, y: cce_lce(h, w, y, filter_eps=eps)
+
+
+def liger():
+    from liger_kernel.transformers.fused_linear_cross_entropy import (
+        LigerFusedLinearCrossEntropyLoss,
+    )
+
+    loss_fn = LigerFusedLinearCrossEntropyLoss()
+
+    def run(h, w, y):
+        out = loss_fn(w, h, y)
+        if isinstance(out, tuple):
+            return out[0]
+        return getattr(out, "loss", out)
+
+    return run
+
+
+def ours(filter_on: bool, workspace_mib: int | None = None):
+    ws = workspace_mib * MiB if workspace_mib else None
+    return lambda h, w, y: linear_cross_entropy(
+        h, w, y, grad_filter=filter_on, impl="triton", workspace_bytes=ws
+    )
+
+
+def methods(args) -> dict:
+    table = {"naive torch": lambda: naive}
+    if not args.skip_compile:
+        table["torch.compile"] = lambda: compiled
+    table["cce (filter on)"] = lambda: cce(True)
+    table["cce (filter off)"] = lambda: cce(False)
+    table["liger"] = liger
+    for ws in args.workspaces:
+        table[f"memtrain exact ({ws} MiB ws)"] = lambda ws=ws: ours(False, ws)
+    table["memtrain filtered"] = lambda: ours(True, args.workspaces[0])
+    return table
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def make_inputs(n, d, v, kind, seed=0):
+    """Random inputs, or 'peaked' ones: hidden = a * W[target] + noise, so each row's softmax
+    puts most of its mass on its target, like a trained model's head."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(v, d, device="cuda", generator=g) / math.sqrt(d)
+    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    if kind == "random":
+        h = torch.randn(n, d, device="cuda", generator=g)
+    else:
+        h = 14.0 * w[y] + 0.5 * torch.randn(n, d, device="cuda", generator=g)
+    return h.bfloat16().contiguous(), w.bfloat16().contiguous(), y
+
+
+def softmax_stats(h, w, y, rows=1024):
+    z = (h[:rows].float() @ w.float().t()).float()
+    p = torch.softmax(z, -1)
+    pt = p.gather(1, y[:rows, None]).mean().item()
+    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean().item()
+    return {"mean_target_prob": pt, "mean_entropy_nats": ent}
+
+
+def reference_grads(h, w, y):
+    """Float32 loss and gradients, full precision matmuls, chunked over rows to bound memory."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hf, wf = h.float(), w.float()
+    n = h.shape[0]
+    gh = torch.empty_like(hf)
+    gw = torch.zeros_like(wf)
+    total = torch.zeros((), device=h.device, dtype=torch.float64)
+    step = 2048
+    for s in range(0, n, step):
+        hc = hf[s : s + step].clone().requires_grad_()
+        wc = wf.detach().requires_grad_()
+        loss = F.cross_entropy(hc @ wc.t(), y[s : s + step], reduction="sum") / n
+        loss.backward()
+        total += loss.double()
+        gh[s : s + step] = hc.grad
+        gw += wc.grad
+        del hc, wc, loss
+    torch.backends.cuda.matmul.allow_tf32 = prev
+    return total.float(), gh, gw
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def measure(fn, h, w, y, reps, ref):
+    hp = h.detach().clone().requires_grad_()
+    wp = w.detach().clone().requires_grad_()
+
+    def step():
+        hp.grad = None
+        wp.grad = None
+        loss = fn(hp, wp, y)
+        loss.backward()
+        return loss
+
+    loss = step()  # warm-up (compilation, autotuning)
+    torch.cuda.synchronize()
+    errs = {}
+    if ref is not None:
+        errs = {
+            "loss_err": rel(loss.detach(), ref[0]),
+            "grad_h_err": rel(hp.grad, ref[1]),
+            "grad_w_err": rel(wp.grad, ref[2]),
+        }
+    hp.grad = None
+    wp.grad = None
+    del loss
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    grad_bytes = hp.numel() * hp.element_size() + wp.numel() * wp.element_size()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - grad_bytes
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        stop = torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    hp.grad = None
+    wp.grad = None
+    return {"ms": statistics.median(times), "extra_mib": extra / MiB, **errs}
+
+
+def run_shape(n, d, v, kind, args, results):
+    h, w, y = make_inputs(n, d, v, kind)
+    stats = softmax_stats(h, w, y)
+    log(f"\n== N={n} D={d} V={v} {kind}: {stats}")
+    ref = reference_grads(h, w, y) if n <= args.max_ref_rows else None
+    floor_ms = 8 * n * v * d / (args.tflops * 1e12) * 1e3
+    for name, make in methods(args).items():
+        if name in args.skip_methods_for_big and n > 8192:
+            continue
+        row = {"n": n, "d": d, "v": v, "kind": kind, "method": name, "floor_ms": floor_ms, **stats}
+        try:
+            fn = make()
+            row.update(measure(fn, h, w, y, args.reps, ref))
+        except ImportError as exc:
+            row["error"] = f"not installed: {exc}"
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory"
+        except Exception as exc:  # report and carry on with the other methods
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        gc.collect()
+        torch.cuda.empty_cache()
+        results["rows"].append(row)
+        log(format_row(row))
+    del h, w, y, ref
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def format_row(r):
+    if "error" in r:
+        return f"  {r['method']:<30} {r['error']}"
+    err = ""
+    if "grad_h_err" in r:
+        err = f" loss {r['loss_err']:.1e} dH {r['grad_h_err']:.1e} dW {r['grad_w_err']:.1e}"
+    return f"  {r['method']:<30} {r['ms']:8.1f} ms {r['extra_mib']:10.1f} MiB{err}"
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+def gpu_correctness(results):
+    """Triton path vs float64 on odd shapes, every option; prints the worst relative errors."""
+    torch.manual_seed(0)
+    worst = 0.0
+    cases = []
+    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float16, 1e-2), (torch.float32, 1e-3)):
+        for n, d, v in ((1, 64, 1000), (257, 96, 3001), (1000, 200, 50257)):
+            for opts in (
+                {},
+                {"softcap": 30.0, "reduction": "sum"},
+                {"label_smoothing": 0.1, "bias": True},
+                {"reduction": "none", "shift": True},
+            ):
+                opts = dict(opts)
+                h = torch.randn(n, d, device="cuda").to(dtype).requires_grad_()
+                w = (torch.randn(v, d, device="cuda") / math.sqrt(d) * 4).to(dtype)
+                w.requires_grad_()
+                y = torch.randint(0, v, (n,), device="cuda")
+                y[torch.rand(n, device="cuda") < 0.1] = -100
+                ins = [h, w]
+                if opts.pop("bias", False):
+                    b = torch.randn(v, device="cuda").to(dtype).requires_grad_()
+                    opts["bias"] = b
+                    ins.append(b)
+                out = linear_cross_entropy(h, w, y, impl="triton", **opts)
+                ref_ins = [t.detach().double().requires_grad_() for t in ins]
+                ref_opts = dict(opts)
+                if "bias" in opts:
+                    ref_opts["bias"] = ref_ins[2]
+                ref = reference_linear_cross_entropy(ref_ins[0], ref_ins[1], y, **ref_opts)
+                gw = torch.randn_like(ref) if ref.dim() else torch.ones_like(ref)
+                grads = torch.autograd.grad(out.float(), ins, gw.float())
+                ref_grads = torch.autograd.grad(ref, ref_ins, gw)
+                errs = [rel(out.double(), ref)]
+                errs += [rel(a.double(), b) for a, b in zip(grads, ref_grads, strict=True)]
+                bad = max(errs) > tol or not all(math.isfinite(e) for e in errs)
+                worst = max(worst, max(errs) / tol)
+                case = f"{str(dtype)[6:]:8} N={n:<5} D={d:<4} V={v:<6} {sorted(opts)}"
+                cases.append({"case": case, "errs": errs, "tol": tol, "ok": not bad})
+                if bad:
+                    log(f"  FAIL {case}: {errs} > {tol}")
+    results["correctness"] = cases
+    ok = sum(c["ok"] for c in cases)
+    log(f"GPU correctness: {ok}/{len(cases)} cases within tolerance (worst at {worst:.2f}x tol)")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def end_to_end(tokens, results):
+    """Peak memory and time of one AdamW training step of the llama-3.2-1b preset."""
+    from memtrain.kernels.linear_cross_entropy.hf import patch_causal_lm_loss
+    from memtrain.models import build_causal_lm, load_config
+
+    for fused in (False, True):
+        gc.collect()
+        torch.cuda.empty_cache()
+        row = {"tokens": tokens, "fused_loss": fused}
+        try:
+            model = build_causal_lm(load_config("llama-3.2-1b"), "bf16", "cuda")
+            model.train()
+            if fused:
+                patch_causal_lm_loss(model)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+            ids = torch.randint(0, model.config.vocab_size, (1, tokens), device="cuda")
+            times = []
+            for i in range(3):
+                torch.cuda.synchronize()
+                if i == 1:
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                out = model(input_ids=ids, labels=ids)
+                out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                del out
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 1024**3
+            row["step_s"] = min(times[1:])
+            row["tokens_per_s"] = tokens / row["step_s"]
+            del model, opt
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory"
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        results["end_to_end"].append(row)
+        log(f"end-to-end llama-3.2-1b {tokens} tokens fused={fused}: {row}")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def matmul_tflops():
+    a = torch.randn(8192, 8192, device="cuda").bfloat16()
+    b = torch.randn(8192, 8192, device="cuda").bfloat16()
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    stop.record()
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 20 / (start.elapsed_time(stop) / 1e3) / 1e12
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="lce_results.json")
+    p.add_argument("--shapes", default="8192x2304x256000,32768x2304x256000,8192x2048x128256")
+    p.add_argument("--kinds", default="random,peaked")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--workspaces", default="64", help="comma-separated MiB for the exact path")
+    p.add_argument("--max-ref-rows", type=int, default=8192)
+    p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--e2e-tokens", type=int, default=16384, help="0 to skip")
+    p.add_argument(
+        "--skip-methods-for-big",
+        default="naive torch,torch.compile,cce (filter off),liger",
+        help="methods not run when N > 8192 (they need too long or too much memory)",
+    )
+    args = p.parse_args()
+    args.workspaces = [int(x) for x in args.workspaces.split(",")]
+    args.skip_methods_for_big = set(args.skip_methods_for_big.split(","))
+    if not torch.cuda.is_available():
+        log("this benchmark needs a CUDA GPU")
+        return 1
+    props = torch.cuda.get_device_properties(0)
+    args.tflops = matmul_tflops()
+    results = {
+        "device": props.name,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+        "bf16_matmul_tflops": args.tflops,
+        "rows": [],
+        "end_to_end": [],
+    }
+    log(f"{props.name}, torch {torch.__version__}, bf16 matmul {args.tflops:.0f} TFLOP/s")
+    log(f"command: python {' '.join(sys.argv)}")
+    if not args.skip_correctness:
+        gpu_correctness(results)
+    for shape in args.shapes.split(","):
+        n, d, v = (int(x) for x in shape.split("x"))
+        for kind in args.kinds.split(","):
+            run_shape(n, d, v, kind, args, results)
+            Path(args.out).write_text(json.dumps(results, indent=1))
+    if args.e2e_tokens:
+        end_to_end(args.e2e_tokens, results)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    log("\nsummary (median fwd+bwd ms, extra peak MiB, rel. errors vs float32 reference)")
+    for r in results["rows"]:
+        log(f"N={r['n']} D={r['d']} V={r['v']} {r['kind']:7}" + format_row(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Fused linear + cross-entropy: the loss of a language-model head without the N x V logits.
+
+``linear_cross_entropy(hidden, weight, labels)`` equals
+``cross_entropy(hidden @ weight.T, labels)`` but never stores the logits: on CUDA, Triton kernels
+compute them block by block (forward: online log-sum-exp; backward: recompute and contract);
+elsewhere a chunked PyTorch path bounds them to a few rows at a time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from memtrain.errors import MemtrainError
+from memtrain.kernels.linear_cross_entropy.chunked import (
+    ChunkedLinearCrossEntropy,
+    chunk_rows_for,
+)
+from memtrain.kernels.linear_cross_entropy.reference import reference_linear_cross_entropy
+
+__all__ = [
+    "default_filter_eps",
+    "linear_cross_entropy",
+    "reference_linear_cross_entropy",
+    "triton_available",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_IMPLS = ("auto", "triton", "torch")
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on ``device`` (CUDA, or the CPU interpreter)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from memtrain.kernels.linear_cross_entropy.triton_function import interpreting
+
+    if interpreting():
+        return device.type == "cpu"
+    return device.type == "cuda"
+
+
+def default_filter_eps(dtype: torch.dtype) -> float:
+    """Softmax probability under which a gradient block may be skipped.
+
+    A skipped block's entries are each below ``eps`` (relative to the row's gradient scale); at
+    1/32 of the dtype's unit roundoff they sit far below what the dtype can resolve next to the
+    target's entry of order one.
+    """
+    return torch.finfo(dtype).eps / 32
+
+
+def _validate(hidden, weight, labels, bias, reduction, label_smoothing, softcap, impl) -> None:
+    if not all(isinstance(t, torch.Tensor) for t in (hidden, weight, labels)):
+        raise MemtrainError("hidden, weight and labels must be torch tensors")
+    if reduction not in _REDUCTIONS:
+        raise MemtrainError(f"reduction={reduction!r}; use one of {', '.join(_REDUCTIONS)}")
+    if impl not in _IMPLS:
+        raise MemtrainError(f"impl={impl!r}; use one of {', '.join(_IMPLS)}")
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise MemtrainError(
+            f"shapes do not fit: hidden {tuple(hidden.shape)} needs [..., D] and weight "
+            f"{tuple(weight.shape)} needs [V, D] with the same D"
+        )
+    if labels.shape != hidden.shape[:-1]:
+        raise MemtrainError(
+            f"labels shape {tuple(labels.shape)} must equal hidden's leading shape "
+            f"{tuple(hidden.shape[:-1])}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise MemtrainError(f"labels must be an integer tensor, got {labels.dtype}")
+    if hidden.dtype not in _DTYPES or weight.dtype != hidden.dtype:
+        raise MemtrainError(
+            f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one dtype of "
+            "bfloat16, float16, float32 (float64 on the torch path)"
+        )
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
+        raise MemtrainError(f"bias must have shape ({weight.shape[0]},) and dtype {weight.dtype}")
+    devices = {t.device for t in (hidden, weight, labels) + ((bias,) if bias is not None else ())}
+    if len(devices) > 1:
+        raise MemtrainError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise MemtrainError(f"label_smoothing={label_smoothing}; use a value in [0, 1)")
+    if softcap is not None and not softcap > 0:
+        raise MemtrainError(f"softcap={softcap}; use a positive number or None")
+
+
+def _targets(labels: torch.Tensor, vocab: int, ignore_index: int, shift: bool) -> torch.Tensor:
+    """Flat int32 targets with -1 for ignored rows; out-of-range labels are an input error."""
+    if shift:
+        if labels.dim() == 0 or labels.shape[-1] == 0:
+            raise MemtrainError("shift=True needs labels with a sequence dimension")
+        pad = torch.full_like(labels[..., :1], ignore_index)
+        labels = torch.cat([labels[..., 1:], pad], dim=-1)
+    flat = labels.reshape(-1)
+    ignored = flat == ignore_index
+    bad = ((flat < 0) | (flat >= vocab)) & ~ignored
+    if flat.numel() and bool(bad.any()):
+        value = int(flat[bad][0])
+        raise MemtrainError(
+            f"label {value} is outside the vocabulary [0, {vocab}) and is not "
+            f"ignore_index={ignore_index}"
+        )
+    return torch.where(ignored, -1, flat).to(torch.int32).contiguous()
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    shift: bool = False,
+    grad_filter: bool = False,
+    grad_filter_eps: float | None = None,
+    impl: str = "auto",
+    workspace_bytes: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``labels``, logits unstored.
+
+    hidden: ``[..., D]``; weight: ``[V, D]``; labels: hidden's leading shape, integer classes or
+    ``ignore_index``. ``softcap`` applies ``c * tanh(z / c)`` to the logits (Gemma 2).
+    ``shift=True`` makes position ``t`` predict ``labels[..., t + 1]`` (causal LM training; the
+    last position is ignored). ``reduction`` and ``label_smoothing`` follow
+    ``torch.nn.functional.cross_entropy``; with ``"mean"`` and no valid label the loss is NaN.
+
+    ``grad_filter=True`` lets the Triton backward skip blocks of the logits gradient in which
+    no target lies and every softmax probability is below ``grad_filter_eps`` (default
+    :func:`default_filter_eps`): faster on peaked softmaxes, not exact. It is off by default, is
+    ignored with label smoothing (whose gradient is dense), and the torch path is always exact.
+    ``impl`` picks "triton" (CUDA, or the interpreter), "torch" (chunked) or "auto".
+    ``workspace_bytes`` bounds the Triton backward's scratch memory (default 64 MiB).
+    """
+    _validate(hidden, weight, labels, bias, reduction, label_smoothing, softcap, impl)
+    runnable = triton_available(hidden.device) and hidden.dtype in _TRITON_DTYPES
+    use_triton = impl == "triton" or (impl == "auto" and runnable)
+    if use_triton and not runnable:
+        raise MemtrainError(
+            f"impl='triton' cannot run {hidden.dtype} on {hidden.device}: it needs bf16/fp16/"
+            "fp32 on a CUDA device with triton installed (or TRITON_INTERPRET=1 for CPU "
+            "tensors); use impl='torch' or 'auto'"
+        )
+    vocab, dim = weight.shape
+    targets = _targets(labels, vocab, ignore_index, shift)
+    flat_hidden = hidden.reshape(-1, dim).contiguous()
+    weight = weight.contiguous()
+    softcap = float(softcap) if softcap is not None else None
+    if use_triton:
+        from memtrain.kernels.linear_cross_entropy.triton_function import (
+            DEFAULT_WORKSPACE_BYTES,
+            TritonLinearCrossEntropy,
+        )
+
+        eps = None
+        if grad_filter and label_smoothing == 0.0:
+            eps = (
+                grad_filter_eps if grad_filter_eps is not None else default_filter_eps(hidden.dtype)
+            )
+        losses = TritonLinearCrossEntropy.apply(
+            flat_hidden, weight, bias, targets, softcap, float(label_smoothing), eps,
+            workspace_bytes or DEFAULT_WORKSPACE_BYTES,
+        )  # fmt: skip
+    else:
+        losses = ChunkedLinearCrossEntropy.apply(
+            flat_hidden, weight, bias, targets, softcap, float(label_smoothing),
+            chunk_rows_for(vocab),
+        )  # fmt: skip
+    if reduction == "none":
+        return losses.reshape(labels.shape).to(hidden.dtype)
+    total = losses.sum()
+    if reduction == "mean":
+        total = total / (targets >= 0).sum()
+    return total.to(hidden.dtype)

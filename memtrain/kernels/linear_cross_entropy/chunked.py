@@ -1,0 +1,127 @@
+"""Chunked PyTorch path: bounded memory on the CPU and wherever Triton cannot run.
+
+Rows are processed in chunks, so at most ``chunk_rows x V`` float32 logits exist at a time.
+Forward keeps only the log-sum-exp of each row; backward recomputes each chunk's logits, turns
+them into the softmax gradient and multiplies it straight into the two input gradients. The
+weight gradient is accumulated in float32 (one buffer the size of the weight) so that summing
+many chunks does not lose precision in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Float32 logits held at once, in elements (64 MiB); chunks never drop below 16 rows.
+LOGITS_BUDGET_ELEMENTS = 16 * 1024 * 1024
+
+
+def chunk_rows_for(vocab: int, budget_elements: int = LOGITS_BUDGET_ELEMENTS) -> int:
+    """Rows per chunk so that one chunk of float32 logits stays within the budget."""
+    return max(16, budget_elements // max(vocab, 1))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Float32 for the low-precision dtypes, float64 kept as is."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float32 logits of one chunk, and tanh of the raw logits when softcapping (for backward)."""
+    logits = (hidden @ weight.t()).to(_acc_dtype(hidden.dtype))
+    if bias is not None:
+        logits += bias
+    if softcap is None:
+        return logits, None
+    tanh = torch.tanh(logits / softcap)
+    return tanh * softcap, tanh
+
+
+def row_losses(
+    lse: torch.Tensor,
+    target_logit: torch.Tensor,
+    logit_sum: torch.Tensor | None,
+    valid: torch.Tensor,
+    label_smoothing: float,
+    vocab: int,
+) -> torch.Tensor:
+    """Per-row loss from the row statistics; ignored rows get exactly 0."""
+    loss = lse - target_logit
+    if label_smoothing > 0.0:
+        smooth = lse - logit_sum / vocab
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+    return torch.where(valid, loss, torch.zeros_like(loss))
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Per-row losses of ``softcap(hidden @ weight.T + bias)`` against ``targets`` (-1 = ignore)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, softcap, label_smoothing, chunk_rows):
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        acc_dtype = _acc_dtype(hidden.dtype)
+        losses = torch.empty(n_rows, dtype=acc_dtype, device=hidden.device)
+        lse_all = torch.empty(n_rows, dtype=acc_dtype, device=hidden.device)
+        valid_all = targets >= 0
+        for start in range(0, n_rows, chunk_rows):
+            stop = min(start + chunk_rows, n_rows)
+            logits, _ = _chunk_logits(hidden[start:stop], weight, bias, softcap)
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = valid_all[start:stop]
+            safe = targets[start:stop].clamp(min=0)
+            target_logit = logits.gather(1, safe[:, None]).squeeze(1)
+            logit_sum = logits.sum(-1) if label_smoothing > 0.0 else None
+            losses[start:stop] = row_losses(
+                lse, target_logit, logit_sum, valid, label_smoothing, vocab
+            )
+            lse_all[start:stop] = lse
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
+        ctx.softcap = softcap
+        ctx.label_smoothing = label_smoothing
+        ctx.chunk_rows = chunk_rows
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, bias, targets, lse_all = ctx.saved_tensors
+        softcap, smoothing, chunk_rows = ctx.softcap, ctx.label_smoothing, ctx.chunk_rows
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        acc_dtype = _acc_dtype(hidden.dtype)
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+        grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=weight.device)
+        grad_losses = grad_losses.to(acc_dtype) * (targets >= 0)
+        for start in range(0, n_rows, chunk_rows):
+            stop = min(start + chunk_rows, n_rows)
+            h = hidden[start:stop]
+            logits, tanh = _chunk_logits(h, weight, bias, softcap)
+            grad = torch.exp(logits - lse_all[start:stop, None])
+            if smoothing > 0.0:
+                grad -= smoothing / vocab
+            rows = torch.arange(stop - start, device=h.device)
+            safe = targets[start:stop].clamp(min=0)
+            grad[rows, safe] -= 1.0 - smoothing
+            grad *= grad_losses[start:stop, None]
+            if tanh is not None:
+                grad *= 1.0 - tanh * tanh
+            if need_b:
+                grad_bias += grad.sum(0)
+            grad = grad.to(hidden.dtype)
+            if need_h:
+                grad_hidden[start:stop] = grad @ weight
+            if need_w:
+                grad_weight += grad.t() @ h
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if need_w else None,
+            grad_bias.to(bias.dtype) if need_b and bias is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )

@@ -1,0 +1,349 @@
+"""Triton backward: recompute logits block by block and turn them into the two input gradients.
+
+The logits gradient ``dZ = g * (softmax - onehot)`` (with label smoothing and the softcap's chain
+rule folded in) is formed in registers by :func:`_grad_logits_kernel` for one bounded chunk of
+rows x vocabulary at a time and written to a reusable workspace. It is then contracted into the
+input gradients by matrix products: ``dH += dZ @ W[chunk]`` (float32 accumulator across vocabulary
+chunks) and ``dW[chunk] (+)= dZ.T @ H[rows]``. The workspace, not N x V, bounds the memory.
+
+With the gradient filter on, the kernel also marks each ``BLOCK_M x BLOCK_V`` block that holds a
+target or a softmax probability of at least ``eps``; unmarked blocks are zeroed, and two
+block-sparse Triton products skip them, which saves most of the matrix work when the softmax is
+peaked. Without the filter the products go to the vendor BLAS and nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from memtrain.kernels.linear_cross_entropy.triton_tiles import logits_tile
+
+
+@triton.jit
+def _grad_logits_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    targets_ptr,
+    lse_ptr,
+    grad_rows_ptr,
+    dz_ptr,
+    flags_ptr,
+    row_start,
+    row_stop,
+    col_start,
+    col_stop,
+    dim,
+    stride_h,
+    stride_w,
+    stride_dz,
+    flag_cols,
+    softcap,
+    smoothing,
+    inv_vocab,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    FILTER: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = row_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < row_stop
+    col_mask = cols < col_stop
+    logits, tanh = logits_tile(
+        hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_stop, col_stop, dim,
+        stride_h, stride_w, softcap,
+        HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST,
+    )  # fmt: skip
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+    grad_rows = tl.load(grad_rows_ptr + rows, mask=row_mask, other=0.0)
+    prob = tl.exp(logits - lse[:, None])
+    hit = cols[None, :] == targets[:, None]
+    dz = prob - tl.where(hit, 1.0 - smoothing, 0.0) - smoothing * inv_vocab
+    dz = dz * grad_rows[:, None]
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - tanh * tanh)
+    mask = row_mask[:, None] & col_mask[None, :]
+    if FILTER:
+        live = tl.where(mask & (grad_rows[:, None] != 0.0), prob, 0.0)
+        has_target = tl.sum(tl.where(hit & mask, 1, 0)) > 0
+        keep = (tl.max(live) >= eps) | has_target
+        tl.store(flags_ptr + pid_m * flag_cols + pid_v, keep.to(tl.int32))
+        dz = tl.where(keep, dz, 0.0)
+    local_rows = (rows - row_start).to(tl.int64)
+    local_cols = cols - col_start
+    dz_ptrs = dz_ptr + local_rows[:, None] * stride_dz + local_cols[None, :]
+    tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sparse_dz_weight_kernel(
+    dz_ptr,
+    weight_ptr,
+    acc_ptr,
+    flags_ptr,
+    n_rows,
+    n_cols,
+    dim,
+    stride_dz,
+    stride_w,
+    stride_acc,
+    flag_cols,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``acc[rows] += dZ[rows] @ W[chunk]`` over the marked blocks of each row block only."""
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_mask = rows < n_rows
+    d_mask = offs_d < dim
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for vb in range(0, tl.cdiv(n_cols, BLOCK_V)):
+        if tl.load(flags_ptr + pid_m * flag_cols + vb) != 0:
+            cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+            col_mask = cols < n_cols
+            a = tl.load(
+                dz_ptr + rows[:, None].to(tl.int64) * stride_dz + cols[None, :],
+                mask=row_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                weight_ptr + cols[:, None].to(tl.int64) * stride_w + offs_d[None, :],
+                mask=col_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+    out_ptrs = acc_ptr + rows[:, None].to(tl.int64) * stride_acc + offs_d[None, :]
+    out_mask = row_mask[:, None] & d_mask[None, :]
+    acc += tl.load(out_ptrs, mask=out_mask, other=0.0)
+    tl.store(out_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _sparse_dz_hidden_kernel(
+    dz_ptr,
+    hidden_ptr,
+    out_ptr,
+    flags_ptr,
+    n_rows,
+    n_cols,
+    dim,
+    stride_dz,
+    stride_h,
+    stride_out,
+    flag_rows,
+    flag_cols,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``out[chunk] (+)= dZ.T @ H[rows]`` over the marked blocks of each vocabulary block only."""
+    pid_v = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < n_cols
+    d_mask = offs_d < dim
+    acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
+    for mb in range(0, flag_rows):
+        if tl.load(flags_ptr + mb * flag_cols + pid_v) != 0:
+            rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_mask = rows < n_rows
+            a = tl.load(
+                dz_ptr + rows[:, None].to(tl.int64) * stride_dz + cols[None, :],
+                mask=row_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                hidden_ptr + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(tl.trans(a), b, acc)
+    out_ptrs = out_ptr + cols[:, None].to(tl.int64) * stride_out + offs_d[None, :]
+    out_mask = col_mask[:, None] & d_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def plan_chunks(
+    n_rows: int, vocab: int, dim: int, itemsize: int, budget: int, block_m: int, block_v: int
+) -> tuple[int, int]:
+    """Rows per block and vocabulary columns per chunk that keep the workspace within budget.
+
+    Half the budget goes to the float32 hidden-gradient accumulator (not needed for fp32
+    inputs, which accumulate in place), the rest to the logits-gradient chunk.
+    """
+    acc_row_bytes = 4 * dim if itemsize < 4 else 0
+    rows_cap = budget // 2 // max(acc_row_bytes, 1) if acc_row_bytes else n_rows
+    rows_cap = max(block_m, rows_cap // block_m * block_m)
+    n_blocks = triton.cdiv(n_rows, rows_cap)
+    rows = min(triton.cdiv(triton.cdiv(n_rows, n_blocks), block_m) * block_m, rows_cap)
+    left = budget - rows * acc_row_bytes
+    cols = max(block_v, left // (rows * itemsize) // block_v * block_v)
+    cols = min(cols, triton.cdiv(vocab, block_v) * block_v)
+    return rows, cols
+
+
+_NATIVE_FLOAT32_OUT: list[bool] = []
+
+
+def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` into a float32 accumulator from low-precision operands.
+
+    Uses the BLAS's float32 output when this PyTorch offers it (``out_dtype``); otherwise the
+    product is rounded to the operand dtype once before it is added.
+    """
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if not _NATIVE_FLOAT32_OUT or _NATIVE_FLOAT32_OUT[0]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            if not _NATIVE_FLOAT32_OUT:
+                _NATIVE_FLOAT32_OUT.append(True)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _NATIVE_FLOAT32_OUT[:] = [False]
+    acc.add_(a @ b)
+
+
+def backward_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    softcap: float | None,
+    smoothing: float,
+    filter_eps: float | None,
+    needs: tuple[bool, bool, bool],
+    config: dict,
+    workspace_bytes: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``sum(grad_rows * row_losses)`` w.r.t. hidden, weight and bias."""
+    need_h, need_w, need_b = needs
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    block_m, block_v, block_d = config["BLOCK_M"], config["BLOCK_V"], config["BLOCK_D"]
+    rows_per_block, cols_per_chunk = plan_chunks(
+        n_rows, vocab, dim, hidden.element_size(), workspace_bytes, block_m, block_v
+    )
+    use_filter = filter_eps is not None
+    device = hidden.device
+    dz = torch.empty((rows_per_block, cols_per_chunk), dtype=hidden.dtype, device=device)
+    flag_rows = triton.cdiv(rows_per_block, block_m)
+    flag_cols = triton.cdiv(cols_per_chunk, block_v)
+    flags = torch.ones((flag_rows, flag_cols), dtype=torch.int32, device=device)
+    grad_hidden = torch.empty_like(hidden) if need_h else None
+    grad_weight = torch.empty_like(weight) if need_w else None
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
+    in_place = hidden.dtype == torch.float32
+    acc_all = None
+    if need_h and not in_place:
+        acc_all = torch.empty((rows_per_block, dim), dtype=torch.float32, device=device)
+
+    for r0 in range(0, n_rows, rows_per_block):
+        r1 = min(r0 + rows_per_block, n_rows)
+        nr = r1 - r0
+        acc = None
+        if need_h:
+            acc = grad_hidden[r0:r1] if in_place else acc_all[:nr]
+            acc.zero_()
+        for c0 in range(0, vocab, cols_per_chunk):
+            c1 = min(c0 + cols_per_chunk, vocab)
+            nc = c1 - c0
+            grid = (triton.cdiv(nr, block_m), triton.cdiv(nc, block_v))
+            _grad_logits_kernel[grid](
+                hidden, weight, bias if bias is not None else hidden, targets, lse, grad_rows,
+                dz, flags, r0, r1, c0, c1, dim,
+                hidden.stride(0), weight.stride(0), dz.stride(0), flag_cols,
+                float(softcap) if softcap is not None else 1.0,
+                float(smoothing), 1.0 / vocab, float(filter_eps or 0.0),
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, FILTER=use_filter,
+                BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, EVEN_D=dim % block_d == 0,
+                DOT_PRECISION=config["dot_precision"],
+                UPCAST=config["upcast"] and hidden.dtype == torch.bfloat16,
+                num_warps=config["num_warps"], num_stages=config["num_stages"],
+            )  # fmt: skip
+            chunk = dz[:nr, :nc]
+            if need_b:
+                grad_bias[c0:c1] += chunk.sum(0, dtype=torch.float32)
+            if use_filter:
+                _sparse_products(
+                    chunk, flags, hidden[r0:r1], weight[c0:c1], acc,
+                    grad_weight[c0:c1] if need_w else None, r0 > 0, config,
+                )  # fmt: skip
+                continue
+            if need_h:
+                accumulate_mm(acc, chunk, weight[c0:c1])
+            if need_w:
+                if r0 == 0:
+                    torch.mm(chunk.t(), hidden[r0:r1], out=grad_weight[c0:c1])
+                else:
+                    grad_weight[c0:c1].addmm_(chunk.t(), hidden[r0:r1])
+        if need_h and not in_place:
+            grad_hidden[r0:r1] = acc
+    if need_b:
+        grad_bias = grad_bias.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _sparse_products(
+    chunk: torch.Tensor,
+    flags: torch.Tensor,
+    hidden_rows: torch.Tensor,
+    weight_cols: torch.Tensor,
+    acc: torch.Tensor | None,
+    grad_weight_cols: torch.Tensor | None,
+    accumulate: bool,
+    config: dict,
+) -> None:
+    nr, nc = chunk.shape
+    dim = hidden_rows.shape[1]
+    block_m, block_v, block_d = config["BLOCK_M"], config["BLOCK_V"], config["SPARSE_BLOCK_D"]
+    flag_rows, flag_cols = flags.shape
+    warps, stages = config["sparse_num_warps"], config["sparse_num_stages"]
+    upcast = config["upcast"] and chunk.dtype == torch.bfloat16
+    if acc is not None:
+        grid = (triton.cdiv(nr, block_m), triton.cdiv(dim, block_d))
+        _sparse_dz_weight_kernel[grid](
+            chunk, weight_cols, acc, flags, nr, nc, dim,
+            chunk.stride(0), weight_cols.stride(0), acc.stride(0), flag_cols,
+            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, UPCAST=upcast,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    if grad_weight_cols is not None:
+        grid = (triton.cdiv(nc, block_v), triton.cdiv(dim, block_d))
+        _sparse_dz_hidden_kernel[grid](
+            chunk, hidden_rows, grad_weight_cols, flags, nr, nc, dim,
+            chunk.stride(0), hidden_rows.stride(0), grad_weight_cols.stride(0),
+            triton.cdiv(nr, block_m), flag_cols, ACCUMULATE=accumulate,
+            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, UPCAST=upcast,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip

@@ -1,0 +1,71 @@
+"""Triton building blocks shared by the forward and backward kernels.
+
+A tile of logits ``hidden[rows] @ weight[cols].T`` is computed in float32 registers by a loop
+over the hidden dimension, then biased and softcapped. ``UPCAST`` turns the operands to float32 before the product; the CPU
+interpreter needs it for bf16, whose products it gets wrong. Row and column indices past the end are
+clamped to the last valid one (so every load is in bounds and unmasked); callers mask the
+results instead.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh_f32(x):
+    """tanh through exp, so it runs on every Triton backend (the interpreter included)."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def logits_tile(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    rows,
+    cols,
+    n_rows,
+    vocab,
+    dim,
+    stride_h,
+    stride_w,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Float32 ``[BLOCK_M, BLOCK_V]`` logits; also returns tanh(raw / softcap) for backward."""
+    safe_rows = tl.minimum(rows, n_rows - 1).to(tl.int64)
+    safe_cols = tl.minimum(cols, vocab - 1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ptrs = hidden_ptr + safe_rows[:, None] * stride_h + offs_d[None, :]
+    w_ptrs = weight_ptr + safe_cols[:, None] * stride_w + offs_d[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        if EVEN_D:
+            h = tl.load(h_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            d_mask = (d0 + offs_d) < dim
+            h = tl.load(h_ptrs, mask=d_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=d_mask[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_D
+        w_ptrs += BLOCK_D
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + safe_cols).to(tl.float32)[None, :]
+    tanh = acc
+    if HAS_SOFTCAP:
+        tanh = tanh_f32(acc / softcap)
+        acc = tanh * softcap
+    return acc, tanh

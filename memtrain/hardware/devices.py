@@ -164,7 +164,12 @@ _PRESETS: dict[str, DeviceSpec] = {
     ]
 }
 
-ALIASES = {"h100": "h100-sxm-80g", "h100-80g": "h100-sxm-80g", "a100": "a100-80g", "4090": "rtx-4090"}
+ALIASES = {
+    "h100": "h100-sxm-80g",
+    "h100-80g": "h100-sxm-80g",
+    "a100": "a100-80g",
+    "4090": "rtx-4090",
+}
 
 
 def device_names() -> list[str]:
@@ -175,7 +180,5 @@ def get_device(name: str) -> DeviceSpec:
     """Look up a preset by name (case-insensitive; a few common aliases accepted)."""
     key = ALIASES.get(name.lower(), name.lower())
     if key not in _PRESETS:
-        raise MemtrainError(
-            f"unknown hardware {name!r}; presets: {', '.join(device_names())}"
-        )
+        raise MemtrainError(f"unknown hardware {name!r}; presets: {', '.join(device_names())}")
     return _PRESETS[key]

@@ -34,28 +34,35 @@ def build_causal_lm(
     config,
     dtype: str | torch.dtype = "bf16",
     device: str | torch.device = "meta",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     seed: int = 0,
 ) -> nn.Module:
     """Instantiate ``AutoModelForCausalLM.from_config`` with random weights.
 
     On ``meta`` nothing is allocated, so a 70B model costs a few megabytes of Python objects.
+    ``attn_implementation="auto"`` takes PyTorch's fused attention (``sdpa``) where the
+    architecture supports it and ``eager`` otherwise; the choice is left in
+    ``model.config._attn_implementation`` for reports.
     """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype)
     device = torch.device(device)
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    try:
-        with device:
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=torch_dtype, attn_implementation=attn_implementation
-            )
-    except ValueError as exc:
-        message = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"cannot build {config.name_or_path!r}: {message}") from None
-    return model
+    choices = ["sdpa", "eager"] if attn_implementation == "auto" else [attn_implementation]
+    for index, choice in enumerate(choices):
+        config._attn_implementation = choice
+        torch.manual_seed(seed)
+        try:
+            with device:
+                return AutoModelForCausalLM.from_config(
+                    config, dtype=torch_dtype, attn_implementation=choice
+                )
+        except ValueError as exc:
+            if index + 1 < len(choices) and "does not support" in str(exc):
+                continue
+            message = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"cannot build {config.name_or_path!r}: {message}") from None
+    raise AssertionError("unreachable")
 
 
 @dataclass

@@ -69,7 +69,7 @@ def load_config(name_or_path: str):
     name, data = load_config_dict(name_or_path)
     model_type = data.get("model_type")
     if not model_type:
-        raise ConfigError(f"{name}: config has no 'model_type' (e.g. \"llama\", \"qwen2\", \"gpt2\")")
+        raise ConfigError(f'{name}: config has no \'model_type\' (e.g. "llama", "qwen2", "gpt2")')
     data = dict(data)
     data.pop("model_type")
     try:

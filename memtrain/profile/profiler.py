@@ -406,7 +406,7 @@ def profile_causal_lm(
     optimizer: str | OptimizerSpec = "adamw",
     device: str = "meta",
     target: str | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     seed: int = 0,
     layers: Sequence[str] | None = None,
     keep_output: bool = True,
@@ -447,7 +447,7 @@ def profile_causal_lm(
         length = seq + TOKEN_PROBE_EXTRA
         if max_positions is not None and length > max_positions:
             return None
-        twin = build_causal_lm(config, dtype, "meta", attn_implementation, seed)
+        twin = build_causal_lm(config, dtype, "meta", net.config._attn_implementation, seed)
         twin.train()
         return saved_shapes_only(twin, make_inputs(length, "meta"), default_loss, semantics)
 
@@ -465,6 +465,7 @@ def profile_causal_lm(
         layers=layers,
         keep_output=keep_output,
     )
+    result.notes.insert(0, f"attention implementation: {net.config._attn_implementation}")
     return result
 
 

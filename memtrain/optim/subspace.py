@@ -32,26 +32,39 @@ def seeded_generator(device: torch.device, *seed_parts: int) -> torch.Generator:
     return gen
 
 
+def _cholesky_qr2(y: torch.Tensor) -> torch.Tensor | None:
+    """Cholesky QR twice, the first with a small diagonal shift; None where it breaks down
+    (numerically rank-deficient columns), so the caller can fall back to Householder QR."""
+    q = y
+    for shift in (1e-6, 0.0):
+        gram = q.mT @ q
+        if shift:
+            diag = gram.diagonal(dim1=-2, dim2=-1)
+            diag.add_(diag.sum(-1, keepdim=True) * shift + torch.finfo(y.dtype).tiny)
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if bool(info.any()):
+            return None
+        q = torch.linalg.solve_triangular(chol.mT, q, upper=True, left=False)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    error = (q.mT @ q - eye).abs().amax()
+    if not bool(error < 1e-3):
+        return None
+    return q
+
+
 def orthonormalize(y: torch.Tensor, method: str = "qr") -> torch.Tensor:
     """Orthonormal basis of the columns of each matrix in ``y`` (``b x m x l``, float32).
 
     ``qr`` is Householder QR (stable for any conditioning). ``cholqr`` is Cholesky QR done twice
-    with a small diagonal shift on the first pass: only batched GEMMs and ``l x l`` factorisations,
-    faster on GPUs; the shift keeps it defined when columns are nearly dependent, and the
-    second pass restores orthogonality.
+    (a small diagonal shift on the first pass keeps it defined for ill-conditioned columns):
+    only batched GEMMs and ``l x l`` factorisations, often faster on GPUs. Where it breaks down
+    (columns numerically dependent) it falls back to Householder QR, checked, never silently.
     """
     if method == "qr":
         return torch.linalg.qr(y, mode="reduced").Q
     if method == "cholqr":
-        for shifted in (True, False):
-            gram = y.mT @ y
-            diag = gram.diagonal(dim1=-2, dim2=-1)
-            if shifted:
-                trace = diag.sum(-1, keepdim=True)
-                diag.add_(trace * (1e-6) + torch.finfo(y.dtype).tiny)
-            chol, _ = torch.linalg.cholesky_ex(gram)
-            y = torch.linalg.solve_triangular(chol.mT, y, upper=True, left=False)
-        return y
+        q = _cholesky_qr2(y)
+        return torch.linalg.qr(y, mode="reduced").Q if q is None else q
     raise MemtrainError(f"unknown orthonormalizer {method!r}; use one of {ORTHONORMALIZERS}")
 
 
@@ -103,9 +116,11 @@ def subspace_iteration(
 ) -> torch.Tensor:
     """Top-``rank`` left singular subspace of every matrix in ``mats`` (all the same shape).
 
-    ``previous`` (``b x m x rank``): the bases of the last refresh; when given, the iteration
-    starts from it (plus ``oversample`` random columns), so a slowly drifting subspace needs one
-    or two iterations. Without it the start is a Gaussian sketch of the range (cold start).
+    ``previous`` (``b x m x rank``): the bases of the last refresh; when given, ``iters``
+    iterations ``Q <- orth(M M^T Q)`` start from it (plus ``oversample`` random columns), so a
+    slowly drifting subspace needs one or two. Without it (cold start) the start is a Gaussian
+    sketch of the range with at least ``rank // 4`` extra columns. Extra columns are dropped by
+    a Rayleigh-Ritz step that keeps the best ``rank`` directions, ordered like singular vectors.
     ``generators``: one per matrix, so a matrix gets the same random start whether it is
     refreshed alone or in a batch. Returns ``b x m x rank`` float32 with orthonormal columns.
     """
@@ -114,22 +129,37 @@ def subspace_iteration(
     m, k = mats[0].shape
     rank = min(rank, m, k)
     device = mats[0].device
-    extra = max(0, min(oversample, min(m, k) - rank))
-    width = rank + extra
     if previous is None:
-        sketch = _gaussian(len(mats), (k, width), generators, device)
+        oversample = max(oversample, rank // 4)
+    extra = max(0, min(oversample, min(m, k) - rank))
+    if previous is None:
+        sketch = _gaussian(len(mats), (k, rank + extra), generators, device)
         q = orthonormalize(_products(mats, sketch, transpose=False), orth)
     else:
         q = previous.to(torch.float32)
         if extra:
             noise = _gaussian(len(mats), (m, extra), generators, device)
-            q = orthonormalize(torch.cat([q, noise], dim=-1), orth)
+            q = torch.cat([q, noise], dim=-1)
     for _ in range(iters):
-        z = orthonormalize(_products(mats, q, transpose=True), orth)
+        z = _products(mats, q, transpose=True)
         q = orthonormalize(_products(mats, z, transpose=False), orth)
-    if extra or previous is None:
+    if extra:
         q = _rayleigh_ritz(mats, q, rank)
-    return q
+    elif not iters:
+        q = orthonormalize(q, orth)
+    return _fix_signs(q, previous)
+
+
+def _fix_signs(q: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """Flip columns to point like the previous basis (so Adam moments kept across a refresh
+    keep their meaning), or, on a cold start, so each column's largest entry is positive.
+    Makes the result independent of how a factorisation happened to choose signs."""
+    if previous is not None:
+        ref = (q * previous.to(q.dtype)).sum(dim=-2)
+    else:
+        ref = q.gather(-2, q.abs().argmax(dim=-2, keepdim=True)).squeeze(-2)
+    signs = torch.where(ref < 0, -1.0, 1.0).to(q.dtype)
+    return q * signs.unsqueeze(-2)
 
 
 def exact_subspace(mat: torch.Tensor, rank: int) -> torch.Tensor:

@@ -1,5 +1,25 @@
-"""What the machine offers: accelerator presets (and, for the planner, memory tiers)."""
+"""What the machine offers: accelerator presets and the memory tiers the planner fills."""
 
 from memtrain.hardware.devices import DeviceSpec, device_names, get_device
+from memtrain.hardware.tiers import (
+    HOST_TIERS,
+    TIERS,
+    HardwareModel,
+    MemoryTier,
+    build_hardware,
+    load_hardware,
+    parse_nvme,
+)
 
-__all__ = ["DeviceSpec", "device_names", "get_device"]
+__all__ = [
+    "HOST_TIERS",
+    "TIERS",
+    "DeviceSpec",
+    "HardwareModel",
+    "MemoryTier",
+    "build_hardware",
+    "device_names",
+    "get_device",
+    "load_hardware",
+    "parse_nvme",
+]

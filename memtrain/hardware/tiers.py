@@ -1,0 +1,283 @@
+"""Memory tiers around one GPU and the machine model the planner optimises against.
+
+A tier is a place bytes can live during a training step: GPU HBM, pinned CPU DRAM, CXL memory
+(a NUMA node without CPUs) and NVMe. Each has a capacity and the bandwidth at which bytes move
+between it and the GPU. The host link (PCIe) is shared by every host tier and by both
+directions, so its duplex rate is part of the model too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from memtrain.errors import ConfigError, MemtrainError
+from memtrain.hardware.devices import GB, DeviceSpec, get_device
+from memtrain.units import GiB, parse_bytes
+
+HOST_TIERS = ("cpu", "cxl", "nvme")
+TIERS = ("gpu", *HOST_TIERS)
+
+SCHEMA = "memtrain.hardware"
+SCHEMA_VERSION = 1
+
+# Defaults for host tiers when the user gives only a capacity. Each is a typical figure, stated
+# so a calibrated YAML can replace it: CXL 2.0 x16 add-in cards reach about 30 GB/s in practice,
+# a PCIe Gen4 NVMe drive about 6 GB/s read and 4 GB/s write, a two-socket server's CPU Adam step
+# streams about 40 GB/s of optimizer state.
+DEFAULT_CXL_BANDWIDTH = 30 * GB
+DEFAULT_NVME_READ = 6 * GB
+DEFAULT_NVME_WRITE = 4 * GB
+DEFAULT_CPU_OPTIMIZER_BANDWIDTH = 40 * GB
+DEFAULT_CPU_BYTES = 128 * GiB
+
+
+@dataclass(frozen=True)
+class MemoryTier:
+    """One place bytes can live. Bandwidths are in bytes/s as seen from the GPU.
+
+    ``read_bandwidth`` moves bytes from the tier to the GPU, ``write_bandwidth`` from the GPU to
+    the tier. For host tiers these are limits of the tier itself; every transfer also crosses the
+    host link, which :class:`HardwareModel` models separately.
+    """
+
+    name: str
+    capacity_bytes: int
+    read_bandwidth: float
+    write_bandwidth: float
+    path: str | None = None  # NVMe: the directory swap files go to
+    numa_node: int | None = None  # CPU/CXL: the NUMA node the memory sits on
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class HardwareModel:
+    """Everything the planner needs to know about the machine.
+
+    ``allocator_margin`` is the fraction of each tier kept free for fragmentation and rounding;
+    ``gpu_reserved_bytes`` is GPU memory the CUDA context and library workspaces take before the
+    first tensor is allocated.
+    """
+
+    device: DeviceSpec
+    tiers: dict[str, MemoryTier]
+    host_to_device: float
+    device_to_host: float
+    host_link_duplex: float
+    cpu_optimizer_bandwidth: float = DEFAULT_CPU_OPTIMIZER_BANDWIDTH
+    allocator_margin: float = 0.05
+    gpu_reserved_bytes: int = GiB // 2
+    tile_overhead_s: float = 50e-6  # fixed cost of one extra sequence chunk in one layer pass
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gpu_flops(self) -> float:
+        return self.device.achievable_bf16_flops
+
+    def capacity(self, tier: str) -> int:
+        spec = self.tiers.get(tier)
+        return 0 if spec is None else spec.capacity_bytes
+
+    def usable(self, tier: str) -> float:
+        """Bytes the planner may fill on ``tier``: capacity less the allocator margin."""
+        usable = self.capacity(tier) * (1.0 - self.allocator_margin)
+        if tier == "gpu":
+            usable -= self.gpu_reserved_bytes
+        return max(0.0, usable)
+
+    def with_capacity(self, tier: str, capacity_bytes: float) -> HardwareModel:
+        """A copy with one tier's capacity changed (the tier must exist unless it is a host tier)."""
+        tiers = dict(self.tiers)
+        if tier in tiers:
+            tiers[tier] = replace(tiers[tier], capacity_bytes=int(capacity_bytes))
+        else:
+            tiers[tier] = _default_tier(tier, int(capacity_bytes))
+        return replace(self, tiers=tiers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "device": self.device.to_dict(),
+            "tiers": {name: tier.to_dict() for name, tier in self.tiers.items()},
+            "host_to_device": self.host_to_device,
+            "device_to_host": self.device_to_host,
+            "host_link_duplex": self.host_link_duplex,
+            "cpu_optimizer_bandwidth": self.cpu_optimizer_bandwidth,
+            "allocator_margin": self.allocator_margin,
+            "gpu_reserved_bytes": self.gpu_reserved_bytes,
+            "tile_overhead_s": self.tile_overhead_s,
+            "source": self.source,
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HardwareModel:
+        if data.get("schema") != SCHEMA:
+            raise ConfigError("not a memtrain hardware file (missing schema 'memtrain.hardware')")
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ConfigError(
+                f"hardware schema version {data.get('schema_version')} is not supported "
+                f"(this memtrain reads version {SCHEMA_VERSION}); re-run memtrain calibrate"
+            )
+        try:
+            device_data = data["device"]
+            device = (
+                get_device(device_data)
+                if isinstance(device_data, str)
+                else DeviceSpec(**device_data)
+            )
+            tiers = {name: MemoryTier(**spec) for name, spec in data["tiers"].items()}
+            kwargs = {
+                key: data[key]
+                for key in (
+                    "cpu_optimizer_bandwidth",
+                    "allocator_margin",
+                    "gpu_reserved_bytes",
+                    "tile_overhead_s",
+                    "source",
+                    "notes",
+                )
+                if key in data
+            }
+            model = cls(
+                device=device,
+                tiers=tiers,
+                host_to_device=float(data["host_to_device"]),
+                device_to_host=float(data["device_to_host"]),
+                host_link_duplex=float(data["host_link_duplex"]),
+                **kwargs,
+            )
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"hardware file is missing or has a bad field ({exc})") from None
+        model.validate()
+        return model
+
+    def validate(self) -> None:
+        if "gpu" not in self.tiers:
+            raise ConfigError("hardware model has no 'gpu' tier")
+        for name, tier in self.tiers.items():
+            if name not in TIERS:
+                raise ConfigError(f"unknown memory tier {name!r}; tiers are {', '.join(TIERS)}")
+            if tier.capacity_bytes < 0 or tier.read_bandwidth <= 0 or tier.write_bandwidth <= 0:
+                raise ConfigError(
+                    f"tier {name!r} needs a non-negative capacity and positive bandwidths"
+                )
+        if min(self.host_to_device, self.device_to_host, self.host_link_duplex) <= 0:
+            raise ConfigError("host link bandwidths must be positive")
+        if not 0 <= self.allocator_margin < 1:
+            raise ConfigError("allocator_margin must be in [0, 1)")
+
+    def save_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load_yaml(cls, path: str | Path) -> HardwareModel:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read hardware file ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: hardware file is not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: hardware file must be a YAML mapping")
+        return cls.from_dict(data)
+
+
+def _default_tier(name: str, capacity: int, path: str | None = None) -> MemoryTier:
+    if name == "cpu":
+        # Pinned DRAM is never the bottleneck behind the host link.
+        return MemoryTier("cpu", capacity, 200 * GB, 200 * GB)
+    if name == "cxl":
+        return MemoryTier("cxl", capacity, DEFAULT_CXL_BANDWIDTH, DEFAULT_CXL_BANDWIDTH)
+    if name == "nvme":
+        return MemoryTier("nvme", capacity, DEFAULT_NVME_READ, DEFAULT_NVME_WRITE, path=path)
+    raise MemtrainError(f"unknown memory tier {name!r}; tiers are {', '.join(TIERS)}")
+
+
+def parse_nvme(text: str) -> tuple[str, int]:
+    """Parse ``/path:2TB`` into a path and a capacity."""
+    path, sep, size = str(text).rpartition(":")
+    if not sep or not path:
+        raise MemtrainError(f"cannot read NVMe tier {text!r}: use PATH:SIZE, e.g. /mnt/nvme:2TB")
+    return path, parse_bytes(size)
+
+
+def build_hardware(
+    device: str | DeviceSpec = "h100-sxm-80g",
+    *,
+    gpu_budget: str | int | None = None,
+    cpu: str | int | None = DEFAULT_CPU_BYTES,
+    cxl: str | int | None = None,
+    nvme: str | tuple[str, int] | None = None,
+    cpu_optimizer_bandwidth: float = DEFAULT_CPU_OPTIMIZER_BANDWIDTH,
+    allocator_margin: float = 0.05,
+) -> HardwareModel:
+    """A hardware model from a device preset and the host tiers the user names.
+
+    ``gpu_budget`` caps GPU memory below the device's (e.g. to leave room for other work);
+    ``cpu`` is the pinned host memory the planner may use; ``cxl`` and ``nvme`` add those tiers.
+    """
+    spec = get_device(device) if isinstance(device, str) else device
+    gpu_bytes = spec.memory_bytes if gpu_budget is None else parse_bytes(gpu_budget)
+    if gpu_bytes <= 0:
+        raise MemtrainError("the GPU budget must be positive, e.g. --gpu-budget 70GiB")
+    if gpu_budget is not None and gpu_bytes > spec.memory_bytes * 1.1:
+        raise MemtrainError(
+            f"GPU budget {gpu_bytes / GiB:.1f} GiB exceeds the {spec.name}'s "
+            f"{spec.memory_bytes / GiB:.1f} GiB; pick a smaller --gpu-budget"
+        )
+    tiers = {
+        "gpu": MemoryTier(
+            "gpu", gpu_bytes, spec.achievable_hbm_bandwidth, spec.achievable_hbm_bandwidth
+        )
+    }
+    if cpu is not None and parse_bytes(cpu) > 0:
+        tiers["cpu"] = _default_tier("cpu", parse_bytes(cpu))
+    if cxl is not None and parse_bytes(cxl) > 0:
+        tiers["cxl"] = _default_tier("cxl", parse_bytes(cxl))
+    if nvme is not None:
+        path, size = parse_nvme(nvme) if isinstance(nvme, str) else nvme
+        tiers["nvme"] = _default_tier("nvme", size, path)
+    model = HardwareModel(
+        device=spec,
+        tiers=tiers,
+        host_to_device=spec.host_to_device,
+        device_to_host=spec.device_to_host,
+        host_link_duplex=spec.host_link_duplex,
+        cpu_optimizer_bandwidth=cpu_optimizer_bandwidth,
+        allocator_margin=allocator_margin,
+        source=f"preset {spec.name}; host tiers as given; " + spec.source,
+    )
+    model.validate()
+    return model
+
+
+def load_hardware(name_or_path: str, **overrides: Any) -> HardwareModel:
+    """A preset name (``h100-sxm-80g``) or a YAML written by ``memtrain calibrate``.
+
+    ``overrides`` (gpu_budget, cpu, cxl, nvme) replace the matching capacities.
+    """
+    if name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).is_file():
+        model = HardwareModel.load_yaml(name_or_path)
+        if overrides.get("gpu_budget") is not None:
+            model = model.with_capacity("gpu", parse_bytes(overrides["gpu_budget"]))
+        for tier in ("cpu", "cxl"):
+            if overrides.get(tier) is not None:
+                model = model.with_capacity(tier, parse_bytes(overrides[tier]))
+        if overrides.get("nvme") is not None:
+            path, size = parse_nvme(overrides["nvme"])
+            tiers = dict(model.tiers)
+            base = tiers.get("nvme") or _default_tier("nvme", size, path)
+            tiers["nvme"] = replace(base, capacity_bytes=size, path=path)
+            model = replace(model, tiers=tiers)
+        return model
+    return build_hardware(name_or_path, **{k: v for k, v in overrides.items() if v is not None})

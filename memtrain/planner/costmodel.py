@@ -1,0 +1,267 @@
+"""The planner's cost model: live bytes per tier at every moment, and the step time.
+
+Decision keys for layer ``j`` (all fractions in [0, 1]):
+``(j, "a", tier)``  share of the layer's anchor bytes (its input) stored on ``tier``;
+``(j, "x", tier)``  share of its recomputable bytes kept (``gpu``) or swapped to a host tier;
+``(j, "x", "rec")`` share of its recomputable bytes recomputed in backward (1 = full recompute);
+``(j, "c", tier)``  share of its tokens whose input is stored on ``tier`` for recompute (these
+sum to the ``rec`` share; only layers whose input autograd does not save have such bytes);
+``(j, "c", tier)``  share of its tokens whose input is stored on ``tier`` for recompute (these
+sum to the ``rec`` share; only layers whose input autograd does not already save have bytes);
+``(j, "m", mode)``  1 if the layer's parameters, gradients and optimizer states use ``mode``.
+
+Timeline, per layer in order, then backward in reverse:
+forward ``j`` produces all of its saved bytes; the swapped part streams to the host during the
+layer's own forward (``F_j`` window). Backward ``j`` needs all of them back: kept bytes are
+there, swapped bytes of layer ``j-1`` are prefetched during backward ``j`` (``B_j`` window), the
+recomputed part is rebuilt at its share of the forward time. A window's transfers are hidden
+behind its compute; only the excess costs time. Both directions share the host link
+(``host_link_duplex``), each direction has its own limit, and CXL and NVMe add their own.
+Sequence tiling with ``c`` chunks divides a block's tileable bytes in flight by ``c``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from memtrain.hardware.tiers import HOST_TIERS, HardwareModel
+from memtrain.planner.linear import Lin, lin_sum
+from memtrain.planner.problem import LayerCosts, PlanProblem
+
+# Where a layer's parameters / gradients / optimizer states live, per state mode.
+STATE_MODES: dict[str, dict[str, str]] = {
+    "gpu": {"params": "gpu", "grads": "gpu", "optimizer": "gpu"},
+    "opt:cpu": {"params": "gpu", "grads": "cpu", "optimizer": "cpu"},
+    "opt:cxl": {"params": "gpu", "grads": "cpu", "optimizer": "cxl"},
+    "opt:nvme": {"params": "gpu", "grads": "cpu", "optimizer": "nvme"},
+    "all:cpu": {"params": "cpu", "grads": "cpu", "optimizer": "cpu"},
+}
+
+
+def available_tiers(hardware: HardwareModel) -> list[str]:
+    return ["gpu", *[t for t in HOST_TIERS if hardware.capacity(t) > 0]]
+
+
+def available_modes(hardware: HardwareModel, allow_state_offload: bool = True) -> list[str]:
+    tiers = set(available_tiers(hardware))
+    if not allow_state_offload or "cpu" not in tiers:
+        return ["gpu"]
+    return [m for m in STATE_MODES if STATE_MODES[m]["optimizer"] in tiers]
+
+
+@dataclass
+class Window:
+    """Compute that can hide transfers, and the time each transfer resource needs."""
+
+    label: str
+    compute: Lin
+    transfers: list[Lin]
+
+
+@dataclass
+class Terms:
+    """Everything the step costs, as linear forms over decision keys."""
+
+    compute: Lin  # seconds of GPU work including recompute and tiling overhead
+    windows: list[Window]
+    tail: list[Lin]  # optimizer step: the slowest of these runs after backward
+    memory: list[tuple[str, str, Lin]] = field(default_factory=list)  # (tier, moment, bytes)
+    gpu_static: Lin = field(default_factory=Lin)
+
+
+def _frac(j: int, group: str, tier: str) -> Lin:
+    return Lin.var((j, group, tier))
+
+
+def kept_bytes(layer: LayerCosts, j: int) -> Lin:
+    """Bytes of layer ``j`` that stay on the GPU from its forward to its backward."""
+    return (
+        Lin(const=layer.fixed_bytes)
+        + layer.anchor_bytes * _frac(j, "a", "gpu")
+        + layer.recomputable_bytes * _frac(j, "x", "gpu")
+        + layer.checkpoint_bytes * _frac(j, "c", "gpu")
+    )
+
+
+def swapped_bytes(layer: LayerCosts, j: int, tier: str) -> Lin:
+    return (
+        layer.anchor_bytes * _frac(j, "a", tier)
+        + layer.recomputable_bytes * _frac(j, "x", tier)
+        + layer.checkpoint_bytes * _frac(j, "c", tier)
+    )
+
+
+def tile_factor(layer: LayerCosts, chunks: int) -> float:
+    """Share of a layer's in-flight token bytes that is live at once with ``chunks`` chunks."""
+    if chunks <= 1 or not layer.tileable:
+        return 1.0
+    return (1.0 - layer.tileable_fraction) + layer.tileable_fraction / chunks
+
+
+def _mode(j: int, mode: str) -> Lin:
+    return Lin.var((j, "m", mode))
+
+
+def build_terms(
+    problem: PlanProblem, hardware: HardwareModel, chunks: int, modes: list[str]
+) -> Terms:
+    tiers = available_tiers(hardware)
+    host = [t for t in tiers if t != "gpu"]
+    layers = problem.layers
+    n = len(layers)
+
+    def mode_sum(j: int, predicate) -> Lin:
+        return lin_sum(_mode(j, m) for m in modes if predicate(STATE_MODES[m]))
+
+    swapped = [{t: swapped_bytes(layer, j, t) for t in host} for j, layer in enumerate(layers)]
+    swapped_total = [lin_sum(s.values()) for s in swapped]
+    kept = [kept_bytes(layer, j) for j, layer in enumerate(layers)]
+
+    # Static GPU bytes: parameters, gradients and optimizer states that stay on the GPU.
+    static_parts = []
+    for j, layer in enumerate(layers):
+        static_parts.append(layer.param_bytes * mode_sum(j, lambda s: s["params"] == "gpu"))
+        static_parts.append(layer.grad_bytes * mode_sum(j, lambda s: s["grads"] == "gpu"))
+        static_parts.append(layer.state_bytes * mode_sum(j, lambda s: s["optimizer"] == "gpu"))
+    gpu_static = lin_sum(static_parts)
+
+    memory: list[tuple[str, str, Lin]] = []
+    windows: list[Window] = []
+    compute_parts: list[Lin] = []
+    cumulative = Lin()
+    h2d, d2h, duplex = hardware.host_to_device, hardware.device_to_host, hardware.host_link_duplex
+    for j, layer in enumerate(layers):
+        phi = tile_factor(layer, chunks)
+        # Token bytes of this layer that are not kept: recomputed or swapped ones are on the
+        # GPU only while the layer itself runs (chunk by chunk when tiled).
+        in_flight = (
+            layer.token_bytes
+            - layer.anchor_bytes * _frac(j, "a", "gpu")
+            - layer.recomputable_bytes * _frac(j, "x", "gpu")
+            + lin_sum(layer.checkpoint_bytes * _frac(j, "c", t) for t in host)
+        )
+        streamed_params = layer.param_bytes * mode_sum(j, lambda s: s["params"] != "gpu")
+        offloaded_grads = layer.grad_bytes * mode_sum(j, lambda s: s["grads"] != "gpu")
+        uploaded_params = layer.param_bytes * mode_sum(j, lambda s: s["optimizer"] != "gpu")
+        working = kept[j] + phi * in_flight + streamed_params
+        before = gpu_static + cumulative
+        memory.append(
+            ("gpu", f"forward {layer.name}", before + working + phi * layer.forward_transient)
+        )
+        prefetch = swapped_total[j - 1] if j > 0 else Lin()
+        memory.append(
+            (
+                "gpu",
+                f"backward {layer.name}",
+                before
+                + working
+                + phi * layer.backward_transient
+                + layer.output_bytes
+                + prefetch
+                + offloaded_grads,
+            )
+        )
+        cumulative = cumulative + kept[j]
+
+        extra = (chunks - 1) * hardware.tile_overhead_s if layer.tileable and chunks > 1 else 0.0
+        recompute = layer.forward_time * _frac(j, "x", "rec")
+        compute_parts += [
+            Lin(const=layer.forward_time + layer.backward_time + 2 * extra),
+            recompute,
+        ]
+
+        # Forward window: this layer's swap-out, plus parameters coming in (streamed, or the
+        # updated copy from a host optimizer step, overlapped with the next step's forward).
+        out_bytes = swapped_total[j]
+        in_bytes = uploaded_params
+        fwd = [out_bytes * (1 / d2h), in_bytes * (1 / h2d), (out_bytes + in_bytes) * (1 / duplex)]
+        for t in host:
+            fwd.append(swapped[j][t] * (1 / hardware.tiers[t].write_bandwidth))
+        windows.append(Window(f"forward {layer.name}", Lin(const=layer.forward_time + extra), fwd))
+
+        # Backward window: prefetch of layer j-1's swapped bytes, streamed parameters,
+        # gradients going to a host optimizer.
+        in_bytes = prefetch + streamed_params
+        out_bytes = offloaded_grads
+        bwd = [in_bytes * (1 / h2d), out_bytes * (1 / d2h), (in_bytes + out_bytes) * (1 / duplex)]
+        if j > 0:
+            for t in host:
+                bwd.append(swapped[j - 1][t] * (1 / hardware.tiers[t].read_bandwidth))
+        windows.append(
+            Window(
+                f"backward {layer.name}",
+                Lin(const=layer.backward_time + extra) + recompute,
+                bwd,
+            )
+        )
+    # The last layer's swapped bytes are needed right after its forward: nothing hides them.
+    if n:
+        last = swapped_total[n - 1]
+        exposed = [last * (1 / d2h + 1 / h2d)]
+        for t in host:
+            bw = hardware.tiers[t]
+            exposed.append(swapped[n - 1][t] * (1 / bw.write_bandwidth + 1 / bw.read_bandwidth))
+        windows.append(Window("last layer round trip", Lin(), exposed))
+
+    # Host tiers hold every swapped byte at the start of backward, plus offloaded states.
+    for t in host:
+        parts = [swapped[j][t] for j in range(n)]
+        for j, layer in enumerate(layers):
+            for m in modes:
+                spec = STATE_MODES[m]
+                placed = 0.0
+                if spec["optimizer"] == t:
+                    placed += layer.state_bytes
+                if t == "cpu" and spec["grads"] == "cpu":
+                    placed += layer.grad_bytes + layer.param_bytes  # grads and the updated copy
+                if placed:
+                    parts.append(placed * _mode(j, m))
+        memory.append((t, "start of backward", lin_sum(parts)))
+    memory.append(("gpu", "optimizer step", gpu_static))
+
+    # Optimizer step: on the GPU it streams params, grads and states through HBM; on the host
+    # the CPU step streams them through DRAM, and CXL/NVMe states are read and written back.
+    gpu_step, host_step = [], []
+    hbm = hardware.device.achievable_hbm_bandwidth
+    cpu_bw = hardware.cpu_optimizer_bandwidth
+    for j, layer in enumerate(layers):
+        touched = 2 * layer.state_bytes + layer.grad_bytes + 2 * layer.param_bytes
+        for m in modes:
+            where = STATE_MODES[m]["optimizer"]
+            if where == "gpu":
+                gpu_step.append(_mode(j, m) * (touched / hbm))
+            elif where == "cpu":
+                host_step.append(_mode(j, m) * (touched / cpu_bw))
+            else:
+                tier = hardware.tiers[where]
+                seconds = (
+                    layer.grad_bytes + 2 * layer.param_bytes
+                ) / cpu_bw + layer.state_bytes * (
+                    1 / tier.read_bandwidth + 1 / tier.write_bandwidth
+                )
+                host_step.append(_mode(j, m) * seconds)
+    return Terms(
+        compute=lin_sum(compute_parts),
+        windows=windows,
+        tail=[lin_sum(gpu_step), lin_sum(host_step)],
+        memory=memory,
+        gpu_static=gpu_static,
+    )
+
+
+def gpu_lower_bound(problem: PlanProblem, chunks: int) -> float:
+    """Live GPU bytes no decision can avoid: the largest single layer's working set.
+
+    Every layer's forward needs its input and its tileable share of saved bytes and transients
+    on the GPU, whatever is kept, swapped or recomputed, and the loss needs its non-token bytes.
+    """
+    best = 0.0
+    for layer in problem.layers:
+        phi = tile_factor(layer, chunks)
+        working = layer.fixed_bytes + phi * layer.token_bytes
+        best = max(
+            best,
+            working + phi * layer.forward_transient,
+            working + phi * layer.backward_transient + layer.output_bytes,
+        )
+    return best

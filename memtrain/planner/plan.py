@@ -1,0 +1,306 @@
+"""``make_plan``: profile + hardware in, a versioned plan out (or one line saying what would fit).
+
+The plan records, per layer, what share of its token-dim saved bytes is kept on the GPU, swapped
+to each host tier or recomputed, where its parameters, gradients and optimizer states live,
+and the predicted peaks and step time, next to three baselines priced by the same cost model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memtrain.errors import ConfigError, MemtrainError
+from memtrain.hardware.tiers import HOST_TIERS, HardwareModel
+from memtrain.planner.costmodel import STATE_MODES, available_modes, available_tiers
+from memtrain.planner.evaluate import (
+    Evaluation,
+    LayerDecision,
+    evaluate,
+    keep_all,
+    recompute_all,
+)
+from memtrain.planner.problem import PlanProblem, build_problem, has_logits
+from memtrain.planner.solve import SolveResult, solve
+from memtrain.profile.result import ProfileResult
+from memtrain.units import GiB
+
+SCHEMA = "memtrain.plan"
+SCHEMA_VERSION = 1
+BASELINES = ("no_checkpointing", "full_checkpointing", "full_checkpointing_zero_offload")
+
+
+class PlanInfeasible(MemtrainError):
+    """No placement fits; carries the smallest budget that would and the tier that binds."""
+
+    def __init__(self, message: str, tier: str, minimum_bytes: float) -> None:
+        super().__init__(message)
+        self.tier = tier
+        self.minimum_bytes = minimum_bytes
+
+
+@dataclass
+class PlanOptions:
+    """Choices the user makes; the planner decides everything else."""
+
+    fused_loss: bool | None = None  # None: on when the profile has a head or loss layer
+    allow_state_offload: bool = True
+    chunk_options: Sequence[int] | None = None  # None: 1 for models without blocks, else 1..64
+    always_store_ops: Sequence[str] = ()  # ops whose saved tensors are never recomputed
+    method: str = "auto"
+    gap_tolerance: float = 1e-3
+    time_limit: float = 10.0
+
+
+@dataclass
+class Plan:
+    """What the executors read. ``to_dict`` is the documented format (docs/plan-format.md)."""
+
+    model: str
+    seq: int
+    micro_batch: int
+    optimizer: str
+    fused_loss: bool
+    chunks: int
+    hardware: dict[str, Any]
+    layers: list[dict[str, Any]]
+    predicted: dict[str, Any]
+    baselines: dict[str, dict[str, Any]]
+    solver: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "seq": self.seq,
+            "micro_batch": self.micro_batch,
+            "optimizer": self.optimizer,
+            "fused_loss": self.fused_loss,
+            "chunks": self.chunks,
+            "hardware": self.hardware,
+            "layers": self.layers,
+            "predicted": self.predicted,
+            "baselines": self.baselines,
+            "solver": self.solver,
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        if data.get("schema") != SCHEMA:
+            raise ConfigError("not a memtrain plan (missing schema 'memtrain.plan')")
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ConfigError(
+                f"plan schema version {data.get('schema_version')} is not supported "
+                f"(this memtrain reads version {SCHEMA_VERSION}); re-run memtrain plan"
+            )
+        fields = {k: v for k, v in data.items() if k not in ("schema", "schema_version")}
+        try:
+            return cls(**fields)
+        except TypeError as exc:
+            raise ConfigError(f"plan has missing or unknown fields ({exc})") from None
+
+    def save(self, path: str | Path) -> None:
+        """YAML for ``.yaml``/``.yml``, JSON otherwise."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            path.write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        import yaml
+
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read plan ({exc.strerror})") from None
+        try:
+            data = yaml.safe_load(text)  # JSON is YAML too
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: plan is neither YAML nor JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a plan must be a mapping")
+        return cls.from_dict(data)
+
+
+def baseline_decisions(
+    problem: PlanProblem, hardware: HardwareModel, name: str
+) -> list[LayerDecision] | None:
+    """Decisions of a named baseline, or None where the hardware cannot run it."""
+    out = []
+    for layer in problem.layers:
+        if name == "no_checkpointing" or layer.kind != "block":
+            decision = keep_all()
+        else:
+            decision = recompute_all()
+        if name == "full_checkpointing_zero_offload":
+            if hardware.capacity("cpu") <= 0:
+                return None
+            if layer.param_bytes + layer.state_bytes > 0:
+                decision.states = "opt:cpu"
+        out.append(decision)
+    return out
+
+
+def _layer_entry(layer, decision: LayerDecision, chunks: int) -> dict[str, Any]:
+    token = layer.anchor_bytes + layer.recomputable_bytes
+    shares: dict[str, float] = {"gpu": 0.0, "rec": 0.0, **{t: 0.0 for t in HOST_TIERS}}
+    if token > 0:
+        for t, v in decision.anchor.items():
+            shares[t] += v * layer.anchor_bytes / token
+        for t, v in decision.rest.items():
+            shares[t] += v * layer.recomputable_bytes / token
+    else:
+        shares["gpu"] = 1.0
+    states = STATE_MODES[decision.states]
+    rec = decision.rest.get("rec", 0.0)
+    checkpoint = decision.checkpoint
+    if checkpoint is None:
+        checkpoint = {"gpu": rec} if rec > 0 and layer.checkpoint_bytes > 0 else {}
+    return {
+        "name": layer.name,
+        "kind": layer.kind,
+        "keep": round(shares["gpu"], 6),
+        "swap": {t: round(shares[t], 6) for t in HOST_TIERS},
+        "recompute": round(shares["rec"], 6),
+        "full_recompute": layer.recomputable_bytes > 0 and rec >= 1 - 1e-6,
+        "input_checkpoint": {t: round(v, 6) for t, v in checkpoint.items() if v > 0},
+        "chunks": chunks if layer.tileable else 1,
+        "params": states["params"],
+        "grads": states["grads"],
+        "optimizer": states["optimizer"],
+        "token_saved_bytes": int(token),
+        "input_checkpoint_bytes": int(layer.checkpoint_bytes),
+    }
+
+
+def _predicted(evaluation: Evaluation) -> dict[str, Any]:
+    return evaluation.to_dict()
+
+
+def _hardware_summary(hardware: HardwareModel) -> dict[str, Any]:
+    return {
+        "device": hardware.device.name,
+        "capacity_bytes": {t: hardware.capacity(t) for t in available_tiers(hardware)},
+        "usable_bytes": {t: int(hardware.usable(t)) for t in available_tiers(hardware)},
+        "host_to_device": hardware.host_to_device,
+        "device_to_host": hardware.device_to_host,
+        "host_link_duplex": hardware.host_link_duplex,
+        "allocator_margin": hardware.allocator_margin,
+        "nvme_path": hardware.tiers["nvme"].path if "nvme" in hardware.tiers else None,
+    }
+
+
+def _solve(
+    problem: PlanProblem, hardware: HardwareModel, options: PlanOptions, **kw
+) -> SolveResult:
+    return solve(
+        problem,
+        hardware,
+        available_modes(hardware, options.allow_state_offload),
+        chunk_options=options.chunk_options,
+        method=options.method,
+        gap_tolerance=options.gap_tolerance,
+        time_limit=options.time_limit,
+        **kw,
+    )
+
+
+def minimum_gpu_budget(
+    problem: PlanProblem,
+    hardware: HardwareModel,
+    options: PlanOptions,
+    *,
+    host_limited: bool = True,
+) -> float:
+    """The smallest GPU capacity (bytes) any plan fits in, with or without host limits."""
+    overrides: dict[str, float | None] = {"gpu": None}
+    if not host_limited:
+        overrides.update({t: None for t in HOST_TIERS})
+    result = _solve(problem, hardware, options, objective="gpu", capacity_overrides=overrides)
+    if not result.feasible or result.evaluation is None:
+        raise MemtrainError("no plan fits even with unlimited GPU memory; check the profile")
+    peak = result.evaluation.peaks["gpu"]
+    return (peak + hardware.gpu_reserved_bytes) / (1 - hardware.allocator_margin)
+
+
+def _infeasible(
+    problem: PlanProblem, hardware: HardwareModel, options: PlanOptions
+) -> PlanInfeasible:
+    need = minimum_gpu_budget(problem, hardware, options)
+    need_unlimited_host = minimum_gpu_budget(problem, hardware, options, host_limited=False)
+    have = hardware.capacity("gpu")
+    message = (
+        f"no plan fits: the GPU binds, it needs at least {need / GiB:.1f} GiB "
+        f"(budget {have / GiB:.1f} GiB)"
+    )
+    if need_unlimited_host < need * 0.99:
+        message += (
+            f"; host memory binds too (with more host memory {need_unlimited_host / GiB:.1f} GiB "
+            f"of GPU would do)"
+        )
+    return PlanInfeasible(message, "gpu", need)
+
+
+def make_plan(
+    profile: ProfileResult, hardware: HardwareModel, options: PlanOptions | None = None
+) -> Plan:
+    """The fastest placement of every byte that fits ``hardware`` (then the lowest GPU peak).
+
+    Raises :class:`PlanInfeasible` (a :class:`MemtrainError`) with the smallest GPU budget that
+    would fit when none does.
+    """
+    options = options or PlanOptions()
+    hardware.validate()
+    fused = has_logits(profile) if options.fused_loss is None else options.fused_loss
+    problem = build_problem(profile, fused_loss=fused, always_store_ops=options.always_store_ops)
+    result = _solve(problem, hardware, options)
+    if not result.feasible or result.evaluation is None:
+        raise _infeasible(problem, hardware, options)
+    baselines: dict[str, dict[str, Any]] = {}
+    for name in BASELINES:
+        decisions = baseline_decisions(problem, hardware, name)
+        if decisions is None:
+            continue
+        baselines[name] = _predicted(evaluate(problem, hardware, decisions))
+    notes = []
+    if fused:
+        notes.append("fused linear cross-entropy: logits are never stored (baselines use it too)")
+    return Plan(
+        model=profile.model,
+        seq=profile.seq,
+        micro_batch=profile.batch,
+        optimizer=profile.optimizer,
+        fused_loss=fused,
+        chunks=result.chunks,
+        hardware=_hardware_summary(hardware),
+        layers=[
+            _layer_entry(layer, decision, result.chunks)
+            for layer, decision in zip(problem.layers, result.decisions, strict=True)
+        ],
+        predicted=_predicted(result.evaluation),
+        baselines=baselines,
+        solver={
+            "solver": result.solver,
+            "method": result.method,
+            "solve_time_s": round(result.solve_time_s, 4),
+            "gap": result.gap,
+            "bound_step_time_s": result.bound_s,
+            "solver_calls": result.solver_calls,
+            "identical_layer_runs": [
+                [problem.layers[s].name, problem.layers[e - 1].name]
+                for s, e in problem.runs()
+                if e - s > 1
+            ],
+        },
+        notes=notes,
+    )

@@ -1,0 +1,210 @@
+"""Turn a profile into the per-layer numbers the planner's cost model is written in.
+
+Saved activations of a layer split three ways:
+``anchor`` — token-dim bytes that must be stored (kept or swapped) because recomputing the layer
+starts from them: the layer input, plus tensors of ops the caller marks as not recomputable;
+``recomputable`` — the other token-dim bytes: a token fraction of them can be kept, swapped to a
+host tier, or recomputed in backward at that fraction of the layer's forward time;
+``fixed`` — saved bytes without a token dimension (always kept; small);
+``checkpoint`` — the layer input, when autograd does not save it: recomputing a token share
+needs that share of the input stored somewhere (kept or swapped), as checkpointing does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from memtrain.errors import MemtrainError
+from memtrain.profile.result import LayerProfile, ProfileResult, SavedTensor
+
+TILEABLE_KINDS = ("block",)
+ATTENTION_OP_MARKERS = ("attention", "attn", "sdpa", "flash")
+LOSS_KINDS = ("head", "loss")
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """One layer in the planner's terms (bytes, seconds)."""
+
+    name: str
+    kind: str
+    anchor_bytes: float
+    recomputable_bytes: float
+    fixed_bytes: float
+    checkpoint_bytes: float  # the layer input, stored for recompute when autograd does not save it
+    tileable_fraction: float  # share of token-dim saved bytes and transients a chunk divides
+    forward_transient: float
+    backward_transient: float
+    output_bytes: float  # the incoming gradient during backward has this size
+    forward_time: float
+    backward_time: float
+    param_bytes: float
+    grad_bytes: float
+    state_bytes: float
+
+    @property
+    def token_bytes(self) -> float:
+        return self.anchor_bytes + self.recomputable_bytes
+
+    @property
+    def tileable(self) -> bool:
+        return self.kind in TILEABLE_KINDS and self.tileable_fraction > 0
+
+    def signature(self) -> tuple:
+        """Everything but the name: layers with equal signatures are interchangeable."""
+        return tuple(v for k, v in self.__dict__.items() if k != "name")
+
+
+@dataclass(frozen=True)
+class PlanProblem:
+    """The layers in execution order plus what the step processes."""
+
+    layers: list[LayerCosts]
+    tokens: int  # batch * seq per micro-batch
+    fused_loss: bool
+    model: str = ""
+    optimizer: str = ""
+    micro_batch: int = 1
+    seq: int = 0
+
+    def runs(self) -> list[tuple[int, int]]:
+        """Maximal runs ``[start, end)`` of consecutive layers with equal signatures."""
+        runs: list[tuple[int, int]] = []
+        start = 0
+        for index in range(1, len(self.layers) + 1):
+            if index == len(self.layers) or (
+                self.layers[index].signature() != self.layers[start].signature()
+            ):
+                runs.append((start, index))
+                start = index
+        return runs
+
+
+def _is_attention(op: str) -> bool:
+    lowered = op.lower()
+    return any(marker in lowered for marker in ATTENTION_OP_MARKERS)
+
+
+def _matches(op: str, patterns: Sequence[str]) -> bool:
+    lowered = op.lower()
+    return any(p.lower() in lowered for p in patterns)
+
+
+def layer_costs(layer: LayerProfile, always_store_ops: Sequence[str] = ()) -> LayerCosts:
+    """Split one profiled layer's saved bytes into anchor / recomputable / fixed."""
+    anchor = recomputable = fixed = attention = 0.0
+    input_saved = any(t.is_layer_input for t in layer.saved_tensors)
+    for tensor in layer.saved_tensors:
+        if tensor.token_dim is None:
+            fixed += tensor.nbytes
+        elif tensor.is_layer_input or _matches(tensor.op, always_store_ops):
+            anchor += tensor.nbytes
+        else:
+            recomputable += tensor.nbytes
+        if tensor.token_dim is not None and _is_attention(tensor.op):
+            attention += tensor.nbytes
+    # A profile may report saved bytes it could not attribute to tensors; keep them fixed.
+    listed = anchor + recomputable + fixed
+    if layer.saved_bytes > listed:
+        fixed += layer.saved_bytes - listed
+    token = anchor + recomputable
+    tileable = 0.0
+    if layer.kind in TILEABLE_KINDS and token > 0:
+        tileable = max(0.0, (token - attention) / token)
+    return LayerCosts(
+        name=layer.name,
+        kind=layer.kind,
+        anchor_bytes=anchor,
+        recomputable_bytes=recomputable,
+        fixed_bytes=fixed,
+        checkpoint_bytes=0.0 if input_saved or recomputable == 0 else float(layer.input_bytes),
+        tileable_fraction=tileable,
+        forward_transient=float(layer.forward_transient_bytes),
+        backward_transient=float(layer.backward_transient_bytes),
+        output_bytes=float(layer.output_bytes),
+        forward_time=float(layer.forward_time_s),
+        backward_time=float(layer.backward_time_s),
+        param_bytes=float(layer.param_bytes),
+        grad_bytes=float(layer.grad_bytes),
+        state_bytes=float(layer.optimizer_state_bytes),
+    )
+
+
+def has_logits(profile: ProfileResult) -> bool:
+    """Whether the profile has a head or loss layer a fused linear cross-entropy could replace."""
+    return any(layer.kind in LOSS_KINDS for layer in profile.layers)
+
+
+def apply_fused_loss(profile: ProfileResult) -> ProfileResult:
+    """The profile as it would be with a fused linear cross-entropy loss.
+
+    The fused kernel computes the loss from the head's input block by block and never stores
+    logits: the head keeps only its input (the final hidden states), the loss keeps one float32
+    log-sum-exp per token, and neither has a transient larger than that. Times stay as profiled
+    (the fused kernel recomputes logit blocks in backward at about the cost of the unfused one).
+    """
+    if not has_logits(profile):
+        raise MemtrainError(
+            "fused loss needs a profile with a 'head' or 'loss' layer; this profile has neither "
+            "(plan with --fused-loss off)"
+        )
+    tokens = profile.batch * profile.seq
+    lse_bytes = 4 * tokens
+    layers = []
+    loss_kinds = {layer.kind for layer in profile.layers}
+    lse_owner = "loss" if "loss" in loss_kinds else "head"
+    for layer in profile.layers:
+        if layer.kind not in LOSS_KINDS:
+            layers.append(layer)
+            continue
+        kept = [
+            t
+            for t in layer.saved_tensors
+            if t.token_dim is None or (layer.kind == "head" and t.is_layer_input)
+        ]
+        if layer.kind == lse_owner:
+            kept.append(
+                SavedTensor(
+                    shape=[tokens],
+                    dtype="float32",
+                    nbytes=lse_bytes,
+                    token_dim=0,
+                    is_layer_input=False,
+                    op="fused_linear_cross_entropy",
+                )
+            )
+        saved = sum(t.nbytes for t in kept)
+        layers.append(
+            replace(
+                layer,
+                saved_tensors=kept,
+                saved_bytes=saved,
+                output_bytes=lse_bytes if layer.kind == "head" else layer.output_bytes,
+                input_bytes=layer.input_bytes if layer.kind == "head" else lse_bytes,
+                forward_transient_bytes=min(layer.forward_transient_bytes, 2 * lse_bytes),
+                backward_transient_bytes=min(layer.backward_transient_bytes, 2 * lse_bytes),
+            )
+        )
+    return replace(profile, layers=layers)
+
+
+def build_problem(
+    profile: ProfileResult,
+    *,
+    fused_loss: bool,
+    always_store_ops: Sequence[str] = (),
+) -> PlanProblem:
+    """The planner's view of ``profile`` with the loss fused or not."""
+    if not profile.layers:
+        raise MemtrainError("the profile has no layers; re-run memtrain profile")
+    source = apply_fused_loss(profile) if fused_loss else profile
+    return PlanProblem(
+        layers=[layer_costs(layer, always_store_ops) for layer in source.layers],
+        tokens=profile.batch * profile.seq,
+        fused_loss=fused_loss,
+        model=profile.model,
+        optimizer=profile.optimizer,
+        micro_batch=profile.batch,
+        seq=profile.seq,
+    )

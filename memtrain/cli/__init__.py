@@ -17,6 +17,7 @@ from memtrain.errors import MemtrainError
 COMMANDS = [
     "memtrain.cli.profile_cmd",
     "memtrain.cli.presets_cmd",
+    "memtrain.cli.plan_cmd",
 ]
 
 

@@ -23,6 +23,7 @@ from memtrain.planner.evaluate import (
     keep_all,
     recompute_all,
 )
+from memtrain.planner.layout import assign_offsets, host_pool_buffers, staging_buffers
 from memtrain.planner.problem import PlanProblem, build_problem, has_logits
 from memtrain.planner.solve import SolveResult, solve
 from memtrain.profile.result import ProfileResult
@@ -70,6 +71,7 @@ class Plan:
     predicted: dict[str, Any]
     baselines: dict[str, dict[str, Any]]
     solver: dict[str, Any]
+    layout: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,6 +89,7 @@ class Plan:
             "predicted": self.predicted,
             "baselines": self.baselines,
             "solver": self.solver,
+            "layout": self.layout,
             "notes": list(self.notes),
         }
 
@@ -251,6 +254,27 @@ def _infeasible(
     return PlanInfeasible(message, "gpu", need)
 
 
+def plan_layout(layers: list[dict[str, Any]], time_limit: float = 2.0) -> dict[str, Any]:
+    """Offsets in the pinned host pool (per tier) and in the GPU staging pool (per layer, solved
+    once per distinct layer)."""
+    host = {}
+    for tier in HOST_TIERS:
+        buffers = host_pool_buffers(layers, tier)
+        if buffers:
+            host[tier] = assign_offsets(buffers, time_limit=time_limit).to_dict()
+    staging: dict[str, Any] = {}
+    solved: dict[tuple, dict[str, Any]] = {}
+    for index, layer in enumerate(layers):
+        buffers = staging_buffers(layers, index)
+        if not buffers:
+            continue
+        key = tuple((b.size, b.start, b.end) for b in buffers)
+        if key not in solved:
+            solved[key] = assign_offsets(buffers, time_limit=time_limit).to_dict()
+        staging[layer["name"]] = solved[key]
+    return {"host_pool": host, "gpu_staging": staging}
+
+
 def make_plan(
     profile: ProfileResult, hardware: HardwareModel, options: PlanOptions | None = None
 ) -> Plan:
@@ -272,6 +296,10 @@ def make_plan(
         if decisions is None:
             continue
         baselines[name] = _predicted(evaluate(problem, hardware, decisions))
+    layers = [
+        _layer_entry(layer, decision, result.chunks)
+        for layer, decision in zip(problem.layers, result.decisions, strict=True)
+    ]
     notes = []
     if fused:
         notes.append("fused linear cross-entropy: logits are never stored (baselines use it too)")
@@ -283,10 +311,7 @@ def make_plan(
         fused_loss=fused,
         chunks=result.chunks,
         hardware=_hardware_summary(hardware),
-        layers=[
-            _layer_entry(layer, decision, result.chunks)
-            for layer, decision in zip(problem.layers, result.decisions, strict=True)
-        ],
+        layers=layers,
         predicted=_predicted(result.evaluation),
         baselines=baselines,
         solver={
@@ -302,5 +327,6 @@ def make_plan(
                 if e - s > 1
             ],
         },
+        layout=plan_layout(layers),
         notes=notes,
     )

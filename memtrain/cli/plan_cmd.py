@@ -1,0 +1,229 @@
+"""``memtrain plan``: where every byte of a training step goes, and what that buys.
+
+Runs a dry-run profile of ``--model`` at ``--seq`` (or reads ``--profile``), solves the placement
+problem for ``--hardware`` with the given host tiers and prints per-layer decisions, predicted
+peaks, step time and tokens/s next to the baselines. ``--out`` writes the plan the executors read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "plan"
+HELP = "plan keep/swap/recompute and state placement per layer across GPU, CPU, CXL, NVMe"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model", default=None, help="preset name or config.json (dry-run profiled first)"
+    )
+    source.add_argument("--profile", default=None, help="a profile JSON from `memtrain profile`")
+    parser.add_argument("--seq", type=int, default=4096, help="sequence length (with --model)")
+    parser.add_argument("--batch", type=int, default=1, help="micro-batch size (with --model)")
+    parser.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32 (with --model)")
+    parser.add_argument(
+        "--optimizer",
+        default="adamw",
+        help="optimizer and options, e.g. adamw, galore:rank=512, frugal:density=0.25",
+    )
+    parser.add_argument(
+        "--hardware",
+        default="h100-sxm-80g",
+        help="device preset (see `memtrain presets`) or a YAML from `memtrain calibrate`",
+    )
+    parser.add_argument("--gpu-budget", default=None, help="GPU memory to plan for, e.g. 70GiB")
+    parser.add_argument("--cpu", default=None, help="pinned host memory to use (default 128GiB)")
+    parser.add_argument("--cxl", default=None, help="CXL memory to use, e.g. 256GiB")
+    parser.add_argument("--nvme", default=None, help="NVMe swap as PATH:SIZE, e.g. /mnt/nvme:2TB")
+    parser.add_argument(
+        "--fused-loss",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="fused linear cross-entropy (never stores logits); auto = on when there is a head",
+    )
+    parser.add_argument(
+        "--no-state-offload",
+        action="store_true",
+        help="keep parameters, gradients and optimizer states on the GPU",
+    )
+    parser.add_argument(
+        "--chunks",
+        default=None,
+        help="sequence chunk counts to consider for tiling blocks, e.g. 1,2,4 (default 1..64)",
+    )
+    parser.add_argument(
+        "--always-store",
+        nargs="*",
+        default=(),
+        metavar="OP",
+        help="ops whose saved tensors are never recomputed (substring match), e.g. attention",
+    )
+    parser.add_argument(
+        "--method", choices=("auto", "lp-round", "mip"), default="auto", help="solve method"
+    )
+    parser.add_argument("--time-limit", type=float, default=10.0, help="solver time limit (s)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--out", default=None, help="write the plan to FILE (.yaml or .json)")
+
+
+def _parse_chunks(text: str | None) -> tuple[int, ...] | None:
+    from memtrain.errors import MemtrainError
+
+    if text is None:
+        return None
+    try:
+        chunks = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise MemtrainError(f"cannot read --chunks {text!r}: use counts like 1,2,4,8") from None
+    if not chunks or min(chunks) < 1:
+        raise MemtrainError("--chunks needs positive counts, e.g. 1,2,4,8")
+    return chunks
+
+
+def load_profile(args: argparse.Namespace):
+    """The profile to plan: read from --profile, or a dry run of --model."""
+    from memtrain.profile.result import ProfileResult
+
+    if args.profile:
+        return ProfileResult.from_json(args.profile)
+    try:  # registers the GaLore / FRUGAL state formulas
+        import memtrain.optim  # noqa: F401
+    except ImportError:
+        pass
+    from memtrain.profile import profile_causal_lm
+
+    target = args.hardware
+    if target.endswith((".yaml", ".yml")):
+        from memtrain.hardware.tiers import HardwareModel
+
+        target = HardwareModel.load_yaml(target).device.name
+    return profile_causal_lm(
+        model=args.model or "llama-3.2-1b",
+        seq=args.seq,
+        batch=args.batch,
+        dtype=args.dtype,
+        optimizer=args.optimizer,
+        device="meta",
+        target=target,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from memtrain.hardware.tiers import load_hardware
+    from memtrain.planner import PlanOptions, make_plan
+
+    hardware = load_hardware(
+        args.hardware, gpu_budget=args.gpu_budget, cpu=args.cpu, cxl=args.cxl, nvme=args.nvme
+    )
+    profile = load_profile(args)
+    options = PlanOptions(
+        fused_loss={"auto": None, "on": True, "off": False}[args.fused_loss],
+        allow_state_offload=not args.no_state_offload,
+        chunk_options=_parse_chunks(args.chunks),
+        always_store_ops=tuple(args.always_store),
+        method=args.method,
+        time_limit=args.time_limit,
+    )
+    plan = make_plan(profile, hardware, options)
+    if args.out:
+        plan.save(args.out)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=1))
+    else:
+        print_plan(plan)
+        if args.out:
+            print(f"plan written to {args.out}")
+    return 0
+
+
+def _row_key(layer: dict) -> tuple:
+    return tuple(
+        json.dumps(layer[k], sort_keys=True)
+        for k in (
+            "kind",
+            "keep",
+            "swap",
+            "recompute",
+            "input_checkpoint",
+            "chunks",
+            "params",
+            "optimizer",
+        )
+    )
+
+
+def print_plan(plan) -> None:
+    """Rich tables: decisions (identical neighbours collapsed), peaks, time, baselines."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from memtrain.units import format_bytes
+
+    console = Console()
+    table = Table(
+        title=f"Plan: {plan.model}, {plan.seq} tokens x {plan.micro_batch}, "
+        f"{plan.optimizer}, fused loss {'on' if plan.fused_loss else 'off'}, "
+        f"{plan.chunks} chunk(s) per block"
+    )
+    for column in ("layers", "keep", "swap", "recompute", "input kept at", "states"):
+        table.add_column(column)
+    rows: list[tuple[list[dict], tuple]] = []
+    for layer in plan.layers:
+        key = _row_key(layer)
+        if rows and rows[-1][1] == key:
+            rows[-1][0].append(layer)
+        else:
+            rows.append(([layer], key))
+    for group, _ in rows:
+        first = group[0]
+        name = (
+            first["name"]
+            if len(group) == 1
+            else f"{first['name']} .. {group[-1]['name']} (x{len(group)})"
+        )
+        swap = ", ".join(f"{t} {v:.0%}" for t, v in first["swap"].items() if v > 5e-4) or "-"
+        recompute = f"{first['recompute']:.0%}" + (" (full)" if first["full_recompute"] else "")
+        checkpoint = ", ".join(f"{t} {v:.0%}" for t, v in first["input_checkpoint"].items()) or "-"
+        states = (
+            "gpu"
+            if first["optimizer"] == "gpu"
+            else (f"params {first['params']}, optimizer {first['optimizer']}")
+        )
+        table.add_row(name, f"{first['keep']:.0%}", swap, recompute, checkpoint, states)
+    console.print(table)
+
+    table = Table(title="Predicted step (this plan vs baselines priced by the same model)")
+    tiers = list(plan.hardware["usable_bytes"])
+    for column in ("", "fits", *[f"{t} peak" for t in tiers], "step time", "tokens/s"):
+        table.add_column(column)
+
+    def add(name: str, figures: dict) -> None:
+        peaks = figures["peak_bytes"]
+        table.add_row(
+            name,
+            "yes" if figures["feasible"] else "no",
+            *[format_bytes(peaks.get(t, 0)) for t in tiers],
+            f"{figures['step_time_s']:.3f} s",
+            f"{figures['tokens_per_s']:,.0f}",
+        )
+
+    add("plan", plan.predicted)
+    for name, figures in plan.baselines.items():
+        add(name.replace("_", " "), figures)
+    table.add_row(
+        "usable", "", *[format_bytes(plan.hardware["usable_bytes"][t]) for t in tiers], "", ""
+    )
+    console.print(table)
+    p = plan.predicted
+    solver = plan.solver
+    console.print(
+        f"step {p['step_time_s']:.3f} s = compute {p['compute_s']:.3f} s + exposed transfers "
+        f"{p['exposed_transfer_s']:.3f} s + optimizer tail {p['optimizer_tail_s']:.3f} s; "
+        f"GPU peak at {p['peak_at'].get('gpu')}"
+    )
+    console.print(
+        f"solved by {solver['solver']} ({solver['method']}) in {solver['solve_time_s']:.2f} s, "
+        f"optimality gap {solver['gap']:.2e}"
+    )

@@ -39,13 +39,15 @@ GIB = 1024**3
 
 def load_galore_torch() -> Any | None:
     """galore-torch's AdamW without running its package __init__ (which needs bitsandbytes)."""
-    spec = importlib.util.find_spec("galore_torch")
+    loaded = sys.modules.get("galore_torch")
+    spec = loaded.__spec__ if loaded is not None else importlib.util.find_spec("galore_torch")
     if spec is None or not spec.submodule_search_locations:
         return None
     if importlib.util.find_spec("transformers") is None:
         return None
     if "galore_torch" not in sys.modules:
         package = types.ModuleType("galore_torch")
+        package.__spec__ = spec
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["galore_torch"] = package
     return importlib.import_module("galore_torch.adamw")

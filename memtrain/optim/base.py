@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,23 +15,20 @@ HOST_STATE_KEYS = ("step", "block_start")
 
 
 class MemtrainOptimizer(torch.optim.Optimizer):
-    """Base class: state tensors keep their own dtype on load, so a resumed run is bit-exact.
+    """Base class: state tensors keep their own dtype on load, so a resumed run is bit-exact
+    (float32 projections and statistics of bf16 weights stay float32, indices stay integers)."""
 
-    (``torch.optim.Optimizer`` casts every floating state tensor to the parameter's dtype on
-    load; our float32 projections and Adafactor statistics of bf16 weights must stay float32.)
-    """
-
-    @staticmethod
-    def _process_value_according_to_param_policy(
-        param: torch.Tensor,
-        value: torch.Tensor,
-        param_id: int,
-        param_groups: list[dict[Any, Any]],
-        key: Hashable = None,
-    ) -> torch.Tensor:
-        if key in HOST_STATE_KEYS:
-            return value.to("cpu")
-        return value.to(device=param.device)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader, then every state tensor put back in its saved dtype (torch casts
+        floating ones, and even integer indices, to the parameter's dtype)."""
+        super().load_state_dict(state_dict)
+        saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
+        params = (p for g in self.param_groups for p in g["params"])
+        for saved_id, param in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor):
+                    device = "cpu" if key in HOST_STATE_KEYS else param.device
+                    self.state[param][key] = value.to(device=device, copy=True)
 
     def state_bytes(self) -> int:
         """Bytes held in ``self.state`` (every tensor, shared storage counted once)."""

@@ -85,8 +85,10 @@ def projection_to_basis(proj: torch.Tensor, side: str) -> torch.Tensor:
 
 
 def exact_projection(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
-    """Singular vectors of one float32 SVD of ``grad`` itself, so signs match galore-torch."""
-    u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    """Singular vectors of one SVD of ``grad`` itself (float32, or float64 for float64
+    gradients), taken exactly as galore-torch takes them so signs match too."""
+    mat = grad if grad.dtype == torch.float64 else grad.float()
+    u, _, vh = torch.linalg.svd(mat, full_matrices=False)
     return vh[:rank] if side == "right" else u[:, :rank]
 
 

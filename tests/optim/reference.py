@@ -16,12 +16,14 @@ from torch import nn
 def galore_torch_module(name: str) -> Any:
     """A galore-torch submodule, loaded without the package __init__ (which imports
     bitsandbytes); skips the test when galore-torch is not installed."""
-    spec = importlib.util.find_spec("galore_torch")
+    loaded = sys.modules.get("galore_torch")
+    spec = loaded.__spec__ if loaded is not None else importlib.util.find_spec("galore_torch")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("galore-torch is not installed")
     pytest.importorskip("transformers")
     if "galore_torch" not in sys.modules:
         package = types.ModuleType("galore_torch")
+        package.__spec__ = spec
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["galore_torch"] = package
     return importlib.import_module(f"galore_torch.{name}")
@@ -49,7 +51,8 @@ def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, start: int = 0) -> None:
     """Deterministic steps; the data shifts with the step so gradients keep changing."""
-    x, y = batch()
+    dtype = next(model.parameters()).dtype
+    x, y = (t.to(dtype) for t in batch())
     for step in range(start, start + steps):
         optimizer.zero_grad()
         loss = (model(x + 0.1 * step) - y).square().mean()

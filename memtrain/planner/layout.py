@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pulp
 
 from memtrain.errors import MemtrainError
+from memtrain.planner.pulp_compat import cbc_solver, new_var
 
 
 @dataclass(frozen=True)
@@ -119,9 +120,9 @@ def assign_offsets(
     sizes = {b.name: _align(b.size, alignment) // unit for b in buffers}
     big = fit_total // unit
     lp = pulp.LpProblem("buffer_layout", pulp.LpMinimize)
-    top = pulp.LpVariable("pool", bound // unit, big, pulp.LpInteger)
+    top = new_var(lp, "pool", bound // unit, big, pulp.LpInteger)
     off = {
-        b.name: pulp.LpVariable(f"o{i}", 0, big - sizes[b.name], pulp.LpInteger)
+        b.name: new_var(lp, f"o{i}", 0, big - sizes[b.name], pulp.LpInteger)
         for i, b in enumerate(buffers)
     }
     lp += top
@@ -132,16 +133,14 @@ def assign_offsets(
             b = buffers[k]
             if not _overlap(a, b):
                 continue
-            below = pulp.LpVariable(f"z{i}_{k}", cat=pulp.LpBinary)
+            below = new_var(lp, f"z{i}_{k}", cat=pulp.LpBinary)
             lp += off[a.name] + sizes[a.name] <= off[b.name] + big * (1 - below)
             lp += off[b.name] + sizes[b.name] <= off[a.name] + big * below
             below.setInitialValue(1 if fit[a.name] < fit[b.name] else 0)
     for b in buffers:
         off[b.name].setInitialValue(fit[b.name] // unit)
     top.setInitialValue(big)
-    solver = pulp.PULP_CBC_CMD(
-        msg=False, timeLimit=max(1, int(time_limit)), warmStart=True, gapRel=0.0
-    )
+    solver = cbc_solver(msg=False, timeLimit=max(1, int(time_limit)), warmStart=True, gapRel=0.0)
     lp.solve(solver)
     elapsed = time.perf_counter() - started
     if lp.sol_status not in (1, 2):

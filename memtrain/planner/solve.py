@@ -26,6 +26,7 @@ from memtrain.planner.costmodel import (
 )
 from memtrain.planner.evaluate import Evaluation, LayerDecision, evaluate_terms
 from memtrain.planner.problem import PlanProblem
+from memtrain.planner.pulp_compat import cbc_solver, new_var
 from memtrain.units import GiB
 
 PEAK_WEIGHT_S_PER_GIB = 1e-6  # second objective: the lowest GPU peak among equally fast plans
@@ -45,9 +46,7 @@ def solver_name() -> str:
 def _make_solver(mip: bool, time_limit: float, gap: float):
     if solver_name() == "HiGHS":
         return pulp.HiGHS(msg=False, mip=mip, timeLimit=time_limit, gapRel=gap)
-    return pulp.PULP_CBC_CMD(
-        msg=False, mip=mip, timeLimit=max(1, int(math.ceil(time_limit))), gapRel=gap
-    )
+    return cbc_solver(msg=False, mip=mip, timeLimit=max(1, int(math.ceil(time_limit))), gapRel=gap)
 
 
 @dataclass
@@ -93,15 +92,15 @@ class _Model:
         for s in sorted(set(self.frac_set)):
             members = [j for j, k in enumerate(self.frac_set) if k == s]
             layer = problem.layers[members[0]]
-            a = {t: pulp.LpVariable(f"a_{s}_{t}", 0, 1, cat) for t in self.tiers}
-            x = {t: pulp.LpVariable(f"x_{s}_{t}", 0, 1, cat) for t in self.tiers}
-            x["rec"] = pulp.LpVariable(
-                f"x_{s}_rec", 0, 1 if layer.recomputable_bytes > 0 else 0, cat
+            a = {t: new_var(self.lp, f"a_{s}_{t}", 0, 1, cat) for t in self.tiers}
+            x = {t: new_var(self.lp, f"x_{s}_{t}", 0, 1, cat) for t in self.tiers}
+            x["rec"] = new_var(
+                self.lp, f"x_{s}_rec", 0, 1 if layer.recomputable_bytes > 0 else 0, cat
             )
             self.lp += pulp.lpSum(a.values()) == 1, f"anchor_{s}"
             self.lp += pulp.lpSum(x.values()) == 1, f"rest_{s}"
             if layer.checkpoint_bytes > 0:
-                c = {t: pulp.LpVariable(f"c_{s}_{t}", 0, 1, cat) for t in self.tiers}
+                c = {t: new_var(self.lp, f"c_{s}_{t}", 0, 1, cat) for t in self.tiers}
                 self.lp += pulp.lpSum(c.values()) == x["rec"], f"checkpoint_{s}"
                 for t, v in c.items():
                     self.vars[("set", s, "c", t)] = v
@@ -112,7 +111,7 @@ class _Model:
         for j, layer in enumerate(problem.layers):
             if len(modes) > 1 and layer.param_bytes + layer.state_bytes + layer.grad_bytes > 0:
                 ys = {
-                    m: pulp.LpVariable(f"m_{j}_{m.replace(':', '_')}", 0, 1, pulp.LpBinary)
+                    m: new_var(self.lp, f"m_{j}_{m.replace(':', '_')}", 0, 1, pulp.LpBinary)
                     for m in modes
                 }
                 self.lp += pulp.lpSum(ys.values()) == 1, f"mode_{j}"
@@ -131,7 +130,7 @@ class _Model:
                     f"order_{j}",
                 )
 
-        self.peak = pulp.LpVariable("gpu_peak_gib", 0)
+        self.peak = new_var(self.lp, "gpu_peak_gib", 0)
         self.lp += self.peak >= gpu_lower_bound(problem, chunks) / GiB, "live_bytes_lower_bound"
         for k, (tier, _moment, form) in enumerate(self.terms.memory):
             expr = self._expr(form) * (1.0 / GiB)
@@ -144,13 +143,13 @@ class _Model:
         for k, window in enumerate(self.terms.windows):
             if not window.transfers:
                 continue
-            e = pulp.LpVariable(f"exposed_{k}", 0)
+            e = new_var(self.lp, f"exposed_{k}", 0)
             compute = self._expr(window.compute)
             for i, transfer in enumerate(window.transfers):
                 if transfer.coef or transfer.const:
                     self.lp += e >= self._expr(transfer) - compute, f"window_{k}_{i}"
             exposed.append(e)
-        self.tail = pulp.LpVariable("optimizer_tail", 0)
+        self.tail = new_var(self.lp, "optimizer_tail", 0)
         for i, form in enumerate(self.terms.tail):
             self.lp += self.tail >= self._expr(form), f"tail_{i}"
         self.step_time = self._expr(self.terms.compute) + pulp.lpSum(exposed) + self.tail

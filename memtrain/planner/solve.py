@@ -138,7 +138,8 @@ class _Model:
                 self.lp += self.peak >= expr, f"peak_{k}"
             cap = capacity_overrides.get(tier, hardware.usable(tier))
             if cap is not None:
-                self.lp += expr <= cap / GiB, f"cap_{tier}_{k}"
+                # A hair below the capacity, so solver tolerances never overshoot it.
+                self.lp += expr <= (cap * (1 - 1e-7) - 4096) / GiB, f"cap_{tier}_{k}"
         exposed = []
         for k, window in enumerate(self.terms.windows):
             if not window.transfers:

@@ -1,0 +1,122 @@
+"""Properties the issue asks for: monotone in the GPU budget, MEMO's closed form as a special
+case, and infeasible input answered with the smallest budget that fits."""
+
+from __future__ import annotations
+
+import pytest
+
+from memtrain.hardware.tiers import build_hardware
+from memtrain.planner import PlanInfeasible, PlanOptions, make_plan
+from memtrain.planner.costmodel import available_modes
+from memtrain.planner.solve import solve
+from memtrain.planner.synthetic import synthetic_profile
+from memtrain.units import GiB
+from tests.planner.helpers import GB, block, machine, problem, with_gpu
+
+
+@pytest.fixture(scope="module")
+def small_profile():
+    return synthetic_profile(
+        layers=4, hidden=1024, intermediate=4096, heads=16, kv_heads=4, vocab=32000, seq=65536
+    )
+
+
+def test_smaller_gpu_budget_is_never_faster(small_profile):
+    times = []
+    for budget in (1, 3, 4, 5, 6, 8, 10, 12, 16, 24):
+        hardware = build_hardware("h100-sxm-80g", gpu_budget=f"{budget}GiB", cpu="4GiB")
+        try:
+            plan = make_plan(small_profile, hardware)
+        except PlanInfeasible:
+            times.append(float("inf"))
+            continue
+        assert plan.predicted["peak_bytes"]["gpu"] <= hardware.usable("gpu") + 1
+        times.append(plan.predicted["step_time_s"])
+    finite = [t for t in times if t != float("inf")]
+    assert len(finite) >= 4, times  # the sweep must cover feasible budgets
+    assert len(set(round(t, 6) for t in finite)) >= 3, times  # and budgets that change the plan
+    for smaller, larger in zip(times, times[1:], strict=False):
+        assert smaller >= larger * (1 - 2e-3), times  # gap tolerance of the solver
+
+
+def test_memo_swap_fraction_is_a_special_case():
+    """MEMO: swap the largest token share alpha whose transfer fits in the layer's forward,
+    (S_input + alpha * S_other) / B <= T_forward, recompute the rest, don't swap the last layer.
+
+    Here recompute costs T_forward per unit share, exposing transfer costs S_other / B per unit
+    share, and S_other / B > T_forward, so the optimum swaps exactly MEMO's alpha."""
+    anchor, rest, t_fwd, link = 1 * GB, 8 * GB, 0.1, 50 * GB
+    alpha = (link * t_fwd - anchor) / rest
+    assert 0 < alpha < 1 and rest / link > t_fwd
+    layers = [block(f"b{i}", anchor=anchor, rest=rest, fwd=t_fwd, bwd=2 * t_fwd) for i in range(6)]
+    # Room for one layer in flight, the previous layer's prefetch, and a little to keep.
+    hw = machine(gpu=(anchor + rest) + (anchor + alpha * rest) + 2 * GB, cpu=1000 * GB, link=link)
+    result = solve(problem(layers), hw, available_modes(hw), chunk_options=(1,))
+    assert result.feasible
+    interior = result.decisions[1:-1]
+    for decision in interior:
+        assert decision.rest.get("cpu", 0.0) == pytest.approx(alpha, abs=1e-6)
+        assert decision.anchor.get("cpu", 0.0) == pytest.approx(1.0, abs=1e-6)
+    last = result.decisions[-1]
+    assert last.rest.get("cpu", 0.0) == pytest.approx(0.0, abs=1e-9)  # last layer not swapped
+    assert result.evaluation.exposed_transfer_s == pytest.approx(0.0, abs=1e-6)
+
+
+def test_memo_host_memory_bound_binds():
+    """MEMO's second condition: swapped bytes of all layers fit host memory."""
+    anchor, rest, t_fwd, link = 1 * GB, 8 * GB, 0.1, 50 * GB
+    layers = [block(f"b{i}", anchor=anchor, rest=rest, fwd=t_fwd, bwd=2 * t_fwd) for i in range(6)]
+    host = 12 * GB  # less than 5 layers x (S_input + alpha S_other) = 25 GB
+    hw = machine(gpu=60 * GB, cpu=host, link=link)
+    result = solve(problem(layers), hw, available_modes(hw), chunk_options=(1,))
+    assert result.feasible
+    assert result.evaluation.peaks["cpu"] == pytest.approx(host, rel=1e-6)
+    window_alpha = (link * t_fwd - anchor) / rest
+    for decision in result.decisions:
+        assert decision.rest.get("cpu", 0.0) <= window_alpha + 1e-6
+
+
+def test_infeasible_budget_reports_the_minimum(small_profile):
+    hardware = build_hardware("h100-sxm-80g", gpu_budget="1GiB", cpu="64GiB")
+    with pytest.raises(PlanInfeasible) as info:
+        make_plan(small_profile, hardware)
+    message = str(info.value)
+    assert "\n" not in message and "needs at least" in message and "GPU" in message
+    minimum = info.value.minimum_bytes
+    assert info.value.tier == "gpu" and minimum > 1 * GiB
+    fits = build_hardware("h100-sxm-80g", gpu_budget=int(minimum * 1.002), cpu="64GiB")
+    plan = make_plan(small_profile, fits)
+    assert plan.predicted["feasible"]
+    too_small = build_hardware("h100-sxm-80g", gpu_budget=int(minimum * 0.98), cpu="64GiB")
+    with pytest.raises(PlanInfeasible):
+        make_plan(small_profile, too_small)
+
+
+def test_host_memory_binding_is_named():
+    layers = [block(f"b{i}", anchor=1 * GB, rest=8 * GB) for i in range(6)]
+    hw = machine(gpu=1000 * GB, cpu=2 * GB)
+    prob = problem(layers)
+    from memtrain.planner.plan import _infeasible
+
+    error = _infeasible(prob, with_gpu(hw, 12 * GB), PlanOptions())
+    assert "host memory binds too" in str(error)
+
+
+def test_state_offload_when_states_do_not_fit():
+    """Parameters + gradients + AdamW states larger than the GPU: the plan moves states out."""
+    layers = [block(f"b{i}", anchor=0.1 * GB, rest=0.5 * GB, params=4 * GB) for i in range(4)]
+    hw = machine(gpu=30 * GB, cpu=200 * GB)
+    result = solve(problem(layers), hw, available_modes(hw), chunk_options=(1,))
+    assert result.feasible
+    assert any(d.states != "gpu" for d in result.decisions)
+    assert result.evaluation.optimizer_tail_s > 0
+
+
+def test_tiling_makes_long_sequences_fit():
+    """A block whose working set exceeds the GPU fits once its sequence is split in chunks."""
+    layers = [block(f"b{i}", anchor=1 * GB, rest=30 * GB, tileable=0.9) for i in range(3)]
+    hw = machine(gpu=20 * GB, cpu=200 * GB)
+    untiled = solve(problem(layers), hw, available_modes(hw), chunk_options=(1,))
+    tiled = solve(problem(layers), hw, available_modes(hw), chunk_options=(1, 2, 4, 8))
+    assert not untiled.feasible
+    assert tiled.feasible and tiled.chunks > 1

@@ -130,6 +130,8 @@ def linear_cross_entropy(
     ``shift=True`` makes position ``t`` predict ``labels[..., t + 1]`` (causal LM training; the
     last position is ignored). ``reduction`` and ``label_smoothing`` follow
     ``torch.nn.functional.cross_entropy``; with ``"mean"`` and no valid label the loss is NaN.
+    The loss is float32 (float64 for float64 inputs) whatever the input dtype, as the logits are
+    accumulated in float32; rounding it to bf16 would cost up to 0.4% of its value.
 
     ``grad_filter=True`` lets the Triton backward skip blocks of the logits gradient in which
     no target lies and every softmax probability is below ``grad_filter_eps`` (default
@@ -173,8 +175,8 @@ def linear_cross_entropy(
             chunk_rows_for(vocab),
         )  # fmt: skip
     if reduction == "none":
-        return losses.reshape(labels.shape).to(hidden.dtype)
+        return losses.reshape(labels.shape)
     total = losses.sum()
     if reduction == "mean":
         total = total / (targets >= 0).sum()
-    return total.to(hidden.dtype)
+    return total

@@ -92,29 +92,35 @@ def _sparse_dz_weight_kernel(
     dz_ptr,
     weight_ptr,
     acc_ptr,
-    flags_ptr,
+    live_count_ptr,
+    live_index_ptr,
     n_rows,
     n_cols,
     dim,
     stride_dz,
     stride_w,
     stride_acc,
-    flag_cols,
+    stride_index,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """``acc[rows] += dZ[rows] @ W[chunk]`` over the marked blocks of each row block only."""
+    """``acc[rows] += dZ[rows] @ W[chunk]`` over the marked blocks of each row block only.
+
+    ``live_index[m, :live_count[m]]`` lists the vocabulary blocks marked in row block ``m``.
+    """
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_mask = rows < n_rows
-    d_mask = offs_d < dim
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for vb in range(0, tl.cdiv(n_cols, BLOCK_V)):
-        if tl.load(flags_ptr + pid_m * flag_cols + vb) != 0:
+    n_live = tl.load(live_count_ptr + pid_m)
+    if n_live > 0:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        row_mask = rows < n_rows
+        d_mask = offs_d < dim
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for i in range(0, n_live):
+            vb = tl.load(live_index_ptr + pid_m * stride_index + i)
             cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
             col_mask = cols < n_cols
             a = tl.load(
@@ -131,10 +137,10 @@ def _sparse_dz_weight_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc)
-    out_ptrs = acc_ptr + rows[:, None].to(tl.int64) * stride_acc + offs_d[None, :]
-    out_mask = row_mask[:, None] & d_mask[None, :]
-    acc += tl.load(out_ptrs, mask=out_mask, other=0.0)
-    tl.store(out_ptrs, acc, mask=out_mask)
+        out_ptrs = acc_ptr + rows[:, None].to(tl.int64) * stride_acc + offs_d[None, :]
+        out_mask = row_mask[:, None] & d_mask[None, :]
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0)
+        tl.store(out_ptrs, acc, mask=out_mask)
 
 
 @triton.jit
@@ -142,47 +148,51 @@ def _sparse_dz_hidden_kernel(
     dz_ptr,
     hidden_ptr,
     out_ptr,
-    flags_ptr,
+    live_count_ptr,
+    live_index_ptr,
     n_rows,
     n_cols,
     dim,
     stride_dz,
     stride_h,
     stride_out,
-    flag_rows,
-    flag_cols,
+    stride_index,
     ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """``out[chunk] (+)= dZ.T @ H[rows]`` over the marked blocks of each vocabulary block only."""
+    """``out[chunk] (+)= dZ.T @ H[rows]`` over the marked blocks of each vocabulary block only.
+
+    ``live_index[v, :live_count[v]]`` lists the row blocks marked in vocabulary block ``v``.
+    """
     pid_v = tl.program_id(0)
     pid_d = tl.program_id(1)
+    n_live = tl.load(live_count_ptr + pid_v)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < n_cols
     d_mask = offs_d < dim
     acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
-    for mb in range(0, flag_rows):
-        if tl.load(flags_ptr + mb * flag_cols + pid_v) != 0:
-            rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_mask = rows < n_rows
-            a = tl.load(
-                dz_ptr + rows[:, None].to(tl.int64) * stride_dz + cols[None, :],
-                mask=row_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                hidden_ptr + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
-                mask=row_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(tl.trans(a), b, acc)
+    for i in range(0, n_live):
+        mb = tl.load(live_index_ptr + pid_v * stride_index + i)
+        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_rows
+        a = tl.load(
+            dz_ptr + rows[:, None].to(tl.int64) * stride_dz + cols[None, :],
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            hidden_ptr + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(tl.trans(a), b, acc)
     out_ptrs = out_ptr + cols[:, None].to(tl.int64) * stride_out + offs_d[None, :]
     out_mask = col_mask[:, None] & d_mask[None, :]
     if ACCUMULATE:
@@ -232,6 +242,53 @@ def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.add_(a @ b)
 
 
+def launch_grad_logits(
+    config: dict,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    dz: torch.Tensor,
+    flags: torch.Tensor,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    softcap: float | None,
+    smoothing: float,
+    filter_eps: float | None,
+) -> None:
+    """Write the logits gradient of ``rows x cols`` into ``dz`` (and block marks into flags)."""
+    (r0, r1), (c0, c1) = rows, cols
+    block_m, block_v, block_d = config["BLOCK_M"], config["BLOCK_V"], config["BLOCK_D"]
+    dim = hidden.shape[1]
+    grid = (triton.cdiv(r1 - r0, block_m), triton.cdiv(c1 - c0, block_v))
+    _grad_logits_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, targets, lse, grad_rows,
+        dz, flags, r0, r1, c0, c1, dim,
+        hidden.stride(0), weight.stride(0), dz.stride(0), flags.stride(0),
+        float(softcap) if softcap is not None else 1.0,
+        float(smoothing), 1.0 / weight.shape[0], float(filter_eps or 0.0),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        FILTER=filter_eps is not None,
+        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, EVEN_D=dim % block_d == 0,
+        DOT_PRECISION=config["dot_precision"],
+        UPCAST=config["upcast"] and hidden.dtype == torch.bfloat16,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip
+
+
+def _fp16_scale(grad_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A power of two that brings the largest row gradient into (1/2, 1].
+
+    fp16 flushes values under 6e-8 to zero, and ``grad_row * softmax`` with a mean over many
+    rows and a large vocabulary lands there; scaling by a power of two first is exact.
+    """
+    peak = grad_rows.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    exponent = torch.ceil(torch.log2(peak))
+    return torch.exp2(-exponent), torch.exp2(exponent)
+
+
 def backward_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -243,23 +300,43 @@ def backward_grads(
     smoothing: float,
     filter_eps: float | None,
     needs: tuple[bool, bool, bool],
-    config: dict,
+    pick_config,
     workspace_bytes: int,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``sum(grad_rows * row_losses)`` w.r.t. hidden, weight and bias."""
+    """Gradients of ``sum(grad_rows * row_losses)`` w.r.t. hidden, weight and bias.
+
+    ``pick_config(run)`` returns the launch settings for the logits-gradient kernel, given a
+    function that runs it once with candidate settings; its ``granule`` (a multiple of every
+    candidate's block shape) sizes the chunks and its ``min_block`` the block-mark array.
+    """
     need_h, need_w, need_b = needs
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
-    block_m, block_v, block_d = config["BLOCK_M"], config["BLOCK_V"], config["BLOCK_D"]
     rows_per_block, cols_per_chunk = plan_chunks(
-        n_rows, vocab, dim, hidden.element_size(), workspace_bytes, block_m, block_v
+        n_rows,
+        vocab,
+        dim,
+        hidden.element_size(),
+        workspace_bytes,
+        pick_config.granule,
+        pick_config.granule,
     )
     use_filter = filter_eps is not None
     device = hidden.device
+    inv_scale = None
+    if hidden.dtype == torch.float16:
+        scale, inv_scale = _fp16_scale(grad_rows)
+        grad_rows = grad_rows * scale
     dz = torch.empty((rows_per_block, cols_per_chunk), dtype=hidden.dtype, device=device)
-    flag_rows = triton.cdiv(rows_per_block, block_m)
-    flag_cols = triton.cdiv(cols_per_chunk, block_v)
-    flags = torch.ones((flag_rows, flag_cols), dtype=torch.int32, device=device)
+    small = pick_config.min_block
+    flags = torch.ones(
+        (rows_per_block // small, cols_per_chunk // small), dtype=torch.int32, device=device
+    )
+    stats = (hidden, weight, bias, targets, lse, grad_rows, dz, flags)
+    options = (softcap, smoothing, filter_eps)
+    first = ((0, min(rows_per_block, n_rows)), (0, min(cols_per_chunk, vocab)))
+    config = pick_config(lambda cfg: launch_grad_logits(cfg, *stats, *first, *options))
+
     grad_hidden = torch.empty_like(hidden) if need_h else None
     grad_weight = torch.empty_like(weight) if need_w else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
@@ -277,21 +354,8 @@ def backward_grads(
             acc.zero_()
         for c0 in range(0, vocab, cols_per_chunk):
             c1 = min(c0 + cols_per_chunk, vocab)
-            nc = c1 - c0
-            grid = (triton.cdiv(nr, block_m), triton.cdiv(nc, block_v))
-            _grad_logits_kernel[grid](
-                hidden, weight, bias if bias is not None else hidden, targets, lse, grad_rows,
-                dz, flags, r0, r1, c0, c1, dim,
-                hidden.stride(0), weight.stride(0), dz.stride(0), flag_cols,
-                float(softcap) if softcap is not None else 1.0,
-                float(smoothing), 1.0 / vocab, float(filter_eps or 0.0),
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, FILTER=use_filter,
-                BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, EVEN_D=dim % block_d == 0,
-                DOT_PRECISION=config["dot_precision"],
-                UPCAST=config["upcast"] and hidden.dtype == torch.bfloat16,
-                num_warps=config["num_warps"], num_stages=config["num_stages"],
-            )  # fmt: skip
-            chunk = dz[:nr, :nc]
+            launch_grad_logits(config, *stats, (r0, r1), (c0, c1), *options)
+            chunk = dz[:nr, : c1 - c0]
             if need_b:
                 grad_bias[c0:c1] += chunk.sum(0, dtype=torch.float32)
             if use_filter:
@@ -308,10 +372,27 @@ def backward_grads(
                 else:
                     grad_weight[c0:c1].addmm_(chunk.t(), hidden[r0:r1])
         if need_h and not in_place:
+            if inv_scale is not None:
+                acc.mul_(inv_scale)
             grad_hidden[r0:r1] = acc
+    if inv_scale is not None:
+        if need_w:
+            grad_weight.mul_(inv_scale)
+        if need_b:
+            grad_bias.mul_(inv_scale)
     if need_b:
         grad_bias = grad_bias.to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias
+
+
+def _live_lists(live: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row (dim=1) or column (dim=0) of the block mask: how many blocks are marked, and
+    their indices first (a stable sort keeps them in order)."""
+    dead = (live == 0).to(torch.int8)
+    if dim == 0:
+        dead = dead.t()
+    order = torch.argsort(dead, dim=1, stable=True).to(torch.int32).contiguous()
+    return live.sum(dim, dtype=torch.int32), order
 
 
 def _sparse_products(
@@ -327,23 +408,24 @@ def _sparse_products(
     nr, nc = chunk.shape
     dim = hidden_rows.shape[1]
     block_m, block_v, block_d = config["BLOCK_M"], config["BLOCK_V"], config["SPARSE_BLOCK_D"]
-    flag_rows, flag_cols = flags.shape
+    live = flags[: triton.cdiv(nr, block_m), : triton.cdiv(nc, block_v)]
     warps, stages = config["sparse_num_warps"], config["sparse_num_stages"]
     upcast = config["upcast"] and chunk.dtype == torch.bfloat16
     if acc is not None:
-        grid = (triton.cdiv(nr, block_m), triton.cdiv(dim, block_d))
+        count, index = _live_lists(live, 1)
+        grid = (live.shape[0], triton.cdiv(dim, block_d))
         _sparse_dz_weight_kernel[grid](
-            chunk, weight_cols, acc, flags, nr, nc, dim,
-            chunk.stride(0), weight_cols.stride(0), acc.stride(0), flag_cols,
+            chunk, weight_cols, acc, count, index, nr, nc, dim,
+            chunk.stride(0), weight_cols.stride(0), acc.stride(0), index.stride(0),
             BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, UPCAST=upcast,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
     if grad_weight_cols is not None:
-        grid = (triton.cdiv(nc, block_v), triton.cdiv(dim, block_d))
+        count, index = _live_lists(live, 0)
+        grid = (live.shape[1], triton.cdiv(dim, block_d))
         _sparse_dz_hidden_kernel[grid](
-            chunk, hidden_rows, grad_weight_cols, flags, nr, nc, dim,
-            chunk.stride(0), hidden_rows.stride(0), grad_weight_cols.stride(0),
-            triton.cdiv(nr, block_m), flag_cols, ACCUMULATE=accumulate,
-            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, UPCAST=upcast,
-            num_warps=warps, num_stages=stages,
+            chunk, hidden_rows, grad_weight_cols, count, index, nr, nc, dim,
+            chunk.stride(0), hidden_rows.stride(0), grad_weight_cols.stride(0), index.stride(0),
+            ACCUMULATE=accumulate, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d,
+            UPCAST=upcast, num_warps=warps, num_stages=stages,
         )  # fmt: skip

@@ -1,8 +1,15 @@
-"""Autograd wrapper around the Triton forward and backward kernels, and their launch settings."""
+"""Autograd wrapper around the Triton forward and backward kernels, and their launch settings.
+
+Block shapes are picked per GPU on first use: each candidate runs once to compile and is then
+timed on the caller's own tensors (CUDA events, best of two), and the fastest is kept for that
+kernel, dtype and hidden size. ``TUNING_LOG`` records what was measured.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -12,6 +19,11 @@ from memtrain.kernels.linear_cross_entropy.triton_fwd import forward_row_stats
 
 # Workspace of the backward pass (logits-gradient chunk + float32 hidden-gradient accumulator).
 DEFAULT_WORKSPACE_BYTES = 64 * 1024 * 1024
+# Problems smaller than this many logits run the first candidate without timing the others.
+TUNE_MIN_LOGITS = 1 << 26
+
+TUNING_LOG: dict[tuple, dict] = {}
+_CHOSEN: dict[tuple, dict] = {}
 
 
 def interpreting() -> bool:
@@ -19,31 +31,79 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def launch_config(dtype: torch.dtype) -> dict:
-    """Block shapes and pipelining for the kernels: large tensor-core tiles on a GPU, small
-    tiles in the interpreter so that tests on odd shapes exercise every masking path."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    precision = "tf32" if dtype == torch.float32 and tf32 else "ieee"
-    if interpreting():
-        return dict(
-            BLOCK_M=16, BLOCK_V=32, BLOCK_D=16, SPARSE_BLOCK_D=16, num_warps=4, num_stages=1,
-            sparse_num_warps=4, sparse_num_stages=1, target_programs=8,
-            dot_precision="ieee", upcast=True,
-        )  # fmt: skip
-    big = dtype != torch.float32
+def _config(bm, bv, bd, warps, stages, precision, sparse_bd=128, upcast=False, programs=0):
     return dict(
-        BLOCK_M=128,
-        BLOCK_V=256 if big else 128,
-        BLOCK_D=64 if big else 32,
-        SPARSE_BLOCK_D=128 if big else 64,
-        num_warps=8,
-        num_stages=3,
-        sparse_num_warps=8,
-        sparse_num_stages=3,
-        target_programs=4 * torch.cuda.get_device_properties(0).multi_processor_count,
-        dot_precision=precision,
-        upcast=False,
-    )
+        BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=stages,
+        SPARSE_BLOCK_D=sparse_bd, sparse_num_warps=8, sparse_num_stages=3,
+        dot_precision=precision, upcast=upcast, target_programs=programs,
+    )  # fmt: skip
+
+
+def candidate_configs(dtype: torch.dtype) -> list[dict]:
+    """Launch settings to choose from: tensor-core tiles on a GPU, small tiles in the
+    interpreter (so tests on odd shapes go through every masking path and chunk boundary)."""
+    if interpreting():
+        return [_config(16, 32, 16, 4, 1, "ieee", sparse_bd=16, upcast=True, programs=8)]
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    if dtype == torch.float32:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        precision = "tf32" if tf32 else "ieee"
+        shapes = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3)]
+        return [_config(*s, precision, sparse_bd=64, programs=4 * sms) for s in shapes]
+    shapes = [
+        (128, 256, 64, 8, 3),
+        (128, 256, 64, 8, 4),
+        (128, 128, 64, 8, 4),
+        (256, 128, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+    ]
+    return [_config(*s, "ieee", programs=4 * sms) for s in shapes]
+
+
+class ConfigPicker:
+    """Chooses launch settings for one kernel by timing the candidates on real inputs."""
+
+    def __init__(self, kind: str, dtype: torch.dtype, key: tuple, size: int):
+        self.candidates = candidate_configs(dtype)
+        self.key = (kind, str(dtype), *key)
+        self.size = size
+        blocks = [c[k] for c in self.candidates for k in ("BLOCK_M", "BLOCK_V")]
+        self.granule = math.lcm(*blocks)
+        self.min_block = math.gcd(*blocks)
+
+    def __call__(self, run: Callable[[dict], object]) -> dict:
+        if self.key in _CHOSEN:
+            return _CHOSEN[self.key]
+        if len(self.candidates) == 1 or self.size < TUNE_MIN_LOGITS:
+            return self.candidates[0]
+        timings = {}
+        for cfg in self.candidates:
+            try:
+                run(cfg)  # compiles
+            except Exception as exc:  # e.g. too much shared memory on a smaller GPU
+                timings[_name(cfg)] = f"failed: {type(exc).__name__}"
+                continue
+            best = math.inf
+            for _ in range(2):
+                start = torch.cuda.Event(enable_timing=True)
+                stop = torch.cuda.Event(enable_timing=True)
+                start.record()
+                run(cfg)
+                stop.record()
+                stop.synchronize()
+                best = min(best, start.elapsed_time(stop))
+            timings[_name(cfg)] = best
+        measured = {k: v for k, v in timings.items() if isinstance(v, float)}
+        if not measured:
+            raise RuntimeError(f"no launch setting for {self.key} ran: {timings}")
+        chosen = next(c for c in self.candidates if _name(c) == min(measured, key=measured.get))
+        _CHOSEN[self.key] = chosen
+        TUNING_LOG[self.key] = {"chosen": _name(chosen), "ms": timings}
+        return chosen
+
+
+def _name(cfg: dict) -> str:
+    return "{BLOCK_M}x{BLOCK_V}x{BLOCK_D}/w{num_warps}/s{num_stages}".format(**cfg)
 
 
 class TritonLinearCrossEntropy(torch.autograd.Function):
@@ -53,13 +113,17 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
     def forward(
         ctx, hidden, weight, bias, targets, softcap, label_smoothing, filter_eps, workspace_bytes
     ):
-        config = launch_config(hidden.dtype)
         need_sum = label_smoothing > 0.0
-        lse, target_logit, logit_sum = forward_row_stats(
-            hidden, weight, bias, targets, softcap, need_sum, config
-        )
-        valid = targets >= 0
-        losses = row_losses(lse, target_logit, logit_sum, valid, label_smoothing, weight.shape[0])
+        flags = (bias is not None, softcap is not None, need_sum)
+        n_rows, dim = hidden.shape
+        vocab = weight.shape[0]
+        picker = ConfigPicker("forward", hidden.dtype, (dim, *flags), n_rows * vocab)
+
+        def run(cfg):
+            return forward_row_stats(hidden, weight, bias, targets, softcap, need_sum, cfg)
+
+        lse, target_logit, logit_sum = run(picker(run))
+        losses = row_losses(lse, target_logit, logit_sum, targets >= 0, label_smoothing, vocab)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.settings = (softcap, label_smoothing, filter_eps, workspace_bytes)
         return losses
@@ -69,8 +133,11 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         softcap, smoothing, filter_eps, workspace_bytes = ctx.settings
         grad_rows = (grad_losses.float() * (targets >= 0)).contiguous()
+        n_rows, dim = hidden.shape
+        key = (dim, bias is not None, softcap is not None, filter_eps is not None)
+        picker = ConfigPicker("backward", hidden.dtype, key, n_rows * weight.shape[0])
         grads = backward_grads(
             hidden, weight, bias, targets, lse, grad_rows, softcap, smoothing, filter_eps,
-            tuple(ctx.needs_input_grad[:3]), launch_config(hidden.dtype), workspace_bytes,
+            tuple(ctx.needs_input_grad[:3]), picker, workspace_bytes,
         )  # fmt: skip
         return (*grads, None, None, None, None, None)

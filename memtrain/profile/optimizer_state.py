@@ -61,10 +61,19 @@ def parse_optimizer_spec(text: str | OptimizerSpec) -> OptimizerSpec:
             options[key.strip()] = _parse_value(value.strip())
         spec = OptimizerSpec(name.strip().lower(), options)
     if spec.name not in _FORMULAS:
+        _register_memtrain_optimizers()
+    if spec.name not in _FORMULAS:
         raise MemtrainError(
             f"unknown optimizer {spec.name!r}; known: {', '.join(sorted(_FORMULAS))}"
         )
     return spec
+
+
+def _register_memtrain_optimizers() -> None:
+    """memtrain's own optimizers register their formulas when ``memtrain.optim`` is imported."""
+    import importlib
+
+    importlib.import_module("memtrain.optim")
 
 
 def register_state_formula(name: str, formula: StateFormula) -> None:

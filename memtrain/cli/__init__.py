@@ -18,6 +18,7 @@ COMMANDS = [
     "memtrain.cli.profile_cmd",
     "memtrain.cli.presets_cmd",
     "memtrain.cli.plan_cmd",
+    "memtrain.cli.calibrate_cmd",
 ]
 
 

@@ -210,8 +210,13 @@ def print_plan(plan) -> None:
         )
 
     add("plan", plan.predicted)
+    labels = {
+        "no_checkpointing": "no checkpointing",
+        "full_checkpointing": "full ckpt",
+        "full_checkpointing_zero_offload": "full ckpt + ZeRO-Offload",
+    }
     for name, figures in plan.baselines.items():
-        add(name.replace("_", " "), figures)
+        add(labels.get(name, name), figures)
     table.add_row(
         "usable", "", *[format_bytes(plan.hardware["usable_bytes"][t]) for t in tiers], "", ""
     )

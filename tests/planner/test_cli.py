@@ -1,0 +1,73 @@
+"""``memtrain plan`` and ``memtrain calibrate`` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memtrain.cli import main
+from memtrain.planner import Plan
+from memtrain.planner.synthetic import synthetic_profile
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profile") / "profile.json"
+    synthetic_profile(
+        layers=3, hidden=512, intermediate=2048, heads=8, kv_heads=2, vocab=32000, seq=16384
+    ).to_json(path)
+    return path
+
+
+def test_plan_json_and_out(profile_path, tmp_path, capsys):
+    out = tmp_path / "plan.yaml"
+    code = main(
+        ["plan", "--profile", str(profile_path), "--gpu-budget", "6GiB", "--cpu", "32GiB"]
+        + ["--json", "--out", str(out)]
+    )
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["schema"] == "memtrain.plan"
+    assert data["predicted"]["feasible"]
+    assert Plan.load(out).to_dict() == data
+
+
+def test_plan_tables(profile_path, capsys):
+    assert main(["plan", "--profile", str(profile_path), "--gpu-budget", "6GiB"]) == 0
+    text = capsys.readouterr().out
+    for needle in ("keep", "recompute", "tokens/s", "no checkpointing", "optimality gap"):
+        assert needle in text
+
+
+def test_plan_infeasible_is_one_line(profile_path, capsys):
+    code = main(["plan", "--profile", str(profile_path), "--gpu-budget", "200MiB"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "needs at least" in err
+
+
+def test_plan_from_model_dry_run(capsys):
+    code = main(["plan", "--model", "llama-3.2-1b", "--seq", "2048", "--json", "--chunks", "1"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"] and data["seq"] == 2048
+    assert sum(layer["kind"] == "block" for layer in data["layers"]) == 16
+
+
+def test_bad_chunks(profile_path, capsys):
+    assert main(["plan", "--profile", str(profile_path), "--chunks", "0"]) == 2
+    assert "--chunks" in capsys.readouterr().err
+
+
+def test_calibrate_then_plan(profile_path, tmp_path, capsys):
+    hw = tmp_path / "hw.yaml"
+    assert main(["calibrate", "--out", str(hw), "--no-optimizer", "--cpu", "16GiB"]) == 0
+    capsys.readouterr()
+    code = main(
+        ["plan", "--profile", str(profile_path), "--hardware", str(hw), "--gpu-budget", "8GiB"]
+        + ["--json"]
+    )
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["hardware"]["capacity_bytes"]["cpu"] == 16 * 2**30

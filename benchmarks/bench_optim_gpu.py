@@ -1,7 +1,8 @@
 """GPU benchmark: GaLore refresh and step cost against torch fused AdamW and galore-torch.
 
 Model: a random-weight Llama-style model from a memtrain preset (default llama-3.2-1b, 1.2B
-parameters, bf16, on cuda). Gradients come from real forward/backward passes on random tokens.
+parameters, bf16, on cuda). Gradients come from real forward/backward passes on byte tokens of the Python standard
+library's sources (2048-token windows).
 For each optimizer it reports optimizer-state bytes, peak memory above the pre-step
 allocation, and step time, with refresh steps (new projections) and ordinary steps separately.
 It then trains ``--train-steps`` real steps with memtrain's GaLoreAdamW and, at the warm
@@ -20,16 +21,18 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import time
 import types
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from memtrain.models import build_causal_lm, load_config
-from memtrain.optim import GaLoreAdamW, lowrank_targets
+from memtrain.optim import GaLoreAdamW, lowrank_targets, register_step_in_backward
 from memtrain.optim.lowrank import projection_side, projection_to_basis
 from memtrain.optim.subspace import captured_energy, subspace_iteration
 from memtrain.profile.optimizer_state import measured_state_bytes
@@ -137,95 +140,154 @@ def run_optimizer(name: str, make, model, args, results: dict[str, Any]) -> None
     torch.cuda.empty_cache()
 
 
-def energy_study(model, backward, args, results: dict[str, Any]) -> None:
-    """Train with our GaLore, then compare refresh variants on the gradient at the refresh."""
+def text_windows(seq: int, seed: int = 0):
+    """Endless random windows of byte tokens from the Python standard library's sources: a
+    local text corpus on every machine, so gradients have language-like structure."""
+    root = Path(os.__file__).parent
+    chunks, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total > 32 * 1024 * 1024:
+            break
+    corpus = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        start = int(torch.randint(0, corpus.numel() - seq - 1, (1,), generator=gen))
+        yield corpus[start : start + seq].long()[None]
+
+
+def sides_and_mats(params: list[torch.Tensor]) -> list[tuple[torch.Tensor, str]]:
+    out = []
+    for p in params:
+        side = projection_side(p.shape, "std")
+        out.append((p.grad.mT if side == "right" else p.grad, side))
+    return out
+
+
+def energies(mats, bases, tops) -> dict[str, float]:
+    values, kept = [], 0.0
+    for (mat, _), basis, top in zip(mats, bases, tops, strict=True):
+        values.append(captured_energy(mat, basis))
+        kept += values[-1] * top
+    return {
+        "aggregate": kept / sum(tops),
+        "mean": statistics.mean(values),
+        "min": min(values),
+    }
+
+
+def top_energies(mats, rank: int) -> list[float]:
+    return [float(torch.linalg.svdvals(m.float())[:rank].square().sum()) for m, _ in mats]
+
+
+def energy_study(model, backward, windows, args, results: dict[str, Any]) -> None:
+    """Train with our GaLore on text, then compare refresh variants against the exact SVD of
+    the gradient at the cold start (step 0) and at the first warm refresh (step T)."""
     gap = args.train_steps
     keys = {"rank": args.rank, "update_proj_gap": gap, "scale": args.scale, "proj_type": "std"}
     optimizer = GaLoreAdamW(galore_groups(model, keys), lr=args.train_lr)
-    names = {id(p): n for n, p in model.named_parameters()}
-    layers = {int(x) for x in args.energy_layers.split(",")}
-    sample = [p for n, p in lowrank_targets(model) if any(f"layers.{i}." in n for i in layers)]
-    cold: list[float] = []
+    sample = [p for _, p in lowrank_targets(model)]
+    cold_variants = {
+        "cold: 4 iterations (default)": dict(iters=4),
+        "cold: 2 iterations": dict(iters=2),
+        "cold: 6 iterations": dict(iters=6),
+        "cold: 3 iterations + 32 extra columns": dict(iters=3, oversample=32),
+    }
+    warm_variants = {
+        "warm: 1 iteration": dict(iters=1),
+        "warm: 2 iterations (default)": dict(iters=2),
+        "warm: 3 iterations": dict(iters=3),
+        "warm: 2 iterations + 32 extra columns": dict(iters=2, oversample=32),
+    }
+    study: dict[str, Any] = {"train_steps_between_refreshes": gap, "train_lr": args.train_lr}
     losses = []
     for step in range(gap + 1):
-        losses.append(backward())
+        losses.append(backward(next(windows)))
+        if step in (0, gap):
+            mats = sides_and_mats(sample)
+            tops = top_energies(mats, args.rank)
+            previous = None
+            if step == gap:
+                previous = [
+                    projection_to_basis(optimizer.state[p]["projection"], side).float()
+                    for p, (_, side) in zip(sample, mats, strict=True)
+                ]
+                study["stale (no refresh)"] = energies(mats, previous, tops)
+            for label, cfg in (cold_variants if step == 0 else warm_variants).items():
+                bases = []
+                for i, (mat, _) in enumerate(mats):
+                    prev = None if previous is None else previous[i][None]
+                    bases.append(
+                        subspace_iteration([mat], args.rank, prev, orth="cholqr", **cfg)[0]
+                    )
+                study[label] = energies(mats, bases, tops)
+                print("energy", label, json.dumps(study[label]), flush=True)
         if step == gap:
             break
-        optimizer.step()
+        seconds = timed(optimizer.step)
         if step == 0:
-            for p in sample:
-                side = projection_side(p.shape, "std")
-                mat = p.grad.mT if side == "right" else p.grad
-                basis = projection_to_basis(optimizer.state[p]["projection"], side)
-                cold.append(captured_energy(mat, basis))
-    stale = [optimizer.state[p]["projection"].clone() for p in sample]
-    tops = []
-    for p in sample:
-        side = projection_side(p.shape, "std")
-        mat = p.grad.mT if side == "right" else p.grad
-        tops.append(float(torch.linalg.svdvals(mat.float())[: args.rank].square().sum()))
-    variants: dict[str, dict[str, Any]] = {}
-    configs = {
-        "iter1_qr": dict(iters=1, oversample=0, orth="qr"),
-        "iter1_cholqr": dict(iters=1, oversample=0, orth="cholqr"),
-        "iter2_qr": dict(iters=2, oversample=0, orth="qr"),
-        "iter1_qr_oversample32": dict(iters=1, oversample=32, orth="qr"),
-        "iter2_qr_oversample32": dict(iters=2, oversample=32, orth="qr"),
-        "iter1_cholqr_oversample32": dict(iters=1, oversample=32, orth="cholqr"),
-        "stale (no refresh)": None,
-    }
-    for label, cfg in configs.items():
-        energies, kept, best, seconds = [], 0.0, 0.0, 0.0
-        for p, old, top in zip(sample, stale, tops, strict=True):
-            side = projection_side(p.shape, "std")
-            mat = p.grad.mT if side == "right" else p.grad
-            prev = projection_to_basis(old, side).float()
-            if cfg is None:
-                basis = prev
-            else:
-                holder: dict[str, torch.Tensor] = {}
-
-                def run(mat=mat, prev=prev, cfg=cfg, holder=holder) -> None:
-                    holder["b"] = subspace_iteration([mat], args.rank, prev[None], **cfg)[0]
-
-                seconds += timed(run)
-                basis = holder["b"].to(torch.bfloat16)
-            energies.append(captured_energy(mat, basis))
-            kept += energies[-1] * top
-            best += top
-        variants[label] = {
-            "aggregate_energy": kept / best,
-            "min_energy": min(energies),
-            "mean_energy": statistics.mean(energies),
-            "unbatched_seconds_for_sample": seconds,
-        }
-        print("energy", label, json.dumps(variants[label]), flush=True)
-    # the optimizer's own warm refresh (batched, stored in bf16) on the same gradient
-    refresh_s = timed(optimizer.step)
-    own = []
-    for p in sample:
-        side = projection_side(p.shape, "std")
-        mat = p.grad.mT if side == "right" else p.grad
-        own.append(
-            captured_energy(mat, projection_to_basis(optimizer.state[p]["projection"], side))
-        )
-    results["energy"] = {
-        "sampled_layers": sorted(layers),
-        "matrices": len(sample),
-        "matrix_names": [names[id(p)] for p in sample][:7],
-        "train_steps_between_refreshes": gap,
-        "train_lr": args.train_lr,
-        "loss_first_last": [losses[0], losses[-1]],
-        "cold_refresh_min": min(cold),
-        "cold_refresh_mean": statistics.mean(cold),
-        "warm_refresh_in_optimizer_min": min(own),
-        "warm_refresh_in_optimizer_mean": statistics.mean(own),
-        "warm_refresh_step_s_whole_model": refresh_s,
-        "variants": variants,
-    }
-    print("energy summary", json.dumps(results["energy"]), flush=True)
+            study["cold refresh step (batched, whole model) s"] = seconds
+    seconds = timed(optimizer.step)
+    study["warm refresh step (batched, whole model) s"] = seconds
+    bases = [
+        projection_to_basis(optimizer.state[p]["projection"], side)
+        for p, (_, side) in zip(sample, mats, strict=True)
+    ]
+    study["optimizer's own warm refresh (bf16 projections)"] = energies(mats, bases, tops)
+    study["matrices"] = len(sample)
+    study["loss_first_last"] = [losses[0], losses[-1]]
+    results["energy"] = study
+    print("energy summary", json.dumps(study), flush=True)
     del optimizer
     torch.cuda.empty_cache()
+
+
+def full_step_memory(model, backward, windows, args, results: dict[str, Any]) -> None:
+    """Peak memory and time of whole training steps (forward, backward, optimizer), with the
+    optimizer step after backward or inside it (gradients freed as they are consumed)."""
+    keys = {"rank": args.rank, "update_proj_gap": args.gap, "scale": args.scale}
+    rows = {}
+    for label, make, inside in [
+        (
+            "torch fused AdamW",
+            lambda: torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True),
+            False,
+        ),
+        ("memtrain GaLoreAdamW", lambda: GaLoreAdamW(galore_groups(model, keys), lr=1e-6), False),
+        (
+            "memtrain GaLoreAdamW, step in backward",
+            lambda: GaLoreAdamW(galore_groups(model, keys), lr=1e-6),
+            True,
+        ),
+    ]:
+        optimizer = make()
+        handle = register_step_in_backward(model, optimizer) if inside else None
+        times, peaks = [], []
+        for i in range(4):
+            tokens = next(windows)
+            model.zero_grad(set_to_none=True)
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+
+            def one_step(tokens=tokens, optimizer=optimizer, handle=handle) -> None:
+                backward(tokens, zero=False)
+                if handle is None:
+                    optimizer.step()
+
+            seconds = timed(one_step)
+            if i >= 2:  # after the cold refresh and allocation of states
+                times.append(seconds)
+                peaks.append(torch.cuda.max_memory_allocated())
+        if handle is not None:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+        rows[label] = {"step_s": statistics.median(times), "peak_gib": max(peaks) / GIB}
+        print("full step", label, json.dumps(rows[label]), flush=True)
+        del optimizer
+        torch.cuda.empty_cache()
+    results["full_step"] = rows
 
 
 def main() -> None:
@@ -239,7 +301,6 @@ def main() -> None:
     parser.add_argument("--refreshes", type=int, default=3, help="timed warm refresh steps")
     parser.add_argument("--train-steps", type=int, default=50)
     parser.add_argument("--train-lr", type=float, default=1e-3)
-    parser.add_argument("--energy-layers", default="0,5,10,15")
     parser.add_argument("--skip-galore-torch", action="store_true")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="bench_optim_gpu.json")
@@ -249,11 +310,15 @@ def main() -> None:
     config = load_config(args.model)
     model = build_causal_lm(config, dtype="bf16", device=args.device)
     model.config.use_cache = False
-    tokens = torch.randint(0, config.vocab_size, (1, args.seq), device=args.device)
+    tokens = next(text_windows(args.seq, seed=1)).to(args.device)
 
-    def backward() -> float:
-        model.zero_grad(set_to_none=True)
-        loss = model(input_ids=tokens, labels=tokens).loss
+    windows = text_windows(args.seq)
+
+    def backward(batch: torch.Tensor | None = None, zero: bool = True) -> float:
+        batch = tokens if batch is None else batch.to(args.device)
+        if zero:
+            model.zero_grad(set_to_none=True)
+        loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         return float(loss.detach())
 
@@ -268,6 +333,13 @@ def main() -> None:
     }
     print(json.dumps({k: v for k, v in results.items() if k != "optimizers"}), flush=True)
     results["backward_s"] = timed(backward)
+    # load the solver libraries once so no optimizer below pays their start-up in its timing
+    warm = torch.randn(2, 64, 16, device=args.device)
+    torch.linalg.qr(warm)
+    torch.linalg.eigh(warm.mT @ warm)
+    torch.linalg.cholesky_ex(warm.mT @ warm)
+    torch.linalg.svd(warm[0])
+    sync()
     keys = {"rank": args.rank, "update_proj_gap": args.gap, "scale": args.scale, "proj_type": "std"}
 
     run_optimizer(
@@ -278,13 +350,11 @@ def main() -> None:
         results,
     )
     for label, extra in {
-        "memtrain GaLoreAdamW (iter1, qr)": {},
-        "memtrain GaLoreAdamW (iter1, cholqr)": {"proj_orth": "cholqr"},
-        "memtrain GaLoreAdamW (iter2, qr)": {"proj_iters": 2},
-        "memtrain GaLoreAdamW (iter1, qr, oversample32)": {"proj_oversample": 32},
-        "memtrain GaLoreAdamW (iter1, cholqr, oversample32)": {
-            "proj_oversample": 32,
-            "proj_orth": "cholqr",
+        "memtrain GaLoreAdamW (default: 2 warm iterations, cholqr)": {},
+        "memtrain GaLoreAdamW (1 warm iteration, cholqr)": {"proj_iters": 1},
+        "memtrain GaLoreAdamW (2 warm iterations, Householder qr)": {"proj_orth": "qr"},
+        "memtrain GaLoreAdamW (2 warm iterations, cholqr, 32 extra columns)": {
+            "proj_oversample": 32
         },
     }.items():
         run_optimizer(
@@ -308,7 +378,9 @@ def main() -> None:
     else:
         print("galore-torch not importable: skipped", flush=True)
 
-    energy_study(model, backward, args, results)
+    if args.device == "cuda":
+        full_step_memory(model, backward, windows, args, results)
+    energy_study(model, backward, windows, args, results)
     with open(args.out, "w") as fh:
         json.dump(results, fh, indent=2)
     print("wrote", args.out)

@@ -48,10 +48,10 @@ SPLIT_DEFAULTS: dict[str, Any] = {
     "proj_type": "svd",
     "free_update": "signsgd",
     "free_lr_scale": 1.0,
-    "proj_iters": 1,
-    "proj_cold_iters": 3,
+    "proj_iters": 2,
+    "proj_cold_iters": 4,
     "proj_oversample": 0,
-    "proj_orth": "qr",
+    "proj_orth": "cholqr",
 }
 
 

@@ -39,10 +39,10 @@ LOWRANK_DEFAULTS: dict[str, Any] = {
     "scale": 1.0,
     "proj_type": "std",
     "proj_method": "iter",
-    "proj_iters": 1,
-    "proj_cold_iters": 3,
+    "proj_iters": 2,
+    "proj_cold_iters": 4,
     "proj_oversample": 0,
-    "proj_orth": "qr",
+    "proj_orth": "cholqr",
 }
 
 

@@ -119,8 +119,9 @@ def subspace_iteration(
     ``previous`` (``b x m x rank``): the bases of the last refresh; when given, ``iters``
     iterations ``Q <- orth(M M^T Q)`` start from it (plus ``oversample`` random columns), so a
     slowly drifting subspace needs one or two. Without it (cold start) the start is a Gaussian
-    sketch of the range with at least ``rank // 4`` extra columns. Extra columns are dropped by
-    a Rayleigh-Ritz step that keeps the best ``rank`` directions, ordered like singular vectors.
+    sketch of the range, ``M @ Omega``. Extra columns, if any, are dropped by a Rayleigh-Ritz
+    step that keeps the best ``rank`` directions (it costs an ``l x l`` eigendecomposition per
+    matrix, slow on GPUs; without extra columns no decomposition but the orthonormalization runs).
     ``generators``: one per matrix, so a matrix gets the same random start whether it is
     refreshed alone or in a batch. Returns ``b x m x rank`` float32 with orthonormal columns.
     """
@@ -129,8 +130,6 @@ def subspace_iteration(
     m, k = mats[0].shape
     rank = min(rank, m, k)
     device = mats[0].device
-    if previous is None:
-        oversample = max(oversample, rank // 4)
     extra = max(0, min(oversample, min(m, k) - rank))
     if previous is None:
         sketch = _gaussian(len(mats), (k, rank + extra), generators, device)

@@ -62,12 +62,15 @@ def test_captured_energy_is_one_for_the_exact_subspace_and_less_otherwise() -> N
 def test_cold_start_captures_the_top_subspace(orth: str) -> None:
     mats = [decaying(120, 80, seed=s) for s in range(3)]
     gens = [seeded_generator(torch.device("cpu"), 0, i) for i in range(3)]
-    basis = subspace_iteration(mats, 10, iters=3, generators=gens, orth=orth)
-    assert basis.shape == (3, 120, 10)
-    for mat, q in zip(mats, basis, strict=True):
-        assert orthonormality_error(q) < 1e-5
-        # threshold: 99.8% of the exact top-10 energy (singular values 1/i: a slow decay)
-        assert captured_energy(mat, q) > 0.998
+    basis = subspace_iteration(mats, 10, iters=4, generators=gens, orth=orth)
+    oversampled = subspace_iteration(mats, 10, iters=3, oversample=4, generators=gens, orth=orth)
+    assert basis.shape == oversampled.shape == (3, 120, 10)
+    for mat, q, q_over in zip(mats, basis, oversampled, strict=True):
+        assert orthonormality_error(q) < 1e-5 and orthonormality_error(q_over) < 1e-5
+        # thresholds: 99.5% of the exact top-10 energy (singular values 1/i: a slow decay),
+        # 99.99% with 4 extra columns and the Rayleigh-Ritz selection
+        assert captured_energy(mat, q) > 0.995
+        assert captured_energy(mat, q_over) > 0.9999
 
 
 @pytest.mark.parametrize("orth", ["qr", "cholqr"])

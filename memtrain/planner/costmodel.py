@@ -59,14 +59,44 @@ class Window:
 
 
 @dataclass
+class MemoryTerm:
+    """Live bytes on ``tier`` at ``moment``.
+
+    For GPU moments inside the step, ``prefix`` is the number of earlier layers whose kept bytes
+    are still alive: the full value is ``gpu_static + sum(kept[:prefix]) + local``. Keeping the
+    shared part out of every term makes the model linear in size instead of quadratic.
+    """
+
+    tier: str
+    moment: str
+    local: Lin
+    prefix: int | None = None
+
+
+@dataclass
 class Terms:
     """Everything the step costs, as linear forms over decision keys."""
 
     compute: Lin  # seconds of GPU work including recompute and tiling overhead
     windows: list[Window]
     tail: list[Lin]  # optimizer step: the slowest of these runs after backward
-    memory: list[tuple[str, str, Lin]] = field(default_factory=list)  # (tier, moment, bytes)
+    memory: list[MemoryTerm] = field(default_factory=list)
     gpu_static: Lin = field(default_factory=Lin)
+    kept: list[Lin] = field(default_factory=list)  # per layer: bytes kept from forward to backward
+
+    def memory_values(self, values) -> list[tuple[str, str, float]]:
+        """(tier, moment, bytes) of every memory term at concrete decisions."""
+        static = self.gpu_static.value(values)
+        prefix = [0.0]
+        for form in self.kept:
+            prefix.append(prefix[-1] + form.value(values))
+        out = []
+        for term in self.memory:
+            value = term.local.value(values)
+            if term.prefix is not None:
+                value += static + prefix[term.prefix]
+            out.append((term.tier, term.moment, value))
+        return out
 
 
 def _frac(j: int, group: str, tier: str) -> Lin:
@@ -125,10 +155,9 @@ def build_terms(
         static_parts.append(layer.state_bytes * mode_sum(j, lambda s: s["optimizer"] == "gpu"))
     gpu_static = lin_sum(static_parts)
 
-    memory: list[tuple[str, str, Lin]] = []
+    memory: list[MemoryTerm] = []
     windows: list[Window] = []
     compute_parts: list[Lin] = []
-    cumulative = Lin()
     h2d, d2h, duplex = hardware.host_to_device, hardware.device_to_host, hardware.host_link_duplex
     for j, layer in enumerate(layers):
         phi = tile_factor(layer, chunks)
@@ -144,24 +173,22 @@ def build_terms(
         offloaded_grads = layer.grad_bytes * mode_sum(j, lambda s: s["grads"] != "gpu")
         uploaded_params = layer.param_bytes * mode_sum(j, lambda s: s["optimizer"] != "gpu")
         working = kept[j] + phi * in_flight + streamed_params
-        before = gpu_static + cumulative
         memory.append(
-            ("gpu", f"forward {layer.name}", before + working + phi * layer.forward_transient)
+            MemoryTerm("gpu", f"forward {layer.name}", working + phi * layer.forward_transient, j)
         )
         prefetch = swapped_total[j - 1] if j > 0 else Lin()
         memory.append(
-            (
+            MemoryTerm(
                 "gpu",
                 f"backward {layer.name}",
-                before
-                + working
+                working
                 + phi * layer.backward_transient
                 + layer.output_bytes
                 + prefetch
                 + offloaded_grads,
+                j,
             )
         )
-        cumulative = cumulative + kept[j]
 
         extra = (chunks - 1) * hardware.tile_overhead_s if layer.tileable and chunks > 1 else 0.0
         recompute = layer.forward_time * _frac(j, "x", "rec")
@@ -216,8 +243,8 @@ def build_terms(
                     placed += layer.grad_bytes + layer.param_bytes  # grads and the updated copy
                 if placed:
                     parts.append(placed * _mode(j, m))
-        memory.append((t, "start of backward", lin_sum(parts)))
-    memory.append(("gpu", "optimizer step", gpu_static))
+        memory.append(MemoryTerm(t, "start of backward", lin_sum(parts)))
+    memory.append(MemoryTerm("gpu", "optimizer step", Lin(), 0))
 
     # Optimizer step: on the GPU it streams params, grads and states through HBM; on the host
     # the CPU step streams them through DRAM, and CXL/NVMe states are read and written back.
@@ -246,6 +273,7 @@ def build_terms(
         tail=[lin_sum(gpu_step), lin_sum(host_step)],
         memory=memory,
         gpu_static=gpu_static,
+        kept=kept,
     )
 
 

@@ -102,8 +102,7 @@ def evaluate_terms(
     tail = max((t.value(values) for t in terms.tail), default=0.0)
     peaks: dict[str, float] = {}
     binding: dict[str, str] = {}
-    for tier, moment, form in terms.memory:
-        value = form.value(values)
+    for tier, moment, value in terms.memory_values(values):
         if tier not in peaks or value > peaks[tier]:
             peaks[tier] = value
             binding[tier] = moment

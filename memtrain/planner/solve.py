@@ -132,8 +132,20 @@ class _Model:
 
         self.peak = new_var(self.lp, "gpu_peak_gib", 0)
         self.lp += self.peak >= gpu_lower_bound(problem, chunks) / GiB, "live_bytes_lower_bound"
-        for k, (tier, _moment, form) in enumerate(self.terms.memory):
-            expr = self._expr(form) * (1.0 / GiB)
+        # Shared parts of the GPU terms as variables (GiB): static bytes and the running sum
+        # of kept bytes, so each term has a handful of coefficients.
+        static = new_var(self.lp, "gpu_static_gib")
+        self.lp += static == self._expr(self.terms.gpu_static, 1.0 / GiB), "gpu_static"
+        prefix = [pulp.LpAffineExpression()]
+        for j, form in enumerate(self.terms.kept):
+            running = new_var(self.lp, f"kept_before_{j + 1}")
+            self.lp += running == prefix[-1] + self._expr(form, 1.0 / GiB), f"kept_sum_{j}"
+            prefix.append(running)
+        for k, term in enumerate(self.terms.memory):
+            tier = term.tier
+            expr = self._expr(term.local, 1.0 / GiB)
+            if term.prefix is not None:
+                expr = expr + static + prefix[term.prefix]
             if tier == "gpu":
                 self.lp += self.peak >= expr, f"peak_{k}"
             cap = capacity_overrides.get(tier, hardware.usable(tier))
@@ -145,10 +157,9 @@ class _Model:
             if not window.transfers:
                 continue
             e = new_var(self.lp, f"exposed_{k}", 0)
-            compute = self._expr(window.compute)
             for i, transfer in enumerate(window.transfers):
                 if transfer.coef or transfer.const:
-                    self.lp += e >= self._expr(transfer) - compute, f"window_{k}_{i}"
+                    self.lp += e >= self._expr(transfer - window.compute), f"window_{k}_{i}"
             exposed.append(e)
         self.tail = new_var(self.lp, "optimizer_tail", 0)
         for i, form in enumerate(self.terms.tail):
@@ -177,8 +188,19 @@ class _Model:
             return 1.0 if name == "gpu" else 0.0
         return self.vars.get(("set", self.frac_set[j], group, name), 0.0)
 
-    def _expr(self, form):
-        return pulp.lpSum(c * self._lookup(k) for k, c in form.coef.items()) + form.const
+    def _expr(self, form, scale: float = 1.0) -> pulp.LpAffineExpression:
+        """``scale * form`` as one PuLP expression, built without intermediate objects."""
+        terms: dict[pulp.LpVariable, float] = {}
+        const = form.const
+        for key, coef in form.coef.items():
+            target = self._lookup(key)
+            if isinstance(target, pulp.LpVariable):
+                terms[target] = terms.get(target, 0.0) + coef
+            else:
+                const += coef * target
+        return pulp.LpAffineExpression(
+            [(v, c * scale) for v, c in terms.items() if c], const * scale
+        )
 
     def relax(self, relaxed: bool) -> None:
         for ys in self.mode_vars.values():
@@ -268,13 +290,15 @@ def solve(
     method: str = "auto",
     gap_tolerance: float = 1e-3,
     time_limit: float = 10.0,
+    mip_time_limit: float = 4.0,
     objective: str = "time",
     capacity_overrides: dict[str, float | None] | None = None,
 ) -> SolveResult:
     """The fastest feasible decisions (``objective='time'``) or the smallest GPU peak ('gpu').
 
     ``method``: 'auto' (LP relaxation, rounding, MIP only if the gap exceeds ``gap_tolerance``),
-    'lp-round' (never the MIP) or 'mip' (always the MIP).
+    'lp-round' (never the MIP) or 'mip' (always the MIP). The 'auto' MIP runs at most
+    ``mip_time_limit`` seconds and keeps the rounded plan unless it finds a better one.
     """
     if method not in ("auto", "lp-round", "mip"):
         raise MemtrainError(f"unknown solve method {method!r}; use auto, lp-round or mip")
@@ -283,6 +307,7 @@ def solve(
     if chunk_options is None:
         tileable = any(layer.tileable for layer in problem.layers)
         chunk_options = TILE_CHUNKS if tileable else (1,)
+    chunk_options = sorted(set(chunk_options))
     calls = 0
     needs_mip = integer_fractions or method == "mip"
     relaxed: list[tuple[float, int, _Model]] = []
@@ -306,6 +331,11 @@ def solve(
             if not model.solve(mip=False, time_limit=time_limit, gap=gap_tolerance):
                 continue
             relaxed.append((pulp.value(model.lp.objective), chunks, model))
+            # Chunks only relax GPU terms and cost time: when the GPU does not bind without
+            # them, no chunk count can do better.
+            if chunks == 1 and objective == "time" and cap is not None:
+                if (model.peak.value() or 0.0) * GiB < cap * (1 - 1e-4) - 2**20:
+                    break
         else:
             relaxed.append((0.0, chunks, model))
     if not relaxed:
@@ -361,7 +391,7 @@ def solve(
             model.fix_modes(None)
             model.relax(False)
             calls += 1
-            if model.solve(mip=True, time_limit=time_limit, gap=gap_tolerance / 10):
+            if model.solve(mip=True, time_limit=mip_time_limit, gap=gap_tolerance / 10):
                 value = pulp.value(model.lp.objective)
                 if value < best[0]:
                     decisions = model.decisions()

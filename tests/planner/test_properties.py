@@ -39,26 +39,41 @@ def test_smaller_gpu_budget_is_never_faster(small_profile):
         assert smaller >= larger * (1 - 2e-3), times  # gap tolerance of the solver
 
 
-def test_memo_swap_fraction_is_a_special_case():
-    """MEMO: swap the largest token share alpha whose transfer fits in the layer's forward,
-    (S_input + alpha * S_other) / B <= T_forward, recompute the rest, don't swap the last layer.
-
-    Here recompute costs T_forward per unit share, exposing transfer costs S_other / B per unit
-    share, and S_other / B > T_forward, so the optimum swaps exactly MEMO's alpha."""
+def _memo_instance(room: float):
     anchor, rest, t_fwd, link = 1 * GB, 8 * GB, 0.1, 50 * GB
     alpha = (link * t_fwd - anchor) / rest
     assert 0 < alpha < 1 and rest / link > t_fwd
     layers = [block(f"b{i}", anchor=anchor, rest=rest, fwd=t_fwd, bwd=2 * t_fwd) for i in range(6)]
-    # Room for one layer in flight, the previous layer's prefetch, and a little to keep.
-    hw = machine(gpu=(anchor + rest) + (anchor + alpha * rest) + 2 * GB, cpu=1000 * GB, link=link)
+    # One layer in flight plus the previous layer's prefetch (MEMO's alternating staging
+    # buffers), plus ``room`` bytes the plan may keep.
+    hw = machine(gpu=(anchor + rest) + (anchor + alpha * rest) + room, cpu=1000 * GB, link=link)
     result = solve(problem(layers), hw, available_modes(hw), chunk_options=(1,))
     assert result.feasible
-    interior = result.decisions[1:-1]
-    for decision in interior:
-        assert decision.rest.get("cpu", 0.0) == pytest.approx(alpha, abs=1e-6)
+    return result, anchor, rest, t_fwd, link, alpha
+
+
+def test_memo_swap_fraction_is_a_special_case():
+    """MEMO: swap the input and the largest token share alpha of the rest whose transfer fits in
+    the layer's forward, (S_input + alpha * S_other) / B = T_forward, recompute the rest, don't
+    swap the last layer. Recompute costs T_forward per unit share and exposing transfers
+    S_other / B > T_forward per unit share, so the optimum is MEMO's alpha."""
+    result, anchor, rest, t_fwd, link, alpha = _memo_instance(room=0.0)
+    for decision in result.decisions[:-1]:
         assert decision.anchor.get("cpu", 0.0) == pytest.approx(1.0, abs=1e-6)
+        assert decision.rest.get("cpu", 0.0) == pytest.approx(alpha, abs=1e-6)
+        assert decision.rest.get("rec", 0.0) == pytest.approx(1 - alpha, abs=1e-6)
     last = result.decisions[-1]
     assert last.rest.get("cpu", 0.0) == pytest.approx(0.0, abs=1e-9)  # last layer not swapped
+    assert result.evaluation.exposed_transfer_s == pytest.approx(0.0, abs=1e-6)
+
+
+def test_memo_window_stays_full_when_the_gpu_can_keep_some():
+    """With room to keep a little, what is swapped still fills each forward window exactly:
+    MEMO's condition holds with equality, whichever tensors the kept bytes come from."""
+    result, anchor, rest, t_fwd, link, alpha = _memo_instance(room=2 * GB)
+    for decision in result.decisions[:-1]:
+        swapped = anchor * decision.anchor.get("cpu", 0.0) + rest * decision.rest.get("cpu", 0.0)
+        assert swapped == pytest.approx(link * t_fwd, rel=1e-6)
     assert result.evaluation.exposed_transfer_s == pytest.approx(0.0, abs=1e-6)
 
 
@@ -71,9 +86,9 @@ def test_memo_host_memory_bound_binds():
     result = solve(problem(layers), hw, available_modes(hw), chunk_options=(1,))
     assert result.feasible
     assert result.evaluation.peaks["cpu"] == pytest.approx(host, rel=1e-6)
-    window_alpha = (link * t_fwd - anchor) / rest
-    for decision in result.decisions:
-        assert decision.rest.get("cpu", 0.0) <= window_alpha + 1e-6
+    for decision in result.decisions:  # and no layer swaps more than its window hides
+        swapped = anchor * decision.anchor.get("cpu", 0.0) + rest * decision.rest.get("cpu", 0.0)
+        assert swapped <= link * t_fwd * (1 + 1e-6)
 
 
 def test_infeasible_budget_reports_the_minimum(small_profile):

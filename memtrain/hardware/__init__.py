@@ -1,5 +1,6 @@
 """What the machine offers: accelerator presets and the memory tiers the planner fills."""
 
+from memtrain.hardware.calibrate import calibrate
 from memtrain.hardware.devices import DeviceSpec, device_names, get_device
 from memtrain.hardware.tiers import (
     HOST_TIERS,
@@ -18,6 +19,7 @@ __all__ = [
     "HardwareModel",
     "MemoryTier",
     "build_hardware",
+    "calibrate",
     "device_names",
     "get_device",
     "load_hardware",

@@ -99,7 +99,8 @@ def methods(args) -> dict:
     table["liger"] = liger
     for ws in args.workspaces:
         table[f"memtrain exact ({ws} MiB ws)"] = lambda ws=ws: ours(False, ws)
-    table["memtrain filtered"] = lambda: ours(True, args.filter_workspace)
+    for ws in args.filter_workspaces:
+        table[f"memtrain filtered ({ws} MiB ws)"] = lambda ws=ws: ours(True, ws)
     return table
 
 
@@ -250,6 +251,39 @@ def run_shape(n, d, v, kind, args, results):
     torch.cuda.empty_cache()
 
 
+def breakdown(n, d, v, kind, args, results):
+    """Per-kernel GPU time of one forward+backward of memtrain's paths (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    h, w, y = make_inputs(n, d, v, kind)
+    for label, fn in (
+        ("exact", ours(False, args.workspaces[-1])),
+        ("filtered", ours(True, args.filter_workspaces[-1])),
+    ):
+        hp = h.detach().clone().requires_grad_()
+        wp = w.detach().clone().requires_grad_()
+        fn(hp, wp, y).backward()  # warm
+        torch.cuda.synchronize()
+        hp.grad = wp.grad = None
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn(hp, wp, y).backward()
+            torch.cuda.synchronize()
+        rows = []
+        for e in prof.key_averages():
+            ms = getattr(e, "device_time_total", 0) / 1e3
+            if ms > 0:
+                rows.append((ms, e.count, e.key[:70]))
+        rows.sort(reverse=True)
+        total = sum(r[0] for r in rows)
+        log(f"\nkernel time, memtrain {label}, N={n} D={d} V={v} {kind}: {total:.1f} ms in all")
+        for ms, count, name in rows[:10]:
+            log(f"  {ms:8.2f} ms  x{count:<5} {name}")
+        results["breakdown"][label] = [list(r) for r in rows[:20]]
+    del h, w, y
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def format_row(r):
     if "error" in r:
         return f"  {r['method']:<30} {r['error']}"
@@ -380,7 +414,8 @@ def main() -> int:
     p.add_argument("--kinds", default="random,peaked")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--workspaces", default="64", help="comma-separated MiB for the exact path")
-    p.add_argument("--filter-workspace", type=int, default=64, help="MiB, filtered path")
+    p.add_argument("--filter-workspaces", default="64", help="MiB, filtered path")
+    p.add_argument("--breakdown", default="", help="NxDxV:kind to profile per kernel")
     p.add_argument("--max-ref-rows", type=int, default=32768)
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--skip-correctness", action="store_true")
@@ -392,6 +427,7 @@ def main() -> int:
     )
     args = p.parse_args()
     args.workspaces = [int(x) for x in args.workspaces.split(",")]
+    args.filter_workspaces = [int(x) for x in args.filter_workspaces.split(",")]
     args.skip_methods_for_big = set(args.skip_methods_for_big.split(","))
     if not torch.cuda.is_available():
         log("this benchmark needs a CUDA GPU")
@@ -407,11 +443,15 @@ def main() -> int:
         "bf16_matmul_tflops": args.tflops,
         "rows": [],
         "end_to_end": [],
+        "breakdown": {},
     }
     log(f"{props.name}, torch {torch.__version__}, bf16 matmul {args.tflops:.0f} TFLOP/s")
     log(f"command: python {' '.join(sys.argv)}")
     if not args.skip_correctness:
         gpu_correctness(results)
+    if args.breakdown:
+        shape, kind = args.breakdown.split(":")
+        breakdown(*(int(x) for x in shape.split("x")), kind, args, results)
     for shape in args.shapes.split(","):
         n, d, v = (int(x) for x in shape.split("x"))
         for kind in args.kinds.split(","):

@@ -407,9 +407,13 @@ def _sparse_products(
 ) -> None:
     nr, nc = chunk.shape
     dim = hidden_rows.shape[1]
-    block_m, block_v, block_d = config["BLOCK_M"], config["BLOCK_V"], config["SPARSE_BLOCK_D"]
+    block_m, block_v = config["BLOCK_M"], config["BLOCK_V"]
+    # Two operand tiles per pipeline stage must fit in shared memory (228 KB on Hopper).
+    large = block_m * block_v > 128 * 128
+    block_d = config["SPARSE_BLOCK_D"] // 2 if large else config["SPARSE_BLOCK_D"]
     live = flags[: triton.cdiv(nr, block_m), : triton.cdiv(nc, block_v)]
-    warps, stages = config["sparse_num_warps"], config["sparse_num_stages"]
+    warps = config["sparse_num_warps"]
+    stages = min(2, config["sparse_num_stages"]) if large else config["sparse_num_stages"]
     upcast = config["upcast"] and chunk.dtype == torch.bfloat16
     if acc is not None:
         count, index = _live_lists(live, 1)

@@ -15,6 +15,8 @@ import triton.language as tl
 
 from memtrain.kernels.linear_cross_entropy.triton_tiles import logits_tile
 
+MIN_SPLITS = 8
+
 
 @triton.jit
 def _forward_kernel(
@@ -32,6 +34,7 @@ def _forward_kernel(
     stride_h,
     stride_w,
     cols_per_split,
+    splits,
     softcap,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -43,8 +46,11 @@ def _forward_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # Slices vary fastest, so the programs running at one time share a few row blocks of hidden
+    # (which then stay in L2) and stream each weight block once for all of them.
+    pid = tl.program_id(0)
+    pid_s = pid % splits
+    pid_m = pid // splits
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
@@ -96,15 +102,16 @@ def forward_row_stats(
     vocab = weight.shape[0]
     block_m, block_v, block_d = config["BLOCK_M"], config["BLOCK_V"], config["BLOCK_D"]
     row_blocks = triton.cdiv(n_rows, block_m)
-    # Enough vocabulary slices that the grid covers the multiprocessors a few times over.
-    wanted = max(1, config["target_programs"] // row_blocks)
+    # Enough vocabulary slices that the grid covers the multiprocessors a few times over, and
+    # at least MIN_SPLITS so that concurrent programs span few row blocks.
+    wanted = max(MIN_SPLITS, config["target_programs"] // row_blocks)
     cols_per_split = triton.cdiv(triton.cdiv(vocab, wanted), block_v) * block_v
     splits = triton.cdiv(vocab, cols_per_split)
     parts = torch.empty((4, splits, n_rows), dtype=torch.float32, device=hidden.device)
-    _forward_kernel[(row_blocks, splits)](
+    _forward_kernel[(row_blocks * splits,)](
         hidden, weight, bias if bias is not None else hidden, targets,
         parts[0], parts[1], parts[2], parts[3],
-        n_rows, vocab, dim, hidden.stride(0), weight.stride(0), cols_per_split,
+        n_rows, vocab, dim, hidden.stride(0), weight.stride(0), cols_per_split, splits,
         float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, NEED_SUM=need_sum,
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, EVEN_D=dim % block_d == 0,

@@ -45,22 +45,19 @@ def round_block(nbytes: int, block: int = ALLOCATOR_BLOCK) -> int:
     return -(-nbytes // block) * block if block > 1 else nbytes
 
 
-def _cpu_flash_forward_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
-    b, h, s_q, d = query.shape
-    s_k = key.shape[-2]
-    return 4 * b * h * s_q * s_k * d
+def _attention_flops(func, args, kwargs) -> float:
+    """FLOPs of a fused SDPA kernel, forward (2 matmuls) or backward (5), grouped heads allowed.
 
-
-def _cpu_flash_backward_flops(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
-    b, h, s_q, d = query.shape
-    s_k = key.shape[-2]
-    return 10 * b * h * s_q * s_k * d  # recompute q k^T, then dV, dP, dQ, dK
-
-
-_EXTRA_FLOPS: dict = {
-    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward_flops,
-    aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
-}
+    PyTorch's own formula requires equal query and key heads; fused kernels on GPUs and CPUs
+    take grouped key/value heads (GQA) as they are, so the count is made from the query's heads.
+    """
+    names = [a.name for a in func._schema.arguments]
+    bound = dict(zip(names, args, strict=False))
+    bound.update(kwargs)
+    query, key = bound["query"], bound["key"]
+    batch, heads, q_len, head_dim = query.shape
+    matmuls = 5 if func._overloadpacket.__name__.endswith("_backward") else 2
+    return 2.0 * matmuls * batch * heads * q_len * key.shape[-2] * head_dim
 
 
 def _is_causal(func, args, kwargs) -> bool:
@@ -75,16 +72,13 @@ def _is_causal(func, args, kwargs) -> bool:
 def op_flops(func, args, kwargs, out) -> float:
     """FLOPs of one ATen op call (0 for ops without a formula: elementwise work is bytes-bound)."""
     packet = func._overloadpacket
-    formula = _EXTRA_FLOPS.get(packet) or flop_registry.get(packet)
+    if packet.__name__.startswith("_scaled_dot_product_"):
+        flops = _attention_flops(func, args, kwargs)
+        return flops * 0.5 if _is_causal(func, args, kwargs) else flops
+    formula = flop_registry.get(packet)
     if formula is None:
         return 0.0
-    if packet in _EXTRA_FLOPS:
-        flops = formula(*args, out_val=out, **kwargs)
-    else:
-        flops = formula(*args, **kwargs, out_val=out)
-    if "attention" in packet.__name__ and _is_causal(func, args, kwargs):
-        flops *= 0.5
-    return float(flops)
+    return float(formula(*args, **kwargs, out_val=out))
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:

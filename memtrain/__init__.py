@@ -35,6 +35,8 @@ _EXPORTS: dict[str, str] = {
     "FRUGAL": "memtrain.optim",
     "build_optimizer": "memtrain.optim",
     "register_step_in_backward": "memtrain.optim",
+    "linear_cross_entropy": "memtrain.kernels",
+    "patch_causal_lm_loss": "memtrain.kernels",
 }
 
 __all__ = ["__version__", *_EXPORTS]

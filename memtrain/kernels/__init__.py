@@ -6,10 +6,16 @@ from memtrain.kernels.linear_cross_entropy import (
     reference_linear_cross_entropy,
     triton_available,
 )
+from memtrain.kernels.linear_cross_entropy.hf import (
+    patch_causal_lm_loss,
+    unpatch_causal_lm_loss,
+)
 
 __all__ = [
     "default_filter_eps",
     "linear_cross_entropy",
+    "patch_causal_lm_loss",
     "reference_linear_cross_entropy",
     "triton_available",
+    "unpatch_causal_lm_loss",
 ]

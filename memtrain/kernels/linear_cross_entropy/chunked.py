@@ -15,9 +15,10 @@ import torch
 LOGITS_BUDGET_ELEMENTS = 16 * 1024 * 1024
 
 
-def chunk_rows_for(vocab: int, budget_elements: int = LOGITS_BUDGET_ELEMENTS) -> int:
+def chunk_rows_for(vocab: int, budget_elements: int | None = None) -> int:
     """Rows per chunk so that one chunk of float32 logits stays within the budget."""
-    return max(16, budget_elements // max(vocab, 1))
+    budget = LOGITS_BUDGET_ELEMENTS if budget_elements is None else budget_elements
+    return max(16, budget // max(vocab, 1))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

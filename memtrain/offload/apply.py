@@ -1,0 +1,394 @@
+"""``memtrain.apply(model, plan)``: install a plan on an unmodified model, and remove it again.
+
+Per layer, forward pre/post hooks open and close a saved-tensor-hook scope (swap), a layer's
+``forward`` is wrapped in a non-reentrant checkpoint (whole-layer recompute) or replaced by the
+token-wise MEMO forward (Llama-family blocks), and an ``mlp`` can run in sequence chunks.
+Everything is undone by :meth:`OffloadHandle.remove`; nothing in the model's code changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from memtrain.errors import MemtrainError
+from memtrain.offload.memo import LlamaBlockParts, chunk_ranges, tokenwise_forward
+from memtrain.offload.nvme import NvmeStore
+from memtrain.offload.policy import HOST_TIERS, LayerPolicy, OffloadPolicy, policy_from_plan
+from memtrain.offload.pool import HostPool
+from memtrain.offload.swap import LayerState, SwapEngine, in_backward
+
+POOL_MARGIN = 0.05
+POOL_SLACK = 4 << 20  # alignment of pieces and rounding of token cuts
+
+
+@dataclass
+class _Installed:
+    hooks: list[Any] = field(default_factory=list)
+    forwards: list[tuple[nn.Module, Any, bool]] = field(default_factory=list)  # module, old, had
+
+
+def _resolve_layers(
+    model: nn.Module, layers: Mapping[str, nn.Module | Sequence[nn.Module]] | None
+) -> dict[str, list[nn.Module]]:
+    if layers is not None:
+        return {
+            name: [mods] if isinstance(mods, nn.Module) else list(mods)
+            for name, mods in layers.items()
+        }
+    from memtrain.models.build import causal_lm_layers
+
+    return {spec.name: list(spec.modules) for spec in causal_lm_layers(model)}
+
+
+def _check_names(policy: OffloadPolicy, names: set[str], from_plan: bool) -> None:
+    unknown = sorted(set(policy.layers) - names)
+    if unknown:
+        raise MemtrainError(
+            f"the plan names layers this model lacks ({', '.join(unknown[:3])}"
+            f"{', ...' if len(unknown) > 3 else ''}); it was made for another model, re-plan"
+        )
+    missing = sorted(names - set(policy.layers))
+    if from_plan and missing:
+        raise MemtrainError(
+            f"the plan has no decision for layers {', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}; it was made for another model, re-plan"
+        )
+
+
+def _batch_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.shape[0]), int(value.shape[1])
+    return None
+
+
+class OffloadHandle:
+    """An installed plan. ``remove()`` (or leaving the ``with`` block) restores the model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: OffloadPolicy,
+        layers: dict[str, list[nn.Module]],
+        *,
+        host_pool_bytes: Mapping[str, int] | None = None,
+        nvme_bytes: int | None = None,
+    ) -> None:
+        self.model = model
+        self.policy = policy
+        self.layers = layers
+        self.removed = False
+        self._installed = _Installed()
+        self._states: dict[str, LayerState] = {}
+        self.optimizer_attached = False
+        self.steps = 0
+        params = list(model.parameters())
+        self.device = params[0].device if params else torch.device("cpu")
+        self._reject_param_offload()
+        pools = self._make_pools(dict(host_pool_bytes or {}))
+        nvme = None
+        try:
+            if policy.needs("nvme"):
+                need = nvme_bytes if nvme_bytes is not None else policy.host_bytes.get("nvme", 0)
+                nvme = NvmeStore(policy.nvme_path, need_bytes=int(need))
+        except MemtrainError:
+            for pool in pools.values():
+                pool.close()
+            raise
+        self.engine = SwapEngine(self.device, pools, nvme)
+        try:
+            self._install()
+        except BaseException:
+            self.remove()
+            raise
+
+    # -- setup -------------------------------------------------------------------------
+
+    def _reject_param_offload(self) -> None:
+        for name, layer in self.policy.layers.items():
+            if layer.params != "gpu":
+                raise MemtrainError(
+                    f"layer {name}: the plan puts parameters on {layer.params}; that needs "
+                    "DeepSpeed ZeRO-3 offload: train through DeepSpeed with "
+                    "memtrain.offload.deepspeed_config(plan)"
+                )
+
+    @property
+    def needs_optimizer_offload(self) -> bool:
+        return any(
+            p.optimizer != "gpu" or p.grads != "gpu" for p in self.policy.layers.values()
+        )
+
+    def _make_pools(self, sizes: dict[str, int]) -> dict[str, HostPool]:
+        pools: dict[str, HostPool] = {}
+        try:
+            for tier in ("cpu", "cxl"):
+                if not self.policy.needs(tier):
+                    continue
+                size = sizes.get(tier)
+                if size is None:
+                    planned = self.policy.host_bytes.get(tier)
+                    if not planned:
+                        raise MemtrainError(
+                            f"the policy swaps to {tier} but gives no size for its pool; pass "
+                            f"host_pool_bytes={{'{tier}': ...}} or apply a plan"
+                        )
+                    size = int(planned * (1 + POOL_MARGIN)) + POOL_SLACK
+                node = self.policy.cxl_node if tier == "cxl" else None
+                pools[tier] = HostPool(size, name=tier, numa_node=node)
+        except BaseException:
+            for pool in pools.values():
+                pool.close()
+            raise
+        return pools
+
+    def _install(self) -> None:
+        model_hooks = [
+            self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True),
+            self.model.register_forward_hook(self._model_post, always_call=True),
+        ]
+        self._installed.hooks.extend(model_hooks)
+        for name, modules in self.layers.items():
+            policy = self.policy.layers.get(name)
+            if policy is None:
+                continue
+            mode = policy.mode
+            shares = policy.stored_shares()
+            if mode == "full_recompute":
+                shares = policy.checkpoint_shares()
+            state = LayerState(name, shares)
+            self._states[name] = state
+            if policy.chunks > 1 and mode != "tokenwise":
+                self._tile_mlp(name, modules, policy.chunks)
+            if mode == "full_recompute":
+                for module in modules:
+                    self._replace_forward(module, _checkpointed(module.forward))
+            elif mode == "tokenwise":
+                if len(modules) != 1:
+                    raise MemtrainError(f"layer {name}: token-wise recompute needs one module")
+                self._install_tokenwise(name, modules[0], policy, state)
+            if mode != "keep":
+                for module in modules:
+                    self._installed.hooks.append(
+                        module.register_forward_pre_hook(self._layer_pre(state))
+                    )
+                    self._installed.hooks.append(
+                        module.register_forward_hook(self._layer_post(state), always_call=True)
+                    )
+
+    def _install_tokenwise(
+        self, name: str, module: nn.Module, policy: LayerPolicy, state: LayerState
+    ) -> None:
+        parts = LlamaBlockParts(module, name)
+        anchor = policy.checkpoint_shares()
+        stored = policy.stored_shares()
+        engine = self.engine
+
+        def scoped(shares):
+            return lambda: engine.hooks(state, shares)
+
+        forward = tokenwise_forward(
+            parts,
+            stored_fraction=max(0.0, 1.0 - policy.recompute),
+            chunks=policy.chunks,
+            anchor_context=scoped(anchor),
+            stored_context=scoped(stored),
+            lengths=engine.token_lengths_added,
+        )
+        original = module.forward
+
+        def dispatch(*args, **kwargs):
+            if not torch.is_grad_enabled() or in_backward():
+                return original(*args, **kwargs)
+            return forward(*args, **kwargs)
+
+        self._replace_forward(module, dispatch)
+
+    def _tile_mlp(self, name: str, modules: list[nn.Module], chunks: int) -> None:
+        mlps = [m.mlp for m in modules if isinstance(getattr(m, "mlp", None), nn.Module)]
+        if not mlps:
+            raise MemtrainError(
+                f"layer {name}: the plan tiles it into {chunks} chunks but it has no .mlp "
+                "submodule to tile"
+            )
+        for mlp in mlps:
+            self._replace_forward(mlp, _chunked(mlp.forward, chunks, self.engine))
+
+    def _replace_forward(self, module: nn.Module, forward) -> None:
+        had = "forward" in module.__dict__
+        self._installed.forwards.append((module, module.__dict__.get("forward"), had))
+        module.forward = forward
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def _model_pre(self, module, args, kwargs):
+        if not torch.is_grad_enabled() or in_backward():
+            return None
+        shape = _batch_shape(args, kwargs)
+        if shape is None:
+            raise MemtrainError("cannot find input_ids or inputs_embeds in the model's inputs")
+        batch, seq = shape
+        if self.policy.seq is not None and seq != self.policy.seq:
+            raise MemtrainError(
+                f"the plan is for sequences of {self.policy.seq} tokens but this batch has "
+                f"{seq}; re-plan for {seq} or pad/cut the batch"
+            )
+        if self.policy.micro_batch is not None and batch != self.policy.micro_batch:
+            raise MemtrainError(
+                f"the plan is for micro-batches of {self.policy.micro_batch} but this one has "
+                f"{batch}; re-plan or change the batch size"
+            )
+        if self.steps >= 1 and self.needs_optimizer_offload and not self.optimizer_attached:
+            raise MemtrainError(
+                "the plan keeps optimizer states off the GPU but no offloaded optimizer is "
+                "attached; build it with memtrain.offload.offload_optimizer(handle, ...)"
+            )
+        self.engine.start_step(seq, batch, list(self.model.parameters()))
+        self.steps += 1
+        return None
+
+    def _model_post(self, module, args, output):
+        self.engine.finish_forward()
+        return None
+
+    def _layer_pre(self, state: LayerState):
+        engine = self.engine
+
+        def hook(module, args):
+            if not torch.is_grad_enabled() or in_backward():
+                return None
+            engine.enter_layer(state)
+            scope = engine.hooks(state)
+            scope.__enter__()
+            state.scopes.append(scope)
+            return None
+
+        return hook
+
+    def _layer_post(self, state: LayerState):
+        engine = self.engine
+
+        def hook(module, args, output):
+            if state.scopes:
+                state.scopes.pop().__exit__(None, None, None)
+                engine.finish_layer(state)
+            return None
+
+        return hook
+
+    # -- results and removal -------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Bytes each layer put in each place in the last step, and pool/NVMe usage."""
+        return {
+            "layers": {name: dict(state.stats) for name, state in self._states.items()},
+            "totals": dict(self.engine.totals),
+            "pools": {
+                tier: {
+                    "capacity": pool.capacity,
+                    "in_use": pool.in_use,
+                    "high_water": pool.high_water,
+                    "pinned": pool.pinned,
+                }
+                for tier, pool in self.engine.pools.items()
+            },
+            "nvme_files": len(self.engine.nvme.files()) if self.engine.nvme else 0,
+        }
+
+    def remove(self) -> None:
+        """Take every hook and wrapper off the model and free the pools and swap files."""
+        if self.removed:
+            return
+        self.removed = True
+        for handle in self._installed.hooks:
+            handle.remove()
+        for module, old, had in reversed(self._installed.forwards):
+            if had:
+                module.forward = old
+            else:
+                del module.forward
+        self._installed = _Installed()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+            for pool in engine.pools.values():
+                pool.close()
+            if engine.nvme is not None:
+                engine.nvme.close()
+
+    def __enter__(self) -> OffloadHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _checkpointed(forward):
+    """Whole-layer recompute: non-reentrant checkpoint around the layer's own forward."""
+
+    def wrapper(*args, **kwargs):
+        if not torch.is_grad_enabled() or in_backward():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return wrapper
+
+
+def _chunked(forward, chunks: int, engine: SwapEngine):
+    """Run a token-local module over sequence chunks (dim 1) and concatenate."""
+
+    def wrapper(x, *args, **kwargs):
+        if x.dim() < 2 or x.shape[1] < 2:
+            return forward(x, *args, **kwargs)
+        ranges = chunk_ranges(0, x.shape[1], chunks)
+        with engine.token_lengths_added(sorted({b - a for a, b in ranges})):
+            outs = [forward(x[:, a:b], *args, **kwargs) for a, b in ranges]
+        return torch.cat(outs, dim=1)
+
+    return wrapper
+
+
+def apply(
+    model: nn.Module,
+    plan: Any,
+    *,
+    layers: Mapping[str, nn.Module | Sequence[nn.Module]] | None = None,
+    cxl_node: int | None = None,
+    host_pool_bytes: Mapping[str, int] | None = None,
+    nvme_bytes: int | None = None,
+) -> OffloadHandle:
+    """Install ``plan`` (a ``Plan``, its dict, a plan file, or an :class:`OffloadPolicy`).
+
+    ``layers`` maps layer names to modules (default: embed, block.<i>, norm, lm_head of a
+    Hugging Face causal LM). Returns a handle; ``handle.remove()`` restores the model.
+    """
+    from_plan = not isinstance(plan, OffloadPolicy)
+    policy = policy_from_plan(plan, cxl_node=cxl_node)
+    if cxl_node is not None:
+        policy.cxl_node = cxl_node
+    policy.validate()
+    resolved = _resolve_layers(model, layers)
+    _check_names(policy, set(resolved), from_plan)
+    return OffloadHandle(
+        model, policy, resolved, host_pool_bytes=host_pool_bytes, nvme_bytes=nvme_bytes
+    )
+
+
+@contextlib.contextmanager
+def offloaded(model: nn.Module, plan: Any, **options: Any) -> Iterator[OffloadHandle]:
+    """``with offloaded(model, plan) as handle:`` — the plan is removed on exit."""
+    handle = apply(model, plan, **options)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+__all__ = ["HOST_TIERS", "OffloadHandle", "apply", "offloaded"]

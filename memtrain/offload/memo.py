@@ -1,0 +1,274 @@
+"""Token-wise recompute for Llama-family decoder layers (Llama, Qwen2, Mistral).
+
+The MEMO scheme: the block input and the attention output (with its log-sum-exp) are stored
+(kept or swapped), so attention is never recomputed; for a share of the tokens the token-local
+work (norms, projections, rotary embedding, MLP) is recomputed in backward from them, while the
+other tokens keep all their saved tensors (kept or swapped like any other layer's).
+
+The layer runs as: token-local pre-attention work per token range (stored tokens under ordinary
+autograd, recomputed tokens under a non-reentrant checkpoint), one fused attention call whose
+backward regenerates the recomputed tokens' q, k and v from the stored block input, and the
+token-local post-attention work per range again. Every range can be cut into sequence chunks
+so the transient working set of a layer does not grow with the sequence.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from memtrain.errors import MemtrainError
+
+SUPPORTED = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
+
+
+def chunk_ranges(start: int, end: int, chunks: int) -> list[tuple[int, int]]:
+    """``chunks`` nearly equal ``[a, b)`` ranges covering ``[start, end)`` (fewer if short)."""
+    length = end - start
+    if length <= 0:
+        return []
+    chunks = max(1, min(chunks, length))
+    bounds = [start + (length * i) // chunks for i in range(chunks + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+class FlashAttention:
+    """The fused causal attention kernel and its backward, called directly so that the output
+    and log-sum-exp are all backward needs (no attention recompute)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def forward(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        if q.device.type == "cuda":
+            if q.dtype not in (torch.float16, torch.bfloat16):
+                raise MemtrainError(
+                    "token-wise recompute on a GPU needs a bf16 or fp16 model (flash attention)"
+                )
+            result = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, True, False, scale=self.scale
+            )
+            out, lse = result[0], result[1]
+            return out, lse, tuple(result[2:8])
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, True, scale=self.scale
+        )
+        return out, lse, ()
+
+    def backward(self, grad_out, q, k, v, out, lse, extra: tuple):
+        if q.device.type == "cuda":
+            cum_q, cum_k, max_q, max_k, seed, offset = extra
+            return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed,
+                offset, scale=self.scale,
+            )
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, True, scale=self.scale
+        )
+
+
+class LlamaBlockParts:
+    """The pieces of one decoder layer, called as token-local functions of token ranges."""
+
+    def __init__(self, layer: nn.Module, name: str) -> None:
+        kind = type(layer).__name__
+        attn = getattr(layer, "self_attn", None)
+        needed = ("input_layernorm", "post_attention_layernorm", "mlp")
+        if (
+            kind not in SUPPORTED
+            or attn is None
+            or any(not hasattr(layer, n) for n in needed)
+            or any(not hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        ):
+            raise MemtrainError(
+                f"layer {name}: token-wise recompute supports {', '.join(SUPPORTED)} "
+                f"(got {kind}); plan whole-layer recompute for it instead"
+            )
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            raise MemtrainError(f"layer {name}: attention with q/k norms is not supported")
+        window = getattr(getattr(attn, "config", None), "sliding_window", None)
+        use_window = getattr(getattr(attn, "config", None), "use_sliding_window", True)
+        self.window = window if use_window else None
+        self.layer = layer
+        self.attn = attn
+        self.name = name
+        self.head_dim = attn.head_dim
+        self.groups = attn.num_key_value_groups
+        self.flash = FlashAttention(attn.scaling)
+        module = sys.modules[type(attn).__module__]
+        self.rope: Callable = module.apply_rotary_pos_emb
+
+    def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        batch, tokens, _ = h.shape
+        x = self.layer.input_layernorm(h)
+        shape = (batch, tokens, -1, self.head_dim)
+        q = self.attn.q_proj(x).view(shape).transpose(1, 2)
+        k = self.attn.k_proj(x).view(shape).transpose(1, 2)
+        v = self.attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k = self.rope(q, k, cos, sin)
+        return q, k, v
+
+    def post(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        h2 = h + self.attn.o_proj(a)
+        return h2 + self.layer.mlp(self.layer.post_attention_layernorm(h2))
+
+    def expand(self, kv: torch.Tensor) -> torch.Tensor:
+        return kv if self.groups == 1 else kv.repeat_interleave(self.groups, dim=1)
+
+    def reduce(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            return grad
+        b, heads, s, d = grad.shape
+        return grad.view(b, heads // self.groups, self.groups, s, d).sum(dim=2)
+
+
+class _StoredAttention(torch.autograd.Function):
+    """Causal attention over stored-token q/k/v plus recomputed-token q/k/v.
+
+    Saves the stored tokens' q, k, v, the block input of the recomputed tokens (to regenerate
+    their q, k, v in backward), the attention output and the log-sum-exp.
+    """
+
+    @staticmethod
+    def forward(ctx, q_s, k_s, v_s, q_r, k_r, v_r, h_r, cos, sin, parts, layout):
+        q = torch.cat([q_s, q_r], dim=2)
+        k = parts.expand(torch.cat([k_s, k_r], dim=2))
+        v = parts.expand(torch.cat([v_s, v_r], dim=2))
+        out, lse, extra = parts.flash.forward(q, k, v)
+        batch, heads, tokens, dim = out.shape
+        a = out.transpose(1, 2).reshape(batch, tokens, heads * dim)
+        ctx.parts = parts
+        ctx.chunks, ctx.ns = layout
+        ctx.extra = extra
+        ctx.out_shape = (batch, tokens, heads, dim)
+        ctx.out_strided = out.stride() == a.view(batch, tokens, heads, dim).transpose(1, 2).stride()
+        ctx.save_for_backward(q_s, k_s, v_s, h_r, cos, sin, a, lse)
+        return a
+
+    @staticmethod
+    def backward(ctx, grad_a):
+        q_s, k_s, v_s, h_r, cos, sin, a, lse = ctx.saved_tensors
+        parts: LlamaBlockParts = ctx.parts
+        ns = ctx.ns
+        pieces = []
+        with torch.no_grad():
+            for start, end in chunk_ranges(ns, ns + h_r.shape[1], ctx.chunks):
+                pieces.append(_region_qkv(parts, h_r, cos, sin, start, end, ns))
+        q_r = torch.cat([p[0] for p in pieces], dim=2) if pieces else q_s[:, :, :0]
+        k_r = torch.cat([p[1] for p in pieces], dim=2) if pieces else k_s[:, :, :0]
+        v_r = torch.cat([p[2] for p in pieces], dim=2) if pieces else v_s[:, :, :0]
+        del pieces
+        q = torch.cat([q_s, q_r], dim=2)
+        k = parts.expand(torch.cat([k_s, k_r], dim=2))
+        v = parts.expand(torch.cat([v_s, v_r], dim=2))
+        batch, tokens, heads, dim = ctx.out_shape
+        out = a.view(batch, tokens, heads, dim).transpose(1, 2)
+        grad_out = grad_a.reshape(batch, tokens, heads, dim).transpose(1, 2)
+        if not ctx.out_strided:
+            out = out.contiguous()
+        dq, dk, dv = parts.flash.backward(grad_out, q, k, v, out, lse, ctx.extra)[:3]
+        dk, dv = parts.reduce(dk), parts.reduce(dv)
+        return (
+            dq[:, :, :ns], dk[:, :, :ns], dv[:, :, :ns],
+            dq[:, :, ns:], dk[:, :, ns:], dv[:, :, ns:],
+            None, None, None, None, None,
+        )
+
+
+def _region_qkv(parts: LlamaBlockParts, h_r, cos, sin, start: int, end: int, ns: int):
+    return parts.qkv(h_r[:, start - ns : end - ns], cos[:, start:end], sin[:, start:end])
+
+
+def _gather(pre: list) -> tuple:
+    if not pre:
+        return None, None, None
+    return tuple(torch.cat([p[i] for p in pre], dim=2) for i in range(3))
+
+
+def tokenwise_forward(
+    parts: LlamaBlockParts,
+    stored_fraction: float,
+    chunks: int,
+    anchor_context: Callable[[], Any],
+    stored_context: Callable[[], Any],
+    lengths: Callable[[list[int]], Any],
+):
+    """A replacement ``forward`` for the decoder layer."""
+
+    def forward(hidden_states, *args, **kwargs):
+        mask = kwargs.get("attention_mask", args[0] if args else None)
+        embeddings = kwargs.get("position_embeddings")
+        if embeddings is None:
+            raise MemtrainError(
+                f"layer {parts.name}: token-wise recompute needs position_embeddings from the model"
+            )
+        if mask is not None and not (
+            isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and _is_causal(mask)
+        ):
+            raise MemtrainError(
+                f"layer {parts.name}: token-wise recompute supports causal attention without "
+                "padding masks; pass unpadded batches"
+            )
+        seq = hidden_states.shape[1]
+        if parts.window is not None and parts.window < seq:
+            raise MemtrainError(
+                f"layer {parts.name}: sliding-window attention ({parts.window} < {seq} tokens) is "
+                "not supported by token-wise recompute; plan whole-layer recompute"
+            )
+        cos, sin = embeddings
+        h = hidden_states
+        ns = min(seq, max(0, round(stored_fraction * seq)))
+        ranges_s = chunk_ranges(0, ns, chunks)
+        ranges_r = chunk_ranges(ns, seq, chunks)
+        sizes = sorted({b - a for a, b in ranges_s + ranges_r} | {ns, seq - ns} - {0})
+        with lengths(sizes):
+            with stored_context():
+                pre_s = [parts.qkv(h[:, a:b], cos[:, a:b], sin[:, a:b]) for a, b in ranges_s]
+            h_r = h[:, ns:]
+            with anchor_context():
+                # full h_r / cos / sin objects go in, so every save of them is one stored copy
+                pre_r = [
+                    checkpoint(_region_qkv, parts, h_r, cos, sin, a, b, ns, use_reentrant=False)
+                    for a, b in ranges_r
+                ]
+                with stored_context():
+                    q_s, k_s, v_s = _gather(pre_s)
+                q_r, k_r, v_r = _gather(pre_r)
+                if q_s is None:
+                    q_s, k_s, v_s = q_r[:, :, :0], k_r[:, :, :0], v_r[:, :, :0]
+                if q_r is None:
+                    q_r, k_r, v_r = q_s[:, :, :0], k_s[:, :, :0], v_s[:, :, :0]
+                del pre_s, pre_r
+                a = _StoredAttention.apply(
+                    q_s, k_s, v_s, q_r, k_r, v_r, h_r, cos, sin, parts, (chunks, ns)
+                )
+                del q_s, k_s, v_s, q_r, k_r, v_r
+                outs = []
+                with stored_context():
+                    for start, end in ranges_s:
+                        outs.append(parts.post(h[:, start:end], a[:, start:end]))
+                for start, end in ranges_r:
+                    outs.append(
+                        checkpoint(_region_post, parts, h_r, a, start, end, ns, use_reentrant=False)
+                    )
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    return forward
+
+
+def _region_post(parts: LlamaBlockParts, h_r, a, start: int, end: int, ns: int):
+    return parts.post(h_r[:, start - ns : end - ns], a[:, start:end])
+
+
+def _is_causal(mask: torch.Tensor) -> bool:
+    """Whether a boolean mask (True = attend) is exactly the causal mask for every row."""
+    if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
+        return False
+    size = mask.shape[-1]
+    causal = torch.ones(size, size, dtype=torch.bool, device=mask.device).tril()
+    return bool((mask == causal).all())

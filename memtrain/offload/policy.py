@@ -1,0 +1,209 @@
+"""Per-layer execution policies, and the adapter from a planner ``Plan`` to them.
+
+A :class:`LayerPolicy` says what happens to one layer's saved activations: the token share kept
+on the GPU, swapped to each host tier or recomputed, whether the whole layer is recomputed, how
+many sequence chunks its token-local work runs in, and where its parameters, gradients and
+optimizer states live. Tests build policies directly; users pass a plan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memtrain.errors import ConfigError, MemtrainError
+
+HOST_TIERS = ("cpu", "cxl", "nvme")
+PLACES = ("gpu", *HOST_TIERS)
+_TOLERANCE = 1e-3
+
+
+@dataclass
+class LayerPolicy:
+    """What one layer does with its saved activations (shares of its token-dim bytes)."""
+
+    keep: float = 1.0
+    swap: dict[str, float] = field(default_factory=dict)  # host tier -> token share
+    recompute: float = 0.0  # token share whose token-local work is recomputed (MEMO)
+    full_recompute: bool = False  # non-reentrant checkpoint of the whole layer instead
+    input_checkpoint: dict[str, float] = field(default_factory=dict)  # where a recomputed
+    # layer's input is stored (gpu or a host tier -> share); empty: like keep/swap
+    chunks: int = 1  # sequence chunks of token-local work (MLP)
+    params: str = "gpu"
+    grads: str = "gpu"
+    optimizer: str = "gpu"
+
+    def validate(self, name: str) -> None:
+        shares = [self.keep, self.recompute, *self.swap.values(), *self.input_checkpoint.values()]
+        if any(not math.isfinite(v) or v < -_TOLERANCE or v > 1 + _TOLERANCE for v in shares):
+            raise ConfigError(f"layer {name}: every share must lie in [0, 1]")
+        unknown = set(self.swap) - set(HOST_TIERS)
+        if unknown:
+            raise ConfigError(
+                f"layer {name}: unknown swap tier {sorted(unknown)[0]!r}; use cpu, cxl or nvme"
+            )
+        unknown = set(self.input_checkpoint) - set(PLACES)
+        if unknown:
+            raise ConfigError(
+                f"layer {name}: unknown checkpoint tier {sorted(unknown)[0]!r}; "
+                "use gpu, cpu, cxl or nvme"
+            )
+        total = self.keep + self.recompute + sum(self.swap.values())
+        if not self.full_recompute and abs(total - 1.0) > _TOLERANCE:
+            raise ConfigError(
+                f"layer {name}: keep + swap + recompute is {total:.4f}, it must be 1"
+            )
+        if self.chunks < 1 or int(self.chunks) != self.chunks:
+            raise ConfigError(f"layer {name}: chunks must be a positive integer, got {self.chunks}")
+        for what in ("params", "grads", "optimizer"):
+            place = getattr(self, what)
+            if place not in PLACES:
+                raise ConfigError(f"layer {name}: {what} on {place!r}; use gpu, cpu, cxl or nvme")
+
+    @property
+    def mode(self) -> str:
+        """keep | swap | full_recompute | tokenwise."""
+        if self.full_recompute:
+            return "full_recompute"
+        if self.recompute > _TOLERANCE:
+            return "tokenwise"
+        if any(v > _TOLERANCE for v in self.swap.values()):
+            return "swap"
+        return "keep"
+
+    def stored_shares(self) -> dict[str, float]:
+        """Where the stored (not recomputed) tokens go, normalised to sum to 1."""
+        raw = {"gpu": max(self.keep, 0.0)}
+        raw.update({t: max(v, 0.0) for t, v in self.swap.items() if v > _TOLERANCE})
+        return _normalise(raw)
+
+    def checkpoint_shares(self) -> dict[str, float]:
+        """Where a recomputed layer's input lives."""
+        if self.input_checkpoint and sum(self.input_checkpoint.values()) > _TOLERANCE:
+            return _normalise(dict(self.input_checkpoint))
+        return self.stored_shares()
+
+    def tiers(self) -> set[str]:
+        """Host tiers this policy writes activations to."""
+        mode = self.mode
+        if mode == "full_recompute":
+            shares = self.checkpoint_shares()
+        elif mode == "tokenwise":
+            shares = {**self.stored_shares(), **self.checkpoint_shares()}
+        else:
+            shares = self.stored_shares()
+        return {t for t, v in shares.items() if t != "gpu" and v > 0}
+
+
+def _normalise(shares: dict[str, float]) -> dict[str, float]:
+    total = sum(shares.values())
+    if total <= _TOLERANCE:
+        return {"gpu": 1.0}
+    return {t: v / total for t, v in shares.items() if v / total > 1e-9}
+
+
+@dataclass
+class OffloadPolicy:
+    """Policies for named layers plus what the plan says about the run.
+
+    ``host_bytes`` is the planned number of activation bytes per host tier in one step; it sizes
+    the pinned pools and the NVMe free-space check up front. ``seq`` and ``model``, when set,
+    are checked against the model and the batch so a plan for another run is refused.
+    """
+
+    layers: dict[str, LayerPolicy]
+    seq: int | None = None
+    micro_batch: int | None = None
+    model: str | None = None
+    nvme_path: str | None = None
+    cxl_node: int | None = None
+    host_bytes: dict[str, int] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name, policy in self.layers.items():
+            policy.validate(name)
+        if self.needs("nvme") and not self.nvme_path:
+            raise ConfigError("the policy swaps to NVMe but names no path; set nvme_path")
+        if self.needs("cxl") and self.cxl_node is None:
+            raise ConfigError(
+                "the policy swaps to CXL but names no NUMA node; pass cxl_node= (see "
+                "/sys/devices/system/node)"
+            )
+
+    def needs(self, tier: str) -> bool:
+        return any(tier in p.tiers() for p in self.layers.values())
+
+
+def _shares(entry: Mapping[str, Any], key: str) -> dict[str, float]:
+    value = entry.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"plan layer {entry.get('name')!r}: {key} must be a mapping")
+    return {str(t): float(v) for t, v in value.items() if float(v) > 0}
+
+
+def layer_policy_from_entry(entry: Mapping[str, Any]) -> LayerPolicy:
+    """One plan layer (``Plan.to_dict()['layers'][i]``) as a :class:`LayerPolicy`."""
+    try:
+        return LayerPolicy(
+            keep=float(entry.get("keep", 1.0)),
+            swap=_shares(entry, "swap"),
+            recompute=float(entry.get("recompute", 0.0)),
+            full_recompute=bool(entry.get("full_recompute", False)),
+            input_checkpoint=_shares(entry, "input_checkpoint"),
+            chunks=int(entry.get("chunks", 1)),
+            params=str(entry.get("params", "gpu")),
+            grads=str(entry.get("grads", "gpu")),
+            optimizer=str(entry.get("optimizer", "gpu")),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"plan layer {entry.get('name')!r} is malformed ({exc})") from None
+
+
+def planned_host_bytes(layers: list[Mapping[str, Any]]) -> dict[str, int]:
+    """Activation bytes per host tier one step of the plan writes."""
+    out: dict[str, float] = {}
+    for entry in layers:
+        token = float(entry.get("token_saved_bytes", 0))
+        ckpt = float(entry.get("input_checkpoint_bytes", 0))
+        for tier, share in _shares(entry, "swap").items():
+            out[tier] = out.get(tier, 0.0) + share * token
+        for tier, share in _shares(entry, "input_checkpoint").items():
+            if tier != "gpu":
+                out[tier] = out.get(tier, 0.0) + share * ckpt
+    return {t: int(math.ceil(v)) for t, v in out.items() if v > 0}
+
+
+def policy_from_plan(plan: Any, *, cxl_node: int | None = None) -> OffloadPolicy:
+    """A ``Plan``, its dict, or a path to its YAML/JSON file, as an :class:`OffloadPolicy`."""
+    if isinstance(plan, OffloadPolicy):
+        return plan
+    if isinstance(plan, str | Path):
+        from memtrain.planner.plan import Plan
+
+        plan = Plan.load(plan)
+    if hasattr(plan, "to_dict"):
+        plan = plan.to_dict()
+    if not isinstance(plan, Mapping):
+        raise MemtrainError(
+            f"cannot apply a {type(plan).__name__}; pass a Plan, its dict, a plan file or an "
+            "OffloadPolicy"
+        )
+    if plan.get("schema") not in (None, "memtrain.plan"):
+        raise ConfigError("not a memtrain plan (schema is not 'memtrain.plan')")
+    entries = plan.get("layers")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("the plan has no layers; re-run memtrain plan")
+    layers = {str(e["name"]): layer_policy_from_entry(e) for e in entries}
+    hardware = plan.get("hardware") or {}
+    return OffloadPolicy(
+        layers=layers,
+        seq=plan.get("seq"),
+        micro_batch=plan.get("micro_batch"),
+        model=plan.get("model"),
+        nvme_path=hardware.get("nvme_path"),
+        cxl_node=cxl_node if cxl_node is not None else hardware.get("cxl_node"),
+        host_bytes=planned_host_bytes(entries),
+    )

@@ -1,0 +1,336 @@
+"""Token-wise activation swap through saved-tensor hooks.
+
+Every tensor a layer saves for backward passes through :meth:`SwapEngine.pack`. Its token
+dimension (a dimension whose size is the current sequence or chunk length) is cut into ranges:
+the first range stays on the GPU, the next ones go to the CPU pool, the CXL pool and NVMe, in the
+shares the layer's policy gives. On a GPU the device-to-host copies run on a side stream right
+away and the source is released once a later layer's compute has waited on the copy's event;
+during backward, the first unpack in a layer starts the host-to-device prefetch of the layer
+before it on a second stream. On the CPU the same code runs with synchronous copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from memtrain.offload.nvme import NvmeStore, SwapFile
+from memtrain.offload.pool import Block, HostPool
+
+ORDER = ("gpu", "cpu", "cxl", "nvme")
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass (e.g. during recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def cut_points(length: int, shares: dict[str, float]) -> list[tuple[str, int, int]]:
+    """``(place, start, length)`` ranges covering ``length`` tokens in ORDER."""
+    out = []
+    cumulative = 0.0
+    start = 0
+    for place in ORDER:
+        share = shares.get(place, 0.0)
+        if share <= 0:
+            continue
+        cumulative += share
+        end = length if cumulative >= 1 - 1e-9 else min(length, round(cumulative * length))
+        if end > start:
+            out.append((place, start, end - start))
+            start = end
+    if start < length:  # rounding left a tail: it goes to the last place used
+        place, first, size = out[-1] if out else ("gpu", 0, 0)
+        out[-1:] = [(place, first, size + length - start)]
+    return out
+
+
+@dataclass
+class Piece:
+    place: str
+    start: int
+    length: int
+    data: torch.Tensor | None = None  # GPU keep part, or a view of a pool block
+    block: Block | None = None
+    swap_file: SwapFile | None = None
+
+
+@dataclass
+class LayerState:
+    """One layer's policy shares and what it packed in the current step."""
+
+    name: str
+    shares: dict[str, float]
+    position: int = -1
+    step: int = -1
+    packed: list[weakref.ref] = field(default_factory=list)
+    pending: list[tuple[Any, torch.Tensor]] = field(default_factory=list)  # (event, source)
+    prefetched: bool = False
+    scopes: list[Any] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.packed.clear()
+        self.prefetched = False
+        self.stats = {place: 0 for place in ORDER}
+
+
+class Packed:
+    """A saved tensor cut into token ranges living in different places."""
+
+    def __init__(self, engine: SwapEngine, layer: LayerState, tensor: torch.Tensor, dim: int):
+        self.engine = engine
+        self.layer = layer
+        self.shape = tuple(tensor.shape)
+        self.stride = torch.empty_like(tensor, device="meta").stride()
+        self.dtype = tensor.dtype
+        self.device = tensor.device
+        self.dim = dim
+        self.pieces: list[Piece] = []
+        self.event = None
+        self.ready: torch.Tensor | None = None  # prefetched full tensor
+        self.ready_event = None
+        self._result: weakref.ref | None = None
+
+    def piece_shape(self, piece: Piece) -> list[int]:
+        shape = list(self.shape)
+        shape[self.dim] = piece.length
+        return shape
+
+    def nbytes(self, piece: Piece) -> int:
+        count = 1
+        for size in self.piece_shape(piece):
+            count *= size
+        return count * self.dtype.itemsize
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is None:
+            return
+        for piece in self.pieces:
+            if piece.block is not None:
+                engine.pools[piece.place].release(piece.block)
+                piece.block = None
+
+
+class SwapEngine:
+    """Owns the pools, the NVMe store and the copy streams; packs and unpacks saved tensors."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        pools: dict[str, HostPool],
+        nvme: NvmeStore | None,
+    ) -> None:
+        self.device = device
+        self.pools = pools
+        self.nvme = nvme
+        self.cuda = device.type == "cuda"
+        self.d2h = torch.cuda.Stream(device) if self.cuda else None
+        self.h2d = torch.cuda.Stream(device) if self.cuda else None
+        self.token_lengths: set[int] = set()
+        self.excluded: set[int] = set()  # storage pointers never swapped (parameters)
+        self.order: list[LayerState] = []
+        self.step = 0
+        self._identity: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+        self.totals = {place: 0 for place in ORDER}
+
+    # -- step and layer boundaries -------------------------------------------------------
+
+    def start_step(self, seq: int, batch: int, params: list[torch.Tensor]) -> None:
+        self.token_lengths = {seq, seq * batch}
+        self.excluded = {p.untyped_storage().data_ptr() for p in params}
+        self.order.clear()
+        self._identity.clear()
+        self.step += 1
+        if self.cuda:  # host blocks freed by last backward may be rewritten from now on
+            self.d2h.wait_stream(self.h2d)
+
+    def enter_layer(self, layer: LayerState) -> None:
+        if layer.step != self.step:
+            layer.reset()
+            layer.step = self.step
+            layer.position = len(self.order)
+            self.order.append(layer)
+
+    def finish_layer(self, layer: LayerState) -> None:
+        """Release sources of earlier layers' copies (their events are awaited by compute)."""
+        for earlier in self.order[: layer.position]:
+            self._release_sources(earlier)
+
+    def finish_forward(self) -> None:
+        for layer in self.order:
+            self._release_sources(layer)
+
+    def _release_sources(self, layer: LayerState) -> None:
+        if not layer.pending:
+            return
+        if self.cuda:
+            stream = torch.cuda.current_stream(self.device)
+            for event, _ in layer.pending:
+                if event is not None:
+                    stream.wait_event(event)
+        layer.pending.clear()
+
+    @contextlib.contextmanager
+    def token_lengths_added(self, lengths):
+        """Treat these sizes as token dimensions too (inside sequence chunks)."""
+        added = [n for n in lengths if n not in self.token_lengths]
+        self.token_lengths.update(added)
+        try:
+            yield
+        finally:
+            self.token_lengths.difference_update(added)
+
+    def hooks(self, layer: LayerState, shares: dict[str, float] | None = None):
+        return torch.autograd.graph.saved_tensors_hooks(
+            lambda t: self.pack(layer, t, shares), self.unpack
+        )
+
+    # -- pack ---------------------------------------------------------------------------
+
+    def token_dim(self, tensor: torch.Tensor) -> int | None:
+        for dim, size in enumerate(tensor.shape):
+            if size in self.token_lengths:
+                return dim
+        return None
+
+    def pack(self, layer: LayerState, tensor: torch.Tensor, shares=None) -> Any:
+        shares = layer.shares if shares is None else shares
+        if shares.get("gpu", 0.0) >= 1.0 or tensor.numel() == 0:
+            return tensor
+        if tensor.device.type == "meta":
+            return tensor
+        if tensor.untyped_storage().data_ptr() in self.excluded:
+            return tensor
+        dim = self.token_dim(tensor)
+        if dim is None:
+            return tensor
+        known = self._identity.get(id(tensor))
+        if known is not None and known[0]() is tensor and known[1]() is not None:
+            return known[1]()
+        packed = Packed(self, layer, tensor, dim)
+        ranges = cut_points(tensor.shape[dim], shares)
+        if self.cuda and any(place != "gpu" for place, _, _ in ranges):
+            self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+        for place, start, length in ranges:
+            piece = Piece(place, start, length)
+            source = tensor.narrow(dim, start, length)
+            if place == "gpu":
+                piece.data = source if length == tensor.shape[dim] else source.clone()
+            elif place == "nvme":
+                self._to_nvme(packed, piece, source)
+            else:
+                self._to_pool(packed, piece, source)
+            packed.pieces.append(piece)
+            nbytes = packed.nbytes(piece)
+            layer.stats[place] = layer.stats.get(place, 0) + nbytes
+            self.totals[place] += nbytes
+        if self.cuda and packed.event is not None:
+            layer.pending.append((packed.event, tensor))
+        layer.packed.append(weakref.ref(packed))
+        self._identity[id(tensor)] = (weakref.ref(tensor), weakref.ref(packed))
+        return packed
+
+    def _to_pool(self, packed: Packed, piece: Piece, source: torch.Tensor) -> None:
+        pool = self.pools[piece.place]
+        nbytes = packed.nbytes(piece)
+        piece.block = pool.allocate(nbytes)
+        target = pool.view(piece.block, nbytes).view(packed.dtype).view(packed.piece_shape(piece))
+        piece.data = target
+        if self.cuda:
+            with torch.cuda.stream(self.d2h):
+                target.copy_(source, non_blocking=True)
+                packed.event = torch.cuda.Event()
+                packed.event.record(self.d2h)
+        else:
+            target.copy_(source)
+
+    def _to_nvme(self, packed: Packed, piece: Piece, source: torch.Tensor) -> None:
+        if self.cuda:
+            host = torch.empty(packed.piece_shape(piece), dtype=packed.dtype, pin_memory=True)
+            with torch.cuda.stream(self.d2h):
+                host.copy_(source, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.d2h)
+            packed.event = event
+            piece.swap_file = self.nvme.write(host, wait_for=event)
+        else:
+            piece.swap_file = self.nvme.write(source.contiguous().clone())
+
+    # -- unpack -------------------------------------------------------------------------
+
+    def unpack(self, packed: Any) -> torch.Tensor:
+        if not isinstance(packed, Packed):
+            return packed
+        earlier = packed._result() if packed._result is not None else None
+        if earlier is not None:
+            return earlier
+        self._prefetch_before(packed.layer)
+        if packed.ready is None:
+            self.prefetch(packed)
+        out = packed.ready
+        if self.cuda:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(packed.ready_event)
+            out.record_stream(stream)
+        for piece in packed.pieces:
+            if piece.place == "gpu":
+                out.narrow(packed.dim, piece.start, piece.length).copy_(piece.data)
+        packed.ready = None
+        packed.ready_event = None
+        packed._result = weakref.ref(out)
+        return out
+
+    def _prefetch_before(self, layer: LayerState) -> None:
+        """The first unpack in a layer starts bringing back the layer before it."""
+        if layer.prefetched:
+            return
+        layer.prefetched = True
+        position = layer.position
+        if 0 < position <= len(self.order):
+            previous = self.order[position - 1]
+            for ref in previous.packed:
+                packed = ref()
+                if packed is not None and packed.ready is None:
+                    for piece in packed.pieces:
+                        if piece.swap_file is not None:
+                            piece.swap_file.prefetch()
+            for ref in previous.packed:
+                packed = ref()
+                if packed is not None and packed.ready is None:
+                    self.prefetch(packed)
+
+    def prefetch(self, packed: Packed) -> None:
+        """Allocate the full tensor and copy the host pieces into it (side stream on a GPU)."""
+        context = torch.cuda.stream(self.h2d) if self.cuda else contextlib.nullcontext()
+        with context:
+            if self.cuda and packed.event is not None:
+                self.h2d.wait_event(packed.event)
+            out = torch.empty_strided(
+                packed.shape, packed.stride, dtype=packed.dtype, device=packed.device
+            )
+            for piece in packed.pieces:
+                if piece.place == "gpu":
+                    continue
+                target = out.narrow(packed.dim, piece.start, piece.length)
+                if piece.swap_file is not None:
+                    raw = piece.swap_file.result()
+                    host = raw.view(packed.dtype).view(packed.piece_shape(piece))
+                    target.copy_(host, non_blocking=self.cuda)
+                    piece.data = host  # keeps the pinned read buffer alive for the copy
+                    piece.swap_file = None
+                else:
+                    target.copy_(piece.data, non_blocking=self.cuda)
+            if self.cuda:
+                packed.ready_event = torch.cuda.Event()
+                packed.ready_event.record(self.h2d)
+        packed.ready = out
+
+    def close(self) -> None:
+        self.order.clear()
+        self._identity.clear()

@@ -1,0 +1,113 @@
+"""Token-wise recompute (MEMO) and sequence tiling reorder arithmetic: losses and gradients
+must stay within REL (relative to the largest gradient entry) of the unmodified fp32 model, and
+the recompute paths must store only what the scheme says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memtrain.errors import MemtrainError
+from memtrain.offload import LayerPolicy, OffloadPolicy, apply
+from memtrain.offload.memo import chunk_ranges
+from tests.offload.conftest import SEQ, assert_close, batch, make_model, train
+
+REL = 1e-5  # fp32: slicing a matmul's rows changes summation order, never more than this
+POOL = {"cpu": 8 << 20}
+
+TOKENWISE = {
+    "all_tokens_recomputed_anchors_on_cpu": lambda: LayerPolicy(
+        keep=0.0, recompute=1.0, input_checkpoint={"cpu": 1.0}
+    ),
+    "half_recomputed": lambda: LayerPolicy(keep=0.5, recompute=0.5),
+    "quarter_recomputed_rest_swapped": lambda: LayerPolicy(
+        keep=0.25, swap={"cpu": 0.25, "nvme": 0.25}, recompute=0.25
+    ),
+    "chunked": lambda: LayerPolicy(keep=0.4, swap={"cpu": 0.2}, recompute=0.4, chunks=3),
+}
+
+
+def _blocks(make, n=2):
+    return {f"block.{i}": make() for i in range(n)}
+
+
+@pytest.mark.parametrize("mode", sorted(TOKENWISE))
+def test_tokenwise_llama_matches_within_tolerance(mode, llama_reference, tmp_path):
+    model = make_model("llama")
+    policy = OffloadPolicy(_blocks(TOKENWISE[mode]), nvme_path=str(tmp_path))
+    with apply(model, policy, host_pool_bytes=POOL):
+        trace = train(model, batch("llama"))
+    assert_close(llama_reference, trace, REL)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_tokenwise_other_families(family):
+    reference = train(make_model(family), batch(family))
+    model = make_model(family)
+    policy = OffloadPolicy(
+        _blocks(lambda: LayerPolicy(keep=0.3, swap={"cpu": 0.3}, recompute=0.4, chunks=2))
+    )
+    with apply(model, policy, host_pool_bytes=POOL):
+        assert_close(reference, train(model, batch(family)), REL)
+
+
+def test_tokenwise_stores_only_block_input_attention_output_and_lse():
+    """All tokens recomputed: per layer exactly h, the attention output and the lse leave."""
+    model = make_model("llama")
+    policy = OffloadPolicy(
+        _blocks(lambda: LayerPolicy(keep=0.0, recompute=1.0, input_checkpoint={"cpu": 1.0}))
+    )
+    with apply(model, policy, host_pool_bytes=POOL) as handle:
+        model(input_ids=batch("llama"), labels=batch("llama")).loss.backward()
+        layers = handle.stats()["layers"]
+    hidden, heads, head_dim = 64, 4, 16
+    h_bytes = SEQ * hidden * 4
+    attention = SEQ * heads * head_dim * 4
+    lse = SEQ * heads * 4
+    rope = 2 * SEQ * head_dim * 4  # cos and sin, shared by all layers: stored once
+    assert layers["block.1"] == {"gpu": 0, "cpu": h_bytes + attention + lse, "cxl": 0, "nvme": 0}
+    assert layers["block.0"]["cpu"] == h_bytes + attention + lse + rope
+
+
+def test_tiled_mlp_matches_within_tolerance(llama_reference):
+    model = make_model("llama")
+    policy = OffloadPolicy(_blocks(lambda: LayerPolicy(keep=0.5, swap={"cpu": 0.5}, chunks=4)))
+    calls = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda m, a, o: calls.append(a[0].shape[1])
+    )
+    with apply(model, policy, host_pool_bytes=POOL):
+        trace = train(model, batch("llama"))
+    hook.remove()
+    assert_close(llama_reference, trace, REL)
+    assert calls[:4] == [6, 6, 6, 6]  # 24 tokens in 4 chunks, each chunk runs on its own
+
+
+def test_tiling_under_whole_layer_recompute(llama_reference):
+    model = make_model("llama")
+    policy = OffloadPolicy(_blocks(lambda: LayerPolicy(keep=0.0, full_recompute=True, chunks=2)))
+    with apply(model, policy):
+        assert_close(llama_reference, train(model, batch("llama")), REL)
+
+
+def test_tokenwise_refuses_other_architectures():
+    model = make_model("gpt2")
+    policy = OffloadPolicy({"block.0": LayerPolicy(keep=0.5, recompute=0.5)})
+    with pytest.raises(MemtrainError, match="token-wise recompute supports"):
+        apply(model, policy)
+
+
+def test_tokenwise_refuses_padding_masks():
+    model = make_model("llama")
+    ids = batch("llama")
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with apply(model, OffloadPolicy(_blocks(lambda: LayerPolicy(keep=0.5, recompute=0.5)))):
+        with pytest.raises(MemtrainError, match="padding"):
+            model(input_ids=ids, attention_mask=mask, labels=ids)
+
+
+def test_chunk_ranges_cover_exactly():
+    assert chunk_ranges(0, 10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert chunk_ranges(5, 7, 4) == [(5, 6), (6, 7)]
+    assert chunk_ranges(3, 3, 2) == []

@@ -122,9 +122,7 @@ class OffloadHandle:
 
     @property
     def needs_optimizer_offload(self) -> bool:
-        return any(
-            p.optimizer != "gpu" or p.grads != "gpu" for p in self.policy.layers.values()
-        )
+        return any(p.optimizer != "gpu" or p.grads != "gpu" for p in self.policy.layers.values())
 
     def _make_pools(self, sizes: dict[str, int]) -> dict[str, HostPool]:
         pools: dict[str, HostPool] = {}

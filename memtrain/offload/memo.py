@@ -64,8 +64,21 @@ class FlashAttention:
         if q.device.type == "cuda":
             cum_q, cum_k, max_q, max_k, seed, offset = extra
             return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed,
-                offset, scale=self.scale,
+                grad_out,
+                q,
+                k,
+                v,
+                out,
+                lse,
+                cum_q,
+                cum_k,
+                max_q,
+                max_k,
+                0.0,
+                True,
+                seed,
+                offset,
+                scale=self.scale,
             )
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, True, scale=self.scale
@@ -174,9 +187,17 @@ class _StoredAttention(torch.autograd.Function):
         dq, dk, dv = parts.flash.backward(grad_out, q, k, v, out, lse, ctx.extra)[:3]
         dk, dv = parts.reduce(dk), parts.reduce(dv)
         return (
-            dq[:, :, :ns], dk[:, :, :ns], dv[:, :, :ns],
-            dq[:, :, ns:], dk[:, :, ns:], dv[:, :, ns:],
-            None, None, None, None, None,
+            dq[:, :, :ns],
+            dk[:, :, :ns],
+            dv[:, :, :ns],
+            dq[:, :, ns:],
+            dk[:, :, ns:],
+            dv[:, :, ns:],
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 

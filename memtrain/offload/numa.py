@@ -50,7 +50,9 @@ def check_node(node: int, root: Path = NODE_ROOT) -> None:
 def _syscall_numbers() -> tuple[int, int]:
     numbers = _SYSCALLS.get(platform.machine())
     if numbers is None:
-        raise MemtrainError(f"binding memory to a NUMA node is not supported on {platform.machine()}")
+        raise MemtrainError(
+            f"binding memory to a NUMA node is not supported on {platform.machine()}"
+        )
     return numbers
 
 

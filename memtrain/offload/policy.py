@@ -53,9 +53,7 @@ class LayerPolicy:
             )
         total = self.keep + self.recompute + sum(self.swap.values())
         if not self.full_recompute and abs(total - 1.0) > _TOLERANCE:
-            raise ConfigError(
-                f"layer {name}: keep + swap + recompute is {total:.4f}, it must be 1"
-            )
+            raise ConfigError(f"layer {name}: keep + swap + recompute is {total:.4f}, it must be 1")
         if self.chunks < 1 or int(self.chunks) != self.chunks:
             raise ConfigError(f"layer {name}: chunks must be a positive integer, got {self.chunks}")
         for what in ("params", "grads", "optimizer"):

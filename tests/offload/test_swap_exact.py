@@ -4,7 +4,6 @@ gradients over several steps are bit-for-bit those of the unmodified model."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from memtrain.errors import MemtrainError
 from memtrain.offload import LayerPolicy, OffloadPolicy, apply

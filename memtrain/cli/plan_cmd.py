@@ -21,12 +21,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     source.add_argument("--profile", default=None, help="a profile JSON from `memtrain profile`")
     parser.add_argument("--seq", type=int, default=4096, help="sequence length (with --model)")
-    parser.add_argument("--batch", type=int, default=1, help="micro-batch size (with --model)")
+    parser.add_argument(
+        "--batch",
+        "--micro-batch",
+        default="1",
+        help="micro-batch size (with --model); a list such as 1,2,4 plans each and keeps the "
+        "fastest",
+    )
     parser.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32 (with --model)")
     parser.add_argument(
         "--optimizer",
-        default="adamw",
-        help="optimizer and options, e.g. adamw, galore:rank=512, frugal:density=0.25",
+        nargs="+",
+        default=["adamw"],
+        help="optimizer and options, e.g. adamw, galore:rank=512, frugal:density=0.25; several "
+        "(with --model) are each planned and the fastest kept",
     )
     parser.add_argument(
         "--hardware",
@@ -82,12 +90,41 @@ def _parse_chunks(text: str | None) -> tuple[int, ...] | None:
     return chunks
 
 
-def load_profile(args: argparse.Namespace):
-    """The profile to plan: read from --profile, or a dry run of --model."""
+def _parse_batches(text: str) -> list[int]:
+    from memtrain.errors import MemtrainError
+
+    try:
+        batches = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise MemtrainError(f"cannot read --batch {text!r}: use sizes like 1 or 1,2,4") from None
+    if not batches or min(batches) < 1:
+        raise MemtrainError("--batch needs positive sizes, e.g. 1 or 1,2,4")
+    return batches
+
+
+def load_profiles(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """(label, profile) per candidate: --profile, or dry runs of --model per micro-batch size
+    and optimizer."""
+    from memtrain.errors import MemtrainError
     from memtrain.profile.result import ProfileResult
 
+    batches = _parse_batches(args.batch)
     if args.profile:
-        return ProfileResult.from_json(args.profile)
+        if len(batches) > 1 or len(args.optimizer) > 1:
+            raise MemtrainError(
+                "--profile fixes batch and optimizer; use --model to compare several"
+            )
+        return [("profile", ProfileResult.from_json(args.profile))]
+    out = []
+    for batch in batches:
+        for optimizer in args.optimizer:
+            label = f"micro-batch {batch}, {optimizer}"
+            out.append((label, load_profile(args, batch, optimizer)))
+    return out
+
+
+def load_profile(args: argparse.Namespace, batch: int, optimizer: str):
+    """A dry-run profile of --model at --seq."""
     try:  # registers the GaLore / FRUGAL state formulas
         import memtrain.optim  # noqa: F401
     except ImportError:
@@ -102,9 +139,9 @@ def load_profile(args: argparse.Namespace):
     return profile_causal_lm(
         model=args.model or "llama-3.2-1b",
         seq=args.seq,
-        batch=args.batch,
+        batch=batch,
         dtype=args.dtype,
-        optimizer=args.optimizer,
+        optimizer=optimizer,
         device="meta",
         target=target,
     )
@@ -112,12 +149,13 @@ def load_profile(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from memtrain.hardware.tiers import load_hardware
-    from memtrain.planner import PlanOptions, make_plan
+    from memtrain.planner import PlanOptions
+    from memtrain.planner.plan import best_of
 
     hardware = load_hardware(
         args.hardware, gpu_budget=args.gpu_budget, cpu=args.cpu, cxl=args.cxl, nvme=args.nvme
     )
-    profile = load_profile(args)
+    candidates = load_profiles(args)
     options = PlanOptions(
         fused_loss={"auto": None, "on": True, "off": False}[args.fused_loss],
         allow_state_offload=not args.no_state_offload,
@@ -126,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         time_limit=args.time_limit,
     )
-    plan = make_plan(profile, hardware, options)
+    plan, _ = best_of(candidates, hardware, options)
     if args.out:
         plan.save(args.out)
     if args.json:
@@ -232,3 +270,5 @@ def print_plan(plan) -> None:
         f"solved by {solver['solver']} ({solver['method']}) in {solver['solve_time_s']:.2f} s, "
         f"optimality gap {solver['gap']:.2e}"
     )
+    for note in plan.notes:
+        console.print(f"- {note}")

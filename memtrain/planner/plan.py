@@ -330,3 +330,50 @@ def make_plan(
         layout=plan_layout(layers),
         notes=notes,
     )
+
+
+def best_of(
+    candidates: Sequence[tuple[str, ProfileResult]],
+    hardware: HardwareModel,
+    options: PlanOptions | None = None,
+) -> tuple[Plan, list[dict[str, Any]]]:
+    """Plan each candidate profile (another micro-batch size or optimizer) and keep the one with
+    the most tokens/s. Returns the winner and one summary row per candidate.
+
+    Raises the smallest-budget :class:`PlanInfeasible` when no candidate fits.
+    """
+    if not candidates:
+        raise MemtrainError("nothing to plan: give at least one profile")
+    best: Plan | None = None
+    rows: list[dict[str, Any]] = []
+    failures: list[PlanInfeasible] = []
+    for label, profile in candidates:
+        try:
+            plan = make_plan(profile, hardware, options)
+        except PlanInfeasible as exc:
+            failures.append(exc)
+            rows.append({"candidate": label, "feasible": False, "message": str(exc)})
+            continue
+        rows.append(
+            {
+                "candidate": label,
+                "feasible": True,
+                "tokens_per_s": plan.predicted["tokens_per_s"],
+                "step_time_s": plan.predicted["step_time_s"],
+                "gpu_peak_bytes": plan.predicted["peak_bytes"]["gpu"],
+            }
+        )
+        if best is None or plan.predicted["tokens_per_s"] > best.predicted["tokens_per_s"]:
+            best = plan
+    if best is None:
+        raise min(failures, key=lambda exc: exc.minimum_bytes)
+    if len(candidates) > 1:
+        best.notes.append(
+            "chosen among "
+            + "; ".join(
+                f"{r['candidate']}: "
+                + (f"{r['tokens_per_s']:,.0f} tokens/s" if r["feasible"] else "does not fit")
+                for r in rows
+            )
+        )
+    return best, rows

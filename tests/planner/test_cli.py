@@ -71,3 +71,20 @@ def test_calibrate_then_plan(profile_path, tmp_path, capsys):
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     assert data["hardware"]["capacity_bytes"]["cpu"] == 16 * 2**30
+
+
+def test_plan_keeps_the_fastest_micro_batch(capsys):
+    code = main(
+        ["plan", "--model", "llama-3.2-1b", "--seq", "1024", "--batch", "1,2", "--json"]
+        + ["--chunks", "1"]
+    )
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["micro_batch"] in (1, 2)
+    note = next(n for n in data["notes"] if n.startswith("chosen among"))
+    assert "micro-batch 1" in note and "micro-batch 2" in note
+
+
+def test_profile_cannot_compare_batches(profile_path, capsys):
+    assert main(["plan", "--profile", str(profile_path), "--batch", "1,2"]) == 2
+    assert "--model" in capsys.readouterr().err

@@ -2,10 +2,12 @@
 
 Fractions (keep / swap / recompute) are continuous, so the only integer choices are each
 layer's state mode; the sequence chunk count is enumerated outside. Identical consecutive layers
-share one set of fraction variables for their interior (all but the first and last of a run):
-their live-byte constraints are then implied by the run's last one, and averaging any solution
-over interchangeable layers never raises its cost (the cost is convex), so this loses nothing
-while making an 80-layer model about as small as a 5-layer one.
+share one set of fraction variables for their interior (all but the first and last of a run).
+When those layers also share a state placement this loses nothing: their live-byte constraints
+are implied by the run's last one, and averaging a solution over interchangeable layers never
+raises its cost (the cost is convex). Layers of one run with different state placements differ
+in their transfer windows, so there sharing fractions is a (small) restriction. Either way an
+80-layer model solves about as fast as a 5-layer one.
 """
 
 from __future__ import annotations

@@ -135,3 +135,27 @@ def test_tiling_makes_long_sequences_fit():
     tiled = solve(problem(layers), hw, available_modes(hw), chunk_options=(1, 2, 4, 8))
     assert not untiled.feasible
     assert tiled.feasible and tiled.chunks > 1
+
+
+@pytest.mark.parametrize("seed", [1, 3, 4, 5])
+def test_smaller_budget_never_faster_on_random_instances(seed):
+    """Exact solves (MIP) over a budget sweep: the predicted step time never drops as the
+    GPU budget shrinks."""
+    from tests.planner.test_solver_optimal import _random_instance
+
+    prob, hw = _random_instance(seed)
+    top = hw.usable("gpu")
+    previous = None
+    for share in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5):
+        result = solve(
+            prob,
+            with_gpu(hw, top * share),
+            available_modes(hw),
+            chunk_options=(1,),
+            method="mip",
+            gap_tolerance=1e-7,
+        )
+        time_s = result.evaluation.step_time_s if result.feasible else float("inf")
+        if previous is not None:
+            assert time_s >= previous * (1 - 1e-6)
+        previous = time_s

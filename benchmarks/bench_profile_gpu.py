@@ -71,13 +71,19 @@ def main() -> None:
                                 target="h100-sxm-80g", optimizer="adamw:fused=true")
         dry_s = time.perf_counter() - started
         plain = plain_loop_peak(args.model, seq)
-        measured = profile_causal_lm(args.model, seq=seq, dtype="bf16", device="cuda",
-                                     optimizer="adamw:fused=true")
-        layer_match = {
-            a.name: (a.saved_bytes, b.saved_bytes)
-            for a, b in zip(dry.layers, measured.layers, strict=False)
-        }
-        mismatched = {k: v for k, v in layer_match.items() if v[0] != v[1]}
+        try:
+            measured = profile_causal_lm(args.model, seq=seq, dtype="bf16", device="cuda",
+                                         optimizer="adamw:fused=true")
+        except Exception as exc:  # report the reference numbers even if this part fails
+            print(f"measured-mode profiler failed: {exc!r}", flush=True)
+            measured = None
+        mismatched = {}
+        if measured is not None:
+            mismatched = {
+                a.name: (a.saved_bytes, b.saved_bytes)
+                for a, b in zip(dry.layers, measured.layers, strict=False)
+                if a.saved_bytes != b.saved_bytes
+            }
         gc.collect()
         torch.cuda.empty_cache()
         row = {
@@ -86,9 +92,17 @@ def main() -> None:
             "dry_upper_bound_gib": dry.predicted_peak_bytes / GiB,
             "measured_peak_gib": plain["peak"] / GiB,
             "error_pct": 100 * (dry.simulated_peak_bytes - plain["peak"]) / plain["peak"],
-            "profiler_cuda_peak_gib": measured.measured_peak_bytes / GiB,
+            "profiler_cuda_peak_gib": measured.measured_peak_bytes / GiB if measured else None,
             "dry_saved_gib": dry.saved_bytes / GiB,
-            "cuda_saved_gib": measured.saved_bytes / GiB,
+            "cuda_saved_gib": measured.saved_bytes / GiB if measured else None,
+            "cuda_layer_times_ms": {
+                x.name: (round(x.forward_time_s * 1e3, 2), round(x.backward_time_s * 1e3, 2))
+                for x in measured.layers
+            } if measured else None,
+            "dry_layer_times_ms": {
+                x.name: (round(x.forward_time_s * 1e3, 2), round(x.backward_time_s * 1e3, 2))
+                for x in dry.layers
+            },
             "saved_layers_mismatched": mismatched,
             "dry_step_s_est": dry.step_time_s,
             "measured_step_s": plain["step_s"],

@@ -267,6 +267,7 @@ def profile_model(
         scopes.timeline.append(("optimizer", "optimizer", peak))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    scopes.finish_times()
 
     # -- assemble ---------------------------------------------------------------------------
     records = recorder.records

@@ -137,6 +137,7 @@ class LayerScopes:
         self._open: tuple[int, int, object] | None = None  # (index, live at open, clock mark)
         self.global_peak = 0
         self.timeline: list[tuple[str, str, int]] = []
+        self._intervals: list[tuple[int, str, object, object]] = []
         self._handles: list = []
         for index, spec in enumerate(layers):
             for module in spec.modules:
@@ -198,12 +199,11 @@ class LayerScopes:
         live, peak = self.memory.boundary()
         self.global_peak = max(self.global_peak, peak)
         stats = self.stats[index]
-        elapsed = self.clock.seconds(mark, self.clock.mark())
+        # CUDA events complete later: keep the marks and read the times in finish_times().
+        self._intervals.append((index, self.phase, mark, self.clock.mark()))
         if self.phase == "forward":
-            stats.forward_time_s += elapsed
             stats.forward_transient = max(stats.forward_transient, peak - live)
         else:
-            stats.backward_time_s += elapsed
             stats.backward_transient = max(stats.backward_transient, peak - live_at_open)
         self.timeline.append((self.phase, stats.name, peak))
         self.timeline.append((self.phase, stats.name, live))
@@ -226,6 +226,16 @@ class LayerScopes:
     def end(self) -> None:
         self._close()
         self.phase = "idle"
+
+    def finish_times(self) -> None:
+        """Turn the recorded marks into per-layer times (after a CUDA synchronise)."""
+        for index, phase, start, end in self._intervals:
+            elapsed = self.clock.seconds(start, end)
+            if phase == "forward":
+                self.stats[index].forward_time_s += elapsed
+            else:
+                self.stats[index].backward_time_s += elapsed
+        self._intervals.clear()
 
     def charge(self, flops: float, seconds: float) -> None:
         """Charge one op's FLOPs and estimated time to the current layer."""

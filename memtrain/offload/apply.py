@@ -47,14 +47,18 @@ def _resolve_layers(
     return {spec.name: list(spec.modules) for spec in causal_lm_layers(model)}
 
 
+LOSS = "loss"  # the profiler's name for the model's forward after its last layer (the loss)
+
+
 def _check_names(policy: OffloadPolicy, names: set[str], from_plan: bool) -> None:
+    names = names | {LOSS}
     unknown = sorted(set(policy.layers) - names)
     if unknown:
         raise MemtrainError(
             f"the plan names layers this model lacks ({', '.join(unknown[:3])}"
             f"{', ...' if len(unknown) > 3 else ''}); it was made for another model, re-plan"
         )
-    missing = sorted(names - set(policy.layers))
+    missing = sorted(names - set(policy.layers) - {LOSS})
     if from_plan and missing:
         raise MemtrainError(
             f"the plan has no decision for layers {', '.join(missing[:3])}"
@@ -180,6 +184,27 @@ class OffloadHandle:
                     self._installed.hooks.append(
                         module.register_forward_hook(self._layer_post(state), always_call=True)
                     )
+        self._install_loss_scope()  # after the last layer's own hooks, so scopes nest
+
+    def _install_loss_scope(self) -> None:
+        """The loss runs in the model's forward after the last layer: its scope opens when the
+        last layer returns and closes when the model's forward does."""
+        policy = self.policy.layers.get(LOSS)
+        if policy is None or policy.mode == "keep":
+            return
+        if policy.mode != "swap" or policy.chunks > 1:
+            raise MemtrainError(
+                "the plan recomputes or tiles the loss; this executor can keep or swap its saved "
+                "tensors only (use a fused linear cross-entropy, which stores no logits)"
+            )
+        state = LayerState(LOSS, policy.stored_shares())
+        self._states[LOSS] = state
+        last = list(self.layers.values())[-1]
+        opener = self._layer_pre(state)
+        for module in last:
+            self._installed.hooks.append(
+                module.register_forward_hook(lambda m, a, o: opener(m, a), always_call=True)
+            )
 
     def _install_tokenwise(
         self, name: str, module: nn.Module, policy: LayerPolicy, state: LayerState
@@ -253,6 +278,9 @@ class OffloadHandle:
         return None
 
     def _model_post(self, module, args, output):
+        state = self._states.get(LOSS)
+        if state is not None and state.scopes:
+            state.scopes.pop().__exit__(None, None, None)
         self.engine.finish_forward()
         return None
 

@@ -57,6 +57,27 @@ def plain_loop_peak(model_name: str, seq: int, steps: int = 3) -> dict:
     return {"peak": peak, "step_s": min(times[1:])}
 
 
+def attention_rate(seq: int = 16384, heads: int = 32, kv_heads: int = 8, dim: int = 64) -> dict:
+    """Achieved FLOP/s of causal fused attention (forward, backward), GQA as in the model."""
+    q = torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    flops_fwd = 4 * heads * seq * seq * dim * 0.5
+    fwd, bwd = [], []
+    for _ in range(6):
+        a, b, c = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        a.record()
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        b.record()
+        out.backward(torch.ones_like(out))
+        c.record()
+        torch.cuda.synchronize()
+        fwd.append(a.elapsed_time(b) / 1e3)
+        bwd.append(b.elapsed_time(c) / 1e3)
+    fwd_s, bwd_s = sorted(fwd[1:])[2], sorted(bwd[1:])[2]
+    return {"fwd_tflops": flops_fwd / fwd_s / 1e12, "bwd_tflops": 2.5 * flops_fwd / bwd_s / 1e12}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="llama-3.2-1b")
@@ -64,6 +85,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
+    rates = attention_rate()
+    print(json.dumps({"attention_rate": rates}), flush=True)
     rows = []
     for seq in args.seqs:
         started = time.perf_counter()
@@ -121,9 +144,12 @@ def main() -> None:
         print(f"| {r['seq']} | {r['dry_simulated_peak_gib']:.2f} | {r['measured_peak_gib']:.2f} | "
               f"{r['error_pct']:+.1f}% | {r['dry_upper_bound_gib']:.2f} | "
               f"{r['dry_step_s_est']:.3f} | {r['measured_step_s']:.3f} | {r['tokens_per_s']:,.0f} |")
+    print(f"causal GQA flash attention at 16384 tokens: forward {rates['fwd_tflops']:.0f} "
+          f"TFLOP/s, backward {rates['bwd_tflops']:.0f} TFLOP/s")
     if args.out:
         with open(args.out, "w") as handle:
-            json.dump({"device": device, "torch": torch.__version__, "rows": rows}, handle, indent=1)
+            json.dump({"device": device, "torch": torch.__version__, "rows": rows,
+                       "attention_rate": rates}, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,38 @@ def build_torch_optimizer(params: list[nn.Parameter], spec: OptimizerSpec, devic
     return build_optimizer(params, spec)
 
 
+class _NoMemory:
+    def boundary(self) -> tuple[int, int]:
+        return 0, 0
+
+
+def _time_clean_step(model, inputs, loss_fn, layer_specs, optimizer, device, stats) -> float:
+    """Run one more step with only layer hooks and a clock; overwrite ``stats`` times."""
+    optimizer.zero_grad(set_to_none=True)
+    clock = Clock(device)
+    timer = LayerScopes(layer_specs, _NoMemory(), clock)
+    try:
+        timer.begin("forward")
+        output = _run_model(model, inputs)
+        loss = loss_fn(output, inputs)
+        timer.begin("backward")
+        loss.backward()
+        timer.end()
+        del output, loss
+        start = clock.mark()
+        optimizer.step()
+        end = clock.mark()
+    finally:
+        timer.remove()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timer.finish_times()
+    for target, timed in zip(stats, timer.stats, strict=True):
+        target.forward_time_s = timed.forward_time_s
+        target.backward_time_s = timed.backward_time_s
+    return clock.seconds(start, end)
+
+
 def _optimizer_transient(spec: OptimizerSpec, param_bytes: int, fused: bool) -> int:
     """Extra bytes during ``optimizer.step()``: foreach Adam builds a full-size temporary list."""
     if spec.name in ("adamw", "adam") and not fused:
@@ -213,6 +245,7 @@ def profile_model(
     use_cuda_memory = device.type == "cuda"
     memory = CudaMemory(device) if use_cuda_memory else TrackedMemory(static)
     if use_cuda_memory:
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     scopes = LayerScopes(layer_specs, memory, Clock(device))
     tracker = OpTracker(
@@ -245,6 +278,17 @@ def profile_model(
     finally:
         scopes.remove()
     grads_live = memory.boundary()[0]
+    if dry:
+        grad_per_param = {id(o.param): o.nbytes for o in trainable}
+    else:
+        grad_per_param = {}
+        seen: set[int] = set()
+        for o in trainable:
+            grad = o.param.grad
+            if grad is None or storage_key(grad) in seen:
+                continue
+            seen.add(storage_key(grad))
+            grad_per_param[id(o.param)] = grad.untyped_storage().nbytes()
     optimizer_time = 0.0
     optimizer_transient = 0
     if dry:
@@ -268,6 +312,11 @@ def profile_model(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     scopes.finish_times()
+    if not dry:
+        # The instruments above cost host time per op; time a clean step with layer hooks only.
+        optimizer_time = _time_clean_step(
+            model, inputs, loss_fn, layer_specs, torch_optimizer, device, scopes.stats
+        )
 
     # -- assemble ---------------------------------------------------------------------------
     records = recorder.records
@@ -276,17 +325,6 @@ def profile_model(
     token_dims = infer_token_dims(shapes, seq, batch, perturbed)
     saved = to_saved_tensors(records, token_dims)
 
-    if dry:
-        grad_per_param = {id(o.param): o.nbytes for o in trainable}
-    else:
-        grad_per_param = {}
-        seen: set[int] = set()
-        for o in trainable:
-            grad = o.param.grad
-            if grad is None or storage_key(grad) in seen:
-                continue
-            seen.add(storage_key(grad))
-            grad_per_param[id(o.param)] = grad.untyped_storage().nbytes()
 
     layer_profiles: list[LayerProfile] = []
     for index, stats in enumerate(scopes.stats):

@@ -350,7 +350,7 @@ def gpu_correctness(results):
 
 def end_to_end(tokens, results):
     """Peak memory and time of one AdamW training step of the llama-3.2-1b preset."""
-    from memtrain.kernels.linear_cross_entropy.hf import patch_causal_lm_loss
+    from memtrain.kernels.cross_entropy.hf import patch_causal_lm_loss
     from memtrain.models import build_causal_lm, load_config
 
     for fused in (False, True):
@@ -457,7 +457,7 @@ def main() -> int:
         for kind in args.kinds.split(","):
             run_shape(n, d, v, kind, args, results)
             Path(args.out).write_text(json.dumps(results, indent=1))
-    from memtrain.kernels.linear_cross_entropy import triton_bwd, triton_function
+    from memtrain.kernels.cross_entropy import triton_bwd, triton_function
 
     results["tuning"] = {"/".join(map(str, k)): v for k, v in triton_function.TUNING_LOG.items()}
     results["float32_out_matmul"] = triton_bwd._NATIVE_FLOAT32_OUT

@@ -1,12 +1,12 @@
 """memtrain.kernels: fused GPU kernels that cut activation memory (Triton, with torch fallbacks)."""
 
-from memtrain.kernels.linear_cross_entropy import (
+from memtrain.kernels.cross_entropy import (
     default_filter_eps,
     linear_cross_entropy,
     reference_linear_cross_entropy,
     triton_available,
 )
-from memtrain.kernels.linear_cross_entropy.hf import (
+from memtrain.kernels.cross_entropy.hf import (
     patch_causal_lm_loss,
     unpatch_causal_lm_loss,
 )

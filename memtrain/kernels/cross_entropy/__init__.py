@@ -13,11 +13,11 @@ import importlib.util
 import torch
 
 from memtrain.errors import MemtrainError
-from memtrain.kernels.linear_cross_entropy.chunked import (
+from memtrain.kernels.cross_entropy.chunked import (
     ChunkedLinearCrossEntropy,
     chunk_rows_for,
 )
-from memtrain.kernels.linear_cross_entropy.reference import reference_linear_cross_entropy
+from memtrain.kernels.cross_entropy.reference import reference_linear_cross_entropy
 
 __all__ = [
     "default_filter_eps",
@@ -36,7 +36,7 @@ def triton_available(device: torch.device) -> bool:
     """Whether the Triton kernels can run on ``device`` (CUDA, or the CPU interpreter)."""
     if importlib.util.find_spec("triton") is None:
         return False
-    from memtrain.kernels.linear_cross_entropy.triton_function import interpreting
+    from memtrain.kernels.cross_entropy.triton_function import interpreting
 
     if interpreting():
         return device.type == "cpu"
@@ -155,7 +155,7 @@ def linear_cross_entropy(
     weight = weight.contiguous()
     softcap = float(softcap) if softcap is not None else None
     if use_triton:
-        from memtrain.kernels.linear_cross_entropy.triton_function import (
+        from memtrain.kernels.cross_entropy.triton_function import (
             DEFAULT_WORKSPACE_BYTES,
             TritonLinearCrossEntropy,
         )

@@ -41,7 +41,7 @@ def patch_causal_lm_loss(model: torch.nn.Module, **loss_options: Any) -> torch.n
     ``impl="torch"``). ``num_items_in_batch`` (gradient accumulation in the HF Trainer) is honoured
     as in the stock loss: summed and divided by it. Undo with :func:`unpatch_causal_lm_loss`.
     """
-    from memtrain.kernels.linear_cross_entropy import linear_cross_entropy
+    from memtrain.kernels.cross_entropy import linear_cross_entropy
 
     _check(model)
     if hasattr(model, _STOCK_FORWARD):

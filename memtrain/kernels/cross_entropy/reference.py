@@ -21,7 +21,7 @@ def reference_linear_cross_entropy(
     label_smoothing: float = 0.0,
     shift: bool = False,
 ) -> torch.Tensor:
-    """Same contract as :func:`memtrain.kernels.linear_cross_entropy`, with N x V logits in memory."""
+    """Same contract as :func:`memtrain.kernels.cross_entropy`, with N x V logits in memory."""
     if shift:
         pad = torch.full_like(labels[..., :1], ignore_index)
         labels = torch.cat([labels[..., 1:], pad], dim=-1)

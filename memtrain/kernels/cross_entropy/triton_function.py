@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import torch
 
-from memtrain.kernels.linear_cross_entropy.chunked import row_losses
-from memtrain.kernels.linear_cross_entropy.triton_bwd import backward_grads
-from memtrain.kernels.linear_cross_entropy.triton_fwd import forward_row_stats
+from memtrain.kernels.cross_entropy.chunked import row_losses
+from memtrain.kernels.cross_entropy.triton_bwd import backward_grads
+from memtrain.kernels.cross_entropy.triton_fwd import forward_row_stats
 
 # Workspace of the backward pass (logits-gradient chunk + float32 hidden-gradient accumulator).
 DEFAULT_WORKSPACE_BYTES = 64 * 1024 * 1024

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memtrain.kernels.linear_cross_entropy.triton_tiles import logits_tile
+from memtrain.kernels.cross_entropy.triton_tiles import logits_tile
 
 MIN_SPLITS = 8
 

@@ -1,0 +1,177 @@
+"""Runs the Triton kernels of linear_cross_entropy in Triton's CPU interpreter.
+
+Started in a subprocess by ``test_lce_triton_interpreter.py`` with ``TRITON_INTERPRET=1`` (the
+variable must be set before Triton is imported, so it cannot share the test process). Prints one
+JSON object: case name -> relative errors against a float64 reference and the allowed tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+# name -> tolerance on ||out - ref|| / ||ref||
+CASES = {
+    "fp32_odd_small": 2e-5,
+    "fp32_odd_reductions_sum": 2e-5,
+    "fp32_odd_reductions_none": 2e-5,
+    "fp32_d_below_block": 2e-5,
+    "fp32_softcap": 2e-5,
+    "fp32_smoothing_bias": 2e-5,
+    "fp32_shift_3d": 2e-5,
+    "fp32_ignored_rows_sum": 2e-5,
+    "fp32_many_chunks": 2e-5,
+    "bf16_many_chunks_softcap": 2e-2,
+    "fp16_large_vocab_scaled": 1e-2,
+    "fp32_filter_tiny_eps_is_exact": 2e-5,
+    "fp32_filter_matches_block_dropping": 2e-5,
+    "fp32_filter_off_with_smoothing": 2e-5,
+    "matches_torch_path_bf16": 2e-2,
+}
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    scale = b.norm().item()
+    return (a - b).norm().item() / (scale if scale > 0 else 1.0)
+
+
+def _inputs(torch, n, v, d, dtype, seed, ignore_frac=0.15, lead=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = lead or (n,)
+    hidden = torch.randn(*shape, d, generator=g).to(dtype)
+    weight = (torch.randn(v, d, generator=g) * 3 / math.sqrt(d)).to(dtype)
+    labels = torch.randint(0, v, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < ignore_frac] = -100
+    labels.view(-1)[0] = 1
+    return hidden, weight, labels
+
+
+def _compare(torch, lce, ref_fn, hidden, weight, labels, bias=None, ref_override=None, **opts):
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    b = leaves[2] if bias is not None else None
+    rb = ref_leaves[2] if bias is not None else None
+    out = lce(leaves[0], leaves[1], labels, bias=b, impl="triton", **opts)
+    upstream = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, upstream.to(out.dtype))
+    if ref_override is not None:
+        ref, ref_grads = ref_override(ref_leaves, upstream)
+    else:
+        ref_opts = {k: v for k, v in opts.items() if not k.startswith(("grad_filter", "work"))}
+        ref = ref_fn(ref_leaves[0], ref_leaves[1], labels, bias=rb, **ref_opts)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, upstream)
+    errors = {"loss": _rel(out.detach(), ref.detach())}
+    for name, got, want in zip(
+        ("grad_hidden", "grad_weight", "grad_bias"), grads, ref_grads, strict=False
+    ):
+        errors[name] = _rel(got, want) if torch.isfinite(got).all() else float("inf")
+    return errors
+
+
+def _blocks(torch, probs, labels, block_m, block_v):
+    """(row slice, column start, holds a target, max probability) per block, valid rows only."""
+    valid = labels != -100
+    n, v = probs.shape
+    for r in range(0, n, block_m):
+        rows = slice(r, r + block_m)
+        vrows = valid[rows]
+        for c in range(0, v, block_v):
+            block_p = probs[rows, c : c + block_v][vrows]
+            hit = bool(((labels[rows] >= c) & (labels[rows] < c + block_v) & vrows).any())
+            top = block_p.max().item() if block_p.numel() else 0.0
+            yield rows, c, hit, top
+
+
+def _block_dropping_reference(torch, hidden, weight, labels, block_m, block_v):
+    """An eps that drops some target-free blocks and keeps others, and float64 gradients with
+    the filter's rule applied by hand (reduction='sum')."""
+    probs = torch.softmax(hidden.double() @ weight.double().t(), -1)
+    tops = sorted(top for _, _, hit, top in _blocks(torch, probs, labels, block_m, block_v)
+                  if not hit)  # fmt: skip
+    mid = len(tops) // 2
+    assert len(tops) >= 2 and tops[mid - 1] < tops[mid], tops
+    eps = (tops[mid - 1] + tops[mid]) / 2
+
+    def run(ref_leaves, upstream):
+        h, w = ref_leaves
+        z = h @ w.t()
+        lse = torch.logsumexp(z, -1)
+        valid = labels != -100
+        safe = labels.clamp(min=0)
+        loss = ((lse - z.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+        dz = torch.softmax(z, -1).detach()
+        dz[torch.arange(len(labels)), safe] -= 1.0
+        dz *= (valid.double() * upstream)[:, None]
+        for rows, c, hit, top in _blocks(torch, probs, labels, block_m, block_v):
+            if not hit and top < eps:
+                dz[rows, c : c + block_v] = 0.0
+        return loss, (dz @ w.detach(), dz.t() @ h.detach())
+
+    return eps, run
+
+
+def main() -> int:
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    from memtrain.kernels import linear_cross_entropy as lce
+    from memtrain.kernels import reference_linear_cross_entropy as ref_fn
+    from memtrain.kernels.cross_entropy.triton_function import candidate_configs
+
+    torch.manual_seed(0)
+    cfg = candidate_configs(torch.float32)[0]
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    run = {}
+
+    def case(name, *args, **kwargs):
+        run[name] = _compare(torch, lce, ref_fn, *args, **kwargs)
+
+    case("fp32_odd_small", *_inputs(torch, 37, 101, 24, f32, 1))
+    case("fp32_odd_reductions_sum", *_inputs(torch, 45, 77, 20, f32, 2), reduction="sum")
+    case("fp32_odd_reductions_none", *_inputs(torch, 45, 77, 20, f32, 3), reduction="none")
+    case("fp32_d_below_block", *_inputs(torch, 5, 33, 3, f32, 4))
+    case("fp32_softcap", *_inputs(torch, 40, 90, 24, f32, 5), softcap=1.5)
+    h, w, y = _inputs(torch, 40, 90, 24, f32, 6)
+    bias = torch.randn(90)
+    case("fp32_smoothing_bias", h, w, y, bias=bias, label_smoothing=0.2, softcap=30.0)
+    case("fp32_shift_3d", *_inputs(torch, 0, 50, 16, f32, 7, lead=(3, 13)), shift=True)
+    h, w, y = _inputs(torch, 30, 64, 16, f32, 8, ignore_frac=0.7)
+    y[:16] = -100  # a whole block of ignored rows
+    case("fp32_ignored_rows_sum", h, w, y, reduction="sum")
+    many = {"workspace_bytes": 1}  # smallest chunks: several row blocks and vocabulary chunks
+    case("fp32_many_chunks", *_inputs(torch, 70, 150, 24, f32, 9), **many)
+    case("bf16_many_chunks_softcap", *_inputs(torch, 70, 150, 40, bf16, 10), softcap=5.0, **many)
+    case("fp16_large_vocab_scaled", *_inputs(torch, 64, 3000, 32, f16, 11))
+    h, w, y = _inputs(torch, 50, 120, 24, f32, 12)
+    case("fp32_filter_tiny_eps_is_exact", h, w, y, grad_filter=True, grad_filter_eps=1e-30)
+    h, w, y = _inputs(torch, 70, 600, 24, f32, 13)
+    eps, dropping = _block_dropping_reference(torch, h, w, y, cfg["BLOCK_M"], cfg["BLOCK_V"])
+    case(
+        "fp32_filter_matches_block_dropping", h, w, y, reduction="sum", grad_filter=True,
+        grad_filter_eps=eps, ref_override=dropping, **many,
+    )  # fmt: skip
+    h, w, y = _inputs(torch, 50, 120, 24, f32, 14)
+    case(
+        "fp32_filter_off_with_smoothing", h, w, y, label_smoothing=0.1, grad_filter=True,
+        grad_filter_eps=0.5,
+    )  # fmt: skip
+
+    # The interpreted Triton path and the chunked torch path agree with each other.
+    h, w, y = _inputs(torch, 33, 200, 32, bf16, 15)
+    hs = [h.clone().requires_grad_() for _ in range(2)]
+    outs = [lce(hs[0], w, y, impl="triton"), lce(hs[1], w, y, impl="torch")]
+    for out in outs:
+        out.backward()
+    run["matches_torch_path_bf16"] = {
+        "loss": _rel(outs[0].detach(), outs[1].detach()),
+        "grad_hidden": _rel(hs[0].grad, hs[1].grad),
+    }
+    json.dump({name: {"errors": run[name], "tol": tol} for name, tol in CASES.items()}, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

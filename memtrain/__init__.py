@@ -37,6 +37,12 @@ _EXPORTS: dict[str, str] = {
     "register_step_in_backward": "memtrain.optim",
     "linear_cross_entropy": "memtrain.kernels",
     "patch_causal_lm_loss": "memtrain.kernels",
+    "apply": "memtrain.offload",
+    "offloaded": "memtrain.offload",
+    "LayerPolicy": "memtrain.offload",
+    "OffloadPolicy": "memtrain.offload",
+    "offload_optimizer": "memtrain.offload",
+    "deepspeed_config": "memtrain.offload",
 }
 
 __all__ = ["__version__", *_EXPORTS]

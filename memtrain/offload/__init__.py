@@ -1,10 +1,13 @@
 """memtrain.offload: execute a plan on an unmodified model.
 
 Token-wise activation swap to pinned CPU memory, CXL memory and NVMe, whole-layer and token-wise
-(MEMO) recompute, sequence-tiled token-local work, and optimizer states off the GPU.
+(MEMO) recompute, sequence-tiled token-local work, and optimizer states off the GPU (our own CPU
+step, or a generated DeepSpeed ZeRO-Offload/Infinity config).
 """
 
 from memtrain.offload.apply import OffloadHandle, apply, offloaded
+from memtrain.offload.deepspeed import deepspeed_config
+from memtrain.offload.optimizer import OffloadedOptimizer, offload_optimizer
 from memtrain.offload.policy import LayerPolicy, OffloadPolicy, policy_from_plan
 from memtrain.offload.pool import HostPool
 
@@ -13,7 +16,10 @@ __all__ = [
     "LayerPolicy",
     "OffloadHandle",
     "OffloadPolicy",
+    "OffloadedOptimizer",
     "apply",
+    "deepspeed_config",
+    "offload_optimizer",
     "offloaded",
     "policy_from_plan",
 ]

@@ -92,6 +92,7 @@ class OffloadHandle:
         self._installed = _Installed()
         self._states: dict[str, LayerState] = {}
         self.optimizer_attached = False
+        self._cleanups: list[Any] = []
         self.steps = 0
         params = list(model.parameters())
         self.device = params[0].device if params else torch.device("cpu")
@@ -328,11 +329,17 @@ class OffloadHandle:
             "nvme_files": len(self.engine.nvme.files()) if self.engine.nvme else 0,
         }
 
+    def attach_cleanup(self, callback) -> None:
+        """Run ``callback`` when the plan is removed (offloaded optimizers use it)."""
+        self._cleanups.append(callback)
+
     def remove(self) -> None:
         """Take every hook and wrapper off the model and free the pools and swap files."""
         if self.removed:
             return
         self.removed = True
+        for callback in getattr(self, "_cleanups", []):
+            callback()
         for handle in self._installed.hooks:
             handle.remove()
         for module, old, had in reversed(self._installed.forwards):

@@ -1,0 +1,96 @@
+"""A DeepSpeed ZeRO-Offload / ZeRO-Infinity config generated from a plan's state placements.
+
+When training runs through DeepSpeed, model states are DeepSpeed's business: this turns the
+plan's ``params`` / ``grads`` / ``optimizer`` placements into ``zero_optimization`` settings
+(optimizer states to CPU: ZeRO-Offload, stage 2; parameters or states to NVMe: ZeRO-Infinity,
+stage 3). Activations stay with :func:`memtrain.offload.apply`. DeepSpeed offloads every layer's
+states alike, so a plan that mixes placements is refused unless ``mixed="offload-all"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memtrain.errors import MemtrainError
+from memtrain.offload.policy import OffloadPolicy, policy_from_plan
+
+AIO_DEFAULTS = {
+    "block_size": 1 << 20,
+    "queue_depth": 8,
+    "thread_count": 1,
+    "single_submit": False,
+    "overlap_events": True,
+}
+_RANK = {"gpu": 0, "cpu": 1, "cxl": 1, "nvme": 2}
+
+
+def _choose(places: set[str], what: str, mixed: str) -> str:
+    if "cxl" in places:
+        raise MemtrainError(
+            f"DeepSpeed cannot place {what} on CXL memory by itself; bind the process with "
+            "numactl, or plan cpu/nvme for them"
+        )
+    if len(places) > 1 and mixed != "offload-all":
+        raise MemtrainError(
+            f"the plan puts {what} of different layers on {', '.join(sorted(places))}; DeepSpeed "
+            "offloads all layers alike: pass mixed='offload-all' or use memtrain's own optimizer "
+            "offload (memtrain.offload.offload_optimizer)"
+        )
+    return max(places, key=_RANK.__getitem__) if places else "gpu"
+
+
+def deepspeed_config(
+    plan: Any,
+    *,
+    dtype: str = "bf16",
+    gradient_accumulation_steps: int = 1,
+    mixed: str = "error",
+    base: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``plan`` (a Plan, its dict, a file or an OffloadPolicy)."""
+    if mixed not in ("error", "offload-all"):
+        raise MemtrainError(f"mixed must be 'error' or 'offload-all', got {mixed!r}")
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise MemtrainError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
+    policy: OffloadPolicy = policy_from_plan(plan)
+    stateful = list(policy.layers.values())
+    params = _choose({p.params for p in stateful}, "parameters", mixed)
+    optimizer = _choose({p.optimizer for p in stateful}, "optimizer states", mixed)
+    grads = _choose({p.grads for p in stateful}, "gradients", mixed)
+    if optimizer == "gpu" and grads != "gpu":
+        optimizer = "cpu"  # gradients on the host only make sense with the step there
+    stage = 3 if "nvme" in (params, optimizer) or params != "gpu" else 2
+    if params == "gpu" and optimizer == "gpu":
+        stage = 1 if grads == "gpu" else 2
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "contiguous_gradients": True,
+        "overlap_comm": True,
+    }
+    if optimizer != "gpu":
+        zero["offload_optimizer"] = {"device": optimizer, "pin_memory": True}
+        if optimizer == "nvme":
+            zero["offload_optimizer"]["nvme_path"] = _nvme_path(policy)
+    if params != "gpu":
+        zero["offload_param"] = {"device": params, "pin_memory": True}
+        if params == "nvme":
+            zero["offload_param"]["nvme_path"] = _nvme_path(policy)
+    config: dict[str, Any] = dict(base or {})
+    config.update(
+        {
+            "train_micro_batch_size_per_gpu": int(policy.micro_batch or 1),
+            "gradient_accumulation_steps": int(gradient_accumulation_steps),
+            "zero_optimization": zero,
+            "bf16": {"enabled": dtype == "bf16"},
+            "fp16": {"enabled": dtype == "fp16"},
+        }
+    )
+    if "nvme" in (params, optimizer):
+        config["aio"] = dict(AIO_DEFAULTS)
+    return config
+
+
+def _nvme_path(policy: OffloadPolicy) -> str:
+    if not policy.nvme_path:
+        raise MemtrainError("the plan offloads to NVMe but names no path; plan with --nvme PATH")
+    return str(policy.nvme_path)

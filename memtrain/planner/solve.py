@@ -63,6 +63,7 @@ class SolveResult:
     solve_time_s: float
     solver: str
     solver_calls: int
+    objective: float = math.nan  # the solver's objective: step time + weight x GPU peak (GiB)
 
 
 class _Model:
@@ -421,4 +422,5 @@ def solve(
         solve_time_s=elapsed,
         solver=solver_name(),
         solver_calls=calls,
+        objective=value,
     )

@@ -28,6 +28,7 @@ CASES = {
     "fp32_filter_tiny_eps_is_exact": 2e-5,
     "fp32_filter_matches_block_dropping": 2e-5,
     "fp32_filter_off_with_smoothing": 2e-5,
+    "fp32_filter_bias_tiny_eps_is_exact": 2e-5,
     "matches_torch_path_bf16": 2e-2,
 }
 
@@ -157,6 +158,12 @@ def main() -> int:
     case(
         "fp32_filter_off_with_smoothing", h, w, y, label_smoothing=0.1, grad_filter=True,
         grad_filter_eps=0.5,
+    )  # fmt: skip
+
+    h, w, y = _inputs(torch, 50, 120, 24, f32, 16)
+    case(
+        "fp32_filter_bias_tiny_eps_is_exact", h, w, y, bias=torch.randn(120), grad_filter=True,
+        grad_filter_eps=1e-30, **many,
     )  # fmt: skip
 
     # The interpreted Triton path and the chunked torch path agree with each other.

@@ -75,16 +75,26 @@ def _grad_logits_kernel(
     if HAS_SOFTCAP:
         dz = dz * (1.0 - tanh * tanh)
     mask = row_mask[:, None] & col_mask[None, :]
-    if FILTER:
-        live = tl.where(mask & (grad_rows[:, None] != 0.0), prob, 0.0)
-        has_target = tl.sum(tl.where(hit & mask, 1, 0)) > 0
-        keep = (tl.max(live) >= eps) | has_target
-        tl.store(flags_ptr + pid_m * flag_cols + pid_v, keep.to(tl.int32))
-        dz = tl.where(keep, dz, 0.0)
     local_rows = (rows - row_start).to(tl.int64)
     local_cols = cols - col_start
     dz_ptrs = dz_ptr + local_rows[:, None] * stride_dz + local_cols[None, :]
-    tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    if FILTER:
+        # Per-row reductions only: clamped out-of-range rows and columns repeat valid ones, so
+        # they cannot raise a maximum; rows without gradient (ignored) do not count.
+        live_rows = row_mask & (grad_rows != 0.0)
+        row_top = tl.exp(tl.max(logits, axis=1) - lse)
+        tile_top = tl.max(tl.where(live_rows, row_top, 0.0))
+        first_col = col_start + pid_v * BLOCK_V
+        in_tile = live_rows & (targets >= first_col) & (targets < first_col + BLOCK_V)
+        keep = (tile_top >= eps) | (tl.sum(in_tile.to(tl.int32)) > 0)
+        # The mark is 0 for a kept block, 1 for a skipped one (sorting puts kept ones first).
+        tl.store(flags_ptr + pid_m * flag_cols + pid_v, 1 - keep.to(tl.int32))
+        if HAS_BIAS:  # the bias gradient sums the whole chunk: skipped blocks must read 0
+            tl.store(dz_ptrs, tl.where(keep, dz, 0.0).to(dz_ptr.dtype.element_ty), mask=mask)
+        elif keep:
+            tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -92,15 +102,18 @@ def _sparse_dz_weight_kernel(
     dz_ptr,
     weight_ptr,
     acc_ptr,
-    live_count_ptr,
-    live_index_ptr,
+    flags_ptr,
+    order_ptr,
     n_rows,
     n_cols,
     dim,
     stride_dz,
     stride_w,
     stride_acc,
-    stride_index,
+    stride_flags,
+    stride_order_row,
+    stride_order_col,
+    FLAG_SPAN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -108,11 +121,14 @@ def _sparse_dz_weight_kernel(
 ):
     """``acc[rows] += dZ[rows] @ W[chunk]`` over the marked blocks of each row block only.
 
-    ``live_index[m, :live_count[m]]`` lists the vocabulary blocks marked in row block ``m``.
+    ``order[m]`` lists row block ``m``'s vocabulary blocks, kept ones (flag 0) first.
     """
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
-    n_live = tl.load(live_count_ptr + pid_m)
+    span = tl.arange(0, FLAG_SPAN)
+    n_blocks = tl.cdiv(n_cols, BLOCK_V)
+    dead = tl.load(flags_ptr + pid_m * stride_flags + span, mask=span < n_blocks, other=1)
+    n_live = tl.sum(1 - dead)
     if n_live > 0:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -120,7 +136,7 @@ def _sparse_dz_weight_kernel(
         d_mask = offs_d < dim
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for i in range(0, n_live):
-            vb = tl.load(live_index_ptr + pid_m * stride_index + i)
+            vb = tl.load(order_ptr + pid_m * stride_order_row + i * stride_order_col)
             cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
             col_mask = cols < n_cols
             a = tl.load(
@@ -148,15 +164,18 @@ def _sparse_dz_hidden_kernel(
     dz_ptr,
     hidden_ptr,
     out_ptr,
-    live_count_ptr,
-    live_index_ptr,
+    flags_ptr,
+    order_ptr,
     n_rows,
     n_cols,
     dim,
     stride_dz,
     stride_h,
     stride_out,
-    stride_index,
+    stride_flags,
+    stride_order_row,
+    stride_order_col,
+    FLAG_SPAN: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -165,18 +184,21 @@ def _sparse_dz_hidden_kernel(
 ):
     """``out[chunk] (+)= dZ.T @ H[rows]`` over the marked blocks of each vocabulary block only.
 
-    ``live_index[v, :live_count[v]]`` lists the row blocks marked in vocabulary block ``v``.
+    ``order[v]`` lists vocabulary block ``v``'s row blocks, kept ones (flag 0) first.
     """
     pid_v = tl.program_id(0)
     pid_d = tl.program_id(1)
-    n_live = tl.load(live_count_ptr + pid_v)
+    span = tl.arange(0, FLAG_SPAN)
+    n_blocks = tl.cdiv(n_rows, BLOCK_M)
+    dead = tl.load(flags_ptr + span * stride_flags + pid_v, mask=span < n_blocks, other=1)
+    n_live = tl.sum(1 - dead)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < n_cols
     d_mask = offs_d < dim
     acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
     for i in range(0, n_live):
-        mb = tl.load(live_index_ptr + pid_v * stride_index + i)
+        mb = tl.load(order_ptr + pid_v * stride_order_row + i * stride_order_col)
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
         a = tl.load(
@@ -385,16 +407,6 @@ def backward_grads(
     return grad_hidden, grad_weight, grad_bias
 
 
-def _live_lists(live: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row (dim=1) or column (dim=0) of the block mask: how many blocks are marked, and
-    their indices first (a stable sort keeps them in order)."""
-    dead = (live == 0).to(torch.int8)
-    if dim == 0:
-        dead = dead.t()
-    order = torch.argsort(dead, dim=1, stable=True).to(torch.int32).contiguous()
-    return live.sum(dim, dtype=torch.int32), order
-
-
 def _sparse_products(
     chunk: torch.Tensor,
     flags: torch.Tensor,
@@ -415,21 +427,24 @@ def _sparse_products(
     warps = config["sparse_num_warps"]
     stages = min(2, config["sparse_num_stages"]) if large else config["sparse_num_stages"]
     upcast = config["upcast"] and chunk.dtype == torch.bfloat16
+    span = triton.next_power_of_2(max(live.shape))
     if acc is not None:
-        count, index = _live_lists(live, 1)
+        order = torch.argsort(live, dim=1, stable=True)
         grid = (live.shape[0], triton.cdiv(dim, block_d))
         _sparse_dz_weight_kernel[grid](
-            chunk, weight_cols, acc, count, index, nr, nc, dim,
-            chunk.stride(0), weight_cols.stride(0), acc.stride(0), index.stride(0),
+            chunk, weight_cols, acc, live, order, nr, nc, dim,
+            chunk.stride(0), weight_cols.stride(0), acc.stride(0), live.stride(0),
+            order.stride(0), order.stride(1), FLAG_SPAN=span,
             BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, UPCAST=upcast,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
     if grad_weight_cols is not None:
-        count, index = _live_lists(live, 0)
+        order = torch.argsort(live.t(), dim=1, stable=True)
         grid = (live.shape[1], triton.cdiv(dim, block_d))
         _sparse_dz_hidden_kernel[grid](
-            chunk, hidden_rows, grad_weight_cols, count, index, nr, nc, dim,
-            chunk.stride(0), hidden_rows.stride(0), grad_weight_cols.stride(0), index.stride(0),
+            chunk, hidden_rows, grad_weight_cols, live, order, nr, nc, dim,
+            chunk.stride(0), hidden_rows.stride(0), grad_weight_cols.stride(0), live.stride(0),
+            order.stride(0), order.stride(1), FLAG_SPAN=span,
             ACCUMULATE=accumulate, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d,
             UPCAST=upcast, num_warps=warps, num_stages=stages,
         )  # fmt: skip

@@ -83,6 +83,9 @@ class Terms:
     memory: list[MemoryTerm] = field(default_factory=list)
     gpu_static: Lin = field(default_factory=Lin)
     kept: list[Lin] = field(default_factory=list)  # per layer: bytes kept from forward to backward
+    # Tie-break, not part of the step time: the seconds host tiers spend writing and reading
+    # swapped bytes. Among equally fast plans it prefers fewer moved bytes and faster tiers.
+    traffic: Lin = field(default_factory=Lin)
 
     def memory_values(self, values) -> list[tuple[str, str, float]]:
         """(tier, moment, bytes) of every memory term at concrete decisions."""
@@ -267,6 +270,12 @@ def build_terms(
                     1 / tier.read_bandwidth + 1 / tier.write_bandwidth
                 )
                 host_step.append(_mode(j, m) * seconds)
+    traffic = lin_sum(
+        swapped[j][t]
+        * (1 / hardware.tiers[t].write_bandwidth + 1 / hardware.tiers[t].read_bandwidth)
+        for j in range(n)
+        for t in host
+    )
     return Terms(
         compute=lin_sum(compute_parts),
         windows=windows,
@@ -274,6 +283,7 @@ def build_terms(
         memory=memory,
         gpu_static=gpu_static,
         kept=kept,
+        traffic=traffic,
     )
 
 

@@ -32,6 +32,7 @@ from memtrain.planner.pulp_compat import cbc_solver, new_var
 from memtrain.units import GiB
 
 PEAK_WEIGHT_S_PER_GIB = 1e-6  # second objective: the lowest GPU peak among equally fast plans
+TRAFFIC_WEIGHT = 1e-5  # third: the least host-tier traffic time (fewer bytes, faster tiers)
 TILE_CHUNKS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -169,7 +170,11 @@ class _Model:
             self.lp += self.tail >= self._expr(form), f"tail_{i}"
         self.step_time = self._expr(self.terms.compute) + pulp.lpSum(exposed) + self.tail
         if objective == "time":
-            self.lp += self.step_time + PEAK_WEIGHT_S_PER_GIB * self.peak
+            self.lp += (
+                self.step_time
+                + PEAK_WEIGHT_S_PER_GIB * self.peak
+                + self._expr(self.terms.traffic, TRAFFIC_WEIGHT)
+            )
         else:  # the smallest GPU peak, then the fastest
             self.lp += self.peak + 1e-6 * self.step_time
 

@@ -9,7 +9,7 @@ import pytest
 
 from memtrain.planner.costmodel import available_modes, build_terms, gpu_lower_bound
 from memtrain.planner.evaluate import LayerDecision, decision_values, evaluate_terms
-from memtrain.planner.solve import PEAK_WEIGHT_S_PER_GIB, solve
+from memtrain.planner.solve import PEAK_WEIGHT_S_PER_GIB, TRAFFIC_WEIGHT, solve
 from memtrain.units import GiB
 from tests.planner.helpers import GB, block, machine, problem, with_gpu
 
@@ -122,12 +122,16 @@ def test_identical_layer_reduction_loses_nothing():
 @pytest.mark.parametrize("seed", SEEDS)
 def test_solver_objective_matches_the_evaluator(seed):
     """What the LP optimises and what the evaluator reports for its answer are the same
-    numbers: step time plus the small GPU-peak weight."""
+    numbers: step time plus the small GPU-peak and host-traffic tie-breaks."""
     prob, hw = _random_instance(seed)
     result = solve(prob, hw, available_modes(hw), chunk_options=(1,), tie_identical=False)
     assert result.feasible
     ev = result.evaluation
     assert ev.feasible
-    expected = ev.step_time_s + PEAK_WEIGHT_S_PER_GIB * ev.peaks["gpu"] / GiB
+    terms = build_terms(prob, hw, 1, available_modes(hw))
+    traffic = terms.traffic.value(decision_values(result.decisions))
+    expected = (
+        ev.step_time_s + PEAK_WEIGHT_S_PER_GIB * ev.peaks["gpu"] / GiB + TRAFFIC_WEIGHT * traffic
+    )
     assert result.objective == pytest.approx(expected, rel=1e-6)
     assert result.bound_s <= result.objective * (1 + 1e-9)

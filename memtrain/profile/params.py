@@ -32,7 +32,9 @@ def assign_params(model: nn.Module, layers: list[LayerSpec], other_index: int) -
     Tied weights (the same ``Parameter``, or two parameters on one storage) are counted once,
     in the layer that comes first (the embeddings, for a tied LM head).
     """
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    names: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), name)  # a tied weight goes by its first name
     seen_ids: set[int] = set()
     seen_storages: set[int] = set()
     owned: list[OwnedParam] = []

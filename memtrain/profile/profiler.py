@@ -98,8 +98,13 @@ def _output_bytes(output: Any, loss: torch.Tensor, saved: set[int], excluded: se
     return total
 
 
-def build_torch_optimizer(params: list[nn.Parameter], spec: OptimizerSpec, device: torch.device):
-    """The optimizer a measured run steps: memtrain.optim's factory when it knows the name."""
+def build_torch_optimizer(
+    params: list[nn.Parameter],
+    spec: OptimizerSpec,
+    device: torch.device,
+    model: nn.Module | None = None,
+):
+    """The optimizer a measured run steps: torch's own, or memtrain.optim's for the others."""
     options = dict(spec.options)
     lr = options.pop("lr", 1e-4)
     if spec.name in ("adamw", "adam"):
@@ -110,13 +115,22 @@ def build_torch_optimizer(params: list[nn.Parameter], spec: OptimizerSpec, devic
         return torch.optim.SGD(params, lr=lr, momentum=options.pop("momentum", 0.9), **options)
     if spec.name == "adafactor":
         return torch.optim.Adafactor(params, lr=lr if "lr" in spec.options else 1e-2, **options)
-    try:
-        from memtrain.optim import build_optimizer
-    except ImportError:
-        build_optimizer = None
-    if build_optimizer is None:
-        raise MemtrainError(f"no optimizer implementation for {spec.name!r} in a measured run")
-    return build_optimizer(params, spec)
+    from memtrain.optim import build_optimizer
+
+    # memtrain's low-rank optimizers choose which weights to project from the model itself.
+    return build_optimizer(model if model is not None else params, spec, lr=lr)
+
+
+_TORCH_OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "none")
+
+
+def _per_parameter_specs(model: nn.Module, spec: OptimizerSpec) -> dict[str, OptimizerSpec]:
+    """Low-rank optimizers treat weights differently (projected or dense); ask their factory."""
+    if spec.name in _TORCH_OPTIMIZERS:
+        return {}
+    from memtrain.optim.factory import param_state_specs
+
+    return param_state_specs(model, spec)
 
 
 class _NoMemory:
@@ -222,11 +236,15 @@ def profile_model(
     torch_optimizer = None
     fused = False
     if dry:
+        per_param_spec = _per_parameter_specs(model, spec)
         state_per_param = {
-            id(o.param): state_bytes_for(o.param.shape, o.param.dtype, spec) for o in trainable
+            id(o.param): state_bytes_for(
+                o.param.shape, o.param.dtype, per_param_spec.get(o.name, spec)
+            )
+            for o in trainable
         }
     else:
-        torch_optimizer = build_torch_optimizer([o.param for o in trainable], spec, device)
+        torch_optimizer = build_torch_optimizer([o.param for o in trainable], spec, device, model)
         fused = bool(torch_optimizer.defaults.get("fused"))
         loss = loss_fn(_run_model(model, inputs), inputs)
         loss.backward()

@@ -29,9 +29,7 @@ def test_help_lists_subcommands(capsys):
 
 
 def test_json_round_trips_and_is_versioned(capsys, tmp_path):
-    code, out, _ = run_cli(
-        capsys, "profile", "--model", "llama-3.2-1b", "--seq", "2048", "--json"
-    )
+    code, out, _ = run_cli(capsys, "profile", "--model", "llama-3.2-1b", "--seq", "2048", "--json")
     assert code == 0
     data = json.loads(out)
     assert data["schema"] == "memtrain.profile" and data["schema_version"] == 1

@@ -117,3 +117,20 @@ def test_meta_parameters_are_not_merged_by_pointer():
         net, (x,), seq=4, loss_fn=lambda out, _: out.sum(), layers=["0", "1"], target="cpu"
     )
     assert result.param_bytes == 2 * (8 * 8 + 8) * 4
+
+
+@pytest.mark.parametrize(
+    "optimizer", ["galore:rank=8", "frugal:density=0.25", "galore-adafactor:rank=8"]
+)
+def test_low_rank_optimizer_state_dry_equals_measured(tmp_path, optimizer):
+    """Dry-run formulas follow the factory's choice of projected weights (tied head included)."""
+    from tests.profile.conftest import write_config
+
+    path = str(write_config(tmp_path, "llama"))
+    dry = profile_causal_lm(path, seq=16, dtype="fp32", optimizer=optimizer, target="cpu")
+    real = profile_causal_lm(path, seq=16, dtype="fp32", optimizer=optimizer, device="cpu")
+    assert [x.optimizer_state_bytes for x in dry.layers] == [
+        x.optimizer_state_bytes for x in real.layers
+    ]
+    adamw = profile_causal_lm(path, seq=16, dtype="fp32", optimizer="adamw", target="cpu")
+    assert 0 < dry.optimizer_state_bytes < adamw.optimizer_state_bytes

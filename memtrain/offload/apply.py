@@ -20,7 +20,13 @@ from torch.utils.checkpoint import checkpoint
 from memtrain.errors import MemtrainError
 from memtrain.offload.memo import LlamaBlockParts, chunk_ranges, tokenwise_forward
 from memtrain.offload.nvme import NvmeStore
-from memtrain.offload.policy import HOST_TIERS, LayerPolicy, OffloadPolicy, policy_from_plan
+from memtrain.offload.policy import (
+    HOST_TIERS,
+    LayerPolicy,
+    OffloadPolicy,
+    executed_host_bytes,
+    policy_from_plan,
+)
 from memtrain.offload.pool import HostPool
 from memtrain.offload.swap import LayerState, SwapEngine, in_backward
 
@@ -84,6 +90,7 @@ class OffloadHandle:
         *,
         host_pool_bytes: Mapping[str, int] | None = None,
         nvme_bytes: int | None = None,
+        profile: Any = None,
     ) -> None:
         self.model = model
         self.policy = policy
@@ -97,11 +104,16 @@ class OffloadHandle:
         params = list(model.parameters())
         self.device = params[0].device if params else torch.device("cpu")
         self._reject_param_offload()
+        self.expected_host_bytes = dict(policy.host_bytes)
+        if profile is not None:
+            self.expected_host_bytes = executed_host_bytes(policy, profile)
         pools = self._make_pools(dict(host_pool_bytes or {}))
         nvme = None
         try:
             if policy.needs("nvme"):
-                need = nvme_bytes if nvme_bytes is not None else policy.host_bytes.get("nvme", 0)
+                need = nvme_bytes
+                if need is None:
+                    need = self.expected_host_bytes.get("nvme", 0)
                 nvme = NvmeStore(policy.nvme_path, need_bytes=int(need))
         except MemtrainError:
             for pool in pools.values():
@@ -137,7 +149,7 @@ class OffloadHandle:
                     continue
                 size = sizes.get(tier)
                 if size is None:
-                    planned = self.policy.host_bytes.get(tier)
+                    planned = self.expected_host_bytes.get(tier)
                     if not planned:
                         raise MemtrainError(
                             f"the policy swaps to {tier} but gives no size for its pool; pass "
@@ -315,6 +327,7 @@ class OffloadHandle:
     def stats(self) -> dict[str, Any]:
         """Bytes each layer put in each place in the last step, and pool/NVMe usage."""
         return {
+            "expected_host_bytes": dict(self.expected_host_bytes),
             "layers": {name: dict(state.stats) for name, state in self._states.items()},
             "totals": dict(self.engine.totals),
             "pools": {
@@ -396,11 +409,14 @@ def apply(
     cxl_node: int | None = None,
     host_pool_bytes: Mapping[str, int] | None = None,
     nvme_bytes: int | None = None,
+    profile: Any = None,
 ) -> OffloadHandle:
     """Install ``plan`` (a ``Plan``, its dict, a plan file, or an :class:`OffloadPolicy`).
 
     ``layers`` maps layer names to modules (default: embed, block.<i>, norm, lm_head of a
-    Hugging Face causal LM). Returns a handle; ``handle.remove()`` restores the model.
+    Hugging Face causal LM). Host pools are sized from ``host_pool_bytes``, else from
+    ``profile`` (the profiler's result for this model and batch: exact for this executor), else
+    from the plan's per-layer shares. Returns a handle; ``handle.remove()`` restores the model.
     """
     from_plan = not isinstance(plan, OffloadPolicy)
     policy = policy_from_plan(plan, cxl_node=cxl_node)
@@ -409,8 +425,17 @@ def apply(
     policy.validate()
     resolved = _resolve_layers(model, layers)
     _check_names(policy, set(resolved), from_plan)
+    if isinstance(profile, str):
+        from memtrain.profile.result import ProfileResult
+
+        profile = ProfileResult.from_json(profile)
     return OffloadHandle(
-        model, policy, resolved, host_pool_bytes=host_pool_bytes, nvme_bytes=nvme_bytes
+        model,
+        policy,
+        resolved,
+        host_pool_bytes=host_pool_bytes,
+        nvme_bytes=nvme_bytes,
+        profile=profile,
     )
 
 

@@ -113,6 +113,9 @@ class LlamaBlockParts:
         self.head_dim = attn.head_dim
         self.groups = attn.num_key_value_groups
         self.flash = FlashAttention(attn.scaling)
+        # Fused kernels take fewer k/v heads than q heads directly (grouped-query attention);
+        # where one does not, k and v are repeated per group. Decided on the first call.
+        self.native_gqa: bool | None = None if self.groups > 1 else True
         module = sys.modules[type(attn).__module__]
         self.rope: Callable = module.apply_rotary_pos_emb
 
@@ -133,6 +136,27 @@ class LlamaBlockParts:
     def expand(self, kv: torch.Tensor) -> torch.Tensor:
         return kv if self.groups == 1 else kv.repeat_interleave(self.groups, dim=1)
 
+    def attention(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        if self.native_gqa is None:
+            try:
+                result = self.flash.forward(q, k, v)
+            except RuntimeError:
+                self.native_gqa = False
+            else:
+                self.native_gqa = True
+                return result
+        if self.native_gqa:
+            return self.flash.forward(q, k, v)
+        return self.flash.forward(q, self.expand(k), self.expand(v))
+
+    def attention_backward(self, grad_out, q, k, v, out, lse, extra):
+        if self.native_gqa:
+            return self.flash.backward(grad_out, q, k, v, out, lse, extra)[:3]
+        dq, dk, dv = self.flash.backward(
+            grad_out, q, self.expand(k), self.expand(v), out, lse, extra
+        )[:3]
+        return dq, self.reduce(dk), self.reduce(dv)
+
     def reduce(self, grad: torch.Tensor) -> torch.Tensor:
         if self.groups == 1:
             return grad
@@ -150,9 +174,9 @@ class _StoredAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_s, k_s, v_s, q_r, k_r, v_r, h_r, cos, sin, parts, layout):
         q = torch.cat([q_s, q_r], dim=2)
-        k = parts.expand(torch.cat([k_s, k_r], dim=2))
-        v = parts.expand(torch.cat([v_s, v_r], dim=2))
-        out, lse, extra = parts.flash.forward(q, k, v)
+        k = torch.cat([k_s, k_r], dim=2)
+        v = torch.cat([v_s, v_r], dim=2)
+        out, lse, extra = parts.attention(q, k, v)
         batch, heads, tokens, dim = out.shape
         a = out.transpose(1, 2).reshape(batch, tokens, heads * dim)
         ctx.parts = parts
@@ -177,15 +201,15 @@ class _StoredAttention(torch.autograd.Function):
         v_r = torch.cat([p[2] for p in pieces], dim=2) if pieces else v_s[:, :, :0]
         del pieces
         q = torch.cat([q_s, q_r], dim=2)
-        k = parts.expand(torch.cat([k_s, k_r], dim=2))
-        v = parts.expand(torch.cat([v_s, v_r], dim=2))
+        k = torch.cat([k_s, k_r], dim=2)
+        v = torch.cat([v_s, v_r], dim=2)
+        del q_r, k_r, v_r
         batch, tokens, heads, dim = ctx.out_shape
         out = a.view(batch, tokens, heads, dim).transpose(1, 2)
         grad_out = grad_a.reshape(batch, tokens, heads, dim).transpose(1, 2)
         if not ctx.out_strided:
             out = out.contiguous()
-        dq, dk, dv = parts.flash.backward(grad_out, q, k, v, out, lse, ctx.extra)[:3]
-        dk, dv = parts.reduce(dk), parts.reduce(dv)
+        dq, dk, dv = parts.attention_backward(grad_out, q, k, v, out, lse, ctx.extra)
         return (
             dq[:, :, :ns],
             dk[:, :, :ns],

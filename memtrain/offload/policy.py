@@ -205,3 +205,38 @@ def policy_from_plan(plan: Any, *, cxl_node: int | None = None) -> OffloadPolicy
         cxl_node=cxl_node if cxl_node is not None else hardware.get("cxl_node"),
         host_bytes=planned_host_bytes(entries),
     )
+
+
+ATTENTION_MARKERS = ("attention", "flash", "sdpa")
+
+
+def executed_host_bytes(policy: OffloadPolicy, profile: Any) -> dict[str, int]:
+    """Host bytes per tier one step moves when this executor runs ``policy`` on the profiled
+    model: sizes pools exactly where a plan's per-layer totals cannot (token-wise recompute
+    stores the block input and the attention output of every recomputed token)."""
+    out: dict[str, float] = {}
+
+    def add(shares: dict[str, float], nbytes: float) -> None:
+        for tier, share in shares.items():
+            if tier != "gpu" and share > 0:
+                out[tier] = out.get(tier, 0.0) + share * nbytes
+
+    for layer in profile.layers:
+        entry = policy.layers.get(layer.name)
+        if entry is None:
+            continue
+        token = [t for t in layer.saved_tensors if t.token_dim is not None]
+        token_bytes = sum(t.nbytes for t in token)
+        mode = entry.mode
+        if mode == "swap":
+            add(entry.stored_shares(), token_bytes)
+        elif mode == "full_recompute":
+            add(entry.checkpoint_shares(), layer.input_bytes)
+        elif mode == "tokenwise":
+            attention = sum(
+                t.nbytes for t in token if any(m in t.op.lower() for m in ATTENTION_MARKERS)
+            )
+            rho = min(1.0, entry.recompute)
+            add(entry.stored_shares(), (1 - rho) * token_bytes)
+            add(entry.checkpoint_shares(), rho * layer.input_bytes + attention)
+    return {t: int(math.ceil(v)) for t, v in out.items() if v > 0}

@@ -136,7 +136,7 @@ class SwapEngine:
         self.excluded: set[int] = set()  # storage pointers never swapped (parameters)
         self.order: list[LayerState] = []
         self.step = 0
-        self._identity: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+        self._identity: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
         self.totals = {place: 0 for place in ORDER}
 
     # -- step and layer boundaries -------------------------------------------------------
@@ -210,9 +210,12 @@ class SwapEngine:
         dim = self.token_dim(tensor)
         if dim is None:
             return tensor
-        known = self._identity.get(id(tensor))
-        if known is not None and known[0]() is tensor and known[1]() is not None:
-            return known[1]()
+        storage = tensor.untyped_storage()
+        key = (storage._cdata, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
+               tensor.dtype)  # fmt: skip
+        known = self._identity.get(key)
+        if known is not None and known[0]() is storage and known[1]() is not None:
+            return known[1]()  # the same bytes saved again (another view object, or layer)
         packed = Packed(self, layer, tensor, dim)
         ranges = cut_points(tensor.shape[dim], shares)
         if self.cuda and any(place != "gpu" for place, _, _ in ranges):
@@ -233,7 +236,9 @@ class SwapEngine:
         if self.cuda and packed.event is not None:
             layer.pending.append((packed.event, tensor))
         layer.packed.append(weakref.ref(packed))
-        self._identity[id(tensor)] = (weakref.ref(tensor), weakref.ref(packed))
+        # Storage wrappers live as long as the storage (PyObject preservation), so a dead weak
+        # reference means the address may have been reused.
+        self._identity[key] = (weakref.ref(storage), weakref.ref(packed))
         return packed
 
     def _to_pool(self, packed: Packed, piece: Piece, source: torch.Tensor) -> None:

@@ -225,3 +225,30 @@ def test_not_a_plan_is_refused():
         apply(make_model("llama"), {"schema": "memtrain.profile", "layers": []})
     with pytest.raises(MemtrainError, match="cannot apply"):
         apply(make_model("llama"), 42)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        LayerPolicy(keep=0.25, swap={"cpu": 0.75}),
+        LayerPolicy(keep=0.0, full_recompute=True, input_checkpoint={"cpu": 1.0}),
+        LayerPolicy(keep=0.0, swap={"cpu": 0.5}, recompute=0.5, input_checkpoint={"cpu": 1.0}),
+    ],
+    ids=["swap", "full_recompute", "tokenwise"],
+)
+def test_pool_sized_from_profile_matches_what_moves(layer, tmp_path):
+    """With the profiler's result the pools are sized to what this executor really moves."""
+    from memtrain.profile import profile_causal_lm
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY["llama"]))
+    profile = profile_causal_lm(str(config), seq=SEQ, dtype="fp32", optimizer="sgd", device="cpu")
+    policy = OffloadPolicy({f"block.{i}": layer for i in range(2)})
+    model = make_model("llama")
+    ids = batch("llama")
+    with apply(model, policy, profile=profile) as handle:
+        model(input_ids=ids, labels=ids).loss.backward()
+        stats = handle.stats()
+    expected = stats["expected_host_bytes"]["cpu"]
+    assert stats["totals"]["cpu"] == pytest.approx(expected, rel=0.1)
+    assert stats["pools"]["cpu"]["capacity"] >= expected

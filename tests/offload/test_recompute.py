@@ -111,3 +111,19 @@ def test_chunk_ranges_cover_exactly():
     assert chunk_ranges(0, 10, 3) == [(0, 3), (3, 6), (6, 10)]
     assert chunk_ranges(5, 7, 4) == [(5, 6), (6, 7)]
     assert chunk_ranges(3, 3, 2) == []
+
+
+def test_tokenwise_with_repeated_kv_heads(llama_reference, monkeypatch):
+    """Where the fused kernel cannot take fewer k/v heads, k and v are repeated per group."""
+    from memtrain.offload import memo
+
+    original = memo.LlamaBlockParts.__init__
+
+    def no_native_gqa(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.native_gqa = False
+
+    monkeypatch.setattr(memo.LlamaBlockParts, "__init__", no_native_gqa)
+    model = make_model("llama")
+    with apply(model, OffloadPolicy(_blocks(lambda: LayerPolicy(keep=0.5, recompute=0.5)))):
+        assert_close(llama_reference, train(model, batch("llama")), REL)

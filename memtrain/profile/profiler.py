@@ -343,7 +343,6 @@ def profile_model(
     token_dims = infer_token_dims(shapes, seq, batch, perturbed)
     saved = to_saved_tensors(records, token_dims)
 
-
     layer_profiles: list[LayerProfile] = []
     for index, stats in enumerate(scopes.stats):
         mine = [o for o in owned if o.layer == index]
@@ -366,8 +365,22 @@ def profile_model(
                 backward_transient_bytes=max(0, stats.backward_transient - layer_grads),
                 forward_flops=stats.forward_flops,
                 backward_flops=stats.backward_flops,
-                forward_time_s=stats.forward_estimate_s if dry else stats.forward_time_s,
-                backward_time_s=stats.backward_estimate_s if dry else stats.backward_time_s,
+                forward_time_s=(
+                    max(
+                        stats.forward_estimate_s,
+                        stats.forward_kernels * device_spec.host_forward_op_s,
+                    )
+                    if dry
+                    else stats.forward_time_s
+                ),
+                backward_time_s=(
+                    max(
+                        stats.backward_estimate_s,
+                        stats.backward_kernels * device_spec.host_backward_op_s,
+                    )
+                    if dry
+                    else stats.backward_time_s
+                ),
                 param_count=sum(o.param.numel() for o in mine),
             )
         )

@@ -155,7 +155,11 @@ class OpTracker(TorchDispatchMode):
         seconds = moved / self.spec.achievable_hbm_bandwidth
         if flops:
             elem = min((t.element_size() for t in tensors if t.is_floating_point()), default=2)
-            seconds = max(seconds, flops / self.spec.matmul_rate(elem))
+            if func._overloadpacket.__name__.startswith("_scaled_dot_product_"):
+                rate = self.spec.attention_rate(elem)
+            else:
+                rate = self.spec.matmul_rate(elem)
+            seconds = max(seconds, flops / rate)
         return seconds + KERNEL_LAUNCH_S
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

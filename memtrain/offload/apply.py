@@ -9,6 +9,7 @@ Everything is undone by :meth:`OffloadHandle.remove`; nothing in the model's cod
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -295,6 +296,20 @@ class OffloadHandle:
         if state is not None and state.scopes:
             state.scopes.pop().__exit__(None, None, None)
         self.engine.finish_forward()
+        unwinding = sys.exc_info()[0] is not None  # forward raised: say nothing more
+        if torch.is_grad_enabled() and not in_backward() and not unwinding:
+            skipped = [
+                name
+                for name, state in self._states.items()
+                if state.step != self.engine.step
+                and (name == LOSS or self.policy.layers[name].mode != "keep")
+            ]
+            if skipped:
+                raise MemtrainError(
+                    f"layers {', '.join(skipped[:3])} never ran in this forward, so their planned "
+                    "decisions were not executed (a patched forward, e.g. a fused loss, bypasses "
+                    "them); plan them as keep"
+                )
         return None
 
     def _layer_pre(self, state: LayerState):

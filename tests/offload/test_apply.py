@@ -252,3 +252,15 @@ def test_pool_sized_from_profile_matches_what_moves(layer, tmp_path):
     expected = stats["expected_host_bytes"]["cpu"]
     assert stats["totals"]["cpu"] == pytest.approx(expected, rel=0.1)
     assert stats["pools"]["cpu"]["capacity"] >= expected
+
+
+def test_decision_for_a_layer_that_never_runs_is_an_error():
+    """A fused loss bypasses the LM head: its planned swap cannot happen, and that is said."""
+    from memtrain.kernels import patch_causal_lm_loss
+
+    model = patch_causal_lm_loss(make_model("llama"))
+    ids = batch("llama")
+    policy = OffloadPolicy({"lm_head": LayerPolicy(keep=0.0, swap={"cpu": 1.0})})
+    with apply(model, policy, host_pool_bytes={"cpu": 1 << 20}):
+        with pytest.raises(MemtrainError, match="lm_head never ran"):
+            model(input_ids=ids, labels=ids)

@@ -99,6 +99,7 @@ class OffloadHandle:
         self.removed = False
         self._installed = _Installed()
         self._states: dict[str, LayerState] = {}
+        self._modes: dict[str, str] = {}  # how each layer is executed
         self.optimizer_attached = False
         self._cleanups: list[Any] = []
         self.steps = 0
@@ -176,11 +177,14 @@ class OffloadHandle:
             if policy is None:
                 continue
             mode = policy.mode
+            if mode == "full_recompute" and policy.stores_more_than_input and _memo_ok(modules):
+                mode = "tokenwise"
             shares = policy.stored_shares()
             if mode == "full_recompute":
                 shares = policy.checkpoint_shares()
             state = LayerState(name, shares)
             self._states[name] = state
+            self._modes[name] = mode
             if policy.chunks > 1 and mode != "tokenwise":
                 self._tile_mlp(name, modules, policy.chunks)
             if mode == "full_recompute":
@@ -213,6 +217,7 @@ class OffloadHandle:
             )
         state = LayerState(LOSS, policy.stored_shares())
         self._states[LOSS] = state
+        self._modes[LOSS] = "swap"
         last = list(self.layers.values())[-1]
         opener = self._layer_pre(state)
         for module in last:
@@ -233,7 +238,7 @@ class OffloadHandle:
 
         forward = tokenwise_forward(
             parts,
-            stored_fraction=max(0.0, 1.0 - policy.recompute),
+            stored_fraction=1.0 - policy.token_fraction,
             chunks=policy.chunks,
             anchor_context=scoped(anchor),
             stored_context=scoped(stored),
@@ -301,8 +306,7 @@ class OffloadHandle:
             skipped = [
                 name
                 for name, state in self._states.items()
-                if state.step != self.engine.step
-                and (name == LOSS or self.policy.layers[name].mode != "keep")
+                if state.step != self.engine.step and self._modes.get(name, "swap") != "keep"
             ]
             if skipped:
                 raise MemtrainError(
@@ -342,6 +346,7 @@ class OffloadHandle:
     def stats(self) -> dict[str, Any]:
         """Bytes each layer put in each place in the last step, and pool/NVMe usage."""
         return {
+            "modes": dict(self._modes),
             "expected_host_bytes": dict(self.expected_host_bytes),
             "layers": {name: dict(state.stats) for name, state in self._states.items()},
             "totals": dict(self.engine.totals),
@@ -389,6 +394,12 @@ class OffloadHandle:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _memo_ok(modules: list[nn.Module]) -> bool:
+    from memtrain.offload.memo import SUPPORTED
+
+    return len(modules) == 1 and type(modules[0]).__name__ in SUPPORTED
 
 
 def _checkpointed(forward):

@@ -27,8 +27,10 @@ class LayerPolicy:
 
     keep: float = 1.0
     swap: dict[str, float] = field(default_factory=dict)  # host tier -> token share
-    recompute: float = 0.0  # token share whose token-local work is recomputed (MEMO)
-    full_recompute: bool = False  # non-reentrant checkpoint of the whole layer instead
+    recompute: float = 0.0  # share of token-dim bytes recomputed (the plan's number)
+    full_recompute: bool = False  # recompute everything that is not stored
+    recompute_tokens: float | None = None  # token share whose token-local work is recomputed
+    # (MEMO); None: equal to ``recompute``
     input_checkpoint: dict[str, float] = field(default_factory=dict)  # where a recomputed
     # layer's input is stored (gpu or a host tier -> share); empty: like keep/swap
     chunks: int = 1  # sequence chunks of token-local work (MLP)
@@ -60,6 +62,19 @@ class LayerPolicy:
             place = getattr(self, what)
             if place not in PLACES:
                 raise ConfigError(f"layer {name}: {what} on {place!r}; use gpu, cpu, cxl or nvme")
+
+    @property
+    def token_fraction(self) -> float:
+        """Share of tokens whose token-local work is recomputed."""
+        if self.recompute_tokens is not None:
+            return min(1.0, max(0.0, self.recompute_tokens))
+        return 1.0 if self.full_recompute else min(1.0, self.recompute)
+
+    @property
+    def stores_more_than_input(self) -> bool:
+        """A recomputed layer that still stores some of its saved tensors (e.g. the attention
+        output a plan marks as always stored): executed token-wise, not by a checkpoint."""
+        return self.full_recompute and self.keep + sum(self.swap.values()) > _TOLERANCE
 
     @property
     def mode(self) -> str:
@@ -144,13 +159,20 @@ def _shares(entry: Mapping[str, Any], key: str) -> dict[str, float]:
 
 def layer_policy_from_entry(entry: Mapping[str, Any]) -> LayerPolicy:
     """One plan layer (``Plan.to_dict()['layers'][i]``) as a :class:`LayerPolicy`."""
+    checkpoint = _shares(entry, "input_checkpoint")
     try:
+        recompute = float(entry.get("recompute", 0.0))
+        # The plan's recompute share counts bytes; the tokens whose input it stores for
+        # recompute say which token share is recomputed (they differ where some bytes, such as
+        # the attention output, are always stored).
+        tokens = min(1.0, sum(checkpoint.values())) if checkpoint and recompute > 0 else None
         return LayerPolicy(
             keep=float(entry.get("keep", 1.0)),
             swap=_shares(entry, "swap"),
-            recompute=float(entry.get("recompute", 0.0)),
+            recompute=recompute,
             full_recompute=bool(entry.get("full_recompute", False)),
-            input_checkpoint=_shares(entry, "input_checkpoint"),
+            input_checkpoint=checkpoint,
+            recompute_tokens=tokens,
             chunks=int(entry.get("chunks", 1)),
             params=str(entry.get("params", "gpu")),
             grads=str(entry.get("grads", "gpu")),
@@ -228,15 +250,18 @@ def executed_host_bytes(policy: OffloadPolicy, profile: Any) -> dict[str, int]:
         token = [t for t in layer.saved_tensors if t.token_dim is not None]
         token_bytes = sum(t.nbytes for t in token)
         mode = entry.mode
-        if mode == "swap":
-            add(entry.stored_shares(), token_bytes)
-        elif mode == "full_recompute":
-            add(entry.checkpoint_shares(), layer.input_bytes)
-        elif mode == "tokenwise":
+        tokenwise = mode == "tokenwise" or (
+            mode == "full_recompute" and entry.stores_more_than_input and layer.kind == "block"
+        )
+        if tokenwise:
             attention = sum(
                 t.nbytes for t in token if any(m in t.op.lower() for m in ATTENTION_MARKERS)
             )
-            rho = min(1.0, entry.recompute)
-            add(entry.stored_shares(), (1 - rho) * token_bytes)
+            rho = entry.token_fraction
+            add(entry.stored_shares(), (1 - rho) * (token_bytes - attention))
             add(entry.checkpoint_shares(), rho * layer.input_bytes + attention)
+        elif mode == "swap":
+            add(entry.stored_shares(), token_bytes)
+        elif mode == "full_recompute":
+            add(entry.checkpoint_shares(), layer.input_bytes)
     return {t: int(math.ceil(v)) for t, v in out.items() if v > 0}

@@ -86,7 +86,7 @@ class Packed:
         self.engine = engine
         self.layer = layer
         self.shape = tuple(tensor.shape)
-        self.stride = torch.empty_like(tensor, device="meta").stride()
+        self.stride = tuple(torch.empty_like(tensor, device="meta").stride())
         self.dtype = tensor.dtype
         self.device = tensor.device
         self.dim = dim
@@ -117,6 +117,18 @@ class Packed:
                 piece.block = None
 
 
+class Alias:
+    """A saved view of bytes packed earlier: rebuilt from that tensor on unpack."""
+
+    __slots__ = ("offset", "packed", "shape", "stride")
+
+    def __init__(self, packed: Packed, shape: tuple, stride: tuple, offset: int) -> None:
+        self.packed = packed
+        self.shape = shape
+        self.stride = stride
+        self.offset = offset
+
+
 class SwapEngine:
     """Owns the pools, the NVMe store and the copy streams; packs and unpacks saved tensors."""
 
@@ -136,7 +148,7 @@ class SwapEngine:
         self.excluded: set[int] = set()  # storage pointers never swapped (parameters)
         self.order: list[LayerState] = []
         self.step = 0
-        self._identity: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
+        self._identity: dict[int, list[tuple[weakref.ref, weakref.ref, int, int]]] = {}
         self.totals = {place: 0 for place in ORDER}
 
     # -- step and layer boundaries -------------------------------------------------------
@@ -211,11 +223,9 @@ class SwapEngine:
         if dim is None:
             return tensor
         storage = tensor.untyped_storage()
-        key = (storage._cdata, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
-               tensor.dtype)  # fmt: skip
-        known = self._identity.get(key)
-        if known is not None and known[0]() is storage and known[1]() is not None:
-            return known[1]()  # the same bytes saved again (another view object, or layer)
+        known = self._known(storage, tensor)
+        if known is not None:
+            return known  # bytes already packed in this step (another view, or another layer)
         packed = Packed(self, layer, tensor, dim)
         ranges = cut_points(tensor.shape[dim], shares)
         if self.cuda and any(place != "gpu" for place, _, _ in ranges):
@@ -236,10 +246,40 @@ class SwapEngine:
         if self.cuda and packed.event is not None:
             layer.pending.append((packed.event, tensor))
         layer.packed.append(weakref.ref(packed))
-        # Storage wrappers live as long as the storage (PyObject preservation), so a dead weak
-        # reference means the address may have been reused.
-        self._identity[key] = (weakref.ref(storage), weakref.ref(packed))
+        if packed.stride == tuple(tensor.stride()):  # dense: later views can alias it
+            start = tensor.storage_offset()
+            entry = (weakref.ref(storage), weakref.ref(packed), start, start + tensor.numel())
+            self._identity.setdefault(storage._cdata, []).append(entry)
         return packed
+
+    def _known(self, storage, tensor: torch.Tensor) -> Any:
+        """A packed tensor whose bytes contain ``tensor``'s, as itself or an alias of it.
+
+        Storage wrappers live exactly as long as their storage (PyObject preservation), so a
+        dead weak reference means the address may have been reused: such entries never match.
+        """
+        entries = self._identity.get(storage._cdata)
+        if not entries:
+            return None
+        start = tensor.storage_offset()
+        end = (
+            start
+            + 1
+            + sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride(), strict=True))
+        )
+        for storage_ref, packed_ref, first, last in entries:
+            packed = packed_ref()
+            if storage_ref() is not storage or packed is None or packed.dtype != tensor.dtype:
+                continue
+            if first <= start and end <= last:
+                if (
+                    start == first
+                    and tuple(tensor.shape) == packed.shape
+                    and tuple(tensor.stride()) == packed.stride
+                ):
+                    return packed
+                return Alias(packed, tuple(tensor.shape), tuple(tensor.stride()), start - first)
+        return None
 
     def _to_pool(self, packed: Packed, piece: Piece, source: torch.Tensor) -> None:
         pool = self.pools[piece.place]
@@ -270,6 +310,10 @@ class SwapEngine:
     # -- unpack -------------------------------------------------------------------------
 
     def unpack(self, packed: Any) -> torch.Tensor:
+        if isinstance(packed, Alias):
+            base = self.unpack(packed.packed)
+            offset = base.storage_offset() + packed.offset
+            return base.as_strided(packed.shape, packed.stride, offset)
         if not isinstance(packed, Packed):
             return packed
         earlier = packed._result() if packed._result is not None else None

@@ -250,7 +250,7 @@ def test_pool_sized_from_profile_matches_what_moves(layer, tmp_path):
         model(input_ids=ids, labels=ids).loss.backward()
         stats = handle.stats()
     expected = stats["expected_host_bytes"]["cpu"]
-    assert stats["totals"]["cpu"] == pytest.approx(expected, rel=0.1)
+    assert stats["totals"]["cpu"] == pytest.approx(expected, rel=0.03)
     assert stats["pools"]["cpu"]["capacity"] >= expected
 
 
@@ -264,3 +264,45 @@ def test_decision_for_a_layer_that_never_runs_is_an_error():
     with apply(model, policy, host_pool_bytes={"cpu": 1 << 20}):
         with pytest.raises(MemtrainError, match="lm_head never ran"):
             model(input_ids=ids, labels=ids)
+
+
+def test_plan_recompute_shares_become_token_shares():
+    """A plan counts recompute in bytes; the stored-input share gives the token share."""
+    entry = {
+        "name": "block.0",
+        "keep": 0.0,
+        "swap": {"cpu": 0.2},
+        "recompute": 0.8,
+        "full_recompute": False,
+        "input_checkpoint": {"cpu": 0.85},
+    }
+    from memtrain.offload.policy import layer_policy_from_entry
+
+    policy = layer_policy_from_entry(entry)
+    assert policy.mode == "tokenwise" and policy.token_fraction == pytest.approx(0.85)
+    full = layer_policy_from_entry(
+        {**entry, "keep": 0.05, "swap": {}, "recompute": 0.95, "full_recompute": True,
+         "input_checkpoint": {"gpu": 1.0}}
+    )  # fmt: skip
+    assert full.stores_more_than_input and full.token_fraction == 1.0
+
+
+def test_full_recompute_that_stores_attention_runs_tokenwise(llama_reference):
+    """A plan that recomputes a block fully but stores its attention output is MEMO with every
+    token recomputed; a plain full recompute is a whole-layer checkpoint."""
+    from tests.offload.test_recompute import REL
+
+    model = make_model("llama")
+    policy = OffloadPolicy(
+        {
+            "block.0": LayerPolicy(keep=0.1, recompute=0.9, full_recompute=True),
+            "block.1": LayerPolicy(keep=0.0, recompute=1.0, full_recompute=True),
+        }
+    )
+    with apply(model, policy) as handle:
+        trace = train(model, batch("llama"))
+        modes = handle.stats()["modes"]
+    assert modes["block.0"] == "tokenwise" and modes["block.1"] == "full_recompute"
+    from tests.offload.conftest import assert_close
+
+    assert_close(llama_reference, trace, REL)

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from memtrain.models import build_causal_lm, load_config
-from memtrain.optim import GaLoreAdamW, lowrank_targets, register_step_in_backward
+from memtrain.optim import GaLoreAdamW, lowrank_targets, register_step_in_backward, subspace
+from memtrain.optim.galore_adamw import refresh_due
 from memtrain.optim.lowrank import projection_side, projection_to_basis
 from memtrain.optim.subspace import captured_energy, subspace_iteration
 from memtrain.profile.optimizer_state import measured_state_bytes
@@ -115,8 +116,11 @@ def force_refresh(optimizer: GaLoreAdamW, gap: int) -> None:
                 optimizer.state[p]["step"].fill_(gap * 10)
 
 
-def run_optimizer(name: str, make, model, args, results: dict[str, Any]) -> None:
+def run_optimizer(name: str, make, model, args, results: dict[str, Any], new_gradient=None) -> None:
+    """First step, ordinary steps and (for ours) warm refreshes, each on a fresh gradient
+    from the next text window, so the previous basis is one batch out of date."""
     optimizer = make()
+    fallbacks = subspace.CHOLQR_FALLBACKS
     first_s, first_peak = step_peak(optimizer)
     row: dict[str, Any] = {"first_step_s": first_s, "first_step_peak_gib": first_peak / GIB}
     row["ordinary_step_s"] = ordinary_steps(optimizer, args.steps)
@@ -124,8 +128,10 @@ def run_optimizer(name: str, make, model, args, results: dict[str, Any]) -> None
     if isinstance(optimizer, GaLoreAdamW):
         refresh = []
         for _ in range(args.refreshes):
+            new_gradient()
             force_refresh(optimizer, args.gap)
             refresh.append(step_peak(optimizer))
+        row["cholqr_fallbacks"] = subspace.CHOLQR_FALLBACKS - fallbacks
         row["warm_refresh_step_s"] = statistics.median(t for t, _ in refresh)
         row["warm_refresh_peak_gib"] = max(p for _, p in refresh) / GIB
         row["state_bytes"] = optimizer.state_bytes()
@@ -156,6 +162,10 @@ def text_windows(seq: int, seed: int = 0):
     while True:
         start = int(torch.randint(0, corpus.numel() - seq - 1, (1,), generator=gen))
         yield corpus[start : start + seq].long()[None]
+
+
+def grad_dtype(param: torch.Tensor) -> torch.dtype:
+    return param.grad.dtype
 
 
 def sides_and_mats(params: list[torch.Tensor]) -> list[tuple[torch.Tensor, str]]:
@@ -192,14 +202,10 @@ def energy_study(model, backward, windows, args, results: dict[str, Any]) -> Non
     cold_variants = {
         "cold: 4 iterations (default)": dict(iters=4),
         "cold: 2 iterations": dict(iters=2),
-        "cold: 6 iterations": dict(iters=6),
-        "cold: 3 iterations + 32 extra columns": dict(iters=3, oversample=32),
     }
     warm_variants = {
         "warm: 1 iteration": dict(iters=1),
         "warm: 2 iterations (default)": dict(iters=2),
-        "warm: 3 iterations": dict(iters=3),
-        "warm: 2 iterations + 32 extra columns": dict(iters=2, oversample=32),
     }
     study: dict[str, Any] = {"train_steps_between_refreshes": gap, "train_lr": args.train_lr}
     losses = []
@@ -229,6 +235,24 @@ def energy_study(model, backward, windows, args, results: dict[str, Any]) -> Non
         seconds = timed(optimizer.step)
         if step == 0:
             study["cold refresh step (batched, whole model) s"] = seconds
+    group = next(g for g in optimizer.param_groups if "rank" in g)
+    stale = [optimizer.state[p]["projection"].clone() for p in sample]
+    fallbacks = subspace.CHOLQR_FALLBACKS
+    refresh_times = []
+    for _ in range(args.refreshes):  # the refresh alone, from the same out-of-date bases
+        for p, old in zip(sample, stale, strict=True):
+            optimizer.state[p]["projection"].copy_(old)
+
+        def refresh(group=group, optimizer=optimizer) -> None:
+            refresh_due(optimizer, group, group["params"], dtype_of=grad_dtype)
+
+        refresh_times.append(timed(refresh))
+    study["warm refresh alone (batched, whole model, 50 steps of drift) s"] = statistics.median(
+        refresh_times
+    )
+    study["cholqr fallbacks in those refreshes"] = subspace.CHOLQR_FALLBACKS - fallbacks
+    for p, old in zip(sample, stale, strict=True):
+        optimizer.state[p]["projection"].copy_(old)
     seconds = timed(optimizer.step)
     study["warm refresh step (batched, whole model) s"] = seconds
     bases = [
@@ -264,15 +288,18 @@ def full_step_memory(model, backward, windows, args, results: dict[str, Any]) ->
     ]:
         optimizer = make()
         handle = register_step_in_backward(model, optimizer) if inside else None
-        times, peaks = [], []
+        times, peaks, after = [], [], []
         for i in range(4):
             tokens = next(windows)
             model.zero_grad(set_to_none=True)
             sync()
             torch.cuda.reset_peak_memory_stats()
 
-            def one_step(tokens=tokens, optimizer=optimizer, handle=handle) -> None:
+            held: dict[str, int] = {}
+
+            def one_step(tokens=tokens, optimizer=optimizer, handle=handle, held=held) -> None:
                 backward(tokens, zero=False)
+                held["after_backward"] = torch.cuda.memory_allocated()
                 if handle is None:
                     optimizer.step()
 
@@ -280,10 +307,15 @@ def full_step_memory(model, backward, windows, args, results: dict[str, Any]) ->
             if i >= 2:  # after the cold refresh and allocation of states
                 times.append(seconds)
                 peaks.append(torch.cuda.max_memory_allocated())
+                after.append(held["after_backward"])
         if handle is not None:
             handle.remove()
         model.zero_grad(set_to_none=True)
-        rows[label] = {"step_s": statistics.median(times), "peak_gib": max(peaks) / GIB}
+        rows[label] = {
+            "step_s": statistics.median(times),
+            "peak_gib": max(peaks) / GIB,
+            "allocated_after_backward_gib": max(after) / GIB,
+        }
         print("full step", label, json.dumps(rows[label]), flush=True)
         del optimizer
         torch.cuda.empty_cache()
@@ -328,6 +360,7 @@ def main() -> None:
         "model": args.model,
         "params": sum(p.numel() for p in model.parameters()),
         "projected_params": sum(p.numel() for _, p in lowrank_targets(model)),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "args": vars(args),
         "optimizers": {},
     }
@@ -353,9 +386,6 @@ def main() -> None:
         "memtrain GaLoreAdamW (default: 2 warm iterations, cholqr)": {},
         "memtrain GaLoreAdamW (1 warm iteration, cholqr)": {"proj_iters": 1},
         "memtrain GaLoreAdamW (2 warm iterations, Householder qr)": {"proj_orth": "qr"},
-        "memtrain GaLoreAdamW (2 warm iterations, cholqr, 32 extra columns)": {
-            "proj_oversample": 32
-        },
     }.items():
         run_optimizer(
             label,
@@ -363,6 +393,7 @@ def main() -> None:
             model,
             args,
             results,
+            new_gradient=lambda: backward(next(windows)),
         )
     reference = None if args.skip_galore_torch else load_galore_torch()
     if reference is not None:

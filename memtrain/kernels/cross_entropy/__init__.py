@@ -138,7 +138,8 @@ def linear_cross_entropy(
     :func:`default_filter_eps`): faster on peaked softmaxes, not exact. It is off by default, is
     ignored with label smoothing (whose gradient is dense), and the torch path is always exact.
     ``impl`` picks "triton" (CUDA, or the interpreter), "torch" (chunked) or "auto".
-    ``workspace_bytes`` bounds the Triton backward's scratch memory (default 64 MiB).
+    ``workspace_bytes`` bounds the Triton backward's scratch memory (default 64 MiB exact,
+    256 MiB filtered); smaller is slower (more, smaller chunks), see docs/benchmarks.md.
     """
     _validate(hidden, weight, labels, bias, reduction, label_smoothing, softcap, impl)
     runnable = triton_available(hidden.device) and hidden.dtype in _TRITON_DTYPES
@@ -156,6 +157,7 @@ def linear_cross_entropy(
     softcap = float(softcap) if softcap is not None else None
     if use_triton:
         from memtrain.kernels.cross_entropy.triton_function import (
+            DEFAULT_FILTER_WORKSPACE_BYTES,
             DEFAULT_WORKSPACE_BYTES,
             TritonLinearCrossEntropy,
         )
@@ -167,7 +169,8 @@ def linear_cross_entropy(
             )
         losses = TritonLinearCrossEntropy.apply(
             flat_hidden, weight, bias, targets, softcap, float(label_smoothing), eps,
-            workspace_bytes or DEFAULT_WORKSPACE_BYTES,
+            workspace_bytes
+            or (DEFAULT_WORKSPACE_BYTES if eps is None else DEFAULT_FILTER_WORKSPACE_BYTES),
         )  # fmt: skip
     else:
         losses = ChunkedLinearCrossEntropy.apply(

@@ -18,7 +18,10 @@ from memtrain.kernels.cross_entropy.triton_bwd import backward_grads
 from memtrain.kernels.cross_entropy.triton_fwd import forward_row_stats
 
 # Workspace of the backward pass (logits-gradient chunk + float32 hidden-gradient accumulator).
+# The filtered path has more fixed cost per chunk (block lists, two sparse launches), so larger
+# chunks pay off there: on an H100 at N=8192, V=256000 it ran 47 ms with 256 MiB, 53 with 64.
 DEFAULT_WORKSPACE_BYTES = 64 * 1024 * 1024
+DEFAULT_FILTER_WORKSPACE_BYTES = 256 * 1024 * 1024
 # Problems smaller than this many logits run the first candidate without timing the others.
 TUNE_MIN_LOGITS = 1 << 26
 

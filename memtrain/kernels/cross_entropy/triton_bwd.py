@@ -6,10 +6,11 @@ rows x vocabulary at a time and written to a reusable workspace. It is then cont
 input gradients by matrix products: ``dH += dZ @ W[chunk]`` (float32 accumulator across vocabulary
 chunks) and ``dW[chunk] (+)= dZ.T @ H[rows]``. The workspace, not N x V, bounds the memory.
 
-With the gradient filter on, the kernel also marks each ``BLOCK_M x BLOCK_V`` block that holds a
-target or a softmax probability of at least ``eps``; unmarked blocks are zeroed, and two
-block-sparse Triton products skip them, which saves most of the matrix work when the softmax is
-peaked. Without the filter the products go to the vendor BLAS and nothing is skipped.
+With the gradient filter on, the kernel also marks each ``BLOCK_M x BLOCK_V`` block that holds
+neither a target nor a softmax probability of at least ``eps``; such blocks count as zero, and
+the block-sparse products of ``triton_sparse`` skip them, which saves most of the matrix work
+when the softmax is peaked. Without the filter the products go to the vendor BLAS and nothing
+is skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memtrain.kernels.cross_entropy.triton_sparse import sparse_products
 from memtrain.kernels.cross_entropy.triton_tiles import logits_tile
 
 
@@ -95,131 +97,6 @@ def _grad_logits_kernel(
             tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _sparse_dz_weight_kernel(
-    dz_ptr,
-    weight_ptr,
-    acc_ptr,
-    flags_ptr,
-    order_ptr,
-    n_rows,
-    n_cols,
-    dim,
-    stride_dz,
-    stride_w,
-    stride_acc,
-    stride_flags,
-    stride_order_row,
-    stride_order_col,
-    FLAG_SPAN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """``acc[rows] += dZ[rows] @ W[chunk]`` over the marked blocks of each row block only.
-
-    ``order[m]`` lists row block ``m``'s vocabulary blocks, kept ones (flag 0) first.
-    """
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    span = tl.arange(0, FLAG_SPAN)
-    n_blocks = tl.cdiv(n_cols, BLOCK_V)
-    dead = tl.load(flags_ptr + pid_m * stride_flags + span, mask=span < n_blocks, other=1)
-    n_live = tl.sum(1 - dead)
-    if n_live > 0:
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        row_mask = rows < n_rows
-        d_mask = offs_d < dim
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for i in range(0, n_live):
-            vb = tl.load(order_ptr + pid_m * stride_order_row + i * stride_order_col)
-            cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-            col_mask = cols < n_cols
-            a = tl.load(
-                dz_ptr + rows[:, None].to(tl.int64) * stride_dz + cols[None, :],
-                mask=row_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                weight_ptr + cols[:, None].to(tl.int64) * stride_w + offs_d[None, :],
-                mask=col_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-        out_ptrs = acc_ptr + rows[:, None].to(tl.int64) * stride_acc + offs_d[None, :]
-        out_mask = row_mask[:, None] & d_mask[None, :]
-        acc += tl.load(out_ptrs, mask=out_mask, other=0.0)
-        tl.store(out_ptrs, acc, mask=out_mask)
-
-
-@triton.jit
-def _sparse_dz_hidden_kernel(
-    dz_ptr,
-    hidden_ptr,
-    out_ptr,
-    flags_ptr,
-    order_ptr,
-    n_rows,
-    n_cols,
-    dim,
-    stride_dz,
-    stride_h,
-    stride_out,
-    stride_flags,
-    stride_order_row,
-    stride_order_col,
-    FLAG_SPAN: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """``out[chunk] (+)= dZ.T @ H[rows]`` over the marked blocks of each vocabulary block only.
-
-    ``order[v]`` lists vocabulary block ``v``'s row blocks, kept ones (flag 0) first.
-    """
-    pid_v = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    span = tl.arange(0, FLAG_SPAN)
-    n_blocks = tl.cdiv(n_rows, BLOCK_M)
-    dead = tl.load(flags_ptr + span * stride_flags + pid_v, mask=span < n_blocks, other=1)
-    n_live = tl.sum(1 - dead)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_mask = cols < n_cols
-    d_mask = offs_d < dim
-    acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
-    for i in range(0, n_live):
-        mb = tl.load(order_ptr + pid_v * stride_order_row + i * stride_order_col)
-        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < n_rows
-        a = tl.load(
-            dz_ptr + rows[:, None].to(tl.int64) * stride_dz + cols[None, :],
-            mask=row_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            hidden_ptr + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
-            mask=row_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(tl.trans(a), b, acc)
-    out_ptrs = out_ptr + cols[:, None].to(tl.int64) * stride_out + offs_d[None, :]
-    out_mask = col_mask[:, None] & d_mask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def plan_chunks(
@@ -381,7 +258,7 @@ def backward_grads(
             if need_b:
                 grad_bias[c0:c1] += chunk.sum(0, dtype=torch.float32)
             if use_filter:
-                _sparse_products(
+                sparse_products(
                     chunk, flags, hidden[r0:r1], weight[c0:c1], acc,
                     grad_weight[c0:c1] if need_w else None, r0 > 0, config,
                 )  # fmt: skip
@@ -405,46 +282,3 @@ def backward_grads(
     if need_b:
         grad_bias = grad_bias.to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias
-
-
-def _sparse_products(
-    chunk: torch.Tensor,
-    flags: torch.Tensor,
-    hidden_rows: torch.Tensor,
-    weight_cols: torch.Tensor,
-    acc: torch.Tensor | None,
-    grad_weight_cols: torch.Tensor | None,
-    accumulate: bool,
-    config: dict,
-) -> None:
-    nr, nc = chunk.shape
-    dim = hidden_rows.shape[1]
-    block_m, block_v = config["BLOCK_M"], config["BLOCK_V"]
-    # Two operand tiles per pipeline stage must fit in shared memory (228 KB on Hopper).
-    large = block_m * block_v > 128 * 128
-    block_d = config["SPARSE_BLOCK_D"] // 2 if large else config["SPARSE_BLOCK_D"]
-    live = flags[: triton.cdiv(nr, block_m), : triton.cdiv(nc, block_v)]
-    warps = config["sparse_num_warps"]
-    stages = min(2, config["sparse_num_stages"]) if large else config["sparse_num_stages"]
-    upcast = config["upcast"] and chunk.dtype == torch.bfloat16
-    span = triton.next_power_of_2(max(live.shape))
-    if acc is not None:
-        order = torch.argsort(live, dim=1, stable=True)
-        grid = (live.shape[0], triton.cdiv(dim, block_d))
-        _sparse_dz_weight_kernel[grid](
-            chunk, weight_cols, acc, live, order, nr, nc, dim,
-            chunk.stride(0), weight_cols.stride(0), acc.stride(0), live.stride(0),
-            order.stride(0), order.stride(1), FLAG_SPAN=span,
-            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, UPCAST=upcast,
-            num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-    if grad_weight_cols is not None:
-        order = torch.argsort(live.t(), dim=1, stable=True)
-        grid = (live.shape[1], triton.cdiv(dim, block_d))
-        _sparse_dz_hidden_kernel[grid](
-            chunk, hidden_rows, grad_weight_cols, live, order, nr, nc, dim,
-            chunk.stride(0), hidden_rows.stride(0), grad_weight_cols.stride(0), live.stride(0),
-            order.stride(0), order.stride(1), FLAG_SPAN=span,
-            ACCUMULATE=accumulate, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d,
-            UPCAST=upcast, num_warps=warps, num_stages=stages,
-        )  # fmt: skip

@@ -1,10 +1,10 @@
 """Triton building blocks shared by the forward and backward kernels.
 
 A tile of logits ``hidden[rows] @ weight[cols].T`` is computed in float32 registers by a loop
-over the hidden dimension, then biased and softcapped. ``UPCAST`` turns the operands to float32 before the product; the CPU
-interpreter needs it for bf16, whose products it gets wrong. Row and column indices past the end are
+over the hidden dimension, then biased and softcapped. Row and column indices past the end are
 clamped to the last valid one (so every load is in bounds and unmasked); callers mask the
-results instead.
+results instead. ``UPCAST`` turns the operands to float32 before the product: Triton's CPU
+interpreter gets bf16 products wrong.
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ def _resolve_layers(
 
 
 LOSS = "loss"  # the profiler's name for the model's forward after its last layer (the loss)
+HEAD = "lm_head"
+TAIL = "lm_head+loss"  # with a fused loss, the head's input and the loss are saved together
 
 
 def _check_names(policy: OffloadPolicy, names: set[str], from_plan: bool) -> None:
@@ -100,6 +102,8 @@ class OffloadHandle:
         self._installed = _Installed()
         self._states: dict[str, LayerState] = {}
         self._modes: dict[str, str] = {}  # how each layer is executed
+        # memtrain.kernels.patch_causal_lm_loss leaves this attribute on the model
+        self.fused_loss = hasattr(model, "_memtrain_stock_forward")
         self.optimizer_attached = False
         self._cleanups: list[Any] = []
         self.steps = 0
@@ -174,8 +178,8 @@ class OffloadHandle:
         self._installed.hooks.extend(model_hooks)
         for name, modules in self.layers.items():
             policy = self.policy.layers.get(name)
-            if policy is None:
-                continue
+            if policy is None or (self.fused_loss and name == HEAD):
+                continue  # a fused loss bypasses the head: its decision goes to the tail
             mode = policy.mode
             if mode == "full_recompute" and policy.stores_more_than_input and _memo_ok(modules):
                 mode = "tokenwise"
@@ -206,21 +210,33 @@ class OffloadHandle:
 
     def _install_loss_scope(self) -> None:
         """The loss runs in the model's forward after the last layer: its scope opens when the
-        last layer returns and closes when the model's forward does."""
-        policy = self.policy.layers.get(LOSS)
-        if policy is None or policy.mode == "keep":
+        last layer returns and closes when the model's forward does.
+
+        With a fused linear cross-entropy (``patch_causal_lm_loss``) the head never runs as a
+        module: the fused loss saves the head's input and the log-sum-exp after the final norm,
+        so the head's and the loss's decisions apply to that tail together.
+        """
+        names = [LOSS]
+        last_layers = list(self.layers)
+        if self.fused_loss and HEAD in self.layers:
+            names = [HEAD, LOSS]
+            last_layers.remove(HEAD)
+        policies = [self.policy.layers[n] for n in names if n in self.policy.layers]
+        active = [p for p in policies if p.mode != "keep"]
+        if not active or not last_layers:
             return
-        if policy.mode != "swap" or policy.chunks > 1:
+        if any(p.mode != "swap" or p.chunks > 1 for p in active):
             raise MemtrainError(
-                "the plan recomputes or tiles the loss; this executor can keep or swap its saved "
-                "tensors only (use a fused linear cross-entropy, which stores no logits)"
+                f"the plan recomputes or tiles {' and '.join(names)}; this executor can keep or "
+                "swap the loss's saved tensors only"
             )
-        state = LayerState(LOSS, policy.stored_shares())
-        self._states[LOSS] = state
-        self._modes[LOSS] = "swap"
-        last = list(self.layers.values())[-1]
+        state = LayerState(TAIL if len(names) > 1 else LOSS, active[0].stored_shares())
+        self._states[state.name] = state
+        self._modes[state.name] = "swap"
+        for name in names:
+            self._modes.setdefault(name, "swap")
         opener = self._layer_pre(state)
-        for module in last:
+        for module in self.layers[last_layers[-1]]:
             self._installed.hooks.append(
                 module.register_forward_hook(lambda m, a, o: opener(m, a), always_call=True)
             )
@@ -297,9 +313,10 @@ class OffloadHandle:
         return None
 
     def _model_post(self, module, args, output):
-        state = self._states.get(LOSS)
-        if state is not None and state.scopes:
-            state.scopes.pop().__exit__(None, None, None)
+        for name in (LOSS, TAIL):
+            state = self._states.get(name)
+            if state is not None and state.scopes:
+                state.scopes.pop().__exit__(None, None, None)
         self.engine.finish_forward()
         unwinding = sys.exc_info()[0] is not None  # forward raised: say nothing more
         if torch.is_grad_enabled() and not in_backward() and not unwinding:

@@ -119,16 +119,18 @@ def test_plan_dict_and_file_are_applied(llama_reference, tmp_path):
     assert_identical(llama_reference, trace)
 
 
-def test_plan_from_the_planner_runs_exactly(llama_reference, tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["stock_loss", "fused_loss"])
+def test_plan_from_the_planner_runs_exactly(fused, llama_reference, tmp_path):
     """Profile the tiny model, plan it into the least GPU memory that fits, execute the plan."""
     from memtrain.hardware.tiers import load_hardware
+    from memtrain.kernels import patch_causal_lm_loss
     from memtrain.planner.plan import PlanInfeasible, PlanOptions, make_plan
     from memtrain.profile import profile_causal_lm
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY["llama"]))
     profile = profile_causal_lm(str(config), seq=SEQ, dtype="fp32", optimizer="sgd", device="cpu")
-    options = PlanOptions(allow_state_offload=False, fused_loss=False)
+    options = PlanOptions(allow_state_offload=False, fused_loss=fused)
     with pytest.raises(PlanInfeasible) as tight:
         make_plan(profile, load_hardware("h100-sxm-80g", gpu_budget="1MiB", cpu="1GiB"), options)
     budget = int(tight.value.minimum_bytes * 1.01)  # just above the least that fits
@@ -137,11 +139,15 @@ def test_plan_from_the_planner_runs_exactly(llama_reference, tmp_path):
     moved = [e for e in plan.layers if any(v > 0 for v in e["swap"].values())]
     assert moved, "at its minimum budget the planner must swap something"
     model = make_model("llama")
+    reference = llama_reference
+    if fused:
+        patch_causal_lm_loss(model)
+        reference = train(patch_causal_lm_loss(make_model("llama")), batch("llama"))
     with apply(model, plan) as handle:
         trace = train(model, batch("llama"))
         stats = handle.stats()
     if all(e["recompute"] == 0 for e in plan.layers):
-        assert_identical(llama_reference, trace)
+        assert_identical(reference, trace)
     planned = sum(v for v in policy_from_plan(plan).host_bytes.values())
     swapped = sum(v for k, v in stats["totals"].items() if k != "gpu") / len(trace.losses)
     assert swapped == pytest.approx(planned, rel=0.25)
@@ -255,15 +261,35 @@ def test_pool_sized_from_profile_matches_what_moves(layer, tmp_path):
 
 
 def test_decision_for_a_layer_that_never_runs_is_an_error():
-    """A fused loss bypasses the LM head: its planned swap cannot happen, and that is said."""
+    """A planned swap for a module the forward never calls cannot happen, and that is said."""
+    model = make_model("llama")
+    ids = batch("llama")
+    idle = torch.nn.Linear(4, 4)
+    layers = {"block.0": model.model.layers[0], "idle": idle}
+    policy = OffloadPolicy(
+        {
+            "block.0": LayerPolicy(keep=0.0, swap={"cpu": 1.0}),
+            "idle": LayerPolicy(keep=0.0, swap={"cpu": 1.0}),
+        }
+    )
+    with apply(model, policy, layers=layers, host_pool_bytes={"cpu": 1 << 20}):
+        with pytest.raises(MemtrainError, match="idle never ran"):
+            model(input_ids=ids, labels=ids)
+
+
+def test_fused_loss_takes_the_heads_decision(llama_reference):
+    """With the fused loss the head never runs; its input is saved by the loss, which swaps it."""
     from memtrain.kernels import patch_causal_lm_loss
 
+    reference_model = patch_causal_lm_loss(make_model("llama"))
+    reference = train(reference_model, batch("llama"))
     model = patch_causal_lm_loss(make_model("llama"))
-    ids = batch("llama")
     policy = OffloadPolicy({"lm_head": LayerPolicy(keep=0.0, swap={"cpu": 1.0})})
-    with apply(model, policy, host_pool_bytes={"cpu": 1 << 20}):
-        with pytest.raises(MemtrainError, match="lm_head never ran"):
-            model(input_ids=ids, labels=ids)
+    with apply(model, policy, host_pool_bytes={"cpu": 1 << 20}) as handle:
+        trace = train(model, batch("llama"))
+        moved = handle.stats()["layers"]["lm_head+loss"]["cpu"]
+    assert_identical(reference, trace)
+    assert moved >= SEQ * TINY["llama"]["hidden_size"] * 4  # the final hidden states
 
 
 def test_plan_recompute_shares_become_token_shares():

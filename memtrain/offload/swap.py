@@ -324,9 +324,7 @@ class SwapEngine:
             self.prefetch(packed)
         out = packed.ready
         if self.cuda:
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(packed.ready_event)
-            out.record_stream(stream)
+            torch.cuda.current_stream(self.device).wait_event(packed.ready_event)
         for piece in packed.pieces:
             if piece.place == "gpu":
                 out.narrow(packed.dim, piece.start, piece.length).copy_(piece.data)
@@ -355,14 +353,22 @@ class SwapEngine:
                     self.prefetch(packed)
 
     def prefetch(self, packed: Packed) -> None:
-        """Allocate the full tensor and copy the host pieces into it (side stream on a GPU)."""
-        context = torch.cuda.stream(self.h2d) if self.cuda else contextlib.nullcontext()
-        with context:
-            if self.cuda and packed.event is not None:
+        """Allocate the full tensor and copy the host pieces into it (side stream on a GPU).
+
+        The tensor is allocated on the compute stream, so its memory returns to the compute
+        stream's pool (no per-stream fragmentation); the copy stream first waits for the work
+        queued so far, and the block is marked as used by the copy stream until it is done.
+        """
+        out = torch.empty_strided(
+            packed.shape, packed.stride, dtype=packed.dtype, device=packed.device
+        )
+        context = contextlib.nullcontext()
+        if self.cuda:
+            self.h2d.wait_stream(torch.cuda.current_stream(self.device))
+            if packed.event is not None:
                 self.h2d.wait_event(packed.event)
-            out = torch.empty_strided(
-                packed.shape, packed.stride, dtype=packed.dtype, device=packed.device
-            )
+            context = torch.cuda.stream(self.h2d)
+        with context:
             for piece in packed.pieces:
                 if piece.place == "gpu":
                     continue
@@ -376,6 +382,7 @@ class SwapEngine:
                 else:
                     target.copy_(piece.data, non_blocking=self.cuda)
             if self.cuda:
+                out.record_stream(self.h2d)
                 packed.ready_event = torch.cuda.Event()
                 packed.ready_event.record(self.h2d)
         packed.ready = out

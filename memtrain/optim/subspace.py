@@ -214,12 +214,12 @@ def captured_energy(mat: torch.Tensor, basis: torch.Tensor) -> float:
     """||basis^T M||_F^2 divided by the sum of the top-r squared singular values of M.
 
     1.0 means the basis spans an exact top-r left singular subspace; it measures what matters
-    for the optimizer (gradient energy kept) without caring about the basis' rotation.
+    for the optimizer (gradient energy kept) without caring about the basis' rotation. Computed
+    in float64; a basis that is not quite orthonormal (a bf16 projection) can read above 1.
     """
-    mat = mat.float()
-    basis = basis.float()
+    mat = mat.double()  # float64: the ratio is read to 1e-4 and more
+    basis = basis.double()
     rank = basis.shape[-1]
-    with full_float32():
-        kept = (basis.mT @ mat).square().sum()
-        best = torch.linalg.svdvals(mat)[:rank].square().sum()
+    kept = (basis.mT @ mat).square().sum()
+    best = torch.linalg.svdvals(mat)[:rank].square().sum()
     return float(kept / best)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from memtrain.errors import MemtrainError
+from memtrain.optim import subspace
 from memtrain.optim.subspace import (
     captured_energy,
     exact_subspace,
@@ -42,8 +43,30 @@ def test_orthonormalize_keeps_the_span(method: str) -> None:
 def test_cholqr_falls_back_on_rank_deficient_columns() -> None:
     base = torch.randn(50, 3, generator=torch.Generator().manual_seed(1))
     y = torch.cat([base, base[:, :2] * 2.0], dim=1)[None]  # rank 3, 5 columns
+    before = subspace.CHOLQR_FALLBACKS
     q = orthonormalize(y, "cholqr")
     assert orthonormality_error(q) < 1e-5
+    assert subspace.CHOLQR_FALLBACKS == before + 1  # counted, not silent
+
+
+def test_refresh_runs_in_full_float32_and_restores_the_setting() -> None:
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        seen = []
+        real = subspace._products
+
+        def spy(*args, **kwargs):
+            seen.append(torch.get_float32_matmul_precision())
+            return real(*args, **kwargs)
+
+        subspace._products = spy
+        subspace_iteration([decaying(20, 10, seed=0)], 2, iters=1)
+        assert seen and set(seen) == {"highest"}
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        subspace._products = real
+        torch.set_float32_matmul_precision(before)
 
 
 def test_unknown_orthonormalizer_is_a_clear_error() -> None:

@@ -245,19 +245,21 @@ class OffloadHandle:
         self, name: str, module: nn.Module, policy: LayerPolicy, state: LayerState
     ) -> None:
         parts = LlamaBlockParts(module, name)
-        anchor = policy.checkpoint_shares()
-        stored = policy.stored_shares()
+        shares = {
+            "input": policy.checkpoint_shares(),
+            "stored": policy.stored_shares(),
+            "attention": policy.attention_shares(),
+        }
         engine = self.engine
 
-        def scoped(shares):
-            return lambda: engine.hooks(state, shares)
+        def scope(role):
+            return engine.hooks_choosing(state, lambda tensor: shares[role(tensor)])
 
         forward = tokenwise_forward(
             parts,
             stored_fraction=1.0 - policy.token_fraction,
             chunks=policy.chunks,
-            anchor_context=scoped(anchor),
-            stored_context=scoped(stored),
+            scope=scope,
             lengths=engine.token_lengths_added,
         )
         original = module.forward

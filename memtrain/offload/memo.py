@@ -239,11 +239,18 @@ def tokenwise_forward(
     parts: LlamaBlockParts,
     stored_fraction: float,
     chunks: int,
-    anchor_context: Callable[[], Any],
-    stored_context: Callable[[], Any],
+    scope: Callable[[Callable[[torch.Tensor], str]], Any],
     lengths: Callable[[list[int]], Any],
 ):
-    """A replacement ``forward`` for the decoder layer."""
+    """A replacement ``forward`` for the decoder layer.
+
+    ``scope(role)`` opens a saved-tensor scope where ``role(tensor)`` names what a saved tensor
+    is: ``input`` (block input and rotary tables, stored for the recomputed tokens), ``stored``
+    (everything the stored tokens save) or ``attention`` (attention output and log-sum-exp).
+    """
+
+    def stored(_: torch.Tensor) -> str:
+        return "stored"
 
     def forward(hidden_states, *args, **kwargs):
         mask = kwargs.get("attention_mask", args[0] if args else None)
@@ -271,21 +278,32 @@ def tokenwise_forward(
         ranges_s = chunk_ranges(0, ns, chunks)
         ranges_r = chunk_ranges(ns, seq, chunks)
         sizes = sorted({b - a for a, b in ranges_s + ranges_r} | {ns, seq - ns} - {0})
+        input_keys = {t.untyped_storage()._cdata for t in (h, cos, sin)}
+        stored_keys: set[int] = set()
+
+        def role(tensor: torch.Tensor) -> str:
+            key = tensor.untyped_storage()._cdata
+            if key in input_keys:
+                return "input"
+            return "stored" if key in stored_keys else "attention"
+
         with lengths(sizes):
-            with stored_context():
+            with scope(stored):
                 pre_s = [parts.qkv(h[:, a:b], cos[:, a:b], sin[:, a:b]) for a, b in ranges_s]
             h_r = h[:, ns:]
-            with anchor_context():
+            with scope(role):
                 # full h_r / cos / sin objects go in, so every save of them is one stored copy
                 pre_r = [
                     checkpoint(_region_qkv, parts, h_r, cos, sin, a, b, ns, use_reentrant=False)
                     for a, b in ranges_r
                 ]
-                with stored_context():
+                with scope(stored):
                     q_s, k_s, v_s = _gather(pre_s)
                 q_r, k_r, v_r = _gather(pre_r)
                 if q_s is None:
                     q_s, k_s, v_s = q_r[:, :, :0], k_r[:, :, :0], v_r[:, :, :0]
+                else:
+                    stored_keys.update(t.untyped_storage()._cdata for t in (q_s, k_s, v_s))
                 if q_r is None:
                     q_r, k_r, v_r = q_s[:, :, :0], k_s[:, :, :0], v_s[:, :, :0]
                 del pre_s, pre_r
@@ -294,7 +312,7 @@ def tokenwise_forward(
                 )
                 del q_s, k_s, v_s, q_r, k_r, v_r
                 outs = []
-                with stored_context():
+                with scope(stored):
                     for start, end in ranges_s:
                         outs.append(parts.post(h[:, start:end], a[:, start:end]))
                 for start, end in ranges_r:

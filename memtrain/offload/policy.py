@@ -99,13 +99,25 @@ class LayerPolicy:
             return _normalise(dict(self.input_checkpoint))
         return self.stored_shares()
 
+    def attention_shares(self) -> dict[str, float]:
+        """Where token-wise recompute stores the attention output and log-sum-exp: with the
+        stored tokens (so every tier gets exactly its planned bytes), or, where the policy
+        stores nothing else, with the block input."""
+        if self.keep + sum(self.swap.values()) > _TOLERANCE:
+            return self.stored_shares()
+        return self.checkpoint_shares()
+
     def tiers(self) -> set[str]:
         """Host tiers this policy writes activations to."""
         mode = self.mode
         if mode == "full_recompute":
             shares = self.checkpoint_shares()
         elif mode == "tokenwise":
-            shares = {**self.stored_shares(), **self.checkpoint_shares()}
+            shares = {
+                **self.stored_shares(),
+                **self.checkpoint_shares(),
+                **self.attention_shares(),
+            }
         else:
             shares = self.stored_shares()
         return {t for t, v in shares.items() if t != "gpu" and v > 0}
@@ -259,7 +271,8 @@ def executed_host_bytes(policy: OffloadPolicy, profile: Any) -> dict[str, int]:
             )
             rho = entry.token_fraction
             add(entry.stored_shares(), (1 - rho) * (token_bytes - attention))
-            add(entry.checkpoint_shares(), rho * layer.input_bytes + attention)
+            add(entry.checkpoint_shares(), rho * layer.input_bytes)
+            add(entry.attention_shares(), attention)
         elif mode == "swap":
             add(entry.stored_shares(), token_bytes)
         elif mode == "full_recompute":

@@ -203,6 +203,12 @@ class SwapEngine:
             lambda t: self.pack(layer, t, shares), self.unpack
         )
 
+    def hooks_choosing(self, layer: LayerState, choose):
+        """Saved-tensor hooks where ``choose(tensor)`` gives each tensor's shares."""
+        return torch.autograd.graph.saved_tensors_hooks(
+            lambda t: self.pack(layer, t, choose(t)), self.unpack
+        )
+
     # -- pack ---------------------------------------------------------------------------
 
     def token_dim(self, tensor: torch.Tensor) -> int | None:

@@ -193,6 +193,7 @@ def run_one(spec: str, steps: int, host_gib: float) -> dict[str, Any]:
     }
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    config.use_cache = False  # training: no key/value cache in any run
     model = build_causal_lm(config, "bf16", "cuda")
     model.train()
     patch_causal_lm_loss(model)

@@ -312,6 +312,10 @@ class OffloadHandle:
             )
         self.engine.start_step(seq, batch, list(self.model.parameters()))
         self.steps += 1
+        if "use_cache" not in kwargs and getattr(getattr(module, "config", None), "use_cache", 0):
+            # A key/value cache would keep every layer's k and v alive on the GPU after they
+            # were swapped out; a training step has no use for it.
+            return args, {**kwargs, "use_cache": False}
         return None
 
     def _model_post(self, module, args, output):

@@ -339,3 +339,17 @@ def test_full_recompute_that_stores_attention_runs_tokenwise(llama_reference):
     from tests.offload.conftest import assert_close
 
     assert_close(llama_reference, trace, REL)
+
+
+def test_training_forward_runs_without_a_key_value_cache():
+    """A cache would pin every layer's k and v on the GPU after they were swapped."""
+    model = make_model("llama")
+    assert model.config.use_cache
+    ids = batch("llama")
+    policy = OffloadPolicy({"block.0": LayerPolicy(keep=0.0, swap={"cpu": 1.0})})
+    with apply(model, policy, host_pool_bytes={"cpu": 1 << 20}):
+        out = model(input_ids=ids, labels=ids)
+        assert out.past_key_values is None
+        out.loss.backward()
+        with torch.no_grad():  # inference is left alone
+            assert model(input_ids=ids).past_key_values is not None

@@ -173,9 +173,7 @@ class _StoredAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_s, k_s, v_s, q_r, k_r, v_r, h_r, cos, sin, parts, layout):
-        q = torch.cat([q_s, q_r], dim=2)
-        k = torch.cat([k_s, k_r], dim=2)
-        v = torch.cat([v_s, v_r], dim=2)
+        q, k, v = _join(q_s, q_r), _join(k_s, k_r), _join(v_s, v_r)
         out, lse, extra = parts.attention(q, k, v)
         batch, heads, tokens, dim = out.shape
         a = out.transpose(1, 2).reshape(batch, tokens, heads * dim)
@@ -192,17 +190,9 @@ class _StoredAttention(torch.autograd.Function):
         q_s, k_s, v_s, h_r, cos, sin, a, lse = ctx.saved_tensors
         parts: LlamaBlockParts = ctx.parts
         ns = ctx.ns
-        pieces = []
         with torch.no_grad():
-            for start, end in chunk_ranges(ns, ns + h_r.shape[1], ctx.chunks):
-                pieces.append(_region_qkv(parts, h_r, cos, sin, start, end, ns))
-        q_r = torch.cat([p[0] for p in pieces], dim=2) if pieces else q_s[:, :, :0]
-        k_r = torch.cat([p[1] for p in pieces], dim=2) if pieces else k_s[:, :, :0]
-        v_r = torch.cat([p[2] for p in pieces], dim=2) if pieces else v_s[:, :, :0]
-        del pieces
-        q = torch.cat([q_s, q_r], dim=2)
-        k = torch.cat([k_s, k_r], dim=2)
-        v = torch.cat([v_s, v_r], dim=2)
+            q_r, k_r, v_r = _regenerate(parts, h_r, cos, sin, ns, ctx.chunks)
+        q, k, v = _join(q_s, q_r), _join(k_s, k_r), _join(v_s, v_r)
         del q_r, k_r, v_r
         batch, tokens, heads, dim = ctx.out_shape
         out = a.view(batch, tokens, heads, dim).transpose(1, 2)
@@ -227,6 +217,32 @@ class _StoredAttention(torch.autograd.Function):
 
 def _region_qkv(parts: LlamaBlockParts, h_r, cos, sin, start: int, end: int, ns: int):
     return parts.qkv(h_r[:, start - ns : end - ns], cos[:, start:end], sin[:, start:end])
+
+
+def _join(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Concatenate along tokens without a copy when one side is empty."""
+    if first.shape[2] == 0:
+        return second
+    if second.shape[2] == 0:
+        return first
+    return torch.cat([first, second], dim=2)
+
+
+def _regenerate(parts: LlamaBlockParts, h_r, cos, sin, ns: int, chunks: int) -> tuple:
+    """q, k, v of the recomputed tokens, chunk by chunk into preallocated tensors."""
+    ranges = chunk_ranges(ns, ns + h_r.shape[1], chunks)
+    if len(ranges) <= 1:
+        if not ranges:
+            return tuple(h_r.new_empty((h_r.shape[0], 1, 0, parts.head_dim)) for _ in range(3))
+        return _region_qkv(parts, h_r, cos, sin, ranges[0][0], ranges[0][1], ns)
+    outs = None
+    for start, end in ranges:
+        pieces = _region_qkv(parts, h_r, cos, sin, start, end, ns)
+        if outs is None:
+            outs = [p.new_empty((p.shape[0], p.shape[1], h_r.shape[1], p.shape[3])) for p in pieces]
+        for out, piece in zip(outs, pieces, strict=True):
+            out[:, :, start - ns : end - ns].copy_(piece)
+    return tuple(outs)
 
 
 def _gather(pre: list) -> tuple:

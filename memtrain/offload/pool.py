@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,7 @@ class HostPool:
             pin = torch.cuda.is_available()
         if pin:
             self._pin()
+        self._lock = threading.Lock()  # blocks are released from autograd's device threads
         self._free: list[tuple[int, int]] = [(0, self.capacity)]  # sorted by offset
         self.in_use = 0
         self.high_water = 0
@@ -89,6 +91,18 @@ class HostPool:
     def allocate(self, nbytes: int) -> Block:
         """A block of at least ``nbytes`` (aligned); raises when the pool is full."""
         size = _round_up(max(int(nbytes), 1), ALIGNMENT)
+        with self._lock:
+            block = self._take(size)
+        if block is None:
+            raise MemtrainError(
+                f"the {self.name} swap pool is full: {format_bytes(size)} requested, "
+                f"{format_bytes(self.capacity - self.in_use)} free of "
+                f"{format_bytes(self.capacity)}; the plan's host bytes do not match this model "
+                "or batch (re-plan, or pass a larger host_pool_bytes)"
+            )
+        return block
+
+    def _take(self, size: int) -> Block | None:
         best = -1
         for index, (_, free) in enumerate(self._free):
             if free >= size and (best < 0 or free < self._free[best][1]):
@@ -96,12 +110,7 @@ class HostPool:
                 if free == size:
                     break
         if best < 0:
-            raise MemtrainError(
-                f"the {self.name} swap pool is full: {format_bytes(size)} requested, "
-                f"{format_bytes(self.capacity - self.in_use)} free of "
-                f"{format_bytes(self.capacity)}; the plan's host bytes do not match this model "
-                "or batch (re-plan, or pass a larger host_pool_bytes)"
-            )
+            return None
         offset, free = self._free[best]
         if free == size:
             del self._free[best]
@@ -113,6 +122,10 @@ class HostPool:
         return Block(offset, size)
 
     def release(self, block: Block) -> None:
+        with self._lock:
+            self._give_back(block)
+
+    def _give_back(self, block: Block) -> None:
         entry = (block.offset, block.size)
         index = bisect.bisect_left(self._free, entry)
         self._free.insert(index, entry)

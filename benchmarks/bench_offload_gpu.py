@@ -354,7 +354,7 @@ def main() -> None:
     header = {
         "device": device,
         "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "command": " ".join(sys.argv),
     }

@@ -43,6 +43,10 @@ _EXPORTS: dict[str, str] = {
     "OffloadPolicy": "memtrain.offload",
     "offload_optimizer": "memtrain.offload",
     "deepspeed_config": "memtrain.offload",
+    "prepare": "memtrain.train",
+    "Prepared": "memtrain.train",
+    "run_recipe": "memtrain.train",
+    "load_recipe": "memtrain.train",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -15,10 +15,12 @@ from memtrain.errors import MemtrainError
 
 # Order is the order ``memtrain --help`` lists them in.
 COMMANDS = [
+    "memtrain.cli.run_cmd",
     "memtrain.cli.profile_cmd",
-    "memtrain.cli.presets_cmd",
     "memtrain.cli.plan_cmd",
     "memtrain.cli.calibrate_cmd",
+    "memtrain.cli.export_deepspeed_cmd",
+    "memtrain.cli.presets_cmd",
 ]
 
 

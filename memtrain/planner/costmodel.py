@@ -42,11 +42,19 @@ def available_tiers(hardware: HardwareModel) -> list[str]:
     return ["gpu", *[t for t in HOST_TIERS if hardware.capacity(t) > 0]]
 
 
-def available_modes(hardware: HardwareModel, allow_state_offload: bool = True) -> list[str]:
+def available_modes(
+    hardware: HardwareModel, allow_state_offload: bool = True, allow_param_offload: bool = True
+) -> list[str]:
+    """State placements to choose from; parameters leave the GPU only where allowed (ZeRO-3)."""
     tiers = set(available_tiers(hardware))
     if not allow_state_offload or "cpu" not in tiers:
         return ["gpu"]
-    return [m for m in STATE_MODES if STATE_MODES[m]["optimizer"] in tiers]
+    return [
+        m
+        for m in STATE_MODES
+        if STATE_MODES[m]["optimizer"] in tiers
+        and (allow_param_offload or STATE_MODES[m]["params"] == "gpu")
+    ]
 
 
 @dataclass

@@ -49,6 +49,7 @@ class PlanOptions:
 
     fused_loss: bool | None = None  # None: on when the profile has a head or loss layer
     allow_state_offload: bool = True
+    allow_param_offload: bool = True  # parameters on the host need DeepSpeed ZeRO-3 to run
     chunk_options: Sequence[int] | None = None  # None: 1 for models without blocks, else 1..64
     always_store_ops: Sequence[str] = ()  # ops whose saved tensors are never recomputed
     method: str = "auto"
@@ -209,7 +210,7 @@ def _solve(
     return solve(
         problem,
         hardware,
-        available_modes(hardware, options.allow_state_offload),
+        available_modes(hardware, options.allow_state_offload, options.allow_param_offload),
         chunk_options=options.chunk_options,
         method=options.method,
         gap_tolerance=options.gap_tolerance,
@@ -236,6 +237,11 @@ def minimum_gpu_budget(
     return (peak + hardware.gpu_reserved_bytes) / (1 - hardware.allocator_margin)
 
 
+def _size(nbytes: float) -> str:
+    """GiB with one decimal, or MiB where that would round small budgets away."""
+    return f"{nbytes / GiB:.1f} GiB" if nbytes >= 10 * GiB else f"{nbytes / 2**20:,.0f} MiB"
+
+
 def _infeasible(
     problem: PlanProblem, hardware: HardwareModel, options: PlanOptions
 ) -> PlanInfeasible:
@@ -243,12 +249,12 @@ def _infeasible(
     need_unlimited_host = minimum_gpu_budget(problem, hardware, options, host_limited=False)
     have = hardware.capacity("gpu")
     message = (
-        f"no plan fits: the GPU binds, it needs at least {need / GiB:.1f} GiB "
-        f"(budget {have / GiB:.1f} GiB)"
+        f"no plan fits: the GPU binds, it needs at least {_size(need)} "
+        f"(budget {_size(have)})"
     )
     if need_unlimited_host < need * 0.99:
         message += (
-            f"; host memory binds too (with more host memory {need_unlimited_host / GiB:.1f} GiB "
+            f"; host memory binds too (with more host memory {_size(need_unlimited_host)} "
             f"of GPU would do)"
         )
     return PlanInfeasible(message, "gpu", need)

@@ -1,0 +1,38 @@
+"""``memtrain run RECIPE.yaml [section.key=value ...]``: train under a plan from a recipe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+NAME = "run"
+HELP = "run a YAML recipe: dry-run plan, then a real training loop under a plan"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a recipe file, e.g. recipes/quickstart.yaml")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override recipe values, e.g. schedule.steps=5 train.device=cpu",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the final summary as JSON on stdout (reports go to stderr)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from memtrain.profile.report import wide_console
+    from memtrain.train import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    console = wide_console(stderr=args.json)
+    summary = run_recipe(recipe, console=console, progress=not args.no_progress)
+    if args.json:
+        sys.stdout.write(json.dumps(summary, indent=1, default=str) + "\n")
+    return 0

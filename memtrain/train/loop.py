@@ -1,0 +1,350 @@
+"""``memtrain run``: a real training loop for a recipe.
+
+Dry-run plan of a big model (optional), then: build the model, prepare it (profile, plan, apply,
+fused loss, optimizer), train with a warm-up + decay schedule and gradient clipping, log JSON
+lines, checkpoint atomically every ``checkpoint_every`` steps (model, optimizer, schedule, data
+position, RNG states, plan), resume from the newest checkpoint, and end with measured against
+predicted memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memtrain.errors import ConfigError, MemtrainError
+from memtrain.train.data import TokenStream
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MemtrainError("train.device is cuda but no CUDA device is available here")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ConfigError(f"train.device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def build_model(section: dict[str, Any], device: torch.device):
+    """A causal LM from a preset, a config file, or a local checkpoint directory."""
+    from memtrain.models import build_causal_lm, load_config
+
+    source = section["preset"] or section["config"] or section["checkpoint"]
+    if section["checkpoint"]:
+        from transformers import AutoModelForCausalLM
+
+        from memtrain.models.build import parse_dtype
+
+        if not Path(source, "config.json").exists():
+            raise ConfigError(f"model.checkpoint {source!r}: no config.json there")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=parse_dtype(section["dtype"]), local_files_only=True
+            )
+        except OSError as exc:
+            raise ConfigError(f"model.checkpoint {source!r}: {str(exc).splitlines()[0]}") from None
+        return model.to(device)
+    config = load_config(source)
+    for key, value in section["overrides"].items():
+        if not hasattr(config, key):
+            raise ConfigError(f"model.overrides: {config.model_type} configs have no {key!r}")
+        setattr(config, key, value)
+    return build_causal_lm(config, section["dtype"], device)
+
+
+def lr_factor(step: int, schedule: dict[str, Any]) -> float:
+    """Linear warm-up, then cosine/linear decay to ``min_lr_ratio`` (or constant)."""
+    warmup, total = schedule["warmup"], schedule["steps"]
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule["decay"] == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = schedule["min_lr_ratio"]
+    if schedule["decay"] == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    def __init__(self, path: Path, append: bool):
+        self.handle = path.open("a" if append else "w")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> dict[str, Any]:
+    """Run a validated recipe; returns the final summary (also written to ``summary.json``)."""
+    from rich.console import Console
+
+    console = console or Console()
+    summary: dict[str, Any] = {"recipe": recipe["name"]}
+    if recipe["dry_run"] is not None:
+        summary["dry_run"] = dry_run_plan(recipe["dry_run"], console)
+    train, data, sched = recipe["train"], recipe["data"], recipe["schedule"]
+    device = pick_device(train["device"])
+    out_dir = Path(train["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(train["seed"])
+    random.seed(train["seed"])
+    model = build_model(recipe["model"], device)
+    model.train()
+    stream = TokenStream(
+        data["source"],
+        data["seq"],
+        data["batch"],
+        model.config.vocab_size,
+        path=data["path"],
+        text_field=data["text_field"],
+        seed=data["seed"],
+    )
+    from memtrain.train.prepare import prepare
+
+    opt = recipe["optimizer"]
+    spec = opt["name"] + (
+        ":" + ",".join(f"{k}={v}" for k, v in opt["options"].items()) if opt["options"] else ""
+    )
+    plan_cfg = recipe["plan"]
+    prepared = prepare(
+        model,
+        seq=data["seq"],
+        batch=data["batch"],
+        hardware=plan_cfg["hardware"],
+        gpu_budget=plan_cfg["gpu_budget"],
+        gpu_budget_fraction=plan_cfg["gpu_budget_fraction"],
+        cpu=plan_cfg["cpu"],
+        cxl=plan_cfg["cxl"],
+        nvme=plan_cfg["nvme"],
+        optimizer=spec,
+        lr=float(opt["lr"]),
+        weight_decay=float(opt["weight_decay"]),
+        fused_loss=plan_cfg["fused_loss"],
+        plan=plan_cfg["enabled"],
+    )
+    optimizer = prepared.optimizer
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    console.print(f"[bold]training[/bold] {recipe['name']} on {device}:")
+    console.print(prepared.report())
+    if prepared.plan is not None:
+        prepared.plan.save(out_dir / "plan.yaml")
+
+    ckpt_path = out_dir / CHECKPOINT
+    start_step = 0
+    if train["resume"] and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["data"])
+        _set_rng_state(state["rng"], device)
+        start_step = state["step"]
+        console.print(f"resumed from {ckpt_path} at step {start_step}")
+    metrics = MetricsLog(out_dir / "metrics.jsonl", append=start_step > 0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    losses: list[float] = []
+    tokens_per_step = data["seq"] * data["batch"]
+    started = time.perf_counter()
+    try:
+        steps = range(start_step, sched["steps"])
+        with _progress(console, progress, sched["steps"], start_step) as advance:
+            for step in steps:
+                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * lr_factor(step, sched)
+                ids = next(stream).to(device)
+                t0 = time.perf_counter()
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                grad_norm = None
+                if sched["grad_clip"]:
+                    grad_norm = float(
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), sched["grad_clip"])
+                    )
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise MemtrainError(f"the loss became {value} at step {step + 1}; stopping")
+                losses.append(value)
+                elapsed = time.perf_counter() - t0
+                if (step + 1) % train["log_every"] == 0 or step + 1 == sched["steps"]:
+                    metrics.write(
+                        {
+                            "step": step + 1,
+                            "loss": value,
+                            "lr": optimizer.param_groups[0]["lr"],
+                            "grad_norm": grad_norm,
+                            "step_s": elapsed,
+                            "tokens_per_s": tokens_per_step / elapsed,
+                        }
+                    )
+                every = train["checkpoint_every"]
+                if every and ((step + 1) % every == 0 or step + 1 == sched["steps"]):
+                    save_checkpoint(
+                        ckpt_path,
+                        {
+                            "step": step + 1,
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "data": stream.state_dict(),
+                            "rng": _rng_state(device),
+                            "plan": prepared.plan.to_dict() if prepared.plan else None,
+                            "recipe": recipe,
+                        },
+                    )
+                advance(value)
+    finally:
+        metrics.close()
+        prepared.remove()
+    wall = time.perf_counter() - started
+    summary["train"] = {
+        "device": str(device),
+        "steps_run": len(losses),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "wall_s": wall,
+        "tokens_per_s": tokens_per_step * len(losses) / wall if losses else None,
+        "memory": memory_summary(prepared, device),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print_summary(summary, console)
+    return summary
+
+
+def memory_summary(prepared, device: torch.device) -> dict[str, Any]:
+    """Measured against predicted device memory (measured only where an allocator reports it)."""
+    predicted = None
+    if prepared.plan is not None:
+        predicted = prepared.plan.predicted["peak_bytes"].get("gpu")
+    measured = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    result = {"predicted_gpu_peak_bytes": predicted, "measured_gpu_peak_bytes": measured}
+    if predicted and measured:
+        result["error"] = (measured - predicted) / predicted
+    return result
+
+
+def print_summary(summary: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    from memtrain.units import format_bytes
+
+    train = summary["train"]
+    table = Table(title="run summary", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("steps", str(train["steps_run"]))
+    if train["first_loss"] is not None:
+        table.add_row(
+            "loss first -> last", f"{train['first_loss']:.4f} -> {train['last_loss']:.4f}"
+        )
+        table.add_row("tokens / s", f"{train['tokens_per_s']:,.0f}")
+    memory = train["memory"]
+    if memory["predicted_gpu_peak_bytes"] is not None:
+        table.add_row("predicted GPU peak (plan)", format_bytes(memory["predicted_gpu_peak_bytes"]))
+    if memory["measured_gpu_peak_bytes"] is not None:
+        table.add_row("measured GPU peak", format_bytes(memory["measured_gpu_peak_bytes"]))
+        if "error" in memory:
+            table.add_row("measured vs predicted", f"{memory['error']:+.1%}")
+    else:
+        table.add_row("measured GPU peak", f"n/a on {train['device']} (no device allocator)")
+    console.print(table)
+
+
+class _progress:
+    """A rich progress bar (or nothing) that shows the latest loss."""
+
+    def __init__(self, console, enabled: bool, total: int, done: int):
+        self.enabled, self.console, self.total, self.done = enabled, console, total, done
+        self._progress = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda loss: None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self._progress.start()
+        task = self._progress.add_task("train", total=self.total, completed=self.done, loss="-")
+        return lambda loss: self._progress.update(task, advance=1, loss=f"{loss:.4f}")
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def dry_run_plan(section: dict[str, Any], console) -> dict[str, Any]:
+    """Plan a (large) model without building it: dry-run profile, then the planner."""
+    from memtrain.cli.plan_cmd import print_plan
+    from memtrain.hardware import load_hardware
+    from memtrain.planner import make_plan
+    from memtrain.profile import profile_causal_lm
+
+    optimizers = section["optimizer"]
+    optimizer = optimizers[0] if isinstance(optimizers, list) else optimizers
+    hardware = load_hardware(
+        section["hardware"],
+        gpu_budget=section["gpu_budget"],
+        cpu=section["cpu"],
+        cxl=section["cxl"],
+        nvme=section["nvme"],
+    )
+    with console.status(f"dry run: profiling {section['model']} at {section['seq']:,} tokens"):
+        device = hardware.device.name
+        profile = profile_causal_lm(
+            section["model"],
+            seq=section["seq"],
+            batch=section["batch"],
+            dtype=section["dtype"],
+            optimizer=optimizer,
+            target=device,
+        )
+        plan = make_plan(profile, hardware)
+    console.print(f"[bold]dry-run plan[/bold]: {section['model']}, {section['seq']:,} tokens")
+    print_plan(plan)
+    return {
+        "model": section["model"],
+        "seq": section["seq"],
+        "predicted": plan.predicted,
+        "baselines": plan.baselines,
+    }

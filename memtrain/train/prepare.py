@@ -1,0 +1,208 @@
+"""Wrap an existing training loop: profile, plan, apply, swap the loss, build the optimizer.
+
+    prepared = memtrain.prepare(model, seq=8192, hardware="h100-sxm-80g", optimizer="galore:rank=256")
+    for batch in loader:
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        prepared.optimizer.step()
+        prepared.optimizer.zero_grad(set_to_none=True)
+    prepared.remove()
+
+The model is profiled as a meta-device twin (dry run, nothing allocated), so preparing a model
+costs seconds whatever its size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from memtrain.errors import MemtrainError
+from memtrain.profile.optimizer_state import parse_optimizer_spec
+from memtrain.units import format_bytes
+
+TORCH_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare` set up; ``remove()`` (or leaving the ``with`` block) undoes it."""
+
+    model: nn.Module
+    optimizer: Any
+    plan: Any
+    profile: Any
+    handle: Any = None
+    fused_loss: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        predicted = self.plan.predicted if self.plan is not None else {}
+        return {
+            "optimizer": type(self.optimizer).__name__,
+            "fused_loss": self.fused_loss,
+            "predicted_peak_bytes": predicted.get("peak_bytes", {}),
+            "predicted_step_time_s": predicted.get("step_time_s"),
+            "layers_swapped": [
+                layer["name"]
+                for layer in (self.plan.layers if self.plan is not None else [])
+                if any(v > 0 for v in layer["swap"].values())
+            ],
+            "layers_recomputed": [
+                layer["name"]
+                for layer in (self.plan.layers if self.plan is not None else [])
+                if layer["recompute"] > 0
+            ],
+            "notes": list(self.notes),
+        }
+
+    def report(self) -> str:
+        s = self.summary()
+        peaks = ", ".join(f"{t} {format_bytes(b)}" for t, b in s["predicted_peak_bytes"].items())
+        lines = [
+            f"optimizer: {s['optimizer']}; fused loss: {'on' if s['fused_loss'] else 'off'}",
+            f"predicted peaks: {peaks or 'n/a'}",
+            f"layers swapping activations: {', '.join(s['layers_swapped']) or 'none'}",
+            f"layers recomputing activations: {', '.join(s['layers_recomputed']) or 'none'}",
+        ]
+        if s["predicted_step_time_s"]:
+            lines.append(f"predicted step time: {s['predicted_step_time_s'] * 1e3:.1f} ms")
+        lines.extend(f"note: {n}" for n in s["notes"])
+        return "\n".join(lines)
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        if self.fused_loss:
+            from memtrain.kernels import unpatch_causal_lm_loss
+
+            unpatch_causal_lm_loss(self.model)
+            self.fused_loss = False
+
+    def __enter__(self) -> Prepared:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def _meta_twin_profile(model: nn.Module, seq: int, batch: int, optimizer: str, target: str):
+    from memtrain.models import build_causal_lm
+    from memtrain.profile import profile_model
+    from memtrain.profile.profiler import default_loss
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "vocab_size"):
+        raise MemtrainError(
+            f"prepare() profiles Hugging Face causal LMs from their config; {type(model).__name__} "
+            "has none. Profile it with memtrain.profile.profile_model and plan with make_plan."
+        )
+    dtype = next(model.parameters()).dtype
+    twin = build_causal_lm(config, dtype, "meta", config._attn_implementation)
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    return profile_model(
+        twin,
+        {"input_ids": ids, "labels": ids},
+        seq=seq,
+        batch=batch,
+        loss_fn=default_loss,
+        optimizer=optimizer,
+        target=target,
+        name=getattr(config, "name_or_path", "") or type(model).__name__,
+    )
+
+
+def prepare(
+    model: nn.Module,
+    *,
+    seq: int,
+    batch: int = 1,
+    hardware: str = "h100-sxm-80g",
+    gpu_budget: str | int | None = None,
+    gpu_budget_fraction: float | None = None,
+    cpu: str | int | None = None,
+    cxl: str | int | None = None,
+    nvme: str | None = None,
+    optimizer: str = "adamw",
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    fused_loss: bool = True,
+    plan: bool = True,
+) -> Prepared:
+    """Profile ``model`` at ``batch x seq``, plan it for ``hardware``, and install the plan.
+
+    ``gpu_budget_fraction`` plans for that share of the unplanned step's simulated peak (handy to
+    exercise a plan on a small model). ``plan=False`` only swaps the loss and builds the optimizer.
+    """
+    from memtrain.hardware import build_hardware, load_hardware
+    from memtrain.optim import build_optimizer
+    from memtrain.planner import PlanOptions, make_plan
+
+    spec = parse_optimizer_spec(optimizer)
+    notes: list[str] = []
+    plan_obj = None
+    profile = None
+    if plan:
+        device_name = hardware if not hardware.endswith((".yaml", ".yml")) else None
+        profile = _meta_twin_profile(model, seq, batch, str(spec), device_name or "h100-sxm-80g")
+        overrides = {"gpu_budget": gpu_budget, "cpu": cpu, "cxl": cxl, "nvme": nvme}
+        if device_name is None:
+            hw = load_hardware(hardware, **overrides)
+        else:
+            hw = build_hardware(
+                device_name, **{k: v for k, v in overrides.items() if v is not None}
+            )
+        if gpu_budget_fraction is not None:
+            peak = profile.simulated_peak_bytes
+            budget = (hw.gpu_reserved_bytes + gpu_budget_fraction * peak) / (
+                1 - hw.allocator_margin
+            )
+            hw = hw.with_capacity("gpu", int(budget))
+            notes.append(
+                f"GPU budget: {gpu_budget_fraction:g} x the unplanned peak "
+                f"({format_bytes(peak)}) plus the device's reserve and allocator margin"
+            )
+        # memtrain's own executor runs optimizer-state offload for torch optimizers; parameters
+        # off the GPU need DeepSpeed ZeRO-3, so plans made here keep them on the GPU.
+        options = PlanOptions(
+            fused_loss=fused_loss,
+            allow_state_offload=spec.name in TORCH_OPTIMIZERS,
+            allow_param_offload=False,
+        )
+        plan_obj = make_plan(profile, hw, options)
+    if fused_loss:
+        from memtrain.kernels import patch_causal_lm_loss
+
+        patch_causal_lm_loss(model)
+    handle = None
+    try:
+        if plan_obj is not None:
+            from memtrain.offload import apply
+
+            handle = apply(model, plan_obj, profile=profile)
+        if handle is not None and handle.needs_optimizer_offload:
+            from memtrain.offload import offload_optimizer
+
+            options_ = {"lr": lr, "weight_decay": weight_decay}
+            if spec.name == "sgd":
+                options_["momentum"] = float(spec.options.get("momentum", 0.9))
+            built = offload_optimizer(handle, TORCH_OPTIMIZERS[spec.name], **options_)
+            notes.append("optimizer states live where the plan puts them (host step)")
+        else:
+            built = build_optimizer(model, spec, lr=lr)
+            if weight_decay:
+                for group in built.param_groups:
+                    group["weight_decay"] = weight_decay
+    except Exception:
+        if handle is not None:
+            handle.remove()
+        if fused_loss:
+            from memtrain.kernels import unpatch_causal_lm_loss
+
+            unpatch_causal_lm_loss(model)
+        raise
+    return Prepared(model, built, plan_obj, profile, handle, fused_loss, notes)

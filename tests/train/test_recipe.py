@@ -1,0 +1,76 @@
+"""Recipe validation: unknown keys are refused with a suggestion, defaults filled, overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from memtrain.errors import ConfigError
+from memtrain.train.recipe import apply_overrides, load_recipe, validate
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe["schedule"]["steps"] > 0
+    assert recipe["name"]
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"modle": {}}, "unknown section 'modle'; did you mean 'model'?"),
+        ({"model": {"preset": "gpt2", "dtpye": "fp32"}}, "did you mean 'dtype'?"),
+        ({"model": {"preset": "gpt2"}, "schedule": {"step": 3}}, "did you mean 'steps'?"),
+        ({"model": {"preset": "gpt2"}, "data": {"seq": "long"}}, "data.seq must be int"),
+        ({"model": {"preset": "gpt2"}, "data": {"seq": 0}}, "data.seq must be positive"),
+        ({"model": {"preset": "gpt2"}, "data": {"source": "web"}}, "use one of generated"),
+        ({"model": {}}, "exactly one of preset, config or checkpoint"),
+        ({"model": {"preset": "gpt2", "config": "x.json"}}, "exactly one of"),
+        ({"model": {"preset": "gpt2"}, "data": {"source": "text"}}, "needs data.path"),
+        ({"model": {"preset": "gpt2"}, "plan": {"gpu_budget_fraction": 1.5}}, "(0, 1]"),
+        ({"model": {"preset": "gpt2"}, "train": {"resume": "yes"}}, "train.resume must be bool"),
+        ([1, 2], "a YAML mapping"),
+    ],
+)
+def test_bad_recipes_are_refused(raw, message):
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    assert message in str(info.value)
+
+
+def test_defaults_and_overrides():
+    raw = {"model": {"preset": "gpt2"}}
+    raw = apply_overrides(
+        raw,
+        [
+            "schedule.steps=7",
+            "optimizer.lr=3e-4",
+            "train.device=cpu",
+            "model.overrides={n_layer: 2}",
+        ],
+    )
+    recipe = validate(raw)
+    assert recipe["schedule"]["steps"] == 7
+    assert recipe["optimizer"]["lr"] == pytest.approx(3e-4)
+    assert recipe["model"]["overrides"] == {"n_layer": 2}
+    assert recipe["data"]["source"] == "generated" and recipe["plan"]["fused_loss"] is True
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides(raw, ["steps"])
+
+
+def test_recipe_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({"model": {"preset": "gpt2"}, "optimiser": {}}))
+    with pytest.raises(ConfigError, match="did you mean 'optimizer'"):
+        load_recipe(typo)

@@ -1,0 +1,100 @@
+"""`memtrain run`: a real loop under a plan; killing it and resuming equals not killing it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from memtrain.train import load_recipe, run_recipe
+
+TINY = {
+    "name": "tiny",
+    "model": {
+        "preset": "llama-3.2-1b",
+        "dtype": "fp32",
+        "overrides": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "vocab_size": 256,
+        },
+    },
+    "data": {"source": "stdlib", "seq": 32, "batch": 2},
+    "optimizer": {"name": "galore", "lr": 0.003, "options": {"rank": 8, "update_proj_gap": 5}},
+    "schedule": {"steps": 120, "warmup": 3},
+    "plan": {"gpu_budget_fraction": 0.7},
+    "train": {"device": "cpu", "checkpoint_every": 4, "log_every": 1},
+}
+
+
+def _write(tmp_path: Path, out: str, **train) -> Path:
+    recipe = json.loads(json.dumps(TINY))
+    recipe["train"].update(out_dir=str(tmp_path / out), **train)
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _final_state(out_dir: Path) -> dict:
+    return torch.load(out_dir / "checkpoint.pt", weights_only=False)["model"]
+
+
+def test_run_trains_under_a_plan(tmp_path):
+    recipe = load_recipe(_write(tmp_path, "short"), ["schedule.steps=12"])
+    summary = run_recipe(recipe, progress=False)
+    train = summary["train"]
+    assert train["steps_run"] == 12
+    assert train["last_loss"] < train["first_loss"]
+    assert train["memory"]["predicted_gpu_peak_bytes"] > 0
+    plan = yaml.safe_load((tmp_path / "short" / "plan.yaml").read_text())
+    moved = [
+        layer
+        for layer in plan["layers"]
+        if layer["recompute"] > 0 or any(v > 0 for v in layer["swap"].values())
+    ]
+    assert moved, "a half-size GPU budget must make the plan swap or recompute something"
+    lines = (tmp_path / "short" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 13))
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    reference = run_recipe(load_recipe(_write(tmp_path, "whole")), progress=False)
+    assert reference["train"]["steps_run"] == TINY["schedule"]["steps"]
+
+    path = _write(tmp_path, "killed")
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memtrain", "run", str(path), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "the run never wrote a checkpoint"
+    killed_at = torch.load(ckpt, weights_only=False)["step"]
+    assert killed_at < TINY["schedule"]["steps"], "the run finished before it could be killed"
+
+    resumed = run_recipe(load_recipe(path), progress=False)
+    assert resumed["train"]["steps_run"] == TINY["schedule"]["steps"] - killed_at
+    a, b = _final_state(tmp_path / "whole"), _final_state(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").open()]
+    assert steps[-1] == TINY["schedule"]["steps"]

@@ -75,6 +75,27 @@ def _check_names(policy: OffloadPolicy, names: set[str], from_plan: bool) -> Non
         )
 
 
+def _check_profile(profile: Any, layers: dict[str, list[nn.Module]]) -> None:
+    """Refuse a profile (and so the plan made from it) for another model: every layer's
+    parameter count, each parameter counted in the first layer that holds it, must match."""
+    by_name = {layer.name: layer for layer in profile.layers}
+    seen: set[int] = set()
+    for name, modules in layers.items():
+        count = 0
+        for module in modules:
+            for param in module.parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    count += param.numel()
+        layer = by_name.get(name)
+        if layer is not None and layer.param_count and layer.param_count != count:
+            raise MemtrainError(
+                f"the profile is for another model: layer {name} has {count} parameters here "
+                f"and {layer.param_count} in the profile of {profile.model!r}; profile and plan "
+                "this model"
+            )
+
+
 def _batch_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
     for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]):
         if isinstance(value, torch.Tensor) and value.dim() >= 2:
@@ -478,6 +499,13 @@ def apply(
         from memtrain.profile.result import ProfileResult
 
         profile = ProfileResult.from_json(profile)
+    if profile is not None:
+        _check_profile(profile, resolved)
+        if policy.seq is not None and profile.seq != policy.seq:
+            raise MemtrainError(
+                f"the profile is for {profile.seq} tokens and the plan for {policy.seq}; "
+                "pass the profile the plan was made from"
+            )
     return OffloadHandle(
         model,
         policy,

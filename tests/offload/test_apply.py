@@ -353,3 +353,14 @@ def test_training_forward_runs_without_a_key_value_cache():
         out.loss.backward()
         with torch.no_grad():  # inference is left alone
             assert model(input_ids=ids).past_key_values is not None
+
+
+def test_profile_of_another_model_is_refused(tmp_path):
+    from memtrain.profile import profile_causal_lm
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**TINY["llama"], "intermediate_size": 96}))
+    profile = profile_causal_lm(str(config), seq=SEQ, dtype="fp32", optimizer="sgd", device="meta")
+    policy = OffloadPolicy({"block.0": LayerPolicy(keep=0.0, swap={"cpu": 1.0})})
+    with pytest.raises(MemtrainError, match="profile is for another model: layer block.0"):
+        apply(make_model("llama"), policy, profile=profile)

@@ -17,7 +17,7 @@ from memtrain.offload.policy import OffloadPolicy, policy_from_plan
 AIO_DEFAULTS = {
     "block_size": 1 << 20,
     "queue_depth": 8,
-    "thread_count": 1,
+    "intra_op_parallelism": 1,
     "single_submit": False,
     "overlap_events": True,
 }

@@ -64,12 +64,29 @@ def test_cxl_and_missing_nvme_path_are_refused():
         deepspeed_config(policy)
 
 
-def test_deepspeed_accepts_the_config(monkeypatch):
+@pytest.mark.parametrize(
+    ("states", "stage", "optimizer", "params"),
+    [
+        ({}, 1, "none", "none"),
+        ({"grads": "cpu", "optimizer": "cpu"}, 2, "cpu", "none"),
+        ({"params": "nvme", "grads": "cpu", "optimizer": "nvme"}, 3, "nvme", "nvme"),
+    ],
+)
+def test_deepspeed_parses_the_config(monkeypatch, states, stage, optimizer, params):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     pytest.importorskip("deepspeed")
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    config = deepspeed_config(_policy(grads="cpu", optimizer="cpu"))
+    config = deepspeed_config(_policy(**states))
     config["train_batch_size"] = 2
     parsed = DeepSpeedConfig(config)
-    assert parsed.zero_optimization_stage == 2
+    assert parsed.zero_optimization_stage == stage
+    zero = parsed.zero_config
+
+    def device(offload):
+        return "none" if offload is None else str(getattr(offload.device, "value", offload.device))
+
+    assert device(zero.offload_optimizer) == optimizer
+    assert device(zero.offload_param) == params
+    if optimizer == "nvme":
+        assert parsed.aio_config["block_size"] == 1 << 20

@@ -192,14 +192,14 @@ def _row_key(layer: dict) -> tuple:
     )
 
 
-def print_plan(plan) -> None:
+def print_plan(plan, console=None) -> None:
     """Rich tables: decisions (identical neighbours collapsed), peaks, time, baselines."""
-    from rich.console import Console
     from rich.table import Table
 
+    from memtrain.profile.report import wide_console
     from memtrain.units import format_bytes
 
-    console = Console()
+    console = console or wide_console()
     table = Table(
         title=f"Plan: {plan.model}, {plan.seq} tokens x {plan.micro_batch}, "
         f"{plan.optimizer}, fused loss {'on' if plan.fused_loss else 'off'}, "

@@ -119,6 +119,8 @@ def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> d
         summary["dry_run"] = dry_run_plan(recipe["dry_run"], console)
     train, data, sched = recipe["train"], recipe["data"], recipe["schedule"]
     device = pick_device(train["device"])
+    if train["threads"]:
+        torch.set_num_threads(train["threads"])  # small CPU runs: no thread contention
     out_dir = Path(train["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(train["seed"])
@@ -159,6 +161,16 @@ def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> d
     )
     optimizer = prepared.optimizer
     base_lrs = [group["lr"] for group in optimizer.param_groups]
+    in_backward = None
+    if train["step_in_backward"]:
+        if sched["grad_clip"]:
+            raise ConfigError(
+                "train.step_in_backward steps each weight as its gradient arrives, so there is "
+                "no global gradient norm to clip: set schedule.grad_clip=0"
+            )
+        from memtrain.optim import register_step_in_backward
+
+        in_backward = register_step_in_backward(model, optimizer)
     console.print(f"[bold]training[/bold] {recipe['name']} on {device}:")
     console.print(prepared.report())
     if prepared.plan is not None:
@@ -191,12 +203,13 @@ def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> d
                 loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
                 grad_norm = None
-                if sched["grad_clip"]:
-                    grad_norm = float(
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), sched["grad_clip"])
-                    )
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                if in_backward is None:
+                    if sched["grad_clip"]:
+                        grad_norm = float(
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), sched["grad_clip"])
+                        )
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise MemtrainError(f"the loss became {value} at step {step + 1}; stopping")
@@ -230,6 +243,8 @@ def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> d
                 advance(value)
     finally:
         metrics.close()
+        if in_backward is not None:
+            in_backward.remove()
         prepared.remove()
     wall = time.perf_counter() - started
     summary["train"] = {
@@ -341,7 +356,7 @@ def dry_run_plan(section: dict[str, Any], console) -> dict[str, Any]:
         )
         plan = make_plan(profile, hardware)
     console.print(f"[bold]dry-run plan[/bold]: {section['model']}, {section['seq']:,} tokens")
-    print_plan(plan)
+    print_plan(plan, console)
     return {
         "model": section["model"],
         "seq": section["seq"],

@@ -77,6 +77,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "out_dir": ((str,), "runs/memtrain"),
         "resume": ((bool,), True),
         "step_in_backward": ((bool,), False),
+        "threads": ((int,), None),
     },
     "launcher": {
         "kind": ((str,), "single"),

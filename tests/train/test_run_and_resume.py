@@ -98,3 +98,24 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(a[key], b[key]), key
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").open()]
     assert steps[-1] == TINY["schedule"]["steps"]
+
+
+def test_step_in_backward_equals_ordinary_step(tmp_path):
+    common = ["schedule.steps=6", "schedule.grad_clip=0", "train.checkpoint_every=6"]
+    plain = load_recipe(_write(tmp_path, "plain"), common)
+    fused = load_recipe(_write(tmp_path, "inbwd"), [*common, "train.step_in_backward=true"])
+    run_recipe(plain, progress=False)
+    run_recipe(fused, progress=False)
+    a, b = _final_state(tmp_path / "plain"), _final_state(tmp_path / "inbwd")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+def test_step_in_backward_refuses_clipping(tmp_path):
+    import pytest
+
+    from memtrain.errors import ConfigError
+
+    recipe = load_recipe(_write(tmp_path, "clip"), ["train.step_in_backward=true"])
+    with pytest.raises(ConfigError, match="grad_clip=0"):
+        run_recipe(recipe, progress=False)

@@ -42,18 +42,33 @@ def main() -> None:
         default=["llama-3.1-70b:131072", "llama-3.1-70b:1048576", "llama-3.1-8b:131072"],
     )
     args = parser.parse_args()
-    print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}")
-    print("| model | seq | profile time (s) | import time (s) | peak host RSS (GiB) | "
-          "simulated device peak (GiB) |")
+    print(
+        f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}"
+    )
+    print(
+        "| model | seq | profile time (s) | import time (s) | peak host RSS (GiB) | "
+        "simulated device peak (GiB) |"
+    )
     print("|---|---|---|---|---|---|")
     for case in args.cases:
         model, seq = case.split(":")
-        out = subprocess.run([sys.executable, "-c", CHILD, model, seq], capture_output=True,
-                             text=True, check=True).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(
+                [sys.executable, "-c", CHILD, model, seq],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         r = json.loads(out)
-        print(f"| {r['model']} | {r['seq']:,} | {r['profile_s']:.1f} | {r['import_s']:.1f} | "
-              f"{r['maxrss_gib']:.2f} | {r['simulated_peak_gib']:,.0f} |", flush=True)
+        print(
+            f"| {r['model']} | {r['seq']:,} | {r['profile_s']:.1f} | {r['import_s']:.1f} | "
+            f"{r['maxrss_gib']:.2f} | {r['simulated_peak_gib']:,.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def attention_rate(seq: int = 16384, heads: int = 32, kv_heads: int = 8, dim: in
     for _ in range(6):
         a, b, c = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         a.record()
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True
+        )
         b.record()
         out.backward(torch.ones_like(out))
         c.record()
@@ -90,13 +92,20 @@ def main() -> None:
     rows = []
     for seq in args.seqs:
         started = time.perf_counter()
-        dry = profile_causal_lm(args.model, seq=seq, dtype="bf16", device="meta",
-                                target="h100-sxm-80g", optimizer="adamw:fused=true")
+        dry = profile_causal_lm(
+            args.model,
+            seq=seq,
+            dtype="bf16",
+            device="meta",
+            target="h100-sxm-80g",
+            optimizer="adamw:fused=true",
+        )
         dry_s = time.perf_counter() - started
         plain = plain_loop_peak(args.model, seq)
         try:
-            measured = profile_causal_lm(args.model, seq=seq, dtype="bf16", device="cuda",
-                                         optimizer="adamw:fused=true")
+            measured = profile_causal_lm(
+                args.model, seq=seq, dtype="bf16", device="cuda", optimizer="adamw:fused=true"
+            )
         except Exception as exc:  # report the reference numbers even if this part fails
             print(f"measured-mode profiler failed: {exc!r}", flush=True)
             measured = None
@@ -121,7 +130,9 @@ def main() -> None:
             "cuda_layer_times_ms": {
                 x.name: (round(x.forward_time_s * 1e3, 2), round(x.backward_time_s * 1e3, 2))
                 for x in measured.layers
-            } if measured else None,
+            }
+            if measured
+            else None,
             "dry_layer_times_ms": {
                 x.name: (round(x.forward_time_s * 1e3, 2), round(x.backward_time_s * 1e3, 2))
                 for x in dry.layers
@@ -135,21 +146,37 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()
-    print(f"device: {device}; torch {torch.__version__}; python {platform.python_version()}; "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print("| seq | dry-run peak (GiB) | measured max_memory_allocated (GiB) | error | "
-          "upper bound (GiB) | est. step (s) | measured step (s) | tokens/s |")
+    print(
+        f"device: {device}; torch {torch.__version__}; python {platform.python_version()}; "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
+    print(
+        "| seq | dry-run peak (GiB) | measured max_memory_allocated (GiB) | error | "
+        "upper bound (GiB) | est. step (s) | measured step (s) | tokens/s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['seq']} | {r['dry_simulated_peak_gib']:.2f} | {r['measured_peak_gib']:.2f} | "
-              f"{r['error_pct']:+.1f}% | {r['dry_upper_bound_gib']:.2f} | "
-              f"{r['dry_step_s_est']:.3f} | {r['measured_step_s']:.3f} | {r['tokens_per_s']:,.0f} |")
-    print(f"causal GQA flash attention at 16384 tokens: forward {rates['fwd_tflops']:.0f} "
-          f"TFLOP/s, backward {rates['bwd_tflops']:.0f} TFLOP/s")
+        print(
+            f"| {r['seq']} | {r['dry_simulated_peak_gib']:.2f} | {r['measured_peak_gib']:.2f} | "
+            f"{r['error_pct']:+.1f}% | {r['dry_upper_bound_gib']:.2f} | "
+            f"{r['dry_step_s_est']:.3f} | {r['measured_step_s']:.3f} | {r['tokens_per_s']:,.0f} |"
+        )
+    print(
+        f"causal GQA flash attention at 16384 tokens: forward {rates['fwd_tflops']:.0f} "
+        f"TFLOP/s, backward {rates['bwd_tflops']:.0f} TFLOP/s"
+    )
     if args.out:
         with open(args.out, "w") as handle:
-            json.dump({"device": device, "torch": torch.__version__, "rows": rows,
-                       "attention_rate": rates}, handle, indent=1)
+            json.dump(
+                {
+                    "device": device,
+                    "torch": torch.__version__,
+                    "rows": rows,
+                    "attention_rate": rates,
+                },
+                handle,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

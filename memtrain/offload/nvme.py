@@ -90,11 +90,102 @@ class SwapFile:
             store.discard(self)
 
 
-class NvmeStore:
-    """Thread-pool swap files under one directory."""
+AIO_ALIGNMENT = 4096  # O_DIRECT: sizes and addresses in whole pages
 
-    def __init__(self, path: str | Path, *, need_bytes: int = 0, workers: int = 4) -> None:
+
+def deepspeed_aio(build: bool = False):
+    """DeepSpeed's async I/O op where it is installed and usable, else None.
+
+    ``build=False`` takes it only when it needs no compilation (prebuilt, or built before and
+    cached by PyTorch's extension loader); building it takes minutes.
+    """
+    try:
+        from deepspeed.git_version_info import installed_ops
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+    except Exception:  # deepspeed absent, or it cannot initialise its accelerator here
+        return None
+    builder = AsyncIOBuilder()
+    if not builder.is_compatible(verbose=False):
+        return None
+    if not (build or installed_ops.get("async_io")):
+        from torch.utils.cpp_extension import _get_build_directory
+
+        cached = Path(_get_build_directory(builder.name, verbose=False)) / f"{builder.name}.so"
+        if not cached.exists():
+            return None
+    try:
+        return builder.load(verbose=False)
+    except Exception:
+        return None
+
+
+class _AioFiles:
+    """Whole-file reads and writes through DeepSpeed's libaio handles, one per worker thread.
+
+    O_DIRECT needs page-aligned buffers and sizes, so data is staged in an aligned buffer and
+    files are padded to a whole page; the logical size is checked on read-back.
+    """
+
+    def __init__(self, module) -> None:
+        self.module = module
+        self.local = threading.local()
+
+    def _handle(self):
+        handle = getattr(self.local, "handle", None)
+        if handle is None:
+            handle = self.module.aio_handle(1 << 20, 8, False, True, 1)
+            self.local.handle = handle
+        return handle
+
+    @staticmethod
+    def padded(nbytes: int) -> int:
+        return -(-nbytes // AIO_ALIGNMENT) * AIO_ALIGNMENT
+
+    def _aligned(self, nbytes: int) -> torch.Tensor:
+        size = self.padded(nbytes)
+        raw = torch.empty(size + AIO_ALIGNMENT, dtype=torch.uint8)
+        shift = (-raw.data_ptr()) % AIO_ALIGNMENT
+        return raw.narrow(0, shift, size)
+
+    def write(self, path: Path, raw: torch.Tensor) -> None:
+        staged = self._aligned(raw.numel())
+        staged[: raw.numel()].copy_(raw)
+        if self._handle().sync_pwrite(staged, str(path)) < 0:
+            raise MemtrainError(f"writing swap file {path} through DeepSpeed async I/O failed")
+
+    def read(self, path: Path, nbytes: int) -> torch.Tensor:
+        staged = self._aligned(nbytes)
+        if self._handle().sync_pread(staged, str(path)) < 0:
+            raise MemtrainError(f"reading swap file {path} through DeepSpeed async I/O failed")
+        out = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        out.copy_(staged[:nbytes])
+        return out
+
+
+class NvmeStore:
+    """Swap files under one directory, written and read asynchronously by a thread pool,
+    through DeepSpeed's async I/O (libaio) where it is available, plain files otherwise."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        need_bytes: int = 0,
+        workers: int = 4,
+        backend: str = "auto",
+    ) -> None:
+        if backend not in ("auto", "threads", "deepspeed"):
+            raise MemtrainError(f"unknown NVMe backend {backend!r}; use auto, threads or deepspeed")
         root = check_path(path, need_bytes)
+        self.aio = None
+        if backend != "threads":
+            module = deepspeed_aio(build=backend == "deepspeed")
+            if module is None and backend == "deepspeed":
+                raise MemtrainError(
+                    "DeepSpeed async I/O is not available (install deepspeed and libaio-dev)"
+                )
+            self.aio = _AioFiles(module) if module is not None else None
+        self.backend = "deepspeed" if self.aio is not None else "threads"
         remove_stale_directories(root)
         self.directory = root / f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self.directory.mkdir()
@@ -117,30 +208,36 @@ class NvmeStore:
         future = self.pool.submit(self._write, path, data, wait_for)
         return SwapFile(self, path, nbytes, future)
 
-    @staticmethod
-    def _write(path: Path, data: torch.Tensor, wait_for: object) -> None:
+    def _write(self, path: Path, data: torch.Tensor, wait_for: object) -> None:
         if wait_for is not None:
             wait_for.synchronize()
-        raw = data.contiguous().view(-1).view(torch.uint8).numpy()
+        raw = data.contiguous().view(-1).view(torch.uint8)
+        if self.aio is not None:
+            self.aio.write(path, raw)
+            return
         try:
             with open(path, "wb") as handle:
-                handle.write(memoryview(raw))
+                handle.write(memoryview(raw.numpy()))
         except OSError as exc:
             raise MemtrainError(f"writing swap file {path} failed ({exc.strerror})") from None
 
     def _read(self, swap: SwapFile) -> torch.Tensor:
         swap.write.result()  # surfaces write errors
         size = swap.path.stat().st_size
-        if size != swap.nbytes:
+        expected = swap.nbytes if self.aio is None else self.aio.padded(swap.nbytes)
+        if size != expected:
             raise MemtrainError(
-                f"swap file {swap.path} holds {size} bytes, expected {swap.nbytes}; "
+                f"swap file {swap.path} holds {size} bytes, expected {expected}; "
                 "the NVMe path was modified during training"
             )
-        out = torch.empty(swap.nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-        with open(swap.path, "rb") as handle:
-            got = handle.readinto(memoryview(out.numpy()))
-        if got != swap.nbytes:
-            raise MemtrainError(f"swap file {swap.path}: read {got} of {swap.nbytes} bytes")
+        if self.aio is not None:
+            out = self.aio.read(swap.path, swap.nbytes)
+        else:
+            out = torch.empty(swap.nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+            with open(swap.path, "rb") as handle:
+                got = handle.readinto(memoryview(out.numpy()))
+            if got != swap.nbytes:
+                raise MemtrainError(f"swap file {swap.path}: read {got} of {swap.nbytes} bytes")
         self._unlink(swap)
         return out
 

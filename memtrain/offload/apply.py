@@ -22,7 +22,6 @@ from memtrain.errors import MemtrainError
 from memtrain.offload.memo import LlamaBlockParts, chunk_ranges, tokenwise_forward
 from memtrain.offload.nvme import NvmeStore
 from memtrain.offload.policy import (
-    HOST_TIERS,
     LayerPolicy,
     OffloadPolicy,
     executed_host_bytes,
@@ -526,4 +525,4 @@ def offloaded(model: nn.Module, plan: Any, **options: Any) -> Iterator[OffloadHa
         handle.remove()
 
 
-__all__ = ["HOST_TIERS", "OffloadHandle", "apply", "offloaded"]
+__all__ = ["OffloadHandle", "apply", "offloaded"]

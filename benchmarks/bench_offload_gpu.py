@@ -270,6 +270,12 @@ def run_one(spec: str, steps: int, host_gib: float) -> dict[str, Any]:
         row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
     except MemtrainError as exc:
         row["status"] = f"refused: {exc}"
+    except Exception as exc:  # report it and go on with the other runs
+        import traceback
+
+        row["status"] = f"error: {type(exc).__name__}: {exc}"
+        row["traceback"] = traceback.format_exc(limit=8)
+        print(row["traceback"], flush=True)
     finally:
         if handle is not None:
             handle.remove()

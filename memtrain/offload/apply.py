@@ -58,7 +58,19 @@ HEAD = "lm_head"
 TAIL = "lm_head+loss"  # with a fused loss, the head's input and the loss are saved together
 
 
+OTHER = "other"  # the profiler's name for work outside every layer (rotary tables, masks)
+
+
 def _check_names(policy: OffloadPolicy, names: set[str], from_plan: bool) -> None:
+    outside = policy.layers.get(OTHER)
+    if OTHER not in names and outside is not None:
+        moved = outside.keep < 1 - 1e-6 or outside.full_recompute
+        if moved:
+            raise MemtrainError(
+                "the plan swaps or recomputes activations of work outside every layer "
+                "('other'), which no layer hook can reach; re-plan with that work kept"
+            )
+        names = names | {OTHER}  # nothing to execute: everything stays where it is
     names = names | {LOSS}
     unknown = sorted(set(policy.layers) - names)
     if unknown:
@@ -66,7 +78,7 @@ def _check_names(policy: OffloadPolicy, names: set[str], from_plan: bool) -> Non
             f"the plan names layers this model lacks ({', '.join(unknown[:3])}"
             f"{', ...' if len(unknown) > 3 else ''}); it was made for another model, re-plan"
         )
-    missing = sorted(names - set(policy.layers) - {LOSS})
+    missing = sorted(names - set(policy.layers) - {LOSS, OTHER})
     if from_plan and missing:
         raise MemtrainError(
             f"the plan has no decision for layers {', '.join(missing[:3])}"

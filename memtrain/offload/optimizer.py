@@ -218,6 +218,42 @@ class OffloadedOptimizer:
                     m.grad.mul_(scale)
         return total
 
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Both optimizers' groups, so schedules can set ``lr`` as on any torch optimizer."""
+        groups: list[dict[str, Any]] = []
+        for optimizer in (self.device_optimizer, self.host_optimizer):
+            if optimizer is not None:
+                groups.extend(optimizer.param_groups)
+        return groups
+
+    def state_dict(self) -> dict[str, Any]:
+        """Device and host optimizer states plus the float32 master weights (exact resume)."""
+        if self.nvme is not None:
+            raise MemtrainError(
+                "saving optimizer states kept on NVMe is not supported; plan them on cpu to "
+                "checkpoint, or set train.checkpoint_every=0"
+            )
+        return {
+            "device": self.device_optimizer.state_dict() if self.device_optimizer else None,
+            "host": self.host_optimizer.state_dict() if self.host_optimizer else None,
+            "masters": [m.detach().clone() for m in self.masters],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["masters"]) != len(self.masters):
+            raise MemtrainError("the optimizer checkpoint was saved for another placement")
+        if self.device_optimizer is not None:
+            self.device_optimizer.load_state_dict(state["device"])
+        if self.host_optimizer is not None:
+            self.host_optimizer.load_state_dict(state["host"])
+        with torch.no_grad():
+            for param, master, saved in zip(
+                self.host_params, self.masters, state["masters"], strict=True
+            ):
+                master.copy_(saved)
+                param.copy_(master)
+
     def state_files(self) -> list[Path]:
         return self.nvme.files() if self.nvme is not None else []
 

@@ -248,10 +248,7 @@ def _infeasible(
     need = minimum_gpu_budget(problem, hardware, options)
     need_unlimited_host = minimum_gpu_budget(problem, hardware, options, host_limited=False)
     have = hardware.capacity("gpu")
-    message = (
-        f"no plan fits: the GPU binds, it needs at least {_size(need)} "
-        f"(budget {_size(have)})"
-    )
+    message = f"no plan fits: the GPU binds, it needs at least {_size(need)} (budget {_size(have)})"
     if need_unlimited_host < need * 0.99:
         message += (
             f"; host memory binds too (with more host memory {_size(need_unlimited_host)} "

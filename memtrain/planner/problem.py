@@ -95,8 +95,11 @@ def layer_costs(layer: LayerProfile, always_store_ops: Sequence[str] = ()) -> La
     """Split one profiled layer's saved bytes into anchor / recomputable / fixed."""
     anchor = recomputable = fixed = attention = 0.0
     input_saved = any(t.is_layer_input for t in layer.saved_tensors)
+    # Work outside every layer (the profiler's "other": rotary tables, masks) has no layer hooks
+    # an executor could use, so its saved bytes stay where they are.
+    movable = layer.kind != "other"
     for tensor in layer.saved_tensors:
-        if tensor.token_dim is None:
+        if tensor.token_dim is None or not movable:
             fixed += tensor.nbytes
         elif tensor.is_layer_input or _matches(tensor.op, always_store_ops):
             anchor += tensor.nbytes

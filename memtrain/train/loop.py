@@ -76,6 +76,13 @@ def lr_factor(step: int, schedule: dict[str, Any]) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _clip(model, optimizer, max_norm: float) -> torch.Tensor:
+    """Global gradient clipping; an offloaded optimizer holds some gradients on the host."""
+    if hasattr(optimizer, "clip_grad_norm_"):
+        return optimizer.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if device.type == "cuda":
@@ -205,9 +212,7 @@ def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> d
                 grad_norm = None
                 if in_backward is None:
                     if sched["grad_clip"]:
-                        grad_norm = float(
-                            torch.nn.utils.clip_grad_norm_(model.parameters(), sched["grad_clip"])
-                        )
+                        grad_norm = float(_clip(model, optimizer, sched["grad_clip"]))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 value = float(loss.detach())

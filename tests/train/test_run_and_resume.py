@@ -119,3 +119,25 @@ def test_step_in_backward_refuses_clipping(tmp_path):
     recipe = load_recipe(_write(tmp_path, "clip"), ["train.step_in_backward=true"])
     with pytest.raises(ConfigError, match="grad_clip=0"):
         run_recipe(recipe, progress=False)
+
+
+def test_resume_with_optimizer_states_on_the_host(tmp_path):
+    """AdamW under a tight budget puts states on the host; checkpoints still resume exactly."""
+    common = [
+        "optimizer.name=adamw",
+        "optimizer.options={}",
+        "plan.gpu_budget_fraction=0.6",
+        "train.checkpoint_every=3",
+    ]
+    whole = load_recipe(_write(tmp_path, "w"), [*common, "schedule.steps=6"])
+    summary = run_recipe(whole, progress=False)
+    plan = yaml.safe_load((tmp_path / "w" / "plan.yaml").read_text())
+    assert any(layer["optimizer"] != "gpu" for layer in plan["layers"])
+    assert summary["train"]["steps_run"] == 6
+    part = load_recipe(_write(tmp_path, "p"), [*common, "schedule.steps=3"])
+    run_recipe(part, progress=False)
+    rest = load_recipe(_write(tmp_path, "p"), [*common, "schedule.steps=6"])
+    assert run_recipe(rest, progress=False)["train"]["steps_run"] == 3
+    a, b = _final_state(tmp_path / "w"), _final_state(tmp_path / "p")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -21,6 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="error",
         help="when layers place states differently: refuse, or offload them all",
     )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="name an AdamW optimizer with this learning rate in the config "
+        "(needed with ZeRO-Offload unless you pass DeepSpeedCPUAdam yourself)",
+    )
     parser.add_argument("--out", default=None, help="write to FILE instead of stdout")
 
 
@@ -35,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed=args.mixed,
+        lr=args.lr,
     )
     text = json.dumps(config, indent=2)
     if args.out:

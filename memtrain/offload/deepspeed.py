@@ -46,8 +46,14 @@ def deepspeed_config(
     gradient_accumulation_steps: int = 1,
     mixed: str = "error",
     base: dict[str, Any] | None = None,
+    lr: float | None = None,
+    weight_decay: float = 0.0,
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict for ``plan`` (a Plan, its dict, a file or an OffloadPolicy)."""
+    """The DeepSpeed config dict for ``plan`` (a Plan, its dict, a file or an OffloadPolicy).
+
+    With ``lr`` the config names an AdamW optimizer, which DeepSpeed then builds itself (its
+    CPU Adam where states are offloaded; it refuses a client optimizer with ZeRO-Offload).
+    """
     if mixed not in ("error", "offload-all"):
         raise MemtrainError(f"mixed must be 'error' or 'offload-all', got {mixed!r}")
     if dtype not in ("bf16", "fp16", "fp32"):
@@ -87,6 +93,8 @@ def deepspeed_config(
     )
     if "nvme" in (params, optimizer):
         config["aio"] = dict(AIO_DEFAULTS)
+    if lr is not None:
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay}}
     return config
 
 

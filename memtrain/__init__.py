@@ -47,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "Prepared": "memtrain.train",
     "run_recipe": "memtrain.train",
     "load_recipe": "memtrain.train",
+    "planned_trainer": "memtrain.train.hf",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,0 +1,82 @@
+"""The Hugging Face Trainer trains under a plan, and the model is restored afterwards."""
+
+from __future__ import annotations
+
+import torch
+
+from memtrain.models import build_causal_lm, load_config
+from memtrain.train.hf import planned_trainer
+
+SEQ, BATCH = 32, 2
+
+
+class FixedLengthTokens(torch.utils.data.Dataset):
+    """Counting sequences (each token is the previous plus one): learnable in a few steps."""
+
+    def __init__(self, count: int, vocab: int):
+        generator = torch.Generator().manual_seed(0)
+        starts = torch.randint(0, vocab, (count, 1), generator=generator)
+        self.ids = (starts + torch.arange(SEQ)) % vocab
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+def _model():
+    config = load_config("llama-3.2-1b")
+    for key, value in dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=256,
+    ).items():
+        setattr(config, key, value)
+    return build_causal_lm(config, "fp32", "cpu")
+
+
+def test_trainer_trains_under_a_plan_and_restores_the_model(tmp_path):
+    from transformers import TrainingArguments
+
+    model = _model()
+    probe = torch.randint(0, 256, (1, SEQ))
+    with torch.no_grad():
+        before_logits = model(input_ids=probe).logits.clone()
+    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        max_steps=6,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
+    trainer = planned_trainer(
+        model,
+        args,
+        seq=SEQ,
+        optimizer="galore:rank=8,update_proj_gap=3",
+        train_dataset=FixedLengthTokens(64, 256),
+        plan_options={"gpu_budget_fraction": 0.7},
+    )
+    plan = trainer.memtrain.plan
+    assert any(layer["recompute"] > 0 or any(layer["swap"].values()) for layer in plan.layers)
+    assert type(trainer.optimizer).__name__ == "GaLoreAdamW"
+    result = trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert result.global_step == 6
+    # Training changed the weights; removing the plan left no hooks and the stock forward.
+    hooks_after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    assert hooks_after == hooks_before
+    with torch.no_grad():
+        logits = model(input_ids=probe).logits
+    assert logits is not None and not torch.equal(logits, before_logits)

@@ -184,8 +184,18 @@ def build_terms(
         offloaded_grads = layer.grad_bytes * mode_sum(j, lambda s: s["grads"] != "gpu")
         uploaded_params = layer.param_bytes * mode_sum(j, lambda s: s["optimizer"] != "gpu")
         working = kept[j] + phi * in_flight + streamed_params
+        # A token slice frees memory only as a compact copy, so while a partially moved layer
+        # runs its kept share is on the GPU twice (forward: the copy beside the produced
+        # tensors; backward: full tensors rebuilt beside it). ``(j, "copy", "gpu")`` is that
+        # share: the kept share when the layer moves some tokens and keeps others, else 0.
+        kept_copy = layer.token_bytes * Lin.var((j, "copy", "gpu"))
         memory.append(
-            MemoryTerm("gpu", f"forward {layer.name}", working + phi * layer.forward_transient, j)
+            MemoryTerm(
+                "gpu",
+                f"forward {layer.name}",
+                working + kept_copy + phi * layer.forward_transient,
+                j,
+            )
         )
         prefetch = swapped_total[j - 1] if j > 0 else Lin()
         memory.append(
@@ -193,6 +203,7 @@ def build_terms(
                 "gpu",
                 f"backward {layer.name}",
                 working
+                + kept_copy
                 + phi * layer.backward_transient
                 + layer.output_bytes
                 + prefetch

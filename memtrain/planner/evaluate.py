@@ -121,10 +121,31 @@ def evaluate_terms(
     )
 
 
-def decision_values(decisions: list[LayerDecision]) -> dict[Key, float]:
+def copy_share(layer, decision: LayerDecision) -> float:
+    """Share of a layer's token bytes held twice while it runs: its kept share when it moves
+    some tokens (swap or recompute) and keeps others, else 0."""
+    token = layer.anchor_bytes + layer.recomputable_bytes
+    if token <= 0:
+        return 0.0
+    kept_anchor = decision.anchor.get("gpu", 0.0) if layer.anchor_bytes > 0 else 1.0
+    kept_rest = decision.rest.get("gpu", 0.0) if layer.recomputable_bytes > 0 else 1.0
+    if kept_anchor >= 1 - 1e-6 and kept_rest >= 1 - 1e-6:
+        return 0.0
+    kept = 0.0
+    if layer.anchor_bytes > 0:
+        kept += layer.anchor_bytes * kept_anchor
+    if layer.recomputable_bytes > 0:
+        kept += layer.recomputable_bytes * kept_rest
+    return kept / token
+
+
+def decision_values(decisions: list[LayerDecision], layers=None) -> dict[Key, float]:
+    """Values of every decision key; with ``layers``, also each layer's kept-copy share."""
     values: dict[Key, float] = {}
     for j, decision in enumerate(decisions):
         values.update(decision.values(j))
+        if layers is not None:
+            values[(j, "copy", "gpu")] = copy_share(layers[j], decision)
     return values
 
 
@@ -147,4 +168,6 @@ def evaluate(
         if not used <= tiers:
             raise ValueError(f"decision uses tiers {sorted(used - tiers)} the hardware lacks")
     terms = build_terms(problem, hardware, chunks, modes)
-    return evaluate_terms(terms, decision_values(decisions), hardware, problem.tokens)
+    return evaluate_terms(
+        terms, decision_values(decisions, problem.layers), hardware, problem.tokens
+    )

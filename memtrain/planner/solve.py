@@ -92,6 +92,7 @@ class _Model:
         self.frac_set = self._fraction_sets(tie_identical)
         self.vars: dict[Hashable, pulp.LpVariable] = {}
         self.mode_vars: dict[int, dict[str, pulp.LpVariable]] = {}
+        self.binaries: list[pulp.LpVariable] = []  # "moves any token", per fraction set
         cat = pulp.LpBinary if integer_fractions else pulp.LpContinuous
         for s in sorted(set(self.frac_set)):
             members = [j for j, k in enumerate(self.frac_set) if k == s]
@@ -112,6 +113,7 @@ class _Model:
                 self.vars[("set", s, "a", t)] = v
             for t, v in x.items():
                 self.vars[("set", s, "x", t)] = v
+            self._copy_share(s, layer, a["gpu"], x["gpu"])
         for j, layer in enumerate(problem.layers):
             if len(modes) > 1 and layer.param_bytes + layer.state_bytes + layer.grad_bytes > 0:
                 ys = {
@@ -178,6 +180,23 @@ class _Model:
         else:  # the smallest GPU peak, then the fastest
             self.lp += self.peak + 1e-6 * self.step_time
 
+    def _copy_share(self, s: int, layer, a_gpu, x_gpu) -> None:
+        """``copy_s`` = the kept share when the layer moves anything (binary ``z_s``), else 0:
+        the memory a partially moved layer holds twice while it runs."""
+        token = layer.anchor_bytes + layer.recomputable_bytes
+        if token <= 0:
+            return
+        z = new_var(self.lp, f"moves_{s}", 0, 1, pulp.LpBinary)
+        copy = new_var(self.lp, f"copy_{s}", 0, 1)
+        if layer.anchor_bytes > 0:
+            self.lp += 1 - a_gpu <= z, f"moves_anchor_{s}"
+        if layer.recomputable_bytes > 0:
+            self.lp += 1 - x_gpu <= z, f"moves_rest_{s}"
+        kept = (layer.anchor_bytes * a_gpu + layer.recomputable_bytes * x_gpu) * (1.0 / token)
+        self.lp += copy >= kept - (1 - z), f"copy_{s}"
+        self.vars[("set", s, "copy", "gpu")] = copy
+        self.binaries.append(z)
+
     def _fraction_sets(self, tie: bool) -> list[int]:
         sets = list(range(len(self.problem.layers)))
         if not tie:
@@ -224,7 +243,9 @@ class _Model:
                     v.lowBound = v.upBound = 1 if chosen[j] == m else 0
 
     def solve(self, mip: bool, time_limit: float, gap: float) -> bool:
-        self.lp.solve(_make_solver(mip, time_limit, gap))
+        # The "moves any token" indicators stay integer even in the relaxation: they are few
+        # (one per set of identical layers), and relaxing them would drop the kept-share copy.
+        self.lp.solve(_make_solver(mip or bool(self.binaries), time_limit, gap))
         # 1: optimal; 2: an integer-feasible solution when the time limit stopped the search.
         return self.lp.sol_status in (1, 2)
 
@@ -283,7 +304,10 @@ def _evaluate(model: _Model, decisions: list[LayerDecision]) -> Evaluation:
     from memtrain.planner.evaluate import decision_values
 
     return evaluate_terms(
-        model.terms, decision_values(decisions), model.hardware, model.problem.tokens
+        model.terms,
+        decision_values(decisions, model.problem.layers),
+        model.hardware,
+        model.problem.tokens,
     )
 
 

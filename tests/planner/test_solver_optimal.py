@@ -39,7 +39,7 @@ def _brute_force(prob, hw):
     terms = build_terms(prob, hw, 1, modes)
     best = None
     for combo in itertools.product(*[_options(layer, tiers, modes) for layer in prob.layers]):
-        ev = evaluate_terms(terms, decision_values(list(combo)), hw, prob.tokens)
+        ev = evaluate_terms(terms, decision_values(list(combo), prob.layers), hw, prob.tokens)
         if ev.feasible and (best is None or ev.step_time_s < best.step_time_s - 1e-12):
             best = ev
     return best

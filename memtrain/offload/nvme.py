@@ -163,8 +163,12 @@ class _AioFiles:
 
 
 class NvmeStore:
-    """Swap files under one directory, written and read asynchronously by a thread pool,
-    through DeepSpeed's async I/O (libaio) where it is available, plain files otherwise."""
+    """Swap files under one directory, written and read asynchronously by a thread pool.
+
+    ``backend="threads"`` (and ``"auto"``) use plain files; ``"deepspeed"`` uses DeepSpeed's
+    async I/O (libaio, O_DIRECT) through a single worker. ``auto`` does not pick DeepSpeed on its
+    own: several workers each holding a DeepSpeed aio handle were seen to hang a training step.
+    """
 
     def __init__(
         self,
@@ -178,17 +182,19 @@ class NvmeStore:
             raise MemtrainError(f"unknown NVMe backend {backend!r}; use auto, threads or deepspeed")
         root = check_path(path, need_bytes)
         self.aio = None
-        if backend != "threads":
-            module = deepspeed_aio(build=backend == "deepspeed")
-            if module is None and backend == "deepspeed":
+        if backend == "deepspeed":
+            module = deepspeed_aio(build=True)
+            if module is None:
                 raise MemtrainError(
                     "DeepSpeed async I/O is not available (install deepspeed and libaio-dev)"
                 )
-            self.aio = _AioFiles(module) if module is not None else None
+            self.aio = _AioFiles(module)
         self.backend = "deepspeed" if self.aio is not None else "threads"
         remove_stale_directories(root)
         self.directory = root / f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self.directory.mkdir()
+        if self.aio is not None:
+            workers = 1  # one DeepSpeed aio handle; it queues and overlaps the I/O itself
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memtrain-nvme")
         self._counter = itertools.count()
         self._lock = threading.Lock()

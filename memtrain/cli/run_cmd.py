@@ -27,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    # Plans swap and rebuild tensors of many sizes every step; growable segments keep the
+    # caching allocator from stranding memory between them (set before CUDA starts).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from memtrain.profile.report import wide_console
     from memtrain.train import load_recipe, run_recipe
 

@@ -99,9 +99,10 @@ class _Model:
             layer = problem.layers[members[0]]
             a = {t: new_var(self.lp, f"a_{s}_{t}", 0, 1, cat) for t in self.tiers}
             x = {t: new_var(self.lp, f"x_{s}_{t}", 0, 1, cat) for t in self.tiers}
-            x["rec"] = new_var(
-                self.lp, f"x_{s}_rec", 0, 1 if layer.recomputable_bytes > 0 else 0, cat
-            )
+            # Token-wise recompute exists for transformer blocks; other layers (norms, heads)
+            # keep or swap their saved tensors.
+            can_recompute = layer.recomputable_bytes > 0 and layer.kind == "block"
+            x["rec"] = new_var(self.lp, f"x_{s}_rec", 0, 1 if can_recompute else 0, cat)
             self.lp += pulp.lpSum(a.values()) == 1, f"anchor_{s}"
             self.lp += pulp.lpSum(x.values()) == 1, f"rest_{s}"
             if layer.checkpoint_bytes > 0:

@@ -141,3 +141,16 @@ def test_resume_with_optimizer_states_on_the_host(tmp_path):
     a, b = _final_state(tmp_path / "w"), _final_state(tmp_path / "p")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_quickstart_recipe_runs(tmp_path):
+    """The README's main job, shortened: the dry-run plan and a few steps under a plan."""
+    path = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
+    recipe = load_recipe(path, ["schedule.steps=3", f"train.out_dir={tmp_path / 'qs'}"])
+    summary = run_recipe(recipe, progress=False)
+    assert summary["dry_run"]["predicted"]["peak_bytes"]["gpu"] > 0
+    assert summary["train"]["steps_run"] == 3
+    plan = yaml.safe_load((tmp_path / "qs" / "plan.yaml").read_text())
+    for layer in plan["layers"]:
+        if layer["kind"] != "block":
+            assert layer["recompute"] == 0, layer["name"]  # only blocks recompute token-wise

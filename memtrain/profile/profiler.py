@@ -197,10 +197,7 @@ def profile_model(
     ``keep_output`` holds the model's output (e.g. the logits) through backward, as a loop that
     writes ``out = model(**batch); out.loss.backward()`` does.
     """
-    if seq <= 0 or batch <= 0:
-        raise MemtrainError(
-            f"sequence length and batch must be positive, got seq={seq}, batch={batch}"
-        )
+    _check_positive(seq=seq, batch=batch)
     first = next(model.parameters(), None)
     if first is None:
         raise MemtrainError("the model has no parameters to train")
@@ -228,9 +225,7 @@ def profile_model(
     param_bytes = sum(o.nbytes for o in owned)
     input_tensors = _input_tensors(inputs)
     input_bytes = sum(round_block(t.untyped_storage().nbytes()) for t in input_tensors)
-    excluded = {storage_key(o.param) for o in owned}
-    excluded |= {storage_key(b) for b in model.buffers()}
-    excluded |= {storage_key(t) for t in input_tensors}
+    excluded = _static_storages(model, input_tensors)
 
     model.train()
     torch_optimizer = None
@@ -433,6 +428,14 @@ def profile_model(
     )
 
 
+def _static_storages(model: nn.Module, input_tensors: list[torch.Tensor]) -> set[int]:
+    """Storages that are not activations: parameters, buffers and the batch itself."""
+    keys = {storage_key(p) for p in model.parameters()}
+    keys |= {storage_key(b) for b in model.buffers()}
+    keys |= {storage_key(t) for t in input_tensors}
+    return keys
+
+
 def saved_shapes_only(model: nn.Module, inputs: Inputs, loss_fn: LossFn, semantics: str) -> list:
     """Shapes of the tensors one forward saves (for token-dimension detection on meta)."""
     shapes: list[tuple[int, ...]] = []
@@ -441,10 +444,7 @@ def saved_shapes_only(model: nn.Module, inputs: Inputs, loss_fn: LossFn, semanti
         shapes.append(tuple(t.shape))
         return t
 
-    excluded = {storage_key(p) for p in model.parameters()} | {
-        storage_key(b) for b in model.buffers()
-    }
-    excluded |= {storage_key(t) for t in _input_tensors(inputs)}
+    excluded = _static_storages(model, _input_tensors(inputs))
 
     def pack_filtered(t: torch.Tensor) -> torch.Tensor:
         if storage_key(t) in excluded:

@@ -118,24 +118,21 @@ class OpTracker(TorchDispatchMode):
     def _forget(self, key: int) -> None:
         self._producer.pop(key, None)
 
-    def _record_producers(self, name: str, inputs: list, outputs: list) -> None:
-        input_keys = {t.untyped_storage()._cdata for t in inputs if isinstance(t, torch.Tensor)}
-        for t in outputs:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key not in input_keys and key not in self._producer:
-                    self._producer[key] = name
-                    weakref.finalize(storage, self._forget, key)
-
-    def _record_allocations(self, inputs: list, outputs: list) -> None:
+    def _record_outputs(self, name: str, inputs: list, outputs: list) -> None:
+        """Note the producer of every new storage an op returns, and (when tracking memory)
+        allocate it; storages shared with an input are views or in-place results."""
         input_keys = {t.untyped_storage()._cdata for t in inputs if isinstance(t, torch.Tensor)}
         for t in outputs:
             if not isinstance(t, torch.Tensor):
                 continue
             storage = t.untyped_storage()
             key = storage._cdata
-            if key in input_keys or key in self._live:
+            if key in input_keys:
+                continue
+            if key not in self._producer:
+                self._producer[key] = name
+                weakref.finalize(storage, self._forget, key)
+            if not self.track_memory or key in self._live:
                 continue
             size = round_block(storage.nbytes(), self.block)
             self._live[key] = size
@@ -167,9 +164,7 @@ class OpTracker(TorchDispatchMode):
         out = func(*args, **kwargs)
         inputs, _ = tree_flatten((args, kwargs))
         outputs, _ = tree_flatten(out)
-        self._record_producers(func._overloadpacket.__name__, inputs, outputs)
-        if self.track_memory:
-            self._record_allocations(inputs, outputs)
+        self._record_outputs(func._overloadpacket.__name__, inputs, outputs)
         flops = op_flops(func, args, kwargs, out)
         self.on_op(flops, self._estimate_seconds(func, flops, inputs, outputs))
         return out

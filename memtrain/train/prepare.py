@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from memtrain.errors import MemtrainError
+from memtrain.hardware.devices import DeviceSpec
 from memtrain.profile.optimizer_state import parse_optimizer_spec
 from memtrain.units import format_bytes
 
@@ -90,7 +91,7 @@ class Prepared:
         self.remove()
 
 
-def _meta_twin_profile(model: nn.Module, seq: int, batch: int, optimizer: str, target: str):
+def _meta_twin_profile(model: nn.Module, seq: int, batch: int, optimizer: str, target: DeviceSpec):
     from memtrain.models import build_causal_lm
     from memtrain.profile import profile_model
     from memtrain.profile.profiler import default_loss
@@ -138,7 +139,7 @@ def prepare(
     ``gpu_budget_fraction`` plans for that share of the unplanned step's simulated peak (handy to
     exercise a plan on a small model). ``plan=False`` only swaps the loss and builds the optimizer.
     """
-    from memtrain.hardware import build_hardware, load_hardware
+    from memtrain.hardware import load_hardware
     from memtrain.optim import build_optimizer
     from memtrain.planner import PlanOptions, make_plan
 
@@ -147,15 +148,8 @@ def prepare(
     plan_obj = None
     profile = None
     if plan:
-        device_name = hardware if not hardware.endswith((".yaml", ".yml")) else None
-        profile = _meta_twin_profile(model, seq, batch, str(spec), device_name or "h100-sxm-80g")
-        overrides = {"gpu_budget": gpu_budget, "cpu": cpu, "cxl": cxl, "nvme": nvme}
-        if device_name is None:
-            hw = load_hardware(hardware, **overrides)
-        else:
-            hw = build_hardware(
-                device_name, **{k: v for k, v in overrides.items() if v is not None}
-            )
+        hw = load_hardware(hardware, gpu_budget=gpu_budget, cpu=cpu, cxl=cxl, nvme=nvme)
+        profile = _meta_twin_profile(model, seq, batch, str(spec), hw.device)
         if gpu_budget_fraction is not None:
             peak = profile.simulated_peak_bytes
             budget = (hw.gpu_reserved_bytes + gpu_budget_fraction * peak) / (

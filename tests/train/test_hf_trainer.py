@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from memtrain.models import build_causal_lm, load_config
 from memtrain.train.hf import planned_trainer
 
 SEQ, BATCH = 32, 2
@@ -26,18 +25,11 @@ class FixedLengthTokens(torch.utils.data.Dataset):
 
 
 def _model():
-    config = load_config("llama-3.2-1b")
-    for key, value in dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=256,
-    ).items():
-        setattr(config, key, value)
-    return build_causal_lm(config, "fp32", "cpu")
+    from memtrain.train.loop import build_model
+    from memtrain.train.recipe import validate
+    from tests.train.test_run_and_resume import TINY
+
+    return build_model(validate(TINY)["model"], torch.device("cpu"))
 
 
 def test_trainer_trains_under_a_plan_and_restores_the_model(tmp_path):

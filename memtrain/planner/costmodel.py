@@ -14,7 +14,8 @@ Timeline, per layer in order, then backward in reverse:
 forward ``j`` produces all of its saved bytes; the swapped part streams to the host during the
 layer's own forward (``F_j`` window). Backward ``j`` needs all of them back: kept bytes are
 there, swapped bytes of layer ``j-1`` are prefetched during backward ``j`` (``B_j`` window), the
-recomputed part is rebuilt at its share of the forward time. A window's transfers are hidden
+recomputed part is rebuilt at its share of the forward time (less the attention kernels where
+their outputs are stored: token-wise recompute starts from them). A window's transfers are hidden
 behind its compute; only the excess costs time. Both directions share the host link
 (``host_link_duplex``), each direction has its own limit, and CXL and NVMe add their own.
 Sequence tiling with ``c`` chunks divides a block's tileable bytes in flight by ``c``.
@@ -213,7 +214,7 @@ def build_terms(
         )
 
         extra = (chunks - 1) * hardware.tile_overhead_s if layer.tileable and chunks > 1 else 0.0
-        recompute = layer.forward_time * _frac(j, "x", "rec")
+        recompute = layer.recompute_time * _frac(j, "x", "rec")
         compute_parts += [
             Lin(const=layer.forward_time + layer.backward_time + 2 * extra),
             recompute,

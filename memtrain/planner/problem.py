@@ -39,6 +39,7 @@ class LayerCosts:
     output_bytes: float  # the incoming gradient during backward has this size
     forward_time: float
     backward_time: float
+    recompute_time: float  # forward time less the ops whose outputs are stored (attention)
     param_bytes: float
     grad_bytes: float
     state_bytes: float
@@ -94,6 +95,7 @@ def _matches(op: str, patterns: Sequence[str]) -> bool:
 def layer_costs(layer: LayerProfile, always_store_ops: Sequence[str] = ()) -> LayerCosts:
     """Split one profiled layer's saved bytes into anchor / recomputable / fixed."""
     anchor = recomputable = fixed = attention = 0.0
+    stores_attention = False
     input_saved = any(t.is_layer_input for t in layer.saved_tensors)
     # Work outside every layer (the profiler's "other": rotary tables, masks) has no layer hooks
     # an executor could use, so its saved bytes stay where they are.
@@ -103,6 +105,7 @@ def layer_costs(layer: LayerProfile, always_store_ops: Sequence[str] = ()) -> La
             fixed += tensor.nbytes
         elif tensor.is_layer_input or _matches(tensor.op, always_store_ops):
             anchor += tensor.nbytes
+            stores_attention = stores_attention or _is_attention(tensor.op)
         else:
             recomputable += tensor.nbytes
         if tensor.token_dim is not None and _is_attention(tensor.op):
@@ -127,6 +130,10 @@ def layer_costs(layer: LayerProfile, always_store_ops: Sequence[str] = ()) -> La
         backward_transient=float(layer.backward_transient_bytes),
         output_bytes=float(layer.output_bytes),
         forward_time=float(layer.forward_time_s),
+        recompute_time=float(
+            layer.forward_time_s
+            - (min(layer.attention_forward_time_s, layer.forward_time_s) if stores_attention else 0)
+        ),
         backward_time=float(layer.backward_time_s),
         param_bytes=float(layer.param_bytes),
         grad_bytes=float(layer.grad_bytes),

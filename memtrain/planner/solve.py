@@ -31,8 +31,11 @@ from memtrain.planner.problem import PlanProblem
 from memtrain.planner.pulp_compat import cbc_solver, new_var
 from memtrain.units import GiB
 
-PEAK_WEIGHT_S_PER_GIB = 1e-6  # second objective: the lowest GPU peak among equally fast plans
-TRAFFIC_WEIGHT = 1e-5  # third: the least host-tier traffic time (fewer bytes, faster tiers)
+# Tie-breaks among equally fast plans, in this order: the least host-tier traffic time (a swap
+# the model calls hidden still costs copy-engine and HBM time it does not count, so keep what
+# fits), then the lowest GPU peak.
+TRAFFIC_WEIGHT = 1e-4
+PEAK_WEIGHT_S_PER_GIB = 1e-7
 TILE_CHUNKS = (1, 2, 4, 8, 16, 32, 64)
 
 

@@ -165,6 +165,17 @@ def _time_clean_step(model, inputs, loss_fn, layer_specs, optimizer, device, sta
     return clock.seconds(start, end)
 
 
+def _attention_share(stats, dry: bool) -> float:
+    """Forward seconds of a layer's attention: the estimate, or on a measured profile the
+    measured forward time split in the estimate's proportion."""
+    estimate = stats.attention_forward_estimate_s
+    if dry or estimate <= 0:
+        return estimate
+    if stats.forward_estimate_s <= 0:
+        return 0.0
+    return stats.forward_time_s * min(1.0, estimate / stats.forward_estimate_s)
+
+
 def _optimizer_transient(spec: OptimizerSpec, param_bytes: int, fused: bool) -> int:
     """Extra bytes during ``optimizer.step()``: foreach Adam builds a full-size temporary list."""
     if spec.name in ("adamw", "adam") and not fused:
@@ -377,6 +388,7 @@ def profile_model(
                     else stats.backward_time_s
                 ),
                 param_count=sum(o.param.numel() for o in mine),
+                attention_forward_time_s=_attention_share(stats, dry),
             )
         )
     total_saved = sum(layer.saved_bytes for layer in layer_profiles)

@@ -56,6 +56,9 @@ class LayerProfile:
     forward_time_s: float  # measured, or estimated from FLOPs and bytes on the target device
     backward_time_s: float
     param_count: int = 0
+    # Forward seconds of the layer's attention kernels (part of forward_time_s): what a
+    # token-wise recompute that keeps the attention output does not run again.
+    attention_forward_time_s: float = 0.0
 
     @property
     def token_scaled_saved_bytes(self) -> int:

@@ -94,6 +94,7 @@ class ScopeStats:
     backward_flops: float = 0.0
     forward_estimate_s: float = 0.0
     backward_estimate_s: float = 0.0
+    attention_forward_estimate_s: float = 0.0
     forward_kernels: int = 0
     backward_kernels: int = 0
     forward_time_s: float = 0.0
@@ -239,13 +240,15 @@ class LayerScopes:
                 self.stats[index].backward_time_s += elapsed
         self._intervals.clear()
 
-    def charge(self, flops: float, seconds: float) -> None:
+    def charge(self, flops: float, seconds: float, attention: bool = False) -> None:
         """Charge one op's FLOPs and estimated time to the current layer."""
         stats = self.stats[self.current]
         launched = 1 if seconds > 0 else 0
         if self.phase == "forward":
             stats.forward_flops += flops
             stats.forward_estimate_s += seconds
+            if attention:
+                stats.attention_forward_estimate_s += seconds
             stats.forward_kernels += launched
         elif self.phase == "backward":
             stats.backward_flops += flops

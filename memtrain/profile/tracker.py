@@ -92,14 +92,14 @@ class OpTracker(TorchDispatchMode):
         self,
         device_spec: DeviceSpec | None,
         track_memory: bool,
-        on_op: Callable[[float, float], None],
+        on_op: Callable[[float, float, bool], None],
         on_alloc: Callable[[int], None] | None = None,
         block: int = ALLOCATOR_BLOCK,
     ):
         super().__init__()
         self.spec = device_spec
         self.track_memory = track_memory
-        self.on_op = on_op  # (flops, estimated seconds) -> None
+        self.on_op = on_op  # (flops, estimated seconds, is attention) -> None
         self.on_alloc = on_alloc  # live bytes after an allocation -> None
         self.block = block
         self.live_bytes = 0
@@ -166,5 +166,6 @@ class OpTracker(TorchDispatchMode):
         outputs, _ = tree_flatten(out)
         self._record_outputs(func._overloadpacket.__name__, inputs, outputs)
         flops = op_flops(func, args, kwargs, out)
-        self.on_op(flops, self._estimate_seconds(func, flops, inputs, outputs))
+        attention = func._overloadpacket.__name__.startswith("_scaled_dot_product_")
+        self.on_op(flops, self._estimate_seconds(func, flops, inputs, outputs), attention)
         return out

@@ -36,6 +36,7 @@ def block(
         output_bytes=0.0,
         forward_time=fwd,
         backward_time=bwd,
+        recompute_time=fwd,
         param_bytes=params,
         grad_bytes=params,
         state_bytes=2 * params,

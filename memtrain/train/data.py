@@ -3,6 +3,9 @@ own sources, or generated tokens. Byte-level, so no tokenizer has to be download
 
 A stream is resumable: its whole state is ``position`` (the index of the next batch), so a
 checkpoint that stores it continues with exactly the batches an uninterrupted run would see.
+With several processes, rank ``r`` of ``world_size`` reads global batches ``r, r + world_size,
+...`` (rank-strided): every rank sees different data, and together they see the batches one
+process would.
 """
 
 from __future__ import annotations
@@ -78,8 +81,13 @@ class TokenStream:
         text_field: str = "text",
         seed: int = 0,
         max_corpus_bytes: int = 64 * 2**20,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside a world of {world_size} processes")
         self.source, self.seq, self.batch, self.seed = source, seq, batch, seed
+        self.rank, self.world_size = rank, world_size
         self.vocab_size = vocab_size
         self.position = 0
         self._corpus: torch.Tensor | None = None
@@ -105,7 +113,7 @@ class TokenStream:
         return torch.stack([self._corpus[s : s + self.seq] for s in starts.tolist()])
 
     def __next__(self) -> torch.Tensor:
-        ids = self.batch_at(self.position)
+        ids = self.batch_at(self.position * self.world_size + self.rank)
         self.position += 1
         return ids
 
@@ -113,9 +121,13 @@ class TokenStream:
         return self
 
     def state_dict(self) -> dict[str, int]:
-        return {"position": self.position, "seed": self.seed}
+        return {"position": self.position, "seed": self.seed, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("seed", self.seed) != self.seed:
             raise ConfigError("the checkpoint was written with another data.seed")
-        self.position = int(state["position"])
+        position, world = int(state["position"]), int(state.get("world_size", 1))
+        if world != self.world_size:
+            # Another number of processes: skip past every batch the old world consumed.
+            position = -(-position * world // self.world_size)
+        self.position = position

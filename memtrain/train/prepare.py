@@ -43,7 +43,9 @@ class Prepared:
     def summary(self) -> dict[str, Any]:
         predicted = self.plan.predicted if self.plan is not None else {}
         return {
-            "optimizer": type(self.optimizer).__name__,
+            "optimizer": type(self.optimizer).__name__
+            if self.optimizer is not None
+            else "caller's",
             "fused_loss": self.fused_loss,
             "predicted_peak_bytes": predicted.get("peak_bytes", {}),
             "predicted_step_time_s": predicted.get("step_time_s"),
@@ -91,6 +93,24 @@ class Prepared:
         self.remove()
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside data-parallel wrappers (DDP, DataParallel, a DeepSpeed engine)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
+        type(model).__name__ == "DeepSpeedEngine"
+        and isinstance(getattr(model, "module", None), nn.Module)
+    ):
+        model = model.module
+    return model
+
+
+def _several_processes() -> bool:
+    import os
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size() > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _meta_twin_profile(model: nn.Module, seq: int, batch: int, optimizer: str, target: DeviceSpec):
     from memtrain.models import build_causal_lm
     from memtrain.profile import profile_model
@@ -133,18 +153,36 @@ def prepare(
     weight_decay: float = 0.0,
     fused_loss: bool = True,
     plan: bool = True,
+    build_optimizer: bool = True,
+    state_offload: bool | None = None,
 ) -> Prepared:
     """Profile ``model`` at ``batch x seq``, plan it for ``hardware``, and install the plan.
 
     ``gpu_budget_fraction`` plans for that share of the unplanned step's simulated peak (handy to
     exercise a plan on a small model). ``plan=False`` only swaps the loss and builds the optimizer.
+    ``build_optimizer=False`` leaves the optimizer to the caller (a Trainer's, DeepSpeed's):
+    ``Prepared.optimizer`` is None. ``state_offload`` lets the plan put optimizer states off the
+    GPU; by default it may when memtrain builds a torch optimizer in a single process (its host
+    step takes each gradient as it is accumulated, before a data-parallel all-reduce).
+
+    ``model`` may already be wrapped for data parallelism (DDP, ``accelerator.prepare``): the
+    plan is installed on the wrapped model, so the wrapper runs it.
     """
     from memtrain.hardware import load_hardware
-    from memtrain.optim import build_optimizer
+    from memtrain.optim import build_optimizer as build_torch_optimizer
     from memtrain.planner import PlanOptions, make_plan
 
+    model = unwrap_model(model)
     spec = parse_optimizer_spec(optimizer)
     notes: list[str] = []
+    if state_offload is None:
+        state_offload = build_optimizer and spec.name in TORCH_OPTIMIZERS
+        if state_offload and _several_processes():
+            state_offload = False
+            notes.append(
+                "several processes: optimizer states stay on the device (memtrain's host step "
+                "would take gradients before the all-reduce); DeepSpeed ZeRO-Offload moves them"
+            )
     plan_obj = None
     profile = None
     if plan:
@@ -164,7 +202,7 @@ def prepare(
         # off the GPU need DeepSpeed ZeRO-3, so plans made here keep them on the GPU.
         options = PlanOptions(
             fused_loss=fused_loss,
-            allow_state_offload=spec.name in TORCH_OPTIMIZERS,
+            allow_state_offload=state_offload,
             allow_param_offload=False,
         )
         plan_obj = make_plan(profile, hw, options)
@@ -178,7 +216,9 @@ def prepare(
             from memtrain.offload import apply
 
             handle = apply(model, plan_obj, profile=profile)
-        if handle is not None and handle.needs_optimizer_offload:
+        if not build_optimizer:
+            built = None
+        elif handle is not None and handle.needs_optimizer_offload:
             from memtrain.offload import offload_optimizer
 
             options_ = {"lr": lr, "weight_decay": weight_decay}
@@ -187,7 +227,7 @@ def prepare(
             built = offload_optimizer(handle, TORCH_OPTIMIZERS[spec.name], **options_)
             notes.append("optimizer states live where the plan puts them (host step)")
         else:
-            built = build_optimizer(model, spec, lr=lr)
+            built = build_torch_optimizer(model, spec, lr=lr)
             if weight_decay:
                 for group in built.param_groups:
                     group["weight_decay"] = weight_decay

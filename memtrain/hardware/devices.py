@@ -41,6 +41,12 @@ class DeviceSpec:
     # backward, where the autograd engine does).
     host_forward_op_s: float = 55e-6
     host_backward_op_s: float = 15e-6
+    # Bytes/s one GPU moves in NCCL collectives to the GPUs of its node (bus bandwidth, each
+    # direction), for multi-GPU plans (ZeRO gathers, gradient reductions, sequence-parallel
+    # all-to-all). The default is a PCIe Gen4 figure for GPUs without NVLink; presets with
+    # NVLink set a conservative share of its per-direction rate. Across nodes, give the
+    # network's rate instead (e.g. 400 Gb/s InfiniBand per GPU: about 45 GB/s).
+    interconnect_bandwidth: float = 20 * GB
 
     def attention_rate(self, dtype_bytes: int) -> float:
         """FLOP/s of a fused attention kernel at this element size."""
@@ -69,6 +75,7 @@ _PRESETS: dict[str, DeviceSpec] = {
             device_to_host=55 * GB,
             host_link_duplex=90 * GB,
             pageable_host_link=17 * GB,
+            interconnect_bandwidth=300 * GB,  # NVLink 4: 450 GB/s each way; all-to-all reaches less
             source=(
                 "NVIDIA H100 datasheet (SXM5: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3, 80 GB, "
                 "PCIe Gen5 x16); achievable matmul 790 TFLOP/s, copy 3.0 TB/s and host link "
@@ -87,6 +94,7 @@ _PRESETS: dict[str, DeviceSpec] = {
             device_to_host=55 * GB,
             host_link_duplex=90 * GB,
             pageable_host_link=17 * GB,
+            interconnect_bandwidth=300 * GB,  # NVLink 4, as on the H100 SXM
             source=(
                 "NVIDIA H200 datasheet (SXM: 989 TFLOP/s dense bf16, 4.8 TB/s HBM3e, 141 GB, "
                 "PCIe Gen5 x16); matmul 788 TFLOP/s and copy 4.3 TB/s measured on an H200; host "
@@ -105,6 +113,7 @@ _PRESETS: dict[str, DeviceSpec] = {
             device_to_host=25 * GB,
             host_link_duplex=40 * GB,
             pageable_host_link=10 * GB,
+            interconnect_bandwidth=200 * GB,  # NVLink 3: 300 GB/s each way
             source=(
                 "NVIDIA A100 datasheet (SXM 80GB: 312 TFLOP/s dense bf16, 2.039 TB/s HBM2e, "
                 "PCIe Gen4 x16 = 32 GB/s theoretical); achievable figures are typical, not measured here"
@@ -122,6 +131,7 @@ _PRESETS: dict[str, DeviceSpec] = {
             device_to_host=25 * GB,
             host_link_duplex=40 * GB,
             pageable_host_link=10 * GB,
+            interconnect_bandwidth=200 * GB,  # NVLink 3: 300 GB/s each way
             source=(
                 "NVIDIA A100 datasheet (40GB: 312 TFLOP/s dense bf16, 1.555 TB/s HBM2, "
                 "PCIe Gen4 x16); achievable figures are typical, not measured here"

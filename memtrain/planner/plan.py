@@ -74,8 +74,11 @@ class Plan:
     solver: dict[str, Any]
     layout: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Multi-GPU plans only (memtrain.planner.distributed): the split this rank's plan is for.
+    parallelism: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {} if self.parallelism is None else {"parallelism": self.parallelism}
         return {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
@@ -92,6 +95,7 @@ class Plan:
             "solver": self.solver,
             "layout": self.layout,
             "notes": list(self.notes),
+            **extra,
         }
 
     @classmethod

@@ -36,6 +36,12 @@ def run(args: argparse.Namespace) -> int:
     from memtrain.train import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    from memtrain.train import distributed
+
+    if distributed.needs_launch(recipe):  # start the ranks, each runs this command again
+        flags = ["--json"] * args.json + ["--no-progress"] * args.no_progress
+        cmd, env = distributed.launch_command(recipe, ["run", args.recipe, *args.overrides, *flags])
+        return distributed.relaunch(cmd, env)
     console = wide_console(stderr=args.json)
     summary = run_recipe(recipe, console=console, progress=not args.no_progress)
     if args.json:

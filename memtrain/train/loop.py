@@ -120,6 +120,16 @@ def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> d
     """Run a validated recipe; returns the final summary (also written to ``summary.json``)."""
     from rich.console import Console
 
+    from memtrain.train import distributed
+
+    if distributed.world_from_env(recipe) is not None:  # one rank of a launched job
+        return distributed.run_distributed(recipe, console=console, progress=progress)
+    if distributed.needs_launch(recipe):
+        distributed.check_launcher(recipe)
+        raise ConfigError(
+            f"launcher.kind={recipe['launcher']['kind']} runs through `memtrain run` (or torchrun "
+            "/ deepspeed), which starts one process per rank"
+        )
     console = console or Console()
     summary: dict[str, Any] = {"recipe": recipe["name"]}
     if recipe["dry_run"] is not None:

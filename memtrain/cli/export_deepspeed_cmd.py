@@ -45,6 +45,14 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
     )
     text = json.dumps(config, indent=2)
+    if "train_batch_size" in config:
+        print(
+            f"multi-GPU plan: ZeRO stage {config['zero_optimization']['stage']}, "
+            f"sequence_parallel_size {config.get('sequence_parallel_size', 1)}; launch every "
+            "rank with DeepSpeed (e.g. deepspeed --num_gpus N train.py); memtrain's own executor "
+            "runs one GPU",
+            file=sys.stderr,
+        )
     if args.out:
         Path(args.out).write_text(text + "\n")
         print(f"wrote {args.out}", file=sys.stderr)

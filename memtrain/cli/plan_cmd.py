@@ -72,6 +72,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--method", choices=("auto", "lp-round", "mip"), default="auto", help="solve method"
     )
     parser.add_argument("--time-limit", type=float, default=10.0, help="solver time limit (s)")
+    multi = parser.add_argument_group(
+        "multi-GPU (plans one GPU of the run; memtrain's executor runs one GPU, DeepSpeed runs this)"
+    )
+    multi.add_argument("--world-size", type=int, default=1, help="GPUs in the run (ranks)")
+    multi.add_argument(
+        "--zero-stage",
+        type=int,
+        default=0,
+        choices=(0, 1, 2, 3),
+        help="DeepSpeed ZeRO stage over the ranks: 1 shards optimizer states, 2 also gradients, "
+        "3 also parameters",
+    )
+    multi.add_argument(
+        "--sequence-parallel",
+        type=int,
+        default=1,
+        metavar="K",
+        help="Ulysses sequence parallel degree: each rank holds seq/K tokens (K divides the world "
+        "size, the heads and the sequence)",
+    )
+    multi.add_argument(
+        "--gpus-per-node", type=int, default=8, help="ranks sharing one host (default 8)"
+    )
+    multi.add_argument(
+        "--interconnect",
+        default=None,
+        help="collective bandwidth per GPU per second, e.g. 300GB (default: the device preset's)",
+    )
+    multi.add_argument(
+        "--master-weights",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="fp32 master weights and optimizer states as DeepSpeed keeps them (auto: with ZeRO)",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--out", default=None, help="write the plan to FILE (.yaml or .json)")
 
@@ -147,9 +181,28 @@ def load_profile(args: argparse.Namespace, batch: int, optimizer: str):
     )
 
 
+def parallelism_from_args(args: argparse.Namespace):
+    """The multi-GPU split the flags ask for, or None for a single-GPU plan."""
+    from memtrain.planner.distributed import Parallelism
+    from memtrain.units import parse_bytes
+
+    parallelism = Parallelism(
+        world_size=args.world_size,
+        zero_stage=args.zero_stage,
+        sequence_parallel=args.sequence_parallel,
+        gpus_per_node=args.gpus_per_node,
+        interconnect_bandwidth=None
+        if args.interconnect is None
+        else parse_bytes(args.interconnect),
+        master_weights={"auto": None, "on": True, "off": False}[args.master_weights],
+    )
+    return None if parallelism.is_single else parallelism
+
+
 def run(args: argparse.Namespace) -> int:
     from memtrain.hardware.tiers import load_hardware
     from memtrain.planner import PlanOptions
+    from memtrain.planner.distributed import attention_shape, plan_per_rank
     from memtrain.planner.plan import best_of
 
     hardware = load_hardware(
@@ -164,7 +217,12 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         time_limit=args.time_limit,
     )
-    plan, _ = best_of(candidates, hardware, options)
+    parallelism = parallelism_from_args(args)
+    if parallelism is None:
+        plan, _ = best_of(candidates, hardware, options)
+    else:
+        attention = attention_shape(args.model) if args.model else None
+        plan, _ = plan_per_rank(candidates, hardware, parallelism, options, attention)
     if args.out:
         plan.save(args.out)
     if args.json:
@@ -200,6 +258,17 @@ def print_plan(plan, console=None) -> None:
     from memtrain.units import format_bytes
 
     console = console or wide_console()
+    split = getattr(plan, "parallelism", None)
+    if split:
+        console.print(
+            f"[bold]per GPU[/bold]: one rank of {split['world_size']} (ZeRO stage "
+            f"{split['zero_stage']}, sequence parallel {split['sequence_parallel']}, data "
+            f"parallel {split['data_parallel']}); {split['seq_per_rank']:,} of {split['seq']:,} "
+            f"tokens per GPU; every figure below is per GPU; ZeRO buffers "
+            f"{format_bytes(split['comm_buffer_bytes'])} reserved; predicted GPU peak with them "
+            f"{format_bytes(split['gpu_peak_bytes'])}; cluster "
+            f"{split['cluster_tokens_per_s']:,.0f} tokens/s"
+        )
     table = Table(
         title=f"Plan: {plan.model}, {plan.seq} tokens x {plan.micro_batch}, "
         f"{plan.optimizer}, fused loss {'on' if plan.fused_loss else 'off'}, "

@@ -5,10 +5,17 @@ plan's ``params`` / ``grads`` / ``optimizer`` placements into ``zero_optimizatio
 (optimizer states to CPU: ZeRO-Offload, stage 2; parameters or states to NVMe: ZeRO-Infinity,
 stage 3). Activations stay with :func:`memtrain.offload.apply`. DeepSpeed offloads every layer's
 states alike, so a plan that mixes placements is refused unless ``mixed="offload-all"``.
+
+A multi-GPU plan (``memtrain plan --world-size N --zero-stage S --sequence-parallel K``) was
+made for one rank under ZeRO stage ``S``: the config keeps that stage (or a higher one an offload
+needs), sizes the ZeRO buckets to one layer as the plan's communication buffers assume, and sets
+``train_batch_size`` for ``N / K`` data-parallel ranks and ``sequence_parallel_size`` to ``K``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from memtrain.errors import MemtrainError
@@ -58,6 +65,11 @@ def deepspeed_config(
         raise MemtrainError(f"mixed must be 'error' or 'offload-all', got {mixed!r}")
     if dtype not in ("bf16", "fp16", "fp32"):
         raise MemtrainError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
+    if isinstance(plan, str | Path):
+        from memtrain.planner.plan import Plan
+
+        plan = Plan.load(plan)
+    split = _parallelism(plan)
     policy: OffloadPolicy = policy_from_plan(plan)
     stateful = list(policy.layers.values())
     params = _choose({p.params for p in stateful}, "parameters", mixed)
@@ -68,6 +80,11 @@ def deepspeed_config(
     stage = 3 if "nvme" in (params, optimizer) or params != "gpu" else 2
     if params == "gpu" and optimizer == "gpu":
         stage = 1 if grads == "gpu" else 2
+        if split and grads == "gpu":
+            stage = 0  # a multi-GPU plan names its own stage (below)
+    if split:
+        # A multi-GPU plan was made per rank for this ZeRO stage; offloads may need a higher one.
+        stage = max(stage, int(split["zero_stage"]))
     zero: dict[str, Any] = {
         "stage": stage,
         "contiguous_gradients": True,
@@ -81,21 +98,42 @@ def deepspeed_config(
         zero["offload_param"] = {"device": params, "pin_memory": True}
         if params == "nvme":
             zero["offload_param"]["nvme_path"] = _nvme_path(policy)
+    micro = int(policy.micro_batch or 1)
     config: dict[str, Any] = dict(base or {})
     config.update(
         {
-            "train_micro_batch_size_per_gpu": int(policy.micro_batch or 1),
+            "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": int(gradient_accumulation_steps),
             "zero_optimization": zero,
             "bf16": {"enabled": dtype == "bf16"},
             "fp16": {"enabled": dtype == "fp16"},
         }
     )
+    if split:
+        # Buckets of one layer, as the plan's communication buffers assume.
+        bucket = int(split.get("largest_layer_params") or 0)
+        if bucket and stage >= 2:
+            zero["reduce_bucket_size"] = bucket
+        if bucket and stage == 3:
+            zero["stage3_prefetch_bucket_size"] = bucket
+            zero["stage3_max_live_parameters"] = 2 * bucket
+        data_parallel = int(split["world_size"]) // int(split["sequence_parallel"])
+        config["train_batch_size"] = micro * int(gradient_accumulation_steps) * data_parallel
+        if int(split["sequence_parallel"]) > 1:
+            config["sequence_parallel_size"] = int(split["sequence_parallel"])
     if "nvme" in (params, optimizer):
         config["aio"] = dict(AIO_DEFAULTS)
     if lr is not None:
         config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay}}
     return config
+
+
+def _parallelism(plan: Any) -> dict[str, Any] | None:
+    """The multi-GPU split a plan was made for (``None`` for single-GPU plans)."""
+    if isinstance(plan, OffloadPolicy):
+        return None
+    data = plan.to_dict() if hasattr(plan, "to_dict") else plan
+    return data.get("parallelism") if isinstance(data, Mapping) else None
 
 
 def _nvme_path(policy: OffloadPolicy) -> str:

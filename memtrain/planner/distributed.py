@@ -106,8 +106,8 @@ class Parallelism:
 
     @property
     def is_single(self) -> bool:
-        """One GPU and nothing that changes the profile."""
-        return self.world_size == 1 and not self.uses_master_weights
+        """One GPU, no ZeRO: nothing that changes the profile."""
+        return self.world_size == 1 and self.zero_stage == 0 and not self.uses_master_weights
 
     def describe(self) -> str:
         text = f"{self.world_size} GPU(s), ZeRO stage {self.zero_stage}"

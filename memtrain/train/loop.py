@@ -134,6 +134,18 @@ def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> d
     summary: dict[str, Any] = {"recipe": recipe["name"]}
     if recipe["dry_run"] is not None:
         summary["dry_run"] = dry_run_plan(recipe["dry_run"], console)
+        if recipe["dry_run"]["only"]:
+            gpus = recipe["dry_run"]["world_size"]
+            console.print(
+                "dry run only (dry_run.only): no training here"
+                + (
+                    f"; training this plan needs {gpus} GPUs and a launcher (DeepSpeed: memtrain "
+                    "export-deepspeed PLAN); memtrain's executor runs one GPU"
+                    if gpus > 1
+                    else ""
+                )
+            )
+            return summary
     train, data, sched = recipe["train"], recipe["data"], recipe["schedule"]
     device = pick_device(train["device"])
     if train["threads"]:
@@ -348,6 +360,7 @@ def dry_run_plan(section: dict[str, Any], console) -> dict[str, Any]:
     from memtrain.cli.plan_cmd import print_plan
     from memtrain.hardware import load_hardware
     from memtrain.planner import make_plan
+    from memtrain.planner.distributed import Parallelism, attention_shape, plan_per_rank
     from memtrain.profile import profile_causal_lm
 
     optimizers = section["optimizer"]
@@ -369,12 +382,34 @@ def dry_run_plan(section: dict[str, Any], console) -> dict[str, Any]:
             optimizer=optimizer,
             target=device,
         )
-        plan = make_plan(profile, hardware)
-    console.print(f"[bold]dry-run plan[/bold]: {section['model']}, {section['seq']:,} tokens")
+        parallelism = Parallelism(
+            world_size=section["world_size"],
+            zero_stage=section["zero_stage"],
+            sequence_parallel=section["sequence_parallel"],
+        )
+        if parallelism.is_single:
+            plan = make_plan(profile, hardware)
+        else:
+            attention = attention_shape(section["model"])
+            plan, _ = plan_per_rank([("dry run", profile)], hardware, parallelism, None, attention)
+    where = (
+        f" per GPU of {parallelism.world_size} ({parallelism.describe()})"
+        if not parallelism.is_single
+        else ""
+    )
+    console.print(
+        f"[bold]dry-run plan[/bold]{where}: {section['model']}, {section['seq']:,} tokens"
+    )
     print_plan(plan, console)
+    if section["out"]:
+        Path(section["out"]).parent.mkdir(parents=True, exist_ok=True)
+        plan.save(section["out"])
+        console.print(f"dry-run plan written to {section['out']}")
     return {
         "model": section["model"],
         "seq": section["seq"],
+        "per_gpu": not parallelism.is_single,
+        "parallelism": plan.parallelism,
         "predicted": plan.predicted,
         "baselines": plan.baselines,
     }

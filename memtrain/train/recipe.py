@@ -30,6 +30,12 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "cpu": ((str, int), None),
         "cxl": ((str, int), None),
         "nvme": ((str,), None),
+        # One GPU of a multi-GPU run (memtrain.planner.distributed); the report is per GPU.
+        "world_size": ((int,), 1),
+        "zero_stage": ((int,), 0),
+        "sequence_parallel": ((int,), 1),
+        "only": ((bool,), False),  # stop after the dry run (no training section needed)
+        "out": ((str,), None),  # write the dry-run plan here (for memtrain export-deepspeed)
     },
     "model": {
         "preset": ((str,), None),
@@ -98,6 +104,8 @@ POSITIVE = {
     ("schedule", "steps"),
     ("dry_run", "seq"),
     ("dry_run", "batch"),
+    ("dry_run", "world_size"),
+    ("dry_run", "sequence_parallel"),
     ("train", "log_every"),
     ("launcher", "nproc"),
 }
@@ -159,7 +167,8 @@ def validate(raw: dict[str, Any], source: str = "recipe") -> dict[str, Any]:
         recipe[section] = out
     model = recipe["model"]
     sources = [k for k in ("preset", "config", "checkpoint") if model[k]]
-    if len(sources) != 1:
+    dry_only = recipe["dry_run"] is not None and recipe["dry_run"]["only"]
+    if len(sources) != 1 and not (dry_only and not sources):
         raise ConfigError(
             f"{source}: model needs exactly one of preset, config or checkpoint (got "
             f"{', '.join(sources) or 'none'})"

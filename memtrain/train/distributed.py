@@ -413,7 +413,10 @@ class _Runner:
         self.model = prepared.model
 
     # subclasses -------------------------------------------------------------------------
-    def setup(self) -> int:  # wrap the model, resume; returns the step to start from
+    def setup(self) -> None:  # wrap the model
+        raise NotImplementedError
+
+    def resume(self) -> int:  # load the newest checkpoint; returns the step to start from
         raise NotImplementedError
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -455,9 +458,10 @@ class _Runner:
             self.recipe["schedule"],
             self.recipe["train"],
         )
-        start_step = self.setup()
+        self.setup()
         groups = self.param_groups()
-        base_lrs = [group["lr"] for group in groups]
+        base_lrs = [group["lr"] for group in groups]  # before a checkpoint sets others
+        start_step = self.resume() if train["resume"] else 0
         if start_step:
             self.console.print(f"resumed at step {start_step} on {world.world_size} ranks")
         metrics = None
@@ -548,25 +552,26 @@ class _Runner:
 
 
 class _DdpRunner(_Runner):
-    def setup(self) -> int:
+    def setup(self) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         from memtrain.train.loop import CHECKPOINT
 
         self.optimizer = self.prepared.optimizer
         self.ckpt_path = self.out_dir / CHECKPOINT
-        start = 0
-        if self.recipe["train"]["resume"] and self.ckpt_path.exists():
-            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            start = self.restore_client_state(state)
         self.wrapped = DistributedDataParallel(
             self.model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             gradient_as_bucket_view=True,
         )
-        return start
+
+    def resume(self) -> int:
+        if not self.ckpt_path.exists():
+            return 0
+        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])  # in place: the DDP replica follows
+        self.optimizer.load_state_dict(state["optimizer"])
+        return self.restore_client_state(state)
 
     def param_groups(self):
         return self.optimizer.param_groups
@@ -598,7 +603,7 @@ class _DdpRunner(_Runner):
 
 
 class _DeepSpeedRunner(_Runner):
-    def setup(self) -> int:
+    def setup(self) -> None:
         import deepspeed
 
         self.ds_dir = self.out_dir / DS_CHECKPOINTS
@@ -614,14 +619,14 @@ class _DeepSpeedRunner(_Runner):
             # gathers it for the whole model's forward and backward once told so.
             head = self.model.get_output_embeddings().weight
             deepspeed.zero.register_external_parameter(self.model, head)
-        start = 0
-        latest = self.ds_dir / "latest"
-        if self.recipe["train"]["resume"] and latest.exists():
-            path, client = self.engine.load_checkpoint(str(self.ds_dir))
-            if path is None:
-                raise MemtrainError(f"DeepSpeed could not load the checkpoint in {self.ds_dir}")
-            start = self.restore_client_state(client)
-        return start
+
+    def resume(self) -> int:
+        if not (self.ds_dir / "latest").exists():
+            return 0
+        path, client = self.engine.load_checkpoint(str(self.ds_dir))
+        if path is None:
+            raise MemtrainError(f"DeepSpeed could not load the checkpoint in {self.ds_dir}")
+        return self.restore_client_state(client)
 
     def param_groups(self):
         return self.engine.optimizer.param_groups

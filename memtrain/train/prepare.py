@@ -218,6 +218,12 @@ def prepare(
             handle = apply(model, plan_obj, profile=profile)
         if not build_optimizer:
             built = None
+            if handle is not None and handle.needs_optimizer_offload:
+                handle.optimizer_attached = True  # the caller's optimizer moves the states
+                notes.append(
+                    "optimizer states off the GPU are the caller's optimizer's to move (DeepSpeed "
+                    "ZeRO-Offload: memtrain.offload.deepspeed_config(plan))"
+                )
         elif handle is not None and handle.needs_optimizer_offload:
             from memtrain.offload import offload_optimizer
 

@@ -8,7 +8,7 @@ and the predicted peaks and step time, next to three baselines priced by the sam
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,12 @@ class PlanOptions:
     method: str = "auto"
     gap_tolerance: float = 1e-3
     time_limit: float = 10.0
+    # The optimizer steps each parameter inside backward (register_step_in_backward): no static
+    # gradients, each layer's backward holds its largest parameter's gradient and step transient
+    # (``step_bytes``, per layer name; None: from the profile alone, conservative). States stay
+    # on the GPU: no executor steps offloaded states inside backward.
+    step_in_backward: bool = False
+    step_bytes: Mapping[str, float] | None = None
 
 
 @dataclass
@@ -76,9 +82,13 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     # Multi-GPU plans only (memtrain.planner.distributed): the split this rank's plan is for.
     parallelism: dict[str, Any] | None = None
+    # Planned for an optimizer that steps inside backward (written only when true).
+    step_in_backward: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         extra = {} if self.parallelism is None else {"parallelism": self.parallelism}
+        if self.step_in_backward:
+            extra["step_in_backward"] = True
         return {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
@@ -195,6 +205,17 @@ def _predicted(evaluation: Evaluation) -> dict[str, Any]:
     return evaluation.to_dict()
 
 
+def _gpu_resident(problem: PlanProblem, decisions: list[LayerDecision]) -> dict[str, int]:
+    """Parameter, gradient and optimizer-state bytes on the GPU through the whole step."""
+    out = {"params": 0.0, "grads": 0.0, "optimizer": 0.0}
+    for layer, decision in zip(problem.layers, decisions, strict=True):
+        where = STATE_MODES[decision.states]
+        out["params"] += layer.param_bytes if where["params"] == "gpu" else 0.0
+        out["grads"] += layer.grad_bytes if where["grads"] == "gpu" else 0.0
+        out["optimizer"] += layer.state_bytes if where["optimizer"] == "gpu" else 0.0
+    return {k: int(v) for k, v in out.items()}
+
+
 def _hardware_summary(hardware: HardwareModel) -> dict[str, Any]:
     return {
         "device": hardware.device.name,
@@ -211,10 +232,11 @@ def _hardware_summary(hardware: HardwareModel) -> dict[str, Any]:
 def _solve(
     problem: PlanProblem, hardware: HardwareModel, options: PlanOptions, **kw
 ) -> SolveResult:
+    state_offload = options.allow_state_offload and not options.step_in_backward
     return solve(
         problem,
         hardware,
-        available_modes(hardware, options.allow_state_offload, options.allow_param_offload),
+        available_modes(hardware, state_offload, options.allow_param_offload),
         chunk_options=options.chunk_options,
         method=options.method,
         gap_tolerance=options.gap_tolerance,
@@ -293,15 +315,27 @@ def make_plan(
     options = options or PlanOptions()
     hardware.validate()
     fused = has_logits(profile) if options.fused_loss is None else options.fused_loss
-    problem = build_problem(profile, fused_loss=fused, always_store_ops=options.always_store_ops)
+    if options.step_in_backward:
+        from memtrain.planner.step_in_backward import step_in_backward_problem
+
+        problem = step_in_backward_problem(
+            profile,
+            fused_loss=fused,
+            always_store_ops=options.always_store_ops,
+            step_bytes=options.step_bytes,
+        )
+    else:
+        problem = build_problem(
+            profile, fused_loss=fused, always_store_ops=options.always_store_ops
+        )
     result = _solve(problem, hardware, options)
     if not result.feasible or result.evaluation is None:
         raise _infeasible(problem, hardware, options)
     baselines: dict[str, dict[str, Any]] = {}
     for name in BASELINES:
         decisions = baseline_decisions(problem, hardware, name)
-        if decisions is None:
-            continue
+        if decisions is None or (options.step_in_backward and name.endswith("zero_offload")):
+            continue  # ZeRO-Offload steps on the host after backward
         baselines[name] = _predicted(evaluate(problem, hardware, decisions))
     layers = [
         _layer_entry(layer, decision, result.chunks)
@@ -310,6 +344,11 @@ def make_plan(
     notes = []
     if fused:
         notes.append("fused linear cross-entropy: logits are never stored (baselines use it too)")
+    if options.step_in_backward:
+        notes.append(
+            "step in backward: no gradient outlives its parameter's step, optimizer states stay "
+            "on the GPU (baselines step in backward too)"
+        )
     return Plan(
         model=profile.model,
         seq=profile.seq,
@@ -319,7 +358,10 @@ def make_plan(
         chunks=result.chunks,
         hardware=_hardware_summary(hardware),
         layers=layers,
-        predicted=_predicted(result.evaluation),
+        predicted={
+            **_predicted(result.evaluation),
+            "gpu_resident_bytes": _gpu_resident(problem, result.decisions),
+        },
         baselines=baselines,
         solver={
             "solver": result.solver,
@@ -336,6 +378,7 @@ def make_plan(
         },
         layout=plan_layout(layers),
         notes=notes,
+        step_in_backward=options.step_in_backward,
     )
 
 

@@ -155,6 +155,7 @@ def prepare(
     plan: bool = True,
     build_optimizer: bool = True,
     state_offload: bool | None = None,
+    step_in_backward: bool = False,
 ) -> Prepared:
     """Profile ``model`` at ``batch x seq``, plan it for ``hardware``, and install the plan.
 
@@ -167,6 +168,10 @@ def prepare(
 
     ``model`` may already be wrapped for data parallelism (DDP, ``accelerator.prepare``): the
     plan is installed on the wrapped model, so the wrapper runs it.
+
+    ``step_in_backward``: the caller steps the optimizer inside backward
+    (:func:`memtrain.optim.register_step_in_backward`), so the plan counts no resident
+    gradients, only each layer's largest parameter step, and keeps optimizer states on the GPU.
     """
     from memtrain.hardware import load_hardware
     from memtrain.optim import build_optimizer as build_torch_optimizer
@@ -175,6 +180,14 @@ def prepare(
     model = unwrap_model(model)
     spec = parse_optimizer_spec(optimizer)
     notes: list[str] = []
+    if step_in_backward and state_offload:
+        raise MemtrainError(
+            "step_in_backward steps every parameter on the GPU as its gradient arrives; "
+            "optimizer states off the GPU are stepped on the host after backward: use one or "
+            "the other (state_offload=False)"
+        )
+    if step_in_backward:
+        state_offload = False
     if state_offload is None:
         state_offload = build_optimizer and spec.name in TORCH_OPTIMIZERS
         if state_offload and _several_processes():
@@ -200,12 +213,25 @@ def prepare(
             )
         # memtrain's own executor runs optimizer-state offload for torch optimizers; parameters
         # off the GPU need DeepSpeed ZeRO-3, so plans made here keep them on the GPU.
+        step_bytes = None
+        if step_in_backward:
+            from memtrain.planner.step_in_backward import model_step_bytes
+
+            step_bytes, step_notes = model_step_bytes(model, spec)
+            notes.extend(step_notes)
         options = PlanOptions(
             fused_loss=fused_loss,
             allow_state_offload=state_offload,
             allow_param_offload=False,
+            step_in_backward=step_in_backward,
+            step_bytes=step_bytes,
         )
         plan_obj = make_plan(profile, hw, options)
+        if step_in_backward:
+            from memtrain.planner.step_in_backward import check_step_in_backward
+
+            check_step_in_backward(plan_obj)
+            notes.append("optimizer steps inside backward: the plan holds no resident gradients")
     if fused_loss:
         from memtrain.kernels import patch_causal_lm_loss
 

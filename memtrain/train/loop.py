@@ -133,7 +133,9 @@ def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> d
     console = console or Console()
     summary: dict[str, Any] = {"recipe": recipe["name"]}
     if recipe["dry_run"] is not None:
-        summary["dry_run"] = dry_run_plan(recipe["dry_run"], console)
+        summary["dry_run"] = dry_run_plan(
+            recipe["dry_run"], console, step_in_backward=recipe["train"]["step_in_backward"]
+        )
         if recipe["dry_run"]["only"]:
             gpus = recipe["dry_run"]["world_size"]
             console.print(
@@ -154,6 +156,7 @@ def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> d
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(train["seed"])
     random.seed(train["seed"])
+    limit = gpu_memory_limit(train["gpu_memory_limit"], recipe["plan"], device)
     model = build_model(recipe["model"], device)
     model.train()
     stream = TokenStream(
@@ -177,7 +180,7 @@ def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> d
         seq=data["seq"],
         batch=data["batch"],
         hardware=plan_cfg["hardware"],
-        gpu_budget=plan_cfg["gpu_budget"],
+        gpu_budget=limit["plan_gpu_budget"],
         gpu_budget_fraction=plan_cfg["gpu_budget_fraction"],
         cpu=plan_cfg["cpu"],
         cxl=plan_cfg["cxl"],
@@ -187,7 +190,9 @@ def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> d
         weight_decay=float(opt["weight_decay"]),
         fused_loss=plan_cfg["fused_loss"],
         plan=plan_cfg["enabled"],
+        step_in_backward=train["step_in_backward"],
     )
+    prepared.notes.extend(limit["notes"])
     optimizer = prepared.optimizer
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     in_backward = None
@@ -281,14 +286,67 @@ def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> d
         "last_loss": losses[-1] if losses else None,
         "wall_s": wall,
         "tokens_per_s": tokens_per_step * len(losses) / wall if losses else None,
-        "memory": memory_summary(prepared, device),
+        "memory": memory_summary(prepared, device, limit["bytes"], limit["enforced"]),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print_summary(summary, console)
     return summary
 
 
-def memory_summary(prepared, device: torch.device) -> dict[str, Any]:
+def gpu_memory_limit(limit: str | int | None, plan_cfg: dict[str, Any], device) -> dict[str, Any]:
+    """``train.gpu_memory_limit``: on CUDA, cap this process's caching allocator at ``limit``
+    (``set_per_process_memory_fraction``, before the model is built); the plan's GPU capacity
+    becomes the limit where the hardware has more. On the CPU it is noted, not enforced."""
+    from memtrain.units import format_bytes, parse_bytes
+
+    out: dict[str, Any] = {
+        "bytes": None,
+        "enforced": False,
+        "plan_gpu_budget": plan_cfg["gpu_budget"],
+        "notes": [],
+    }
+    if limit is None:
+        return out
+    cap = parse_bytes(limit)
+    if cap <= 0:
+        raise ConfigError(f"train.gpu_memory_limit must be positive, got {limit!r}")
+    out["bytes"] = cap
+    if plan_cfg["gpu_budget"] is not None:
+        if parse_bytes(plan_cfg["gpu_budget"]) > cap:
+            raise ConfigError(
+                f"plan.gpu_budget {plan_cfg['gpu_budget']} is more than train.gpu_memory_limit "
+                f"{limit}: the plan would not fit the capped allocator"
+            )
+    elif plan_cfg["enabled"]:
+        from memtrain.hardware import load_hardware
+
+        if load_hardware(plan_cfg["hardware"]).capacity("gpu") > cap:
+            out["plan_gpu_budget"] = cap
+            out["notes"].append(f"plan GPU capacity: train.gpu_memory_limit {format_bytes(cap)}")
+    if device.type != "cuda":
+        out["notes"].append(
+            f"train.gpu_memory_limit {format_bytes(cap)} is not enforced on {device.type}"
+        )
+        return out
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    if cap >= total:
+        out["notes"].append(
+            f"train.gpu_memory_limit {format_bytes(cap)} is not below this GPU's "
+            f"{format_bytes(total)}: not capped"
+        )
+        return out
+    torch.cuda.set_per_process_memory_fraction(cap / total, index)
+    out["notes"].append(
+        f"CUDA allocator capped at {format_bytes(cap)} of this GPU's {format_bytes(total)}"
+    )
+    out["enforced"] = True
+    return out
+
+
+def memory_summary(
+    prepared, device: torch.device, limit: int | None = None, enforced: bool = False
+) -> dict[str, Any]:
     """Measured against predicted device memory (measured only where an allocator reports it)."""
     predicted = None
     if prepared.plan is not None:
@@ -297,6 +355,11 @@ def memory_summary(prepared, device: torch.device) -> dict[str, Any]:
     result = {"predicted_gpu_peak_bytes": predicted, "measured_gpu_peak_bytes": measured}
     if predicted and measured:
         result["error"] = (measured - predicted) / predicted
+    if limit is not None:
+        result["gpu_memory_limit_bytes"] = limit
+        result["gpu_memory_limit_enforced"] = enforced
+    if prepared.plan is not None and prepared.plan.step_in_backward:
+        result["step_in_backward"] = True
     return result
 
 
@@ -324,6 +387,9 @@ def print_summary(summary: dict[str, Any], console) -> None:
             table.add_row("measured vs predicted", f"{memory['error']:+.1%}")
     else:
         table.add_row("measured GPU peak", f"n/a on {train['device']} (no device allocator)")
+    if memory.get("gpu_memory_limit_bytes") is not None:
+        enforced = "" if memory["gpu_memory_limit_enforced"] else " (not enforced)"
+        table.add_row("GPU memory limit", format_bytes(memory["gpu_memory_limit_bytes"]) + enforced)
     console.print(table)
 
 
@@ -355,8 +421,11 @@ class _progress:
             self._progress.stop()
 
 
-def dry_run_plan(section: dict[str, Any], console) -> dict[str, Any]:
-    """Plan a (large) model without building it: dry-run profile, then the planner."""
+def dry_run_plan(
+    section: dict[str, Any], console, step_in_backward: bool = False
+) -> dict[str, Any]:
+    """Plan a (large) model without building it: dry-run profile, then the planner
+    (``step_in_backward``: for an optimizer stepping inside backward, as the recipe trains)."""
     from memtrain.cli.plan_cmd import print_plan
     from memtrain.hardware import load_hardware
     from memtrain.planner import make_plan
@@ -388,7 +457,7 @@ def dry_run_plan(section: dict[str, Any], console) -> dict[str, Any]:
             sequence_parallel=section["sequence_parallel"],
         )
         if parallelism.is_single:
-            plan = make_plan(profile, hardware)
+            plan = make_plan(profile, hardware, _dry_run_options(section, step_in_backward))
         else:
             attention = attention_shape(section["model"])
             plan, _ = plan_per_rank([("dry run", profile)], hardware, parallelism, None, attention)
@@ -413,3 +482,19 @@ def dry_run_plan(section: dict[str, Any], console) -> dict[str, Any]:
         "predicted": plan.predicted,
         "baselines": plan.baselines,
     }
+
+
+def _dry_run_options(section: dict[str, Any], step_in_backward: bool):
+    """Plan options of a dry run: defaults, or stepping in backward with the step bytes of a
+    meta-device build of the model."""
+    if not step_in_backward:
+        return None
+    from memtrain.models import build_causal_lm, load_config
+    from memtrain.planner import PlanOptions
+    from memtrain.planner.step_in_backward import model_step_bytes
+
+    optimizers = section["optimizer"]
+    optimizer = optimizers[0] if isinstance(optimizers, list) else optimizers
+    meta = build_causal_lm(load_config(section["model"]), section["dtype"], "meta")
+    step_bytes, _ = model_step_bytes(meta, optimizer)
+    return PlanOptions(step_in_backward=True, step_bytes=step_bytes)

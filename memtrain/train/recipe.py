@@ -84,6 +84,9 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "resume": ((bool,), True),
         "step_in_backward": ((bool,), False),
         "threads": ((int,), None),
+        # Cap this process's CUDA allocator (e.g. 24GiB: a 24 GB card's run checked on a bigger
+        # one); the plan gets no more GPU than this. Accepted and not enforced on the CPU.
+        "gpu_memory_limit": ((str, int), None),
     },
     "launcher": {
         "kind": ((str,), "single"),

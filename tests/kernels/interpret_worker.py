@@ -30,6 +30,12 @@ CASES = {
     "fp32_filter_off_with_smoothing": 2e-5,
     "fp32_filter_bias_tiny_eps_is_exact": 2e-5,
     "matches_torch_path_bf16": 2e-2,
+    # impl="cublas": emulated products, Triton elementwise kernels in the interpreter
+    "cublas_fp32_none": 2e-5,
+    "cublas_fp32_softcap_smoothing_bias": 2e-5,
+    "cublas_bf16_shifted_mean": 2e-2,
+    "cublas_fp16_softcap_sum": 1e-2,
+    "cublas_kernels_match_torch_ops_fp32": 1e-5,
 }
 
 
@@ -50,12 +56,14 @@ def _inputs(torch, n, v, d, dtype, seed, ignore_frac=0.15, lead=None):
     return hidden, weight, labels
 
 
-def _compare(torch, lce, ref_fn, hidden, weight, labels, bias=None, ref_override=None, **opts):
+def _compare(
+    torch, lce, ref_fn, hidden, weight, labels, bias=None, ref_override=None, impl="triton", **opts
+):
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     b = leaves[2] if bias is not None else None
     rb = ref_leaves[2] if bias is not None else None
-    out = lce(leaves[0], leaves[1], labels, bias=b, impl="triton", **opts)
+    out = lce(leaves[0], leaves[1], labels, bias=b, impl=impl, **opts)
     upstream = torch.randn(out.shape, dtype=torch.float64)
     grads = torch.autograd.grad(out, leaves, upstream.to(out.dtype))
     if ref_override is not None:
@@ -112,6 +120,44 @@ def _block_dropping_reference(torch, hidden, weight, labels, block_m, block_v):
         return loss, (dz @ w.detach(), dz.t() @ h.detach())
 
     return eps, run
+
+
+def _cublas_cases(torch, lce, ref_fn, run):
+    """The cuBLAS path with 16-row/column granules and an 8 KiB workspace: 2 row blocks x 3
+    vocabulary chunks of 40 x 150 (fp32), partial last ones, so every kernel mask is crossed."""
+    from memtrain.kernels.cross_entropy import blas
+
+    blas.GRANULE = 16
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    ws = {"impl": "cublas", "workspace_bytes": 8192}
+
+    def case(name, *args, **kwargs):
+        run[name] = _compare(torch, lce, ref_fn, *args, **ws, **kwargs)
+
+    case("cublas_fp32_none", *_inputs(torch, 40, 150, 16, f32, 21), reduction="none")
+    h, w, y = _inputs(torch, 40, 150, 16, f32, 22)
+    case(
+        "cublas_fp32_softcap_smoothing_bias", h, w, y, bias=torch.randn(150), softcap=3.0,
+        label_smoothing=0.1,
+    )  # fmt: skip
+    case("cublas_bf16_shifted_mean", *_inputs(torch, 40, 150, 16, bf16, 23))
+    case("cublas_fp16_softcap_sum", *_inputs(torch, 40, 150, 16, f16, 24), softcap=4.0,
+         reduction="sum")  # fmt: skip
+
+    h, w, y = _inputs(torch, 40, 150, 16, f32, 25)
+    b = torch.randn(150)
+    results = []
+    for elementwise in ("triton", "torch"):
+        blas.ELEMENTWISE = elementwise
+        leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+        out = lce(*leaves[:2], y, bias=leaves[2], softcap=5.0, label_smoothing=0.05, **ws)
+        out.backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+    blas.ELEMENTWISE = "auto"
+    names = ("loss", "grad_hidden", "grad_weight", "grad_bias")
+    run["cublas_kernels_match_torch_ops_fp32"] = {
+        name: _rel(a, b) for name, a, b in zip(names, *results, strict=True)
+    }
 
 
 def main() -> int:
@@ -176,6 +222,7 @@ def main() -> int:
         "loss": _rel(outs[0].detach(), outs[1].detach()),
         "grad_hidden": _rel(hs[0].grad, hs[1].grad),
     }
+    _cublas_cases(torch, lce, ref_fn, run)
     json.dump({name: {"errors": run[name], "tol": tol} for name, tol in CASES.items()}, sys.stdout)
     return 0
 

@@ -1,9 +1,12 @@
 """Fused linear + cross-entropy: the loss of a language-model head without the N x V logits.
 
 ``linear_cross_entropy(hidden, weight, labels)`` equals
-``cross_entropy(hidden @ weight.T, labels)`` but never stores the logits: on CUDA, Triton kernels
-compute them block by block (forward: online log-sum-exp; backward: recompute and contract);
-elsewhere a chunked PyTorch path bounds them to a few rows at a time.
+``cross_entropy(hidden @ weight.T, labels)`` but never stores the logits. On CUDA two exact
+implementations compute them block by block (forward: log-sum-exp; backward: recompute and
+contract): "cublas" runs the four large products in cuBLAS with small Triton kernels for the
+softmax parts in between (``blas.py``), "triton" fuses the logits into Triton matmul kernels and
+also offers the gradient filter (``triton_*.py``). Elsewhere a chunked PyTorch path bounds the
+logits to a few rows at a time.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
-_IMPLS = ("auto", "triton", "torch")
+_IMPLS = ("auto", "cublas", "triton", "torch")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -88,6 +91,19 @@ def _validate(hidden, weight, labels, bias, reduction, label_smoothing, softcap,
         raise MemtrainError(f"softcap={softcap}; use a positive number or None")
 
 
+def _auto_impl(hidden: torch.Tensor, triton_runs: bool, filtering: bool) -> str:
+    """The implementation "auto" stands for (see :func:`linear_cross_entropy`)."""
+    device = hidden.device
+    if device.type != "cuda":
+        return "triton" if triton_runs else "torch"
+    if not filtering:
+        from memtrain.kernels.cross_entropy.blas import blas_supported
+
+        if blas_supported(device, hidden.dtype) and hidden.dtype in _TRITON_DTYPES:
+            return "cublas"
+    return "triton" if triton_runs else "torch"
+
+
 def _targets(labels: torch.Tensor, vocab: int, ignore_index: int, shift: bool) -> torch.Tensor:
     """Flat int32 targets with -1 for ignored rows; out-of-range labels are an input error."""
     if shift:
@@ -137,25 +153,69 @@ def linear_cross_entropy(
     no target lies and every softmax probability is below ``grad_filter_eps`` (default
     :func:`default_filter_eps`): faster on peaked softmaxes, not exact. It is off by default, is
     ignored with label smoothing (whose gradient is dense), and the torch path is always exact.
-    ``impl`` picks "triton" (CUDA, or the interpreter), "torch" (chunked) or "auto".
-    ``workspace_bytes`` bounds the Triton backward's scratch memory (default 64 MiB exact,
-    256 MiB filtered); smaller is slower (more, smaller chunks), see docs/benchmarks.md.
+    ``impl`` picks the implementation:
+
+    - "cublas": the four large products (forward logits, recomputed logits, dH = G·W,
+      dW = Gᵀ·H) in cuBLAS over a reusable workspace, the softmax parts in small Triton kernels;
+      exact (no filter). On CUDA it needs PyTorch 2.8+ for bf16/fp16 (float32-output products);
+      on the CPU it runs with emulated products and PyTorch elementwise ops (for testing).
+    - "triton": logits computed inside Triton matmul kernels; the only one with
+      ``grad_filter``. Needs CUDA with triton (or ``TRITON_INTERPRET=1`` for CPU tensors).
+    - "torch": chunked PyTorch, any device and float64; slowest.
+    - "auto" (default): on CUDA "triton" when the gradient filter is on, else "cublas" where it
+      runs (else "triton"); under the Triton interpreter "triton"; elsewhere "torch".
+
+    ``workspace_bytes`` bounds the scratch memory of the "cublas" and "triton" paths (default
+    64 MiB, 256 MiB for the filtered Triton path); smaller is slower (more, smaller products),
+    see docs/benchmarks.md.
     """
     _validate(hidden, weight, labels, bias, reduction, label_smoothing, softcap, impl)
     runnable = triton_available(hidden.device) and hidden.dtype in _TRITON_DTYPES
-    use_triton = impl == "triton" or (impl == "auto" and runnable)
-    if use_triton and not runnable:
+    filtering = grad_filter and label_smoothing == 0.0
+    if impl == "auto":
+        impl = _auto_impl(hidden, runnable, filtering)
+    if impl == "triton" and not runnable:
         raise MemtrainError(
             f"impl='triton' cannot run {hidden.dtype} on {hidden.device}: it needs bf16/fp16/"
             "fp32 on a CUDA device with triton installed (or TRITON_INTERPRET=1 for CPU "
             "tensors); use impl='torch' or 'auto'"
         )
+    if impl == "cublas":
+        from memtrain.kernels.cross_entropy.blas import blas_supported
+
+        if filtering:
+            raise MemtrainError(
+                "grad_filter=True skips gradient blocks only on impl='triton' (or 'auto'); "
+                "impl='cublas' is exact"
+            )
+        if not blas_supported(hidden.device, hidden.dtype):
+            raise MemtrainError(
+                f"impl='cublas' cannot run {hidden.dtype} on {hidden.device}: this PyTorch "
+                f"({torch.__version__}) has no float32-output bf16/fp16 products "
+                "(torch.mm(..., out_dtype=torch.float32), PyTorch 2.8+); use impl='triton'"
+            )
     vocab, dim = weight.shape
     targets = _targets(labels, vocab, ignore_index, shift)
     flat_hidden = hidden.reshape(-1, dim).contiguous()
     weight = weight.contiguous()
     softcap = float(softcap) if softcap is not None else None
-    if use_triton:
+    if impl == "cublas":
+        from memtrain.kernels.cross_entropy.blas import (
+            DEFAULT_BLAS_WORKSPACE_BYTES,
+            BlasLinearCrossEntropy,
+            plan_blas,
+            shifted_backward,
+        )
+
+        plan = plan_blas(
+            flat_hidden.shape[0], vocab, dim, hidden.dtype,
+            workspace_bytes or DEFAULT_BLAS_WORKSPACE_BYTES,
+            shifted=shifted_backward(bias, softcap),
+        )  # fmt: skip
+        losses = BlasLinearCrossEntropy.apply(
+            flat_hidden, weight, bias, targets, softcap, float(label_smoothing), plan
+        )
+    elif impl == "triton":
         from memtrain.kernels.cross_entropy.triton_function import (
             DEFAULT_FILTER_WORKSPACE_BYTES,
             DEFAULT_WORKSPACE_BYTES,
@@ -163,7 +223,7 @@ def linear_cross_entropy(
         )
 
         eps = None
-        if grad_filter and label_smoothing == 0.0:
+        if filtering:
             eps = (
                 grad_filter_eps if grad_filter_eps is not None else default_filter_eps(hidden.dtype)
             )

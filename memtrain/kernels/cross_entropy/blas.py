@@ -1,0 +1,474 @@
+"""cuBLAS path: the four large products in the vendor BLAS, the softmax parts in small kernels.
+
+The floor of any exact method that does not store the logits is four products of 2·N·V·D
+FLOPs each (forward logits, recomputed logits, dH = G·W, dW = Gᵀ·H). Here all four run in cuBLAS
+(``torch.mm``/``torch.addmm`` into preallocated workspaces) and only elementwise work is left to
+Triton (``blas_kernels.py``), or to PyTorch ops where Triton cannot run (CPU, float64).
+
+Forward, for each block of rows and chunk of the vocabulary::
+
+    L = H[rows] @ W[chunk].T               float32 output ([rows, chunk], workspace)
+    row statistics <- L                     running max and sum of exponentials, target logit
+
+Backward, for each block of rows (outer loop) and chunk of the vocabulary (inner loop)::
+
+    S = W[chunk] @ H[rows].T - hi(lse)      dtype output ([chunk, rows]), see below
+    S <- g * (exp(S - lo(lse)) - onehot)    in place: the logits gradient, transposed
+    dW[chunk] (+)= S @ H[rows]              straight into the weight gradient's rows
+    acc += S.T @ W[chunk]                   float32 accumulator of the row block's dH
+
+Precision. The recomputed logits are not stored as they are (rounding a logit z to bf16 costs
+|z|·2⁻⁹, i.e. a few per cent of the probability when |z| ~ 20). The BLAS epilogue instead
+subtracts each token's log-sum-exp, rounded to the dtype (``hi``), in float32 before the single
+rounding of the output, so S holds log-probabilities (plus the small ``lo = lse - hi``, removed
+in float32 by the kernel): the rounding error of p is p·|log p|·2⁻⁹ ≤ 2⁻⁹/e, no more than
+rounding the gradient itself to bf16 costs. A logit softcap or a bias breaks this (the
+log-probability is not an affine function of the product), so with either the backward
+takes the product in float32 (``out_dtype``) into a second workspace instead: 4 more bytes per
+logit written and read. The forward always takes float32 logits: its log-sum-exp must be exact
+before anything can be shifted by it.
+
+dH is accumulated over vocabulary chunks in float32 (``addmm`` with ``out_dtype=float32``), in a
+buffer of rows x D that is part of the workspace; summing the ~V/chunk partial products in bf16
+would instead cost about sqrt(V/chunk)·2⁻⁹ of relative error. dW of a chunk is complete within
+one row block, so it goes straight into the weight gradient, and only across row blocks (N/rows
+of them) is it accumulated in the gradient's dtype (cuBLAS adds in float32 and rounds once per
+block). For fp16 the logits gradient is scaled by a power of two first (``_fp16_scale``).
+
+``plan_blas`` sizes rows and chunks from ``workspace_bytes``: larger means fewer, larger cuBLAS
+calls (closer to its peak, less launch overhead), smaller means less memory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from memtrain.kernels.cross_entropy.chunked import row_losses
+
+MiB = 1024 * 1024
+DEFAULT_BLAS_WORKSPACE_BYTES = 64 * MiB
+# Rows and chunks are multiples of this (tests lower it to cross every boundary on tiny shapes).
+GRANULE = 128
+# "auto", "triton" or "torch": who runs the elementwise kernels ("auto": Triton where it runs).
+ELEMENTWISE = "auto"
+# What the hidden-gradient accumulation used in the last backward ("addmm-fp32-out", "mm+add",
+# "same-dtype"); the benchmark reports it.
+ACCUMULATION: list[str] = []
+
+
+class BlasPlan(NamedTuple):
+    """Rows per block and vocabulary columns per chunk, for the forward and the backward."""
+
+    fwd_rows: int
+    fwd_cols: int
+    bwd_rows: int
+    bwd_cols: int
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _split(total: int, cap: int, granule: int) -> int:
+    """Chunk size at most ``max(cap, granule)``, a multiple of ``granule`` (or ``total``), that
+    splits ``total`` into near-equal chunks."""
+    cap = max(granule, cap // granule * granule)
+    if cap >= total:
+        return total
+    chunks = -(-total // cap)
+    return min(cap, _round_up(-(-total // chunks), granule))
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Float32 for the low-precision dtypes, float64 kept as is."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def shifted_backward(bias: torch.Tensor | None, softcap: float | None) -> bool:
+    """Whether the backward subtracts the log-sum-exp in the BLAS epilogue (see module doc)."""
+    return bias is None and softcap is None
+
+
+def plan_blas(
+    n_rows: int,
+    vocab: int,
+    dim: int,
+    dtype: torch.dtype,
+    workspace_bytes: int,
+    *,
+    shifted: bool = True,
+    granule: int | None = None,
+) -> BlasPlan:
+    """Block sizes that keep each pass's scratch memory within ``workspace_bytes``.
+
+    Forward: float32 logits of rows x cols, about square (both products' operands are reused
+    from L2 equally). Backward: at most half the budget goes to the float32 hidden-gradient
+    accumulator (rows x D; none for float32/float64 inputs, which accumulate in the gradient),
+    the rest to the logits chunk (dtype, plus float32 logits when not shifted).
+    """
+    granule = granule or GRANULE
+    n, v = max(n_rows, 1), max(vocab, 1)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    acc_size = torch.empty((), dtype=acc_dtype(dtype)).element_size()
+
+    def square(elems: int) -> tuple[int, int]:
+        side = 1 << max(0, math.isqrt(max(elems, 1)).bit_length() - 1)
+        rows = _split(n, side, granule)
+        return rows, _split(v, elems // rows, granule)
+
+    fwd_rows, fwd_cols = square(workspace_bytes // acc_size)
+    per_logit = itemsize if shifted or itemsize == acc_size else itemsize + acc_size
+    acc_row = 4 * dim if itemsize < acc_size else 0
+    if not acc_row:
+        bwd_rows, bwd_cols = square(workspace_bytes // per_logit)
+    else:
+        bwd_rows = _split(n, workspace_bytes // 2 // acc_row, granule)
+        left = max(workspace_bytes - bwd_rows * acc_row, 0)
+        bwd_cols = _split(v, left // (bwd_rows * per_logit), granule)
+    return BlasPlan(fwd_rows, fwd_cols, bwd_rows, bwd_cols)
+
+
+def workspace_of(plan: BlasPlan, dtype: torch.dtype, dim: int, shifted: bool) -> int:
+    """Bytes of scratch memory the plan allocates (the larger of forward and backward)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    acc_size = torch.empty((), dtype=acc_dtype(dtype)).element_size()
+    fwd = plan.fwd_rows * plan.fwd_cols * acc_size
+    per_logit = itemsize if shifted or itemsize == acc_size else itemsize + acc_size
+    acc = plan.bwd_rows * dim * 4 if itemsize < acc_size else 0
+    return max(fwd, plan.bwd_rows * plan.bwd_cols * per_logit + acc)
+
+
+# ----------------------------------------------------------------------------- capabilities
+
+_FP32_OUT: dict[str, bool] = {}
+
+
+def fp32_out_supported(device: torch.device) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for bf16 inputs on ``device``
+    (cuBLAS with a float32 output, PyTorch 2.8 and later on CUDA). Checked once per device."""
+    if device.type != "cuda":
+        return False
+    key = str(device)
+    if key not in _FP32_OUT:
+        try:
+            a = torch.ones(8, 8, dtype=torch.bfloat16, device=device)
+            _FP32_OUT[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FP32_OUT[key] = False
+    return _FP32_OUT[key]
+
+
+def blas_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this path runs natively: CUDA bf16/fp16 need float32-output products; fp32 and
+    float64 always run, and the CPU emulates the products in float32 (for tests)."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return fp32_out_supported(device)
+    return True
+
+
+def _elementwise_triton(device: torch.device, dtype: torch.dtype) -> bool:
+    if ELEMENTWISE == "torch" or dtype == torch.float64:
+        return False
+    from memtrain.kernels.cross_entropy import triton_available
+
+    runs = triton_available(device)
+    if ELEMENTWISE == "triton" and not runs:
+        raise RuntimeError(f"the Triton elementwise kernels cannot run on {device}")
+    return runs
+
+
+class _Products:
+    """The matrix products, native (cuBLAS) or, on the CPU, emulated with float32 operands so
+    that the rounding matches cuBLAS's float32 epilogue (one rounding of the final value)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.acc = acc_dtype(dtype)
+        self.low = dtype != self.acc
+        self.native = device.type == "cuda" or not self.low
+
+    def to_acc(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+        """``out`` (accumulation dtype) = a @ b."""
+        if not self.low:
+            torch.mm(a, b, out=out)
+        elif self.native:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a.to(self.acc), b.to(self.acc), out=out)
+
+    def shifted(self, shift: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out) -> None:
+        """``out`` (dtype) = round(a @ b + shift[None, :]), the sum taken before rounding."""
+        if self.native:
+            torch.addmm(shift, a, b, out=out)
+        else:
+            out.copy_(torch.addmm(shift.to(self.acc), a.to(self.acc), b.to(self.acc)))
+
+    def accumulate(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+        """``acc`` (+)= a @ b, with ``acc`` in the accumulation dtype and a, b in the dtype."""
+        if not self.low:
+            if first:
+                torch.mm(a, b, out=acc)
+            else:
+                acc.addmm_(a, b)
+            _note("same-dtype")
+        elif not self.native:
+            if first:
+                torch.mm(a.to(self.acc), b.to(self.acc), out=acc)
+            else:
+                acc.addmm_(a.to(self.acc), b.to(self.acc))
+            _note("emulated")
+        elif first:
+            torch.mm(a, b, out_dtype=torch.float32, out=acc)
+        else:
+            _accumulate_fp32(acc, a, b)
+
+
+_ADDMM_FP32: list[bool] = []
+
+
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with a float32 ``acc`` and low-precision operands, in cuBLAS's epilogue
+    where PyTorch allows a float32 ``self`` for ``addmm(out_dtype=...)`` (2.10 and later);
+    otherwise through a float32 product and an addition."""
+    if not _ADDMM_FP32 or _ADDMM_FP32[0]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_FP32[:] = [True]
+            _note("addmm-fp32-out")
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_FP32[:] = [False]
+    acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    _note("mm+add")
+
+
+def _note(how: str) -> None:
+    if ACCUMULATION != [how]:
+        ACCUMULATION[:] = [how]
+
+
+# ----------------------------------------------------------------------------- elementwise (torch)
+
+
+def _row_stats_torch(logits, bias, targets, col_start, stats, softcap) -> None:
+    """PyTorch twin of ``blas_kernels.row_stats``."""
+    run_max, run_sum, target_logit, logit_sum = stats
+    n_cols = logits.shape[1]
+    z = logits
+    if bias is not None:
+        z = z + bias[col_start : col_start + n_cols].to(z.dtype)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    top = z.amax(dim=1)
+    part = torch.exp(z - top[:, None]).sum(dim=1)
+    new_max = torch.maximum(run_max, top)
+    run_sum.mul_(torch.exp(run_max - new_max)).add_(part * torch.exp(top - new_max))
+    run_max.copy_(new_max)
+    local = targets.long() - col_start
+    inside = (local >= 0) & (local < n_cols)
+    picked = z.gather(1, local.clamp(0, n_cols - 1)[:, None]).squeeze(1)
+    target_logit.add_(torch.where(inside, picked, torch.zeros_like(picked)))
+    if logit_sum is not None:
+        logit_sum.add_(z.sum(dim=1))
+
+
+def _grad_logits_torch(
+    src, dst, col_start, shift, target_prob, targets, grad_rows, bias, softcap, smoothing, inv_vocab,
+    grad_bias, shifted,
+) -> None:  # fmt: skip
+    """PyTorch twin of ``blas_kernels.grad_logits``."""
+    n_vocab = src.shape[0]
+    x = src.to(shift.dtype)
+    tanh = None
+    if shifted:
+        dz = torch.exp(x - shift[None, :])
+    else:
+        if bias is not None:
+            x = x + bias[col_start : col_start + n_vocab].to(x.dtype)[:, None]
+        if softcap is not None:
+            tanh = torch.tanh(x / softcap)
+            x = tanh * softcap
+        dz = torch.exp(x - shift[None, :])
+    local = targets.long() - col_start
+    hit = ((local >= 0) & (local < n_vocab)).nonzero().squeeze(1)
+    dz[local[hit], hit] = target_prob[hit] - (1.0 - smoothing)
+    if smoothing > 0.0:
+        dz -= smoothing * inv_vocab
+    dz *= grad_rows[None, :]
+    if tanh is not None:
+        dz *= 1.0 - tanh * tanh
+    if grad_bias is not None:
+        grad_bias[col_start : col_start + n_vocab] += dz.sum(dim=1)
+    dst.copy_(dz)
+
+
+def _fp16_scale(grad_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A power of two bringing the largest row gradient into (1/2, 1], and its inverse: fp16
+    flushes ``grad_row * probability`` to zero below 6e-8 (a mean over many rows does that)."""
+    peak = grad_rows.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    exponent = torch.ceil(torch.log2(peak))
+    return torch.exp2(-exponent), torch.exp2(exponent)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class BlasLinearCrossEntropy(torch.autograd.Function):
+    """Per-row losses of ``softcap(hidden @ weight.T + bias)`` against ``targets`` (-1 = ignore).
+
+    ``plan`` is a :class:`BlasPlan` (see :func:`plan_blas`).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, softcap, label_smoothing, plan):
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        device, dtype = hidden.device, hidden.dtype
+        products = _Products(device, dtype)
+        use_triton = _elementwise_triton(device, dtype)
+        if use_triton:
+            from memtrain.kernels.cross_entropy.blas_kernels import row_stats
+        else:
+            row_stats = _row_stats_torch
+        acc = products.acc
+        run_max = torch.full((n_rows,), float("-inf"), dtype=acc, device=device)
+        run_sum = torch.zeros(n_rows, dtype=acc, device=device)
+        target_logit = torch.zeros(n_rows, dtype=acc, device=device)
+        logit_sum = torch.zeros(n_rows, dtype=acc, device=device) if label_smoothing else None
+        rows, cols = plan.fwd_rows, plan.fwd_cols
+        buf = torch.empty(rows * cols, dtype=acc, device=device) if n_rows else None
+        for r0 in range(0, n_rows, rows):
+            r1 = min(r0 + rows, n_rows)
+            stats = (run_max[r0:r1], run_sum[r0:r1], target_logit[r0:r1])
+            stats += (logit_sum[r0:r1] if logit_sum is not None else None,)
+            h = hidden[r0:r1]
+            for c0 in range(0, vocab, cols):
+                c1 = min(c0 + cols, vocab)
+                logits = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+                products.to_acc(h, weight[c0:c1].t(), logits)
+                row_stats(logits, bias, targets[r0:r1], c0, stats, softcap)
+        del buf
+        lse = run_max + torch.log(run_sum)
+        losses = row_losses(lse, target_logit, logit_sum, targets >= 0, label_smoothing, vocab)
+        target_prob = torch.exp(target_logit - lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, target_prob)
+        ctx.settings = (softcap, label_smoothing, plan)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, bias, targets, lse, target_prob = ctx.saved_tensors
+        softcap, smoothing, plan = ctx.settings
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grads = blas_backward(
+            hidden, weight, bias, targets, lse, target_prob, grad_losses, softcap, smoothing, plan,
+            (need_h, need_w, need_b),
+        )  # fmt: skip
+        return (*grads, None, None, None, None)
+
+
+def blas_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    target_prob: torch.Tensor,
+    grad_losses: torch.Tensor,
+    softcap: float | None,
+    smoothing: float,
+    plan: BlasPlan,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``sum(grad_losses * row_losses)`` w.r.t. hidden, weight and bias.
+
+    ``target_prob`` is each row's softmax probability of its target, from the forward's float32
+    target logit: the gradient's target entry p - 1 cancels when p is close to 1, so it must
+    not come from the rounded log-probabilities.
+    """
+    need_h, need_w, need_b = needs
+    need_b = need_b and bias is not None
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    device, dtype = hidden.device, hidden.dtype
+    products = _Products(device, dtype)
+    acc = products.acc
+    if _elementwise_triton(device, dtype):
+        from memtrain.kernels.cross_entropy.blas_kernels import grad_logits
+    else:
+        grad_logits = _grad_logits_torch
+    grad_hidden = torch.empty_like(hidden) if need_h else None
+    grad_weight = torch.empty_like(weight) if need_w else None
+    grad_bias = torch.zeros(vocab, dtype=acc, device=device) if need_b else None
+    if not (need_h or need_w or need_b) or n_rows == 0 or vocab == 0:
+        if grad_hidden is not None:
+            grad_hidden.zero_()
+        if grad_weight is not None:
+            grad_weight.zero_()
+        return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if need_b else None
+
+    grad_rows = (grad_losses.to(acc) * (targets >= 0)).contiguous()
+    inv_scale = None
+    if dtype == torch.float16:
+        scale, inv_scale = _fp16_scale(grad_rows)
+        grad_rows = grad_rows * scale
+    shifted = shifted_backward(bias, softcap)
+    if shifted:
+        hi = lse.to(dtype)
+        neg_hi = -hi
+        shift = (lse - hi.to(acc)).contiguous()
+    else:
+        shift = lse
+    rows, cols = plan.bwd_rows, plan.bwd_cols
+    grad_buf = torch.empty(rows * cols, dtype=dtype, device=device)
+    logits_buf = grad_buf
+    if not shifted and products.low:
+        logits_buf = torch.empty(rows * cols, dtype=acc, device=device)
+    in_place = not products.low  # float32/float64 accumulate in the gradient itself
+    acc_buf = None
+    if need_h and not in_place:
+        acc_buf = torch.empty((rows, dim), dtype=acc, device=device)
+    inv_vocab = 1.0 / vocab
+
+    for r0 in range(0, n_rows, rows):
+        r1 = min(r0 + rows, n_rows)
+        nr = r1 - r0
+        h = hidden[r0:r1]
+        h_t = h.t()
+        row_targets, row_shift, row_grad = targets[r0:r1], shift[r0:r1], grad_rows[r0:r1]
+        row_target_prob = target_prob[r0:r1]
+        dh = None
+        if need_h:
+            dh = grad_hidden[r0:r1] if in_place else acc_buf[:nr]
+        for c0 in range(0, vocab, cols):
+            c1 = min(c0 + cols, vocab)
+            w = weight[c0:c1]
+            grad = grad_buf[: (c1 - c0) * nr].view(c1 - c0, nr)
+            if shifted:
+                products.shifted(neg_hi[r0:r1], w, h_t, grad)
+                src = grad
+            else:
+                src = logits_buf[: (c1 - c0) * nr].view(c1 - c0, nr)
+                products.to_acc(w, h_t, src)
+            grad_logits(
+                src, grad, c0, row_shift, row_target_prob, row_targets, row_grad, bias, softcap, smoothing,
+                inv_vocab, grad_bias, shifted,
+            )  # fmt: skip
+            if need_w:
+                if r0 == 0:
+                    torch.mm(grad, h, out=grad_weight[c0:c1])
+                else:
+                    grad_weight[c0:c1].addmm_(grad, h)
+            if need_h:
+                products.accumulate(dh, grad.t(), w, first=c0 == 0)
+        if need_h and not in_place:
+            if inv_scale is not None:
+                dh.mul_(inv_scale)
+            grad_hidden[r0:r1] = dh
+    if inv_scale is not None:
+        if need_w:
+            grad_weight.mul_(inv_scale)
+        if need_b:
+            grad_bias.mul_(inv_scale)
+    return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if need_b else None

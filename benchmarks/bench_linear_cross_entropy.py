@@ -6,14 +6,20 @@ during forward+backward minus the inputs and the gradients every method must ret
 relative errors of the loss and both gradients against a float32 reference (no TF32).
 
 Methods: naive PyTorch, torch.compile of the same, cut-cross-entropy (gradient filter on and
-off), Liger's fused linear cross-entropy, memtrain exact and memtrain filtered. Third-party
-packages that are not installed are reported as missing, not skipped silently.
+off), Liger's fused linear cross-entropy, memtrain exact (Triton), memtrain filtered (Triton)
+and memtrain cublas (``impl="cublas"``, at several workspace sizes and explicit block plans).
+Third-party packages that are not installed are reported as missing, not skipped silently.
+Two reference rows without errors: "floor: 4 cuBLAS products" times the four products of
+2·N·V·D alone (logits stored, no softmax), "memtrain cublas matmuls only" the cuBLAS path with
+its elementwise kernels replaced by no-ops (what its products and launches cost).
 
-Also: a GPU correctness check of memtrain's Triton path on small odd shapes against a float64
-reference, and the peak memory of a training step of the ``llama-3.2-1b`` preset with and
-without the fused loss.
+Also: a GPU correctness check of memtrain's paths on small odd shapes against a float64
+reference (and of the shifted-logits epilogue of the cuBLAS path), a per-kernel profile, and
+the peak memory of a training step of the ``llama-3.2-1b`` preset with and without the fused
+loss.
 
 Reproduce (one GPU):  python benchmarks/bench_linear_cross_entropy.py --out results.json
+Only memtrain's rows and the floors, ~3 minutes:  ... --quick --out results.json
 """
 
 from __future__ import annotations
@@ -83,25 +89,108 @@ def liger():
     return run
 
 
-def ours(filter_on: bool, workspace_mib: int | None = None):
+def ours(filter_on: bool, workspace_mib: int | None = None, impl: str = "triton"):
     ws = workspace_mib * MiB if workspace_mib else None
     return lambda h, w, y: linear_cross_entropy(
-        h, w, y, grad_filter=filter_on, impl="triton", workspace_bytes=ws
+        h, w, y, grad_filter=filter_on, impl=impl, workspace_bytes=ws
     )
 
 
+def cublas_plan(plan):
+    """The cuBLAS path with explicit block sizes (rows x columns, forward and backward)."""
+    from memtrain.kernels.cross_entropy.blas import BlasLinearCrossEntropy
+
+    def run(h, w, y):
+        targets = y.to(torch.int32)  # no ignored labels in these inputs
+        return BlasLinearCrossEntropy.apply(h, w, None, targets, None, 0.0, plan).mean()
+
+    return run
+
+
+def parse_plan(text):
+    """'FRxFC/BRxBC' -> BlasPlan."""
+    from memtrain.kernels.cross_entropy.blas import BlasPlan
+
+    fwd, bwd = text.split("/")
+    return BlasPlan(*(int(x) for x in fwd.split("x")), *(int(x) for x in bwd.split("x")))
+
+
+def cublas_matmuls_only(workspace_mib):
+    """The cuBLAS path with its elementwise kernels as no-ops: products and launches only."""
+    from memtrain.kernels.cross_entropy import blas_kernels
+
+    saved = (blas_kernels.row_stats, blas_kernels.grad_logits)
+    blas_kernels.row_stats = lambda *a, **k: None
+    blas_kernels.grad_logits = lambda *a, **k: None
+
+    def restore():
+        blas_kernels.row_stats, blas_kernels.grad_logits = saved
+
+    fn = ours(False, workspace_mib, impl="cublas")
+    fn.restore, fn.no_errors = restore, True
+    return fn
+
+
+class _StoredLogitsProducts(torch.autograd.Function):
+    """The four products of the floor and nothing else: logits in forward, again in backward
+    (as a method that does not keep them must), then dH = Z·W and dW = Zᵀ·H."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        z = h @ w.t()
+        ctx.save_for_backward(h, w, z)
+        return z[0, 0].float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w, z = ctx.saved_tensors
+        torch.mm(h, w.t(), out=z)
+        return z @ w, z.t() @ h
+
+
+def floor_products():
+    fn = lambda h, w, y: _StoredLogitsProducts.apply(h, w)  # noqa: E731
+    fn.no_errors = True
+    return fn
+
+
 def methods(args) -> dict:
-    table = {"naive torch": lambda: naive}
-    if not args.skip_compile:
-        table["torch.compile"] = lambda: compiled
-    table["cce (filter on)"] = lambda: cce(True)
-    table["cce (filter off)"] = lambda: cce(False)
-    table["liger"] = liger
+    table = {}
+    if not args.quick:
+        table["naive torch"] = lambda: naive
+        if not args.skip_compile:
+            table["torch.compile"] = lambda: compiled
+        table["cce (filter on)"] = lambda: cce(True)
+        table["cce (filter off)"] = lambda: cce(False)
+        table["liger"] = liger
+    table["floor: 4 cuBLAS products"] = floor_products
     for ws in args.workspaces:
         table[f"memtrain exact ({ws} MiB ws)"] = lambda ws=ws: ours(False, ws)
     for ws in args.filter_workspaces:
         table[f"memtrain filtered ({ws} MiB ws)"] = lambda ws=ws: ours(True, ws)
+    for ws in args.cublas_workspaces:
+        table[f"memtrain cublas ({ws} MiB ws)"] = lambda ws=ws: ours(False, ws, impl="cublas")
+    if args.cublas_workspaces:
+        ws = main_cublas_workspace(args)
+        table[f"memtrain cublas matmuls only ({ws} MiB ws)"] = lambda: cublas_matmuls_only(ws)
+    if args.only:
+        table = {k: v for k, v in table.items() if any(o in k for o in args.only)}
     return table
+
+
+def main_cublas_workspace(args) -> int:
+    """The cuBLAS workspace (MiB) profiled and run without elementwise kernels: the default."""
+    from memtrain.kernels.cross_entropy.blas import DEFAULT_BLAS_WORKSPACE_BYTES
+
+    default = DEFAULT_BLAS_WORKSPACE_BYTES // MiB
+    return default if default in args.cublas_workspaces else args.cublas_workspaces[-1]
+
+
+def plan_methods(args, n, d, v) -> dict:
+    """Explicit cuBLAS block plans, for the shape named by --plan-shape only."""
+    if f"{n}x{d}x{v}" != args.plan_shape:
+        return {}
+    return {f"memtrain cublas plan {p}": lambda p=p: cublas_plan(parse_plan(p)) for p in args.plans}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -229,19 +318,26 @@ def run_shape(n, d, v, kind, args, results):
     log(f"\n== N={n} D={d} V={v} {kind}: {stats}")
     ref = reference_grads(h, w, y) if n <= args.max_ref_rows else None
     floor_ms = 8 * n * v * d / (args.tflops * 1e12) * 1e3
-    for name, make in methods(args).items():
+    log(f"   floor 8·N·V·D at {args.tflops:.0f} TFLOP/s: {floor_ms:.1f} ms")
+    table = {**methods(args), **(plan_methods(args, n, d, v) if kind == "peaked" else {})}
+    for name, make in table.items():
         if name in args.skip_methods_for_big and n > 8192:
             continue
         row = {"n": n, "d": d, "v": v, "kind": kind, "method": name, "floor_ms": floor_ms, **stats}
+        fn = None
         try:
             fn = make()
-            row.update(measure(fn, h, w, y, args.reps, ref))
+            errs_ref = None if getattr(fn, "no_errors", False) else ref
+            row.update(measure(fn, h, w, y, args.reps, errs_ref))
+            row["x_floor"] = row["ms"] / floor_ms
         except ImportError as exc:
             row["error"] = f"not installed: {exc}"
         except torch.OutOfMemoryError:
             row["error"] = "out of memory"
         except Exception as exc:  # report and carry on with the other methods
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        finally:
+            getattr(fn, "restore", lambda: None)()
         gc.collect()
         torch.cuda.empty_cache()
         results["rows"].append(row)
@@ -256,10 +352,15 @@ def breakdown(n, d, v, kind, args, results):
     from torch.profiler import ProfilerActivity, profile
 
     h, w, y = make_inputs(n, d, v, kind)
-    for label, fn in (
-        ("exact", ours(False, args.workspaces[-1])),
-        ("filtered", ours(True, args.filter_workspaces[-1])),
-    ):
+    paths = []
+    if args.workspaces:
+        paths.append(("exact", ours(False, args.workspaces[-1])))
+    if args.filter_workspaces:
+        paths.append(("filtered", ours(True, args.filter_workspaces[-1])))
+    if args.cublas_workspaces:
+        ws = main_cublas_workspace(args)
+        paths.append((f"cublas {ws} MiB", ours(False, ws, impl="cublas")))
+    for label, fn in paths:
         hp = h.detach().clone().requires_grad_()
         wp = w.detach().clone().requires_grad_()
         fn(hp, wp, y).backward()  # warm
@@ -291,20 +392,46 @@ def format_row(r):
     if "grad_h_err" in r:
         err = f" loss {r['loss_err']:.1e} dH {r['grad_h_err']:.1e} dW {r['grad_w_err']:.1e}"
     return (
-        f"  {r['method']:<30} {r['ms']:8.1f} ms (fwd {r['fwd_ms']:6.1f}) "
-        f"{r['extra_mib']:9.1f} MiB{err}"
+        f"  {r['method']:<44} {r['ms']:8.1f} ms ({r['x_floor']:.2f}x floor, fwd "
+        f"{r['fwd_ms']:6.1f}) {r['extra_mib']:9.1f} MiB{err}"
     )
 
 
 # ----------------------------------------------------------------------------- correctness
 
 
-def gpu_correctness(results):
-    """Triton path vs float64 on odd shapes, every option; prints the worst relative errors."""
+def epilogue_check(results):
+    """The cuBLAS path's backward relies on ``addmm(bias, a, b)`` adding the bias in float32
+    before the one rounding to bf16. With logits up to 40 and the bias minus row 0's logits,
+    each output's error must stay within |output|·2⁻⁷ (twice its rounding) + |logit|·2⁻¹²
+    (float32 accumulation); rounding the logit first costs up to |logit|·2⁻⁹ (ratio ~25)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    a = torch.randn(512, 256, device="cuda", generator=g).bfloat16()
+    b = torch.randn(256, 384, device="cuda", generator=g).bfloat16()
+    a = (a.double() * (40.0 / (a.double() @ b.double()).abs().amax())).bfloat16()
+    exact = a.double() @ b.double()
+    shift = (-exact[0]).bfloat16()  # row 0's outputs are close to 0
+    out = torch.empty(512, 384, device="cuda", dtype=torch.bfloat16)
+    torch.addmm(shift, a, b, out=out)
+    want = exact + shift.double()
+    err = (out.double() - want).abs()
+    ratio = (err / (want.abs() * 2**-7 + exact.abs() * 2**-12 + 1e-30)).amax().item()
+    ok = ratio <= 1.0
+    results["epilogue_check"] = {"max_err_over_bound": ratio, "ok": ok}
+    verdict = "ok" if ok else "FAIL: the bias is not added before rounding"
+    log(f"shifted-logits epilogue: max error / bound = {ratio:.2f} ({verdict})")
+
+
+def gpu_correctness(results, impls=("triton", "cublas")):
+    """memtrain's CUDA paths vs float64 on odd shapes, every option; prints the worst errors."""
     torch.manual_seed(0)
     worst = 0.0
     cases = []
-    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float16, 1e-2), (torch.float32, 1e-3)):
+    for impl, dtype, tol in (
+        (impl, dtype, tol)
+        for impl in impls
+        for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float16, 1e-2), (torch.float32, 1e-3))
+    ):
         for n, d, v in ((1, 64, 1000), (257, 96, 3001), (1000, 200, 50257)):
             for opts in (
                 {},
@@ -312,12 +439,19 @@ def gpu_correctness(results):
                 {"label_smoothing": 0.1, "bias": True},
                 {"reduction": "none", "shift": True},
                 {"grad_filter": True, "grad_filter_eps": 1e-30, "bias": True},
+                {"peaked": True},
             ):
                 opts = dict(opts)
-                h = torch.randn(n, d, device="cuda").to(dtype).requires_grad_()
-                w = (torch.randn(v, d, device="cuda") / math.sqrt(d) * 4).to(dtype)
-                w.requires_grad_()
+                if impl == "cublas" and opts.get("grad_filter"):
+                    continue
+                peaked = opts.pop("peaked", False)
+                h = torch.randn(n, d, device="cuda")
+                w = torch.randn(v, d, device="cuda") / math.sqrt(d) * 4
                 y = torch.randint(0, v, (n,), device="cuda")
+                if peaked:  # logits ~25 on the target, target probability near 1
+                    h = 25.0 * w[y] / 16 + 0.3 * torch.randn(n, d, device="cuda")
+                h = h.to(dtype).requires_grad_()
+                w = w.to(dtype).requires_grad_()
                 y[torch.rand(n, device="cuda") < 0.1] = -100
                 y[0] = 0  # at least one valid label, or "mean" is 0/0 in both
                 ins = [h, w]
@@ -325,7 +459,7 @@ def gpu_correctness(results):
                     b = torch.randn(v, device="cuda").to(dtype).requires_grad_()
                     opts["bias"] = b
                     ins.append(b)
-                out = linear_cross_entropy(h, w, y, impl="triton", **opts)
+                out = linear_cross_entropy(h, w, y, impl=impl, **opts)
                 ref_ins = [t.detach().double().requires_grad_() for t in ins]
                 ref_opts = {k: v for k, v in opts.items() if not k.startswith("grad_filter")}
                 if "bias" in opts:
@@ -338,7 +472,10 @@ def gpu_correctness(results):
                 errs += [rel(a.double(), b) for a, b in zip(grads, ref_grads, strict=True)]
                 bad = max(errs) > tol or not all(math.isfinite(e) for e in errs)
                 worst = max(worst, max(errs) / tol)
-                case = f"{str(dtype)[6:]:8} N={n:<5} D={d:<4} V={v:<6} {sorted(opts)}"
+                extra = ["peaked"] if peaked else []
+                case = (
+                    f"{impl:6} {str(dtype)[6:]:8} N={n:<5} D={d:<4} V={v:<6} {sorted(opts) + extra}"
+                )
                 cases.append({"case": case, "errs": errs, "tol": tol, "ok": not bad})
                 if bad:
                     log(f"  FAIL {case}: {errs} > {tol}")
@@ -417,6 +554,22 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--workspaces", default="64", help="comma-separated MiB for the exact path")
     p.add_argument("--filter-workspaces", default="256", help="MiB, filtered path")
+    p.add_argument("--cublas-workspaces", default="16,32,64,128", help="MiB, cuBLAS path")
+    p.add_argument(
+        "--plans",
+        default="2048x2048/1024x3072,4096x2048/2048x4096,4096x4096/2048x8192,"
+        "8192x2048/4096x4096,8192x4096/4096x8192,2048x8192/8192x2048",
+        help="explicit cuBLAS-path plans FWDROWSxFWDCOLS/BWDROWSxBWDCOLS, run on --plan-shape "
+        "(peaked inputs only); empty to skip",
+    )
+    p.add_argument("--plan-shape", default="8192x2304x256000")
+    p.add_argument("--only", default="", help="comma-separated substrings of method names")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="memtrain's rows and the floors only, cuBLAS-path correctness, a profile of the "
+        "Gemma head, no end-to-end run (~3 minutes on an H100)",
+    )
     p.add_argument("--breakdown", default="", help="NxDxV:kind to profile per kernel")
     p.add_argument("--max-ref-rows", type=int, default=32768)
     p.add_argument("--skip-compile", action="store_true")
@@ -428,8 +581,15 @@ def main() -> int:
         help="methods not run when N > 8192 (they need too long or too much memory)",
     )
     args = p.parse_args()
-    args.workspaces = [int(x) for x in args.workspaces.split(",")]
-    args.filter_workspaces = [int(x) for x in args.filter_workspaces.split(",")]
+    if args.quick:
+        args.skip_compile = True
+        args.e2e_tokens = 0
+        args.breakdown = args.breakdown or "8192x2304x256000:peaked"
+    args.workspaces = [int(x) for x in args.workspaces.split(",") if x]
+    args.filter_workspaces = [int(x) for x in args.filter_workspaces.split(",") if x]
+    args.cublas_workspaces = [int(x) for x in args.cublas_workspaces.split(",") if x]
+    args.plans = [x for x in args.plans.split(",") if x]
+    args.only = [x for x in args.only.split(",") if x]
     args.skip_methods_for_big = set(args.skip_methods_for_big.split(","))
     if not torch.cuda.is_available():
         log("this benchmark needs a CUDA GPU")
@@ -449,8 +609,20 @@ def main() -> int:
     }
     log(f"{props.name}, torch {torch.__version__}, bf16 matmul {args.tflops:.0f} TFLOP/s")
     log(f"command: python {' '.join(sys.argv)}")
+    from memtrain.kernels.cross_entropy import blas
+
+    results["cublas_plans"] = {}
+    for shape in args.shapes.split(","):
+        n, d, v = (int(x) for x in shape.split("x"))
+        for ws in args.cublas_workspaces:
+            plan = blas.plan_blas(n, v, d, torch.bfloat16, ws * MiB)
+            results["cublas_plans"][f"{shape}/{ws}MiB"] = plan._asdict()
+            log(f"cublas plan {shape} {ws} MiB: {plan}")
+    results["fp32_out_products"] = blas.fp32_out_supported(torch.device("cuda"))
+    log(f"float32-output bf16 products (torch.mm out_dtype): {results['fp32_out_products']}")
     if not args.skip_correctness:
-        gpu_correctness(results)
+        epilogue_check(results)
+        gpu_correctness(results, ("cublas",) if args.quick else ("triton", "cublas"))
     if args.breakdown:
         shape, kind = args.breakdown.split(":")
         breakdown(*(int(x) for x in shape.split("x")), kind, args, results)
@@ -463,8 +635,10 @@ def main() -> int:
 
     results["tuning"] = {"/".join(map(str, k)): v for k, v in triton_function.TUNING_LOG.items()}
     results["float32_out_matmul"] = triton_bwd._NATIVE_FLOAT32_OUT
+    results["cublas_dh_accumulation"] = blas.ACCUMULATION
     log(f"tuning: {json.dumps(results['tuning'], indent=1)}")
     log(f"float32-output matmul for the hidden gradient: {triton_bwd._NATIVE_FLOAT32_OUT}")
+    log(f"cuBLAS path's float32 dH accumulation: {blas.ACCUMULATION}")
     if args.e2e_tokens:
         end_to_end(args.e2e_tokens, results)
     Path(args.out).write_text(json.dumps(results, indent=1))

@@ -62,7 +62,7 @@ def errors(hidden, weight, labels, bias=None, needs=(True, True, True), **opts):
     assert out.shape == ref.shape
     assert out.dtype == (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     errs = {"loss": rel(out, ref)}
-    upstream = torch.randn(ref.shape, dtype=torch.float64)
+    upstream = torch.randn(ref.shape, dtype=torch.float64).to(ref.device)
     wanted = [t for t in leaves if t.requires_grad]
     grads = torch.autograd.grad(out, wanted, upstream.to(out.dtype))
     ref_grads = torch.autograd.grad(ref, [t for t in ref_leaves if t.requires_grad], upstream)
@@ -224,3 +224,16 @@ def test_auto_keeps_the_torch_path_on_the_cpu(monkeypatch):
     hidden, weight, labels, _ = make(8, 20, 4, torch.float32, seed=0)
     linear_cross_entropy(hidden, weight, labels)
     assert not calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("opts", [{}, {"softcap": 20.0, "label_smoothing": 0.1, "bias": True}])
+def test_cuda_products_and_kernels(dtype, opts):
+    """cuBLAS products (float32 output, shifted epilogue, float32 accumulation) and the Triton
+    elementwise kernels on the GPU; float32 tolerance looser for TF32-free fp32 BLAS rounding."""
+    opts = dict(opts)
+    hidden, weight, labels, b = make(300, 5000, 64, dtype, seed=6, bias=opts.pop("bias", False))
+    to = lambda t: t.cuda() if t is not None else None  # noqa: E731
+    tol = 1e-4 if dtype == torch.float32 else None
+    check(to(hidden), to(weight), to(labels), bias=to(b), tol=tol, workspace_bytes=1 << 16, **opts)

@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"multi-GPU plan: ZeRO stage {config['zero_optimization']['stage']}, "
             f"sequence_parallel_size {config.get('sequence_parallel_size', 1)}; launch every "
-            "rank with DeepSpeed (e.g. deepspeed --num_gpus N train.py); memtrain's own executor "
-            "runs one GPU",
+            "rank with DeepSpeed (e.g. deepspeed --num_gpus N train.py); memtrain does not "
+            "execute per-rank plans",
             file=sys.stderr,
         )
     if args.out:

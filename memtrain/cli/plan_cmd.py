@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--time-limit", type=float, default=10.0, help="solver time limit (s)")
     multi = parser.add_argument_group(
-        "multi-GPU (plans one GPU of the run; memtrain's executor runs one GPU, DeepSpeed runs this)"
+        "multi-GPU (plans one GPU of a DeepSpeed run; planning only, memtrain does not execute it)"
     )
     multi.add_argument("--world-size", type=int, default=1, help="GPUs in the run (ranks)")
     multi.add_argument(

@@ -30,9 +30,11 @@ optimizer step; that is added to the first layer's backward, the last work befor
 Host tiers and their rates are per rank: give each rank its share of the node's host memory.
 The CPU optimizer bandwidth is shared by the ranks of one node and divided among them.
 
-This models memory and time per rank; memtrain's own executor runs one GPU. A multi-GPU plan
-is run by DeepSpeed (``memtrain export-deepspeed``), with the activation decisions applied per
-rank by the user's launch script.
+This models memory and time per rank; it is planning only. memtrain does not execute such a
+plan: its executor runs one device, and ``memtrain run`` with a launcher runs whole-model
+replicas with single-device plans. Training with ZeRO sharding and Ulysses is DeepSpeed's
+(``memtrain export-deepspeed`` writes the ZeRO config the plan assumes), with the activation
+decisions applied per rank by the user's training script.
 """
 
 from __future__ import annotations
@@ -474,6 +476,7 @@ def plan_per_rank(
     plan.notes.append(
         f"per GPU: one rank of {parallelism.describe()}; peaks, bytes and tokens/s are per GPU "
         f"(predicted GPU peak with ZeRO buffers {(gpu_peak + comm) / 2**30:.1f} GiB); "
-        "memtrain's executor runs one GPU: run this with DeepSpeed (memtrain export-deepspeed)"
+        "planning only: memtrain does not execute sharded or sequence-parallel plans; train "
+        "with DeepSpeed ZeRO and Ulysses (memtrain export-deepspeed)"
     )
     return plan, rows

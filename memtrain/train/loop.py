@@ -141,8 +141,9 @@ def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> d
             console.print(
                 "dry run only (dry_run.only): no training here"
                 + (
-                    f"; training this plan needs {gpus} GPUs and a launcher (DeepSpeed: memtrain "
-                    "export-deepspeed PLAN); memtrain's executor runs one GPU"
+                    f"; training this plan needs {gpus} GPUs under DeepSpeed ZeRO (+ Ulysses "
+                    "sequence parallel): memtrain export-deepspeed PLAN writes its config; "
+                    "memtrain does not execute per-rank plans"
                     if gpus > 1
                     else ""
                 )
@@ -460,7 +461,10 @@ def dry_run_plan(
             plan = make_plan(profile, hardware, _dry_run_options(section, step_in_backward))
         else:
             attention = attention_shape(section["model"])
-            plan, _ = plan_per_rank([("dry run", profile)], hardware, parallelism, None, attention)
+            options = _dry_run_options(section, step_in_backward)
+            plan, _ = plan_per_rank(
+                [("dry run", profile)], hardware, parallelism, options, attention
+            )
     where = (
         f" per GPU of {parallelism.world_size} ({parallelism.describe()})"
         if not parallelism.is_single

@@ -237,3 +237,23 @@ def test_cuda_products_and_kernels(dtype, opts):
     to = lambda t: t.cuda() if t is not None else None  # noqa: E731
     tol = 1e-4 if dtype == torch.float32 else None
     check(to(hidden), to(weight), to(labels), bias=to(b), tol=tol, workspace_bytes=1 << 16, **opts)
+
+
+@pytest.mark.parametrize(
+    "dim, dtype, filtering, supported, want",
+    [
+        (2304, torch.bfloat16, False, True, "cublas"),
+        (2304, torch.bfloat16, True, True, "triton"),
+        (896, torch.bfloat16, False, True, "triton"),
+        (2304, torch.bfloat16, False, False, "triton"),
+        (2304, torch.float64, False, True, "triton"),
+    ],
+)
+def test_auto_choice_on_cuda(monkeypatch, dim, dtype, filtering, supported, want):
+    from types import SimpleNamespace
+
+    from memtrain.kernels import cross_entropy
+
+    monkeypatch.setattr(blas, "blas_supported", lambda device, dtype: supported)
+    hidden = SimpleNamespace(device=torch.device("cuda"), shape=(8, dim), dtype=dtype)
+    assert cross_entropy._auto_impl(hidden, True, filtering) == want

@@ -265,6 +265,7 @@ def run_one(spec: str, steps: int, host_gib: float) -> dict[str, Any]:
             moved = sum(row["moved_bytes_per_step"].values())
             row["moved_share_of_planned"] = moved / planned if planned else None
             row["pools"] = stats["pools"]
+            row["attention_kernels"] = stats["attention_kernels"]
     except torch.OutOfMemoryError:
         row["status"] = "out of memory"
         row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB

@@ -134,6 +134,7 @@ class OffloadHandle:
         self._installed = _Installed()
         self._states: dict[str, LayerState] = {}
         self._modes: dict[str, str] = {}  # how each layer is executed
+        self._attention_parts: list[LlamaBlockParts] = []  # token-wise layers' attention calls
         # memtrain.kernels.patch_causal_lm_loss leaves this attribute on the model
         self.fused_loss = hasattr(model, "_memtrain_stock_forward")
         self.optimizer_attached = False
@@ -277,6 +278,7 @@ class OffloadHandle:
         self, name: str, module: nn.Module, policy: LayerPolicy, state: LayerState
     ) -> None:
         parts = LlamaBlockParts(module, name)
+        self._attention_parts.append(parts)
         shares = {
             "input": policy.checkpoint_shares(),
             "stored": policy.stored_shares(),
@@ -415,6 +417,10 @@ class OffloadHandle:
                 for tier, pool in self.engine.pools.items()
             },
             "nvme_files": len(self.engine.nvme.files()) if self.engine.nvme else 0,
+            # fused attention kernel of token-wise layers (cudnn | flash on CUDA; None: unused)
+            "attention_kernels": sorted(
+                {p.flash.backend for p in self._attention_parts if p.flash.backend}
+            ),
         }
 
     def attach_cleanup(self, callback) -> None:

@@ -459,8 +459,7 @@ class _Runner:
             self.recipe["train"],
         )
         self.setup()
-        groups = self.param_groups()
-        base_lrs = [group["lr"] for group in groups]  # before a checkpoint sets others
+        base_lrs = [group["lr"] for group in self.param_groups()]  # before a checkpoint's
         start_step = self.resume() if train["resume"] else 0
         if start_step:
             self.console.print(f"resumed at step {start_step} on {world.world_size} ranks")
@@ -481,6 +480,7 @@ class _Runner:
         try:
             with loop._progress(self.console, self.progress, sched["steps"], start_step) as advance:
                 for step in range(start_step, sched["steps"]):
+                    groups = self.param_groups()  # loading a checkpoint replaces the groups
                     for group, base in zip(groups, base_lrs, strict=True):
                         group["lr"] = base * loop.lr_factor(step, sched)
                     ids = next(self.stream)

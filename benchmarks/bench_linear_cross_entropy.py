@@ -132,6 +132,20 @@ def cublas_matmuls_only(workspace_mib):
     return fn
 
 
+def cublas_triton_forward(workspace_mib):
+    """The cuBLAS path's backward after the Triton path's fused forward."""
+    from memtrain.kernels.cross_entropy import blas
+
+    blas.FORWARD = "triton"
+
+    def restore():
+        blas.FORWARD = "cublas"
+
+    fn = ours(False, workspace_mib, impl="cublas")
+    fn.restore = restore
+    return fn
+
+
 class _StoredLogitsProducts(torch.autograd.Function):
     """The four products of the floor and nothing else: logits in forward, again in backward
     (as a method that does not keep them must), then dH = Z·W and dW = Zᵀ·H."""
@@ -174,6 +188,7 @@ def methods(args) -> dict:
     if args.cublas_workspaces:
         ws = main_cublas_workspace(args)
         table[f"memtrain cublas matmuls only ({ws} MiB ws)"] = lambda: cublas_matmuls_only(ws)
+        table[f"memtrain cublas, Triton forward ({ws} MiB ws)"] = lambda: cublas_triton_forward(ws)
     if args.only:
         table = {k: v for k, v in table.items() if any(o in k for o in args.only)}
     return table

@@ -36,6 +36,7 @@ CASES = {
     "cublas_bf16_shifted_mean": 2e-2,
     "cublas_fp16_softcap_sum": 1e-2,
     "cublas_kernels_match_torch_ops_fp32": 1e-5,
+    "cublas_after_triton_forward_bf16_smoothing": 2e-2,
 }
 
 
@@ -143,6 +144,11 @@ def _cublas_cases(torch, lce, ref_fn, run):
     case("cublas_bf16_shifted_mean", *_inputs(torch, 40, 150, 16, bf16, 23))
     case("cublas_fp16_softcap_sum", *_inputs(torch, 40, 150, 16, f16, 24), softcap=4.0,
          reduction="sum")  # fmt: skip
+
+    blas.FORWARD = "triton"
+    case("cublas_after_triton_forward_bf16_smoothing", *_inputs(torch, 40, 150, 16, bf16, 26),
+         label_smoothing=0.1)  # fmt: skip
+    blas.FORWARD = "cublas"
 
     h, w, y = _inputs(torch, 40, 150, 16, f32, 25)
     b = torch.randn(150)

@@ -69,6 +69,8 @@ DEFAULT_BLAS_WORKSPACE_BYTES = 64 * MiB
 GRANULE = 128
 # "auto", "triton" or "torch": who runs the elementwise kernels ("auto": Triton where it runs).
 ELEMENTWISE = "auto"
+# "cublas", or "triton" to take the Triton path's fused forward (benchmark comparison).
+FORWARD = "cublas"
 # What the hidden-gradient accumulation used in the last backward ("addmm-fp32-out", "mm+add",
 # "same-dtype"); the benchmark reports it.
 ACCUMULATION: list[str] = []
@@ -330,6 +332,58 @@ def _fp16_scale(grad_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------- autograd
 
 
+def blas_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    softcap: float | None,
+    need_sum: bool,
+    plan: BlasPlan,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(log-sum-exp, target logit, sum of logits or None) of every row, float32 (float64)."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    device, dtype = hidden.device, hidden.dtype
+    products = _Products(device, dtype)
+    if _elementwise_triton(device, dtype):
+        from memtrain.kernels.cross_entropy.blas_kernels import row_stats
+    else:
+        row_stats = _row_stats_torch
+    acc = products.acc
+    run_max = torch.full((n_rows,), float("-inf"), dtype=acc, device=device)
+    run_sum = torch.zeros(n_rows, dtype=acc, device=device)
+    target_logit = torch.zeros(n_rows, dtype=acc, device=device)
+    logit_sum = torch.zeros(n_rows, dtype=acc, device=device) if need_sum else None
+    rows, cols = plan.fwd_rows, plan.fwd_cols
+    buf = torch.empty(rows * cols, dtype=acc, device=device) if n_rows else None
+    for r0 in range(0, n_rows, rows):
+        r1 = min(r0 + rows, n_rows)
+        stats = (run_max[r0:r1], run_sum[r0:r1], target_logit[r0:r1])
+        stats += (logit_sum[r0:r1] if logit_sum is not None else None,)
+        h = hidden[r0:r1]
+        for c0 in range(0, vocab, cols):
+            c1 = min(c0 + cols, vocab)
+            logits = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            products.to_acc(h, weight[c0:c1].t(), logits)
+            row_stats(logits, bias, targets[r0:r1], c0, stats, softcap)
+    return run_max + torch.log(run_sum), target_logit, logit_sum
+
+
+def _triton_forward(hidden, weight, bias, targets, softcap, need_sum):
+    """The Triton path's fused forward (logits never leave registers), for comparison."""
+    from memtrain.kernels.cross_entropy.triton_function import ConfigPicker
+    from memtrain.kernels.cross_entropy.triton_fwd import forward_row_stats
+
+    flags = (bias is not None, softcap is not None, need_sum)
+    n_rows, dim = hidden.shape
+    picker = ConfigPicker("forward", hidden.dtype, (dim, *flags), n_rows * weight.shape[0])
+
+    def run(cfg):
+        return forward_row_stats(hidden, weight, bias, targets, softcap, need_sum, cfg)
+
+    return run(picker(run))
+
+
 class BlasLinearCrossEntropy(torch.autograd.Function):
     """Per-row losses of ``softcap(hidden @ weight.T + bias)`` against ``targets`` (-1 = ignore).
 
@@ -338,33 +392,15 @@ class BlasLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, softcap, label_smoothing, plan):
-        n_rows, vocab = hidden.shape[0], weight.shape[0]
-        device, dtype = hidden.device, hidden.dtype
-        products = _Products(device, dtype)
-        use_triton = _elementwise_triton(device, dtype)
-        if use_triton:
-            from memtrain.kernels.cross_entropy.blas_kernels import row_stats
+        vocab = weight.shape[0]
+        if FORWARD == "triton" and _elementwise_triton(hidden.device, hidden.dtype):
+            lse, target_logit, logit_sum = _triton_forward(
+                hidden, weight, bias, targets, softcap, label_smoothing > 0.0
+            )
         else:
-            row_stats = _row_stats_torch
-        acc = products.acc
-        run_max = torch.full((n_rows,), float("-inf"), dtype=acc, device=device)
-        run_sum = torch.zeros(n_rows, dtype=acc, device=device)
-        target_logit = torch.zeros(n_rows, dtype=acc, device=device)
-        logit_sum = torch.zeros(n_rows, dtype=acc, device=device) if label_smoothing else None
-        rows, cols = plan.fwd_rows, plan.fwd_cols
-        buf = torch.empty(rows * cols, dtype=acc, device=device) if n_rows else None
-        for r0 in range(0, n_rows, rows):
-            r1 = min(r0 + rows, n_rows)
-            stats = (run_max[r0:r1], run_sum[r0:r1], target_logit[r0:r1])
-            stats += (logit_sum[r0:r1] if logit_sum is not None else None,)
-            h = hidden[r0:r1]
-            for c0 in range(0, vocab, cols):
-                c1 = min(c0 + cols, vocab)
-                logits = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-                products.to_acc(h, weight[c0:c1].t(), logits)
-                row_stats(logits, bias, targets[r0:r1], c0, stats, softcap)
-        del buf
-        lse = run_max + torch.log(run_sum)
+            lse, target_logit, logit_sum = blas_forward(
+                hidden, weight, bias, targets, softcap, label_smoothing > 0.0, plan
+            )
         losses = row_losses(lse, target_logit, logit_sum, targets >= 0, label_smoothing, vocab)
         target_prob = torch.exp(target_logit - lse)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, target_prob)

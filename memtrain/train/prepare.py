@@ -123,6 +123,14 @@ def _meta_twin_profile(model: nn.Module, seq: int, batch: int, optimizer: str, t
             "has none. Profile it with memtrain.profile.profile_model and plan with make_plan."
         )
     dtype = next(model.parameters()).dtype
+    if getattr(config, "use_cache", None) is False:
+        # A Trainer turns the cache off for training; without a cache transformers looks for
+        # packed sequences in the position ids, which meta tensors cannot hold. The twin runs
+        # as it would before (the plan turns the cache off in training steps either way).
+        import copy
+
+        config = copy.deepcopy(config)
+        config.use_cache = True
     twin = build_causal_lm(config, dtype, "meta", config._attn_implementation)
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     return profile_model(

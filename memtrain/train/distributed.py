@@ -84,6 +84,8 @@ def needs_launch(recipe: dict[str, Any]) -> bool:
     """Whether ``memtrain run`` must start the ranks (it is not one of them yet)."""
     launcher = recipe["launcher"]
     wants = launcher["kind"] != "single" or launcher["nproc"] > 1
+    if recipe["dry_run"] is not None and recipe["dry_run"].get("only"):
+        return False  # a dry run alone plans in this process
     return wants and "RANK" not in os.environ
 
 
@@ -347,6 +349,7 @@ def _train(recipe, world: World, device: torch.device, console, progress: bool) 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(train["seed"])
     random.seed(train["seed"])
+    limit = loop.gpu_memory_limit(train.get("gpu_memory_limit"), recipe["plan"], device)
     model = loop.build_model(recipe["model"], device)
     model.train()
     stream = TokenStream(
@@ -370,7 +373,7 @@ def _train(recipe, world: World, device: torch.device, console, progress: bool) 
         seq=data["seq"],
         batch=data["batch"],
         hardware=plan_cfg["hardware"],
-        gpu_budget=plan_cfg["gpu_budget"],
+        gpu_budget=limit["plan_gpu_budget"],
         gpu_budget_fraction=plan_cfg["gpu_budget_fraction"],
         cpu=plan_cfg["cpu"],
         cxl=plan_cfg["cxl"],
@@ -384,6 +387,7 @@ def _train(recipe, world: World, device: torch.device, console, progress: bool) 
         build_optimizer=not deepspeed_kind,
         state_offload=True if deepspeed_kind else None,
     )
+    prepared.notes.extend(limit["notes"])
     try:
         digests = _gather(_plan_digest(prepared), world)
         if len(set(digests)) > 1:
@@ -397,7 +401,9 @@ def _train(recipe, world: World, device: torch.device, console, progress: bool) 
             if prepared.plan is not None:
                 prepared.plan.save(out_dir / "plan.yaml")
         runner = _DeepSpeedRunner if deepspeed_kind else _DdpRunner
-        return runner(recipe, world, device, console, progress, prepared, stream, summary).run()
+        return runner(
+            recipe, world, device, console, progress, prepared, stream, summary, limit
+        ).run()
     finally:
         prepared.remove()
 
@@ -405,10 +411,10 @@ def _train(recipe, world: World, device: torch.device, console, progress: bool) 
 class _Runner:
     """The loop shared by DDP and DeepSpeed; subclasses wrap, step and checkpoint."""
 
-    def __init__(self, recipe, world, device, console, progress, prepared, stream, summary):
+    def __init__(self, recipe, world, device, console, progress, prepared, stream, summary, limit):
         self.recipe, self.world, self.device = recipe, world, device
         self.console, self.progress, self.prepared = console, progress, prepared
-        self.stream, self.summary = stream, summary
+        self.stream, self.summary, self.limit = stream, summary, limit
         self.out_dir = Path(recipe["train"]["out_dir"])
         self.model = prepared.model
 
@@ -514,7 +520,9 @@ class _Runner:
                 metrics.close()
             self.teardown()
         wall = time.perf_counter() - started
-        memory = loop.memory_summary(self.prepared, self.device)
+        memory = loop.memory_summary(
+            self.prepared, self.device, self.limit["bytes"], self.limit["enforced"]
+        )
         measured = _gather(memory["measured_gpu_peak_bytes"], world)
         if all(m is not None for m in measured):
             memory["measured_gpu_peak_bytes"] = max(measured)

@@ -79,6 +79,7 @@ SMOKE_MODES = {
     },
 }  # fmt: skip
 PLAN_SEQS = (16384, 32768, 65536, 262144, 524288, 1048576)
+GPU_BUDGET: str | None = None  # --gpu-budget: plan for less GPU memory than the card has
 
 
 # -- plans (any machine) ------------------------------------------------------------------
@@ -89,7 +90,7 @@ def make_plans(host_gib: float) -> dict[str, Any]:
     from memtrain.planner.plan import PlanOptions, make_plan
     from memtrain.profile import profile_causal_lm
 
-    hardware = load_hardware("h100-sxm-80g", cpu=f"{host_gib}GiB")
+    hardware = load_hardware("h100-sxm-80g", cpu=f"{host_gib}GiB", gpu_budget=GPU_BUDGET)
     out: dict[str, Any] = {"host_gib": host_gib, "plans": {}}
     for seq in PLAN_SEQS:
         profile = profile_causal_lm(
@@ -118,7 +119,8 @@ def load_plan(seq: int, host_gib: float):
     from memtrain.profile.result import ProfileResult
 
     stored = json.loads(PLANS.read_text()) if PLANS.exists() else {"plans": {}}
-    data = stored["plans"].get(str(seq)) if stored.get("host_gib") == host_gib else None
+    matches = stored.get("host_gib") == host_gib and GPU_BUDGET is None
+    data = stored["plans"].get(str(seq)) if matches else None
     if data is None:
         try:
             import pulp  # noqa: F401
@@ -346,8 +348,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--host-gib", type=float, default=80.0)
     parser.add_argument("--make-plans", action="store_true")
+    parser.add_argument(
+        "--gpu-budget", help="plan for this much GPU memory (e.g. 66GiB); plans made fresh"
+    )
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args()
+    global GPU_BUDGET
+    GPU_BUDGET = args.gpu_budget
     if args.make_plans:
         PLANS.write_text(json.dumps(make_plans(args.host_gib)))
         print(f"wrote {PLANS}")
@@ -364,6 +371,8 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "command": " ".join(sys.argv),
+        "host_gib": args.host_gib,
+        "gpu_budget": args.gpu_budget,
     }
     print(json.dumps(header), flush=True)
     rows = smoke() if "smoke" in args.group else []

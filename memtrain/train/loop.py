@@ -257,6 +257,10 @@ def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> d
                             "grad_norm": grad_norm,
                             "step_s": elapsed,
                             "tokens_per_s": tokens_per_step / elapsed,
+                            # the run's peak so far (step 1 holds GaLore's first refresh)
+                            "gpu_peak_bytes": torch.cuda.max_memory_allocated(device)
+                            if device.type == "cuda"
+                            else None,
                         }
                     )
                 every = train["checkpoint_every"]
@@ -356,6 +360,8 @@ def memory_summary(
     result = {"predicted_gpu_peak_bytes": predicted, "measured_gpu_peak_bytes": measured}
     if predicted and measured:
         result["error"] = (measured - predicted) / predicted
+    if device.type == "cuda":  # what the allocator held, fragmentation included
+        result["measured_gpu_reserved_peak_bytes"] = torch.cuda.max_memory_reserved(device)
     if limit is not None:
         result["gpu_memory_limit_bytes"] = limit
         result["gpu_memory_limit_enforced"] = enforced

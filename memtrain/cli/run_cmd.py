@@ -39,11 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from memtrain.train import distributed
 
     if distributed.needs_launch(recipe):  # start the ranks, each runs this command again
-        flags = ["--json"] * args.json + ["--no-progress"] * args.no_progress
-        cmd, env = distributed.launch_command(recipe, ["run", args.recipe, *args.overrides, *flags])
-        return distributed.relaunch(cmd, env)
+        cli = ["run", args.recipe, *args.overrides] + ["--no-progress"] * args.no_progress
+        return distributed.launch(recipe, cli, json_summary=args.json)
     console = wide_console(stderr=args.json)
     summary = run_recipe(recipe, console=console, progress=not args.no_progress)
-    if args.json:
+    if args.json and int(os.environ.get("RANK", "0")) == 0:  # one summary from a launched job
         sys.stdout.write(json.dumps(summary, indent=1, default=str) + "\n")
     return 0

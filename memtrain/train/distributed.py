@@ -135,10 +135,9 @@ def launch_command(recipe: dict[str, Any], cli_args: list[str]) -> tuple[list[st
     kind, nproc = launcher["kind"], launcher["nproc"]
     kind = "torchrun" if kind == "single" else kind
     module = LAUNCHERS[kind]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        found = False
+    # The top-level package only: finding a submodule imports its parents, and DeepSpeed's
+    # import logs on stdout.
+    found = importlib.util.find_spec(module.partition(".")[0]) is not None
     if not found:
         extra = " (pip install 'memtrain[deepspeed]')" if kind == "deepspeed" else ""
         raise ConfigError(
@@ -165,10 +164,25 @@ def launch_command(recipe: dict[str, Any], cli_args: list[str]) -> tuple[list[st
     return cmd, env
 
 
-def relaunch(cmd: list[str], env: dict[str, str]) -> int:
+def launch(recipe: dict[str, Any], cli_args: list[str], json_summary: bool = False) -> int:
+    """Start the ranks of ``memtrain CLI_ARGS`` and wait for them; returns the exit status.
+
+    With ``json_summary`` everything the launcher and the ranks print goes to stderr and, once
+    they succeed, rank 0's ``summary.json`` is printed on stdout (launchers log on stdout).
+    """
+    cmd, env = launch_command(recipe, cli_args)
+    code = relaunch(cmd, env, stdout=sys.stderr if json_summary else None)
+    if json_summary and code == 0:
+        summary = Path(recipe["train"]["out_dir"]) / "summary.json"
+        sys.stdout.write(summary.read_text() + "\n")
+    return code
+
+
+def relaunch(cmd: list[str], env: dict[str, str], stdout=None) -> int:
     """Run the launcher and wait; SIGTERM is passed on to it. Returns its exit status."""
     print(f"memtrain run: launching {' '.join(cmd)}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, env=env)
+    sys.stderr.flush()
+    proc = subprocess.Popen(cmd, env=env, stdout=stdout)
     previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
     try:
         while True:
@@ -294,7 +308,8 @@ def _trim_metrics(path: Path, last_step: int) -> None:
 
 
 def run_distributed(recipe: dict[str, Any], console=None, progress: bool = True) -> dict[str, Any]:
-    """Run a validated recipe as one rank of a launched job; rank 0 returns the summary."""
+    """Run a validated recipe as one rank of a launched job; returns the summary (rank 0 prints
+    it and writes ``summary.json``)."""
     from rich.console import Console
 
     from memtrain.train.loop import pick_device

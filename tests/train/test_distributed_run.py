@@ -40,12 +40,13 @@ def _write(tmp_path: Path, out: str, **changes) -> Path:
     return path
 
 
-def _cmd(path: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "memtrain", "run", str(path), *overrides, "--no-progress"]
+def _cmd(path: Path, *overrides: str, flags: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "memtrain", "run", str(path), *overrides, "--no-progress", *flags]
 
 
-def _run(path: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    done = subprocess.run(_cmd(path, *overrides), capture_output=True, text=True, timeout=timeout)
+def _run(path: Path, *overrides: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    cmd = _cmd(path, *overrides, flags=flags)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -118,9 +119,9 @@ def test_missing_launcher_and_too_few_gpus(tmp_path, capsys, monkeypatch):
     from memtrain.train import distributed
 
     path = _write(tmp_path, "bad")
-    monkeypatch.setitem(distributed.LAUNCHERS, "torchrun", "no_such_launcher_module")
+    monkeypatch.setitem(distributed.LAUNCHERS, "torchrun", "no_such_launcher_module.run")
     assert main(["run", str(path), *TORCHRUN]) == 2
-    assert "no_such_launcher_module) is not installed" in capsys.readouterr().err
+    assert "no_such_launcher_module.run) is not installed" in capsys.readouterr().err
     monkeypatch.undo()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -205,7 +206,8 @@ def test_deepspeed_zero3_two_ranks_trains_and_resumes(tmp_path):
         launcher={"kind": "deepspeed", "nproc": 2, "zero_stage": 3},
     )
     out = tmp_path / "ds"  # train.device is cpu: the launch sets DS_ACCELERATOR=cpu
-    _run(path, "schedule.steps=2", "train.checkpoint_every=2")
+    done = _run(path, "schedule.steps=2", "train.checkpoint_every=2", flags=("--json",))
+    assert json.loads(done.stdout)["train"]["steps_run"] == 2  # launcher logs kept off stdout
     config = json.loads((out / "deepspeed_config.json").read_text())
     assert config["zero_optimization"]["stage"] == 3
     assert config["train_batch_size"] == 2 * TINY["data"]["batch"]

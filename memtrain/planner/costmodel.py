@@ -140,6 +140,12 @@ def tile_factor(layer: LayerCosts, chunks: int) -> float:
     return (1.0 - layer.tileable_fraction) + layer.tileable_fraction / chunks
 
 
+def tiled_backward_transient(layer: LayerCosts, phi: float) -> float:
+    """Backward transient with ``phi`` of its tileable part live at once."""
+    untiled = min(layer.untiled_backward_transient, layer.backward_transient)
+    return untiled + phi * (layer.backward_transient - untiled)
+
+
 def _mode(j: int, mode: str) -> Lin:
     return Lin.var((j, "m", mode))
 
@@ -205,7 +211,7 @@ def build_terms(
                 f"backward {layer.name}",
                 working
                 + kept_copy
-                + phi * layer.backward_transient
+                + tiled_backward_transient(layer, phi)
                 + layer.output_bytes
                 + prefetch
                 + offloaded_grads,
@@ -320,6 +326,6 @@ def gpu_lower_bound(problem: PlanProblem, chunks: int) -> float:
         best = max(
             best,
             working + phi * layer.forward_transient,
-            working + phi * layer.backward_transient + layer.output_bytes,
+            working + tiled_backward_transient(layer, phi) + layer.output_bytes,
         )
     return best

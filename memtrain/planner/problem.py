@@ -43,6 +43,9 @@ class LayerCosts:
     param_bytes: float
     grad_bytes: float
     state_bytes: float
+    # Part of the backward transient that sequence chunks do not divide: attention's backward
+    # holds full-length per-head gradients (dq, dk, dv, d_out) and a float32 dq accumulator.
+    untiled_backward_transient: float = 0.0
 
     @property
     def token_bytes(self) -> float:
@@ -87,6 +90,12 @@ def _is_attention(op: str) -> bool:
     return any(marker in lowered for marker in ATTENTION_OP_MARKERS)
 
 
+def _per_head(tensor: SavedTensor) -> bool:
+    """Attention's own tensors: its outputs, and the [batch, heads, tokens, dim] q, k, v it
+    reads (all tokens at once, so sequence chunks of token-local work do not divide them)."""
+    return _is_attention(tensor.op) or (len(tensor.shape) == 4 and tensor.token_dim == 2)
+
+
 def _matches(op: str, patterns: Sequence[str]) -> bool:
     lowered = op.lower()
     return any(p.lower() in lowered for p in patterns)
@@ -94,7 +103,7 @@ def _matches(op: str, patterns: Sequence[str]) -> bool:
 
 def layer_costs(layer: LayerProfile, always_store_ops: Sequence[str] = ()) -> LayerCosts:
     """Split one profiled layer's saved bytes into anchor / recomputable / fixed."""
-    anchor = recomputable = fixed = attention = 0.0
+    anchor = recomputable = fixed = attention = attention_out = 0.0
     stores_attention = False
     input_saved = any(t.is_layer_input for t in layer.saved_tensors)
     # Work outside every layer (the profiler's "other": rotary tables, masks) has no layer hooks
@@ -108,16 +117,20 @@ def layer_costs(layer: LayerProfile, always_store_ops: Sequence[str] = ()) -> La
             stores_attention = stores_attention or _is_attention(tensor.op)
         else:
             recomputable += tensor.nbytes
-        if tensor.token_dim is not None and _is_attention(tensor.op):
+        if tensor.token_dim is not None and _per_head(tensor):
             attention += tensor.nbytes
+            if _is_attention(tensor.op):
+                attention_out += tensor.nbytes
     # A profile may report saved bytes it could not attribute to tensors; keep them fixed.
     listed = anchor + recomputable + fixed
     if layer.saved_bytes > listed:
         fixed += layer.saved_bytes - listed
     token = anchor + recomputable
     tileable = 0.0
+    untiled_backward = 0.0
     if layer.kind in TILEABLE_KINDS and token > 0:
         tileable = max(0.0, (token - attention) / token)
+        untiled_backward = min(float(layer.backward_transient_bytes), attention + 2 * attention_out)
     return LayerCosts(
         name=layer.name,
         kind=layer.kind,
@@ -135,6 +148,7 @@ def layer_costs(layer: LayerProfile, always_store_ops: Sequence[str] = ()) -> La
             - (min(layer.attention_forward_time_s, layer.forward_time_s) if stores_attention else 0)
         ),
         backward_time=float(layer.backward_time_s),
+        untiled_backward_transient=untiled_backward,
         param_bytes=float(layer.param_bytes),
         grad_bytes=float(layer.grad_bytes),
         state_bytes=float(layer.optimizer_state_bytes),

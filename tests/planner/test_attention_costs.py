@@ -1,0 +1,65 @@
+"""How the planner prices attention: stored attention is not recomputed, its backward working
+set is not divided by sequence chunks, and what fits is kept rather than swapped."""
+
+from __future__ import annotations
+
+import pytest
+
+from memtrain.hardware.tiers import load_hardware
+from memtrain.planner.costmodel import tile_factor, tiled_backward_transient
+from memtrain.planner.plan import PlanOptions, make_plan
+from memtrain.planner.problem import build_problem
+from memtrain.profile import profile_causal_lm
+
+SEQ = 8192
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return profile_causal_lm(
+        "llama-3.2-1b", seq=SEQ, dtype="bf16", device="meta", target="h100-sxm-80g",
+        optimizer="adamw:fused=true",
+    )  # fmt: skip
+
+
+def _block(problem):
+    return next(layer for layer in problem.layers if layer.kind == "block")
+
+
+def test_profile_records_attention_forward_time(profile):
+    block = next(layer for layer in profile.layers if layer.kind == "block")
+    assert 0 < block.attention_forward_time_s < block.forward_time_s
+    head = next(layer for layer in profile.layers if layer.kind == "head")
+    assert head.attention_forward_time_s == 0
+
+
+def test_recompute_skips_attention_only_when_its_output_is_stored(profile):
+    stored = _block(build_problem(profile, fused_loss=True, always_store_ops=("flash",)))
+    plain = _block(build_problem(profile, fused_loss=True))
+    block = next(layer for layer in profile.layers if layer.kind == "block")
+    assert plain.recompute_time == pytest.approx(block.forward_time_s)
+    assert stored.recompute_time == pytest.approx(
+        block.forward_time_s - block.attention_forward_time_s
+    )
+
+
+def test_attention_backward_is_not_divided_by_chunks(profile):
+    block = _block(build_problem(profile, fused_loss=True, always_store_ops=("flash",)))
+    # q, k, v and the attention output (per-head tensors) are not tileable
+    assert 0 < block.tileable_fraction < 1
+    assert 0 < block.untiled_backward_transient <= block.backward_transient
+    phi = tile_factor(block, 8)
+    tiled = tiled_backward_transient(block, phi)
+    assert tiled >= block.untiled_backward_transient
+    assert tiled > phi * block.backward_transient  # the old, fully divided estimate
+    assert tiled_backward_transient(block, 1.0) == pytest.approx(block.backward_transient)
+
+
+def test_what_fits_is_kept_not_swapped(profile):
+    """At 8k tokens everything fits an 80 GB GPU: a swap the model calls hidden still costs
+    copy-engine time, so the plan moves nothing."""
+    hardware = load_hardware("h100-sxm-80g", cpu="80GiB")
+    plan = make_plan(profile, hardware, PlanOptions(always_store_ops=("flash",))).to_dict()
+    for entry in plan["layers"]:
+        assert entry["keep"] == pytest.approx(1.0), entry["name"]
+        assert sum(entry["swap"].values()) == 0

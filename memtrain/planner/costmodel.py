@@ -8,7 +8,9 @@ Decision keys for layer ``j`` (all fractions in [0, 1]):
 sum to the ``rec`` share; only layers whose input autograd does not save have such bytes);
 ``(j, "c", tier)``  share of its tokens whose input is stored on ``tier`` for recompute (these
 sum to the ``rec`` share; only layers whose input autograd does not already save have bytes);
-``(j, "m", mode)``  1 if the layer's parameters, gradients and optimizer states use ``mode``.
+``(j, "m", mode)``  1 if the layer's parameters, gradients and optimizer states use ``mode``;
+``(j, "f", "full")`` 1 if a block whose anchor is its stored attention output drops it and is
+checkpointed whole instead (its anchor shares then sum to 0 and attention is recomputed).
 
 Timeline, per layer in order, then backward in reverse:
 forward ``j`` produces all of its saved bytes; the swapped part streams to the host during the
@@ -221,6 +223,10 @@ def build_terms(
 
         extra = (chunks - 1) * hardware.tile_overhead_s if layer.tileable and chunks > 1 else 0.0
         recompute = layer.recompute_time * _frac(j, "x", "rec")
+        if layer.droppable_anchor:  # whole-layer checkpointing also reruns attention
+            recompute = recompute + (layer.forward_time - layer.recompute_time) * _frac(
+                j, "f", "full"
+            )
         compute_parts += [
             Lin(const=layer.forward_time + layer.backward_time + 2 * extra),
             recompute,

@@ -19,7 +19,8 @@ from memtrain.planner.problem import PlanProblem
 class LayerDecision:
     """What happens to one layer's bytes."""
 
-    anchor: dict[str, float]  # tier -> share of the layer input stored there
+    anchor: dict[str, float]  # tier -> share of the layer input stored there (empty: a
+    # block that drops its stored attention output and is checkpointed whole)
     rest: dict[str, float]  # gpu / cpu / cxl / nvme / rec -> share of recomputable bytes
     states: str = "gpu"  # a key of STATE_MODES
     # tier -> share of the tokens whose input is stored there for recompute (sums to the
@@ -146,6 +147,8 @@ def decision_values(decisions: list[LayerDecision], layers=None) -> dict[Key, fl
         values.update(decision.values(j))
         if layers is not None:
             values[(j, "copy", "gpu")] = copy_share(layers[j], decision)
+            if layers[j].droppable_anchor:
+                values[(j, "f", "full")] = max(0.0, 1.0 - sum(decision.anchor.values()))
     return values
 
 

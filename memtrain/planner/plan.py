@@ -177,6 +177,8 @@ def _layer_entry(layer, decision: LayerDecision, chunks: int) -> dict[str, Any]:
             shares[t] += v * layer.anchor_bytes / token
         for t, v in decision.rest.items():
             shares[t] += v * layer.recomputable_bytes / token
+        dropped = 1.0 - sum(decision.anchor.values()) if layer.droppable_anchor else 0.0
+        shares["rec"] += max(0.0, dropped) * layer.anchor_bytes / token
     else:
         shares["gpu"] = 1.0
     states = STATE_MODES[decision.states]

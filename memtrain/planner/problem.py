@@ -46,6 +46,9 @@ class LayerCosts:
     # Part of the backward transient that sequence chunks do not divide: attention's backward
     # holds full-length per-head gradients (dq, dk, dv, d_out) and a float32 dq accumulator.
     untiled_backward_transient: float = 0.0
+    # The anchor is only the stored attention output (the input is a checkpoint): the layer may
+    # instead drop it and recompute attention too (whole-layer checkpointing).
+    droppable_anchor: bool = False
 
     @property
     def token_bytes(self) -> float:
@@ -149,6 +152,12 @@ def layer_costs(layer: LayerProfile, always_store_ops: Sequence[str] = ()) -> La
         ),
         backward_time=float(layer.backward_time_s),
         untiled_backward_transient=untiled_backward,
+        droppable_anchor=(
+            stores_attention
+            and layer.kind in TILEABLE_KINDS
+            and not input_saved
+            and recomputable > 0
+        ),
         param_bytes=float(layer.param_bytes),
         grad_bytes=float(layer.grad_bytes),
         state_bytes=float(layer.optimizer_state_bytes),

@@ -106,7 +106,14 @@ class _Model:
             # keep or swap their saved tensors.
             can_recompute = layer.recomputable_bytes > 0 and layer.kind == "block"
             x["rec"] = new_var(self.lp, f"x_{s}_rec", 0, 1 if can_recompute else 0, cat)
-            self.lp += pulp.lpSum(a.values()) == 1, f"anchor_{s}"
+            if can_recompute and layer.droppable_anchor:
+                full = new_var(self.lp, f"full_{s}", 0, 1, pulp.LpBinary)
+                self.binaries.append(full)
+                self.vars[("set", s, "f", "full")] = full
+                self.lp += pulp.lpSum(a.values()) == 1 - full, f"anchor_{s}"
+                self.lp += x["rec"] >= full, f"full_recompute_{s}"
+            else:
+                self.lp += pulp.lpSum(a.values()) == 1, f"anchor_{s}"
             self.lp += pulp.lpSum(x.values()) == 1, f"rest_{s}"
             if layer.checkpoint_bytes > 0:
                 c = {t: new_var(self.lp, f"c_{s}_{t}", 0, 1, cat) for t in self.tiers}
@@ -283,9 +290,11 @@ class _Model:
             rest = {t: self.value_of((j, "x", t)) for t in [*self.tiers, "rec"]}
             if layer.anchor_bytes == 0:
                 anchor = {"gpu": 1.0}
+            elif layer.droppable_anchor and self.value_of((j, "f", "full")) > 0.5:
+                anchor = {}  # dropped: the layer is checkpointed whole
             if layer.recomputable_bytes == 0:
                 rest = {"gpu": 1.0}
-            anchor, rest = _clean(anchor), _clean(rest)
+            anchor, rest = (_clean(anchor) if anchor else {}), _clean(rest)
             checkpoint = None
             if layer.checkpoint_bytes > 0 and rest.get("rec", 0.0) > 0:
                 checkpoint = {t: self.value_of((j, "c", t)) for t in self.tiers}

@@ -63,3 +63,38 @@ def test_what_fits_is_kept_not_swapped(profile):
     for entry in plan["layers"]:
         assert entry["keep"] == pytest.approx(1.0), entry["name"]
         assert sum(entry["swap"].values()) == 0
+
+
+@pytest.fixture(scope="module")
+def profile_64k():
+    return profile_causal_lm(
+        "llama-3.2-1b", seq=65536, dtype="bf16", device="meta", target="h100-sxm-80g",
+        optimizer="adamw:fused=true",
+    )  # fmt: skip
+
+
+def test_blocks_drop_stored_attention_when_memory_is_short(profile_64k):
+    """With too little memory to store every attention output, some blocks are checkpointed
+    whole (attention recomputed, nothing but the input stored) and the plan still fits; with
+    room, none are."""
+    options = PlanOptions(always_store_ops=("flash",))
+    roomy = make_plan(profile_64k, load_hardware("h100-sxm-80g", cpu="64GiB"), options)
+    tight = make_plan(
+        profile_64k, load_hardware("h100-sxm-80g", cpu="1GiB", gpu_budget="20GiB"), options
+    )
+
+    def whole(plan):
+        return [
+            e for e in plan.to_dict()["layers"]
+            if e["full_recompute"] and e["keep"] == 0 and sum(e["swap"].values()) == 0
+        ]  # fmt: skip
+
+    assert not whole(roomy)
+    dropped = whole(tight)
+    assert dropped
+    for entry in dropped:
+        assert entry["recompute"] == pytest.approx(1.0)
+        assert entry["kind"] == "block"
+    assert tight.predicted["step_time_s"] > roomy.predicted["step_time_s"]
+    usable = tight.to_dict()["hardware"]["usable_bytes"]["gpu"]
+    assert tight.predicted["peak_bytes"]["gpu"] <= usable

@@ -27,6 +27,7 @@ Run:  python benchmarks/bench_offload_gpu.py --group short      (16k, 32k)
       python benchmarks/bench_offload_gpu.py --group 256k
       python benchmarks/bench_offload_gpu.py --group 512k
       python benchmarks/bench_offload_gpu.py --group depth      (1M tokens, 1/2/4 layers)
+      python benchmarks/bench_offload_gpu.py --group plan-depth (the 1M plan's block, 1/2 layers)
       python benchmarks/bench_offload_gpu.py --runs memtrain@262144 stock-ckpt@262144
       python benchmarks/bench_offload_gpu.py --make-plans        (CPU only, writes the plans)
 """
@@ -66,6 +67,7 @@ GROUPS = {
     "256k": ["stock-ckpt@262144", "stock-ckpt-host@262144", "alst@262144", "memtrain@262144"],
     "512k": ["alst@524288", "memtrain@524288"],
     "depth": ["memo-depth@1048576:1", "memo-depth@1048576:2", "memo-depth@1048576:4"],
+    "plan-depth": ["plan-depth@1048576:1", "plan-depth@1048576:2"],
 }
 SMOKE_MODES = {
     "swap-cpu-partial": {"keep": 0.3, "swap": {"cpu": 0.7}},
@@ -222,6 +224,26 @@ def run_one(spec: str, steps: int, host_gib: float) -> dict[str, Any]:
             row["plan_modes"] = sorted({p.mode for p in handle.policy.layers.values()})
             if handle.needs_optimizer_offload:
                 optimizer = offload_optimizer(handle, torch.optim.AdamW, lr=1e-5, fused=True)
+        if kind == "plan-depth":
+            # The full-depth plan's interior block policy on every block of a shallower copy:
+            # where one full-depth step outlasts a device command, the peak per added layer.
+            from memtrain.offload.policy import layer_policy_from_entry
+
+            plan, _ = load_plan(seq, host_gib)
+            entries = {e["name"]: e for e in plan["layers"]}
+            blocks = [e for e in plan["layers"] if e["kind"] == "block"]
+            interior = layer_policy_from_entry(blocks[len(blocks) // 2])
+            policies = {f"block.{i}": interior for i in range(config.num_hidden_layers)}
+            for name in ("norm", "lm_head", "loss"):
+                if name in entries:
+                    policies[name] = layer_policy_from_entry(entries[name])
+            per_layer = 2 * seq * config.hidden_size * 2 + seq * 32 * 4 + seq * 64 * 4
+            row["plan_policy"] = blocks[len(blocks) // 2]
+            handle = apply(
+                model,
+                OffloadPolicy(policies),
+                host_pool_bytes={"cpu": per_layer * config.num_hidden_layers + GiB},
+            )
         if kind == "memo-depth":
             chunks = max(1, seq // 32768)
             memo = LayerPolicy(
@@ -377,7 +399,7 @@ def main() -> None:
     print(json.dumps(header), flush=True)
     rows = smoke() if "smoke" in args.group else []
     for spec in runs:
-        steps = 1 if spec.startswith("memo-depth") else args.steps
+        steps = 1 if spec.startswith(("memo-depth", "plan-depth")) else args.steps
         row = run_one(spec, steps, args.host_gib)
         rows.append(row)
         print(

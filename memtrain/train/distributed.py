@@ -159,7 +159,13 @@ def launch_command(recipe: dict[str, Any], cli_args: list[str]) -> tuple[list[st
     else:
         if device == "cpu":
             env.setdefault("DS_ACCELERATOR", "cpu")
-        cmd = [sys.executable, "-m", module, f"--num_gpus={nproc}", "--no_local_rank"]
+        visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        if device == "cuda" and visible:
+            # The DeepSpeed launcher ignores CUDA_VISIBLE_DEVICES when given --num_gpus.
+            chosen = f"--include=localhost:{','.join(visible[:nproc])}"
+        else:
+            chosen = f"--num_gpus={nproc}"
+        cmd = [sys.executable, "-m", module, chosen, "--no_local_rank"]
         cmd += [f"--master_port={_free_port()}", "--module", "memtrain", *cli_args]
     return cmd, env
 

@@ -25,7 +25,7 @@ from memtrain.train import load_recipe, run_recipe
 from memtrain.train.data import TokenStream
 from tests.train.test_run_and_resume import TINY
 
-STEPS = 30
+STEPS = 20
 TORCHRUN = ["launcher.kind=torchrun", "launcher.nproc=2"]
 
 
@@ -129,7 +129,7 @@ def test_missing_launcher_and_too_few_gpus(tmp_path, capsys, monkeypatch):
     assert "1 CUDA device(s) are visible" in capsys.readouterr().err
 
 
-def test_launch_commands(tmp_path):
+def test_launch_commands(tmp_path, monkeypatch):
     from memtrain.train.distributed import launch_command
 
     recipe = load_recipe(_write(tmp_path, "cmd"), TORCHRUN)
@@ -150,6 +150,13 @@ def test_launch_commands(tmp_path):
     assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
     assert {"--num_gpus=2", "--no_local_rank", "--module"} <= set(cmd)
     assert "DS_ACCELERATOR" in env  # train.device is cpu
+    # On GPUs the launcher keeps to CUDA_VISIBLE_DEVICES (it would ignore it with --num_gpus).
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    recipe["train"]["device"] = "cuda"
+    cmd, env = launch_command(recipe, ["run", "x.yaml"])
+    assert "--include=localhost:4,5" in cmd and not any(c.startswith("--num_gpus") for c in cmd)
 
 
 # --------------------------------------------------------------------------- launched runs

@@ -327,6 +327,11 @@ def run_distributed(recipe: dict[str, Any], console=None, progress: bool = True)
             "with `memtrain run RECIPE launcher.kind=torchrun launcher.nproc=N`"
         )
     check_launcher(recipe)
+    if recipe["train"]["step_in_backward"]:  # also when torchrun was run by hand (kind single)
+        raise ConfigError(
+            "train.step_in_backward steps each weight before the gradients are averaged over "
+            "ranks; it runs in a single process only"
+        )
     device = pick_device(recipe["train"]["device"])
     if device.type == "cuda":
         if world.local_rank >= torch.cuda.device_count():

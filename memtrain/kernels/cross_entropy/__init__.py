@@ -33,11 +33,11 @@ _REDUCTIONS = ("mean", "sum", "none")
 _IMPLS = ("auto", "cublas", "triton", "torch")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# "auto" takes the cuBLAS path from this hidden size up. Per logit it moves ~12 more bytes
-# through memory than the Triton path (float32 logits written and read in forward, the logits
-# chunk once more in backward) but runs its 8·D FLOPs at cuBLAS's ~790 instead of Triton's
-# ~600 TFLOP/s on an H100: 12 B / 3.2 TB/s = 8·D · (1/600 - 1/790) / 1 TFLOP at D ~ 1200.
-BLAS_MIN_DIM = 1024
+# "auto" takes the cuBLAS path from this hidden size up. Measured on an H100 (docs/benchmarks.md,
+# 64 MiB workspace, exact): D=2048 x V=128256 29.8-30.1 ms vs Triton 30.9-31.5; D=2304 x V=256000
+# 65.9-67.2 vs 65.8-66.6 at N=8192 and 262-269 vs 273 at N=32768; D=896 x V=151936 19.6-23.2 vs
+# 18.2 (Triton faster). Its elementwise passes cost what its faster products gain below ~2k.
+BLAS_MIN_DIM = 2048
 
 
 def triton_available(device: torch.device) -> bool:

@@ -48,6 +48,9 @@ _EXPORTS: dict[str, str] = {
     "run_recipe": "memtrain.train",
     "load_recipe": "memtrain.train",
     "planned_trainer": "memtrain.train.hf",
+    "MemtrainCallback": "memtrain.train.hf",
+    "Parallelism": "memtrain.planner.distributed",
+    "per_rank_profile": "memtrain.planner.distributed",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -45,4 +45,11 @@ def run(args: argparse.Namespace) -> int:
     summary = run_recipe(recipe, console=console, progress=not args.no_progress)
     if args.json and int(os.environ.get("RANK", "0")) == 0:  # one summary from a launched job
         sys.stdout.write(json.dumps(summary, indent=1, default=str) + "\n")
+    if distributed.world_from_env(recipe) is not None:
+        # A launched rank whose work is done and saved leaves without C++ static teardown:
+        # gloo/c10d threads still joinable there abort the interpreter now and then
+        # ("terminate called without an active exception"), which fails the whole job.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

@@ -353,6 +353,10 @@ def run_distributed(recipe: dict[str, Any], console=None, progress: bool = True)
         import torch.distributed as dist
 
         if started and dist.is_initialized():
+            # every rank past its last collective before any closes its connections (a gloo
+            # peer torn down mid-collective aborts the other rank at exit)
+            if sys.exc_info()[0] is None:
+                dist.barrier()
             dist.destroy_process_group()
 
 

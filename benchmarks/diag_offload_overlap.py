@@ -64,7 +64,8 @@ def copy_bandwidth(nbytes: int) -> dict[str, float]:
 
 
 def summarise(prof) -> dict[str, dict[str, float]]:
-    """Per CUDA stream: seconds of kernels and of each copy direction, busy and span seconds."""
+    """Per CUDA stream: seconds of kernels and of each copy direction, busy and span seconds;
+    and the host's blocking CUDA runtime calls (count, seconds)."""
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
@@ -72,7 +73,16 @@ def summarise(prof) -> dict[str, dict[str, float]]:
         events = json.loads(Path(trace.name).read_text())["traceEvents"]
     per_stream: dict[str, dict[str, float]] = {}
     spans: dict[str, list[tuple[float, float]]] = {}
+    # Host-side CUDA runtime calls that block the CPU (a blocking copy or a synchronise stops
+    # the CPU from queueing compute while a copy runs, which serialises copies and compute).
+    blocking: dict[str, list[float]] = {}
     for e in events:
+        if e.get("cat") == "cuda_runtime" and "dur" in e:
+            name = e.get("name", "")
+            if "Synchronize" in name or name in ("cudaMemcpy", "cudaHostRegister"):
+                entry = blocking.setdefault(name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += e["dur"] / 1e6
         cat = e.get("cat", "")
         if cat not in ("kernel", "gpu_memcpy", "gpu_memset") or "dur" not in e:
             continue
@@ -84,7 +94,10 @@ def summarise(prof) -> dict[str, dict[str, float]]:
         entry = per_stream.setdefault(stream, {"kernel": 0.0, "d2h": 0.0, "h2d": 0.0, "d2d": 0.0})
         entry[kind] += e["dur"] / 1e6
         spans.setdefault(stream, []).append((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6))
-    out = {}
+    out: dict[str, dict[str, float]] = {
+        f"host {name}": {"calls": calls, "seconds": round(seconds, 4)}
+        for name, (calls, seconds) in blocking.items()
+    }
     for stream, entry in per_stream.items():
         ordered = sorted(spans[stream])
         busy, cursor = 0.0, ordered[0][0]

@@ -69,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ops whose saved tensors are never recomputed (substring match), e.g. attention",
     )
     parser.add_argument(
+        "--step-in-backward",
+        action="store_true",
+        help="the optimizer steps each weight inside backward (no resident gradients; states "
+        "stay on the GPU); step sizes from the profile alone, so conservative",
+    )
+    parser.add_argument(
         "--method", choices=("auto", "lp-round", "mip"), default="auto", help="solve method"
     )
     parser.add_argument("--time-limit", type=float, default=10.0, help="solver time limit (s)")
@@ -134,6 +140,22 @@ def _parse_batches(text: str) -> list[int]:
     if not batches or min(batches) < 1:
         raise MemtrainError("--batch needs positive sizes, e.g. 1 or 1,2,4")
     return batches
+
+
+def _step_bytes(args: argparse.Namespace):
+    """Per layer, the most one parameter holds while it steps in backward, from a meta-device
+    build of --model (None with --profile: the planner's conservative estimate)."""
+    if not args.model:
+        return None
+    from memtrain.errors import MemtrainError
+    from memtrain.models import build_causal_lm, load_config
+    from memtrain.planner.step_in_backward import model_step_bytes
+
+    if len(args.optimizer) > 1:
+        raise MemtrainError("--step-in-backward plans one optimizer; name a single --optimizer")
+    meta = build_causal_lm(load_config(args.model), args.dtype, "meta")
+    step_bytes, _ = model_step_bytes(meta, args.optimizer[0])
+    return step_bytes
 
 
 def load_profiles(args: argparse.Namespace) -> list[tuple[str, object]]:
@@ -214,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
         allow_state_offload=not args.no_state_offload,
         chunk_options=_parse_chunks(args.chunks),
         always_store_ops=tuple(args.always_store),
+        step_in_backward=args.step_in_backward,
+        step_bytes=_step_bytes(args) if args.step_in_backward else None,
         method=args.method,
         time_limit=args.time_limit,
     )

@@ -88,3 +88,20 @@ def test_plan_keeps_the_fastest_micro_batch(capsys):
 def test_profile_cannot_compare_batches(profile_path, capsys):
     assert main(["plan", "--profile", str(profile_path), "--batch", "1,2"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_plan_step_in_backward_from_a_model(capsys):
+    """--step-in-backward with --model prices each layer's step from the model's parameter
+    shapes: no resident gradients, states on the GPU, a lower peak than stepping after backward."""
+    common = ["plan", "--model", "llama-3.2-1b", "--seq", "2048", "--optimizer", "adamw"]
+    common += ["--gpu-budget", "80GiB", "--json"]
+    assert main(common) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert main([*common, "--step-in-backward"]) == 0
+    inside = json.loads(capsys.readouterr().out)
+    assert inside["step_in_backward"] is True
+    assert inside["predicted"]["gpu_resident_bytes"]["grads"] == 0
+    assert after["predicted"]["gpu_resident_bytes"]["grads"] > 0
+    assert inside["predicted"]["peak_bytes"]["gpu"] < after["predicted"]["peak_bytes"]["gpu"]
+    for entry in inside["layers"]:
+        assert entry["optimizer"] == "gpu" and entry["grads"] == "gpu"

@@ -364,8 +364,6 @@ def _train(recipe, world: World, device: torch.device, console, progress: bool) 
     import torch.distributed as dist
 
     from memtrain.train import loop
-    from memtrain.train.data import TokenStream
-    from memtrain.train.prepare import prepare
 
     train, data = recipe["train"], recipe["data"]
     backend = dist.get_backend()
@@ -382,42 +380,18 @@ def _train(recipe, world: World, device: torch.device, console, progress: bool) 
     limit = loop.gpu_memory_limit(train.get("gpu_memory_limit"), recipe["plan"], device)
     model = loop.build_model(recipe["model"], device)
     model.train()
-    stream = TokenStream(
-        data["source"],
-        data["seq"],
-        data["batch"],
-        model.config.vocab_size,
-        path=data["path"],
-        text_field=data["text_field"],
-        seed=data["seed"],
-        rank=world.rank,
-        world_size=world.world_size,
-    )
-    opt, plan_cfg = recipe["optimizer"], recipe["plan"]
-    spec = opt["name"] + (
-        ":" + ",".join(f"{k}={v}" for k, v in opt["options"].items()) if opt["options"] else ""
+    stream = loop.recipe_stream(
+        data, model.config.vocab_size, rank=world.rank, world_size=world.world_size
     )
     deepspeed_kind = world.kind == "deepspeed"
-    prepared = prepare(
+    prepared = loop.prepare_recipe(
         model,
-        seq=data["seq"],
-        batch=data["batch"],
-        hardware=plan_cfg["hardware"],
-        gpu_budget=limit["plan_gpu_budget"],
-        gpu_budget_fraction=plan_cfg["gpu_budget_fraction"],
-        cpu=plan_cfg["cpu"],
-        cxl=plan_cfg["cxl"],
-        nvme=plan_cfg["nvme"],
-        optimizer=spec,
-        lr=float(opt["lr"]),
-        weight_decay=float(opt["weight_decay"]),
-        fused_loss=plan_cfg["fused_loss"],
-        plan=plan_cfg["enabled"],
+        recipe,
+        limit,
         # DeepSpeed builds the optimizer and moves its states (ZeRO-Offload) where planned.
         build_optimizer=not deepspeed_kind,
         state_offload=True if deepspeed_kind else None,
     )
-    prepared.notes.extend(limit["notes"])
     try:
         digests = _gather(_plan_digest(prepared), world)
         if len(set(digests)) > 1:

@@ -116,6 +116,50 @@ class MetricsLog:
         self.handle.close()
 
 
+def recipe_stream(data: dict[str, Any], vocab_size: int, rank: int = 0, world_size: int = 1):
+    """The token stream a recipe's data section describes (this rank's share of it)."""
+    return TokenStream(
+        data["source"],
+        data["seq"],
+        data["batch"],
+        vocab_size,
+        path=data["path"],
+        text_field=data["text_field"],
+        seed=data["seed"],
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def prepare_recipe(model, recipe: dict[str, Any], limit: dict[str, Any], **options: Any):
+    """``prepare()`` with a recipe's data, plan and optimizer sections, plus ``options``."""
+    from memtrain.train.prepare import prepare
+
+    opt, plan_cfg, data = recipe["optimizer"], recipe["plan"], recipe["data"]
+    spec = opt["name"] + (
+        ":" + ",".join(f"{k}={v}" for k, v in opt["options"].items()) if opt["options"] else ""
+    )
+    prepared = prepare(
+        model,
+        seq=data["seq"],
+        batch=data["batch"],
+        hardware=plan_cfg["hardware"],
+        gpu_budget=limit["plan_gpu_budget"],
+        gpu_budget_fraction=plan_cfg["gpu_budget_fraction"],
+        cpu=plan_cfg["cpu"],
+        cxl=plan_cfg["cxl"],
+        nvme=plan_cfg["nvme"],
+        optimizer=spec,
+        lr=float(opt["lr"]),
+        weight_decay=float(opt["weight_decay"]),
+        fused_loss=plan_cfg["fused_loss"],
+        plan=plan_cfg["enabled"],
+        **options,
+    )
+    prepared.notes.extend(limit["notes"])
+    return prepared
+
+
 def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> dict[str, Any]:
     """Run a validated recipe; returns the final summary (also written to ``summary.json``)."""
     from rich.console import Console
@@ -160,40 +204,8 @@ def run_recipe(recipe: dict[str, Any], console=None, progress: bool = True) -> d
     limit = gpu_memory_limit(train["gpu_memory_limit"], recipe["plan"], device)
     model = build_model(recipe["model"], device)
     model.train()
-    stream = TokenStream(
-        data["source"],
-        data["seq"],
-        data["batch"],
-        model.config.vocab_size,
-        path=data["path"],
-        text_field=data["text_field"],
-        seed=data["seed"],
-    )
-    from memtrain.train.prepare import prepare
-
-    opt = recipe["optimizer"]
-    spec = opt["name"] + (
-        ":" + ",".join(f"{k}={v}" for k, v in opt["options"].items()) if opt["options"] else ""
-    )
-    plan_cfg = recipe["plan"]
-    prepared = prepare(
-        model,
-        seq=data["seq"],
-        batch=data["batch"],
-        hardware=plan_cfg["hardware"],
-        gpu_budget=limit["plan_gpu_budget"],
-        gpu_budget_fraction=plan_cfg["gpu_budget_fraction"],
-        cpu=plan_cfg["cpu"],
-        cxl=plan_cfg["cxl"],
-        nvme=plan_cfg["nvme"],
-        optimizer=spec,
-        lr=float(opt["lr"]),
-        weight_decay=float(opt["weight_decay"]),
-        fused_loss=plan_cfg["fused_loss"],
-        plan=plan_cfg["enabled"],
-        step_in_backward=train["step_in_backward"],
-    )
-    prepared.notes.extend(limit["notes"])
+    stream = recipe_stream(data, model.config.vocab_size)
+    prepared = prepare_recipe(model, recipe, limit, step_in_backward=train["step_in_backward"])
     optimizer = prepared.optimizer
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     in_backward = None

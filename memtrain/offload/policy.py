@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from memtrain.errors import ConfigError, MemtrainError
+from memtrain.profile.result import is_attention_op
 
 HOST_TIERS = ("cpu", "cxl", "nvme")
 PLACES = ("gpu", *HOST_TIERS)
@@ -241,9 +242,6 @@ def policy_from_plan(plan: Any, *, cxl_node: int | None = None) -> OffloadPolicy
     )
 
 
-ATTENTION_MARKERS = ("attention", "flash", "sdpa")
-
-
 def executed_host_bytes(policy: OffloadPolicy, profile: Any) -> dict[str, int]:
     """Host bytes per tier one step moves when this executor runs ``policy`` on the profiled
     model: sizes pools exactly where a plan's per-layer totals cannot (token-wise recompute
@@ -266,9 +264,7 @@ def executed_host_bytes(policy: OffloadPolicy, profile: Any) -> dict[str, int]:
             mode == "full_recompute" and entry.stores_more_than_input and layer.kind == "block"
         )
         if tokenwise:
-            attention = sum(
-                t.nbytes for t in token if any(m in t.op.lower() for m in ATTENTION_MARKERS)
-            )
+            attention = sum(t.nbytes for t in token if is_attention_op(t.op))
             rho = entry.token_fraction
             add(entry.stored_shares(), (1 - rho) * (token_bytes - attention))
             add(entry.checkpoint_shares(), rho * layer.input_bytes)

@@ -45,10 +45,9 @@ from typing import Any
 from memtrain.errors import ConfigError, MemtrainError
 from memtrain.hardware.devices import get_device
 from memtrain.hardware.tiers import HardwareModel
-from memtrain.profile.result import LayerProfile, ProfileResult, SavedTensor
+from memtrain.profile.result import LayerProfile, ProfileResult, SavedTensor, is_attention_op
 
 PER_RANK_NOTE = "per-rank profile:"
-ATTENTION_OP_MARKERS = ("attention", "attn", "sdpa", "flash")
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "float16": 2, "bfloat16": 2, "fp32": 4, "float32": 4}
 
 
@@ -191,11 +190,7 @@ def is_per_rank(profile: ProfileResult) -> bool:
 def _has_attention(layer: LayerProfile) -> bool:
     if layer.attention_forward_time_s > 0:
         return True
-    return any(
-        any(m in t.op.lower() for m in ATTENTION_OP_MARKERS)
-        for t in layer.saved_tensors
-        if t.token_dim is not None
-    )
+    return any(is_attention_op(t.op) for t in layer.saved_tensors if t.token_dim is not None)
 
 
 def _dtype_bytes(dtype: str) -> int:

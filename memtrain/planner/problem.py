@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from memtrain.errors import MemtrainError
-from memtrain.profile.result import LayerProfile, ProfileResult, SavedTensor
+from memtrain.profile.result import LayerProfile, ProfileResult, SavedTensor, is_attention_op
 
 TILEABLE_KINDS = ("block",)
-ATTENTION_OP_MARKERS = ("attention", "attn", "sdpa", "flash")
 LOSS_KINDS = ("head", "loss")
 
 
@@ -88,15 +87,10 @@ class PlanProblem:
         return runs
 
 
-def _is_attention(op: str) -> bool:
-    lowered = op.lower()
-    return any(marker in lowered for marker in ATTENTION_OP_MARKERS)
-
-
 def _per_head(tensor: SavedTensor) -> bool:
     """Attention's own tensors: its outputs, and the [batch, heads, tokens, dim] q, k, v it
     reads (all tokens at once, so sequence chunks of token-local work do not divide them)."""
-    return _is_attention(tensor.op) or (len(tensor.shape) == 4 and tensor.token_dim == 2)
+    return is_attention_op(tensor.op) or (len(tensor.shape) == 4 and tensor.token_dim == 2)
 
 
 def _matches(op: str, patterns: Sequence[str]) -> bool:
@@ -117,12 +111,12 @@ def layer_costs(layer: LayerProfile, always_store_ops: Sequence[str] = ()) -> La
             fixed += tensor.nbytes
         elif tensor.is_layer_input or _matches(tensor.op, always_store_ops):
             anchor += tensor.nbytes
-            stores_attention = stores_attention or _is_attention(tensor.op)
+            stores_attention = stores_attention or is_attention_op(tensor.op)
         else:
             recomputable += tensor.nbytes
         if tensor.token_dim is not None and _per_head(tensor):
             attention += tensor.nbytes
-            if _is_attention(tensor.op):
+            if is_attention_op(tensor.op):
                 attention_out += tensor.nbytes
     # A profile may report saved bytes it could not attribute to tensors; keep them fixed.
     listed = anchor + recomputable + fixed

@@ -17,6 +17,17 @@ SCHEMA = "memtrain.profile"
 SCHEMA_VERSION = 1
 
 
+# Substrings of the ATen op names of fused attention kernels (flash, cuDNN, memory-efficient,
+# SDPA); the planner and the executor classify saved tensors by them alike.
+ATTENTION_OP_MARKERS = ("attention", "attn", "sdpa", "flash")
+
+
+def is_attention_op(op: str) -> bool:
+    """Whether a saved tensor's producing op is a fused attention kernel."""
+    lowered = op.lower()
+    return any(marker in lowered for marker in ATTENTION_OP_MARKERS)
+
+
 @dataclass
 class SavedTensor:
     """One tensor kept for backward by a layer.

@@ -41,7 +41,7 @@ goes straight into the weight gradient, and only across row blocks (N/rows of th
 accumulated in the gradient's dtype (cuBLAS adds in float32 and rounds once per block): 1, 2,
 4, 8 blocks measured 9.3e-4, 9.7e-4, 1.0e-3, 1.0e-3 (random) and 2.3e-3 to 2.4e-3 (peaked).
 Hence the loop order: rows outer (their dH accumulator is small), vocabulary inner. For fp16
-the logits gradient is scaled by a power of two first (``_fp16_scale``).
+the logits gradient is scaled by a power of two first (``fp16_grad_scale``).
 
 Not done: computing both gradients in the forward (as Liger does, rescaled in backward by the
 scalar upstream gradient) saves no product here, since the softmax needs the complete
@@ -61,7 +61,7 @@ from typing import NamedTuple
 
 import torch
 
-from memtrain.kernels.cross_entropy.chunked import row_losses
+from memtrain.kernels.cross_entropy.chunked import fp16_grad_scale, row_losses
 
 MiB = 1024 * 1024
 DEFAULT_BLAS_WORKSPACE_BYTES = 64 * MiB
@@ -321,14 +321,6 @@ def _grad_logits_torch(
     dst.copy_(dz)
 
 
-def _fp16_scale(grad_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A power of two bringing the largest row gradient into (1/2, 1], and its inverse: fp16
-    flushes ``grad_row * probability`` to zero below 6e-8 (a mean over many rows does that)."""
-    peak = grad_rows.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
-    exponent = torch.ceil(torch.log2(peak))
-    return torch.exp2(-exponent), torch.exp2(exponent)
-
-
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -462,7 +454,7 @@ def blas_backward(
     grad_rows = (grad_losses.to(acc) * (targets >= 0)).contiguous()
     inv_scale = None
     if dtype == torch.float16:
-        scale, inv_scale = _fp16_scale(grad_rows)
+        scale, inv_scale = fp16_grad_scale(grad_rows)
         grad_rows = grad_rows * scale
     shifted = shifted_backward(bias, softcap)
     if shifted:

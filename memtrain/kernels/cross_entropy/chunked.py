@@ -58,6 +58,18 @@ def row_losses(
     return torch.where(valid, loss, torch.zeros_like(loss))
 
 
+def fp16_grad_scale(grad_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A power of two that brings the largest row gradient into (1/2, 1], and its inverse.
+
+    fp16 flushes values under 6e-8 to zero, and ``grad_row * softmax`` with a mean over many
+    rows and a large vocabulary lands there; scaling by a power of two first is exact. (The
+    Triton and cuBLAS backwards use it; this path works in float32.)
+    """
+    peak = grad_rows.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    exponent = torch.ceil(torch.log2(peak))
+    return torch.exp2(-exponent), torch.exp2(exponent)
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Per-row losses of ``softcap(hidden @ weight.T + bias)`` against ``targets`` (-1 = ignore)."""
 

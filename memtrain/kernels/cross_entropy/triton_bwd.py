@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memtrain.kernels.cross_entropy.chunked import fp16_grad_scale
 from memtrain.kernels.cross_entropy.triton_sparse import sparse_products
 from memtrain.kernels.cross_entropy.triton_tiles import logits_tile
 
@@ -177,17 +178,6 @@ def launch_grad_logits(
     )  # fmt: skip
 
 
-def _fp16_scale(grad_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A power of two that brings the largest row gradient into (1/2, 1].
-
-    fp16 flushes values under 6e-8 to zero, and ``grad_row * softmax`` with a mean over many
-    rows and a large vocabulary lands there; scaling by a power of two first is exact.
-    """
-    peak = grad_rows.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
-    exponent = torch.ceil(torch.log2(peak))
-    return torch.exp2(-exponent), torch.exp2(exponent)
-
-
 def backward_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -224,7 +214,7 @@ def backward_grads(
     device = hidden.device
     inv_scale = None
     if hidden.dtype == torch.float16:
-        scale, inv_scale = _fp16_scale(grad_rows)
+        scale, inv_scale = fp16_grad_scale(grad_rows)
         grad_rows = grad_rows * scale
     dz = torch.empty((rows_per_block, cols_per_chunk), dtype=hidden.dtype, device=device)
     small = pick_config.min_block

@@ -3,7 +3,7 @@
 Causal attention in the 1.2B model's shapes (32 query heads, 8 key/value heads, head dim 64,
 bf16, the [batch, heads, seq, dim] views Hugging Face passes): forward and backward seconds of
 ``F.scaled_dot_product_attention`` (as Hugging Face calls it, with ``enable_gqa``), of the flash
-and cuDNN ATen ops called directly (grouped heads native where the op accepts them, else
+and cuDNN ATen ops called directly as the executor calls them (grouped heads native, and
 expanded), and the kernel names stock SDPA launched.
 
 Run:  python benchmarks/diag_attention_backends.py --seq 65536 131072
@@ -72,76 +72,26 @@ def sdpa_case(seq: int) -> dict:
     return {"case": "sdpa(enable_gqa)", "fwd_s": fwd, "bwd_s": both - fwd, "kernels": names}
 
 
-def flash_case(seq: int, native: bool) -> dict:
+def direct_case(seq: int, kernel: str, native: bool) -> dict:
+    """The executor's own direct calls (``memtrain.offload.memo.FlashAttention``)."""
+    from memtrain.offload.memo import FlashAttention
+
+    attention = FlashAttention(DIM**-0.5)
+    forward = attention.cudnn_forward if kernel == "cudnn" else attention.flash_forward
+    name = f"{kernel} native_gqa={native}"
     q, k, v = inputs(seq, KV_HEADS)
     if not native:
         k = k.repeat_interleave(HEADS // KV_HEADS, dim=1)
         v = v.repeat_interleave(HEADS // KV_HEADS, dim=1)
-    op = torch.ops.aten._scaled_dot_product_flash_attention
-    bwd_op = torch.ops.aten._scaled_dot_product_flash_attention_backward
     try:
-        res = op(q, k, v, 0.0, True, False)
-    except RuntimeError as exc:
-        return {"case": f"flash native_gqa={native}", "error": str(exc)[:200]}
-    out, lse = res[0], res[1]
-    grad = torch.randn_like(out)
-    fwd = timed(lambda: op(q, k, v, 0.0, True, False))
-    bwd = timed(lambda: bwd_op(grad, q, k, v, out, lse, *res[2:6], 0.0, True, res[6], res[7]))
-    return {"case": f"flash native_gqa={native}", "fwd_s": fwd, "bwd_s": bwd}
-
-
-def cudnn_case(seq: int, native: bool) -> dict:
-    q, k, v = inputs(seq, KV_HEADS)
-    if not native:
-        k = k.repeat_interleave(HEADS // KV_HEADS, dim=1)
-        v = v.repeat_interleave(HEADS // KV_HEADS, dim=1)
-    op = torch.ops.aten._scaled_dot_product_cudnn_attention
-    bwd_op = torch.ops.aten._scaled_dot_product_cudnn_attention_backward
-    try:
-        res = op(q, k, v, None, True, 0.0, True, False)
-        out, lse = res[0], res[1]
+        out, lse, extra = forward(q, k, v)
         grad = torch.randn_like(out)
-        empty = None  # no bias: an undefined tensor
-        bwd_op(
-            grad,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            res[6],
-            res[7],
-            empty,
-            res[2],
-            res[3],
-            res[4],
-            res[5],
-            0.0,
-            True,
-        )
-    except RuntimeError as exc:
-        return {"case": f"cudnn native_gqa={native}", "error": str(exc)[:200]}
-    fwd = timed(lambda: op(q, k, v, None, True, 0.0, True, False))
-    bwd = timed(
-        lambda: bwd_op(
-            grad,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            res[6],
-            res[7],
-            empty,
-            res[2],
-            res[3],
-            res[4],
-            res[5],
-            0.0,
-            True,
-        )
-    )
-    return {"case": f"cudnn native_gqa={native}", "fwd_s": fwd, "bwd_s": bwd}
+        attention.cuda_backward(grad, q, k, v, out, lse, extra)
+    except (RuntimeError, TypeError) as exc:
+        return {"case": name, "error": str(exc)[:200]}
+    fwd = timed(lambda: forward(q, k, v))
+    bwd = timed(lambda: attention.cuda_backward(grad, q, k, v, out, lse, extra))
+    return {"case": name, "fwd_s": fwd, "bwd_s": bwd}
 
 
 def main() -> None:
@@ -152,10 +102,10 @@ def main() -> None:
     for seq in args.seq:
         for case, extra in (
             (sdpa_case, ()),
-            (flash_case, (True,)),
-            (flash_case, (False,)),
-            (cudnn_case, (True,)),
-            (cudnn_case, (False,)),
+            (direct_case, ("flash", True)),
+            (direct_case, ("flash", False)),
+            (direct_case, ("cudnn", True)),
+            (direct_case, ("cudnn", False)),
         ):
             row = {"seq": seq, **case(seq, *extra)}
             rows.append(row)

@@ -51,19 +51,19 @@ class FlashAttention:
         self.backend: str | None = None  # "cudnn" | "flash", decided on the first CUDA call
 
     # -- the two CUDA kernels ----------------------------------------------------------------
-    def _cudnn_forward(self, q, k, v):
+    def cudnn_forward(self, q, k, v):
         result = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, True, False, scale=self.scale
         )
         return result[0], result[1], ("cudnn", *result[2:8])
 
-    def _flash_forward(self, q, k, v):
+    def flash_forward(self, q, k, v):
         result = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, True, False, scale=self.scale
         )
         return result[0], result[1], ("flash", *result[2:8])
 
-    def _cuda_backward(self, grad_out, q, k, v, out, lse, extra):
+    def cuda_backward(self, grad_out, q, k, v, out, lse, extra):
         kind, cum_q, cum_k, max_q, max_k, seed, offset = extra
         if kind == "cudnn":
             return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
@@ -88,9 +88,9 @@ class FlashAttention:
         grad = make(q)
         try:
             results = []
-            for forward in (self._cudnn_forward, self._flash_forward):
+            for forward in (self.cudnn_forward, self.flash_forward):
                 out, lse, extra = forward(pq, pk, pv)
-                grads = self._cuda_backward(grad, pq, pk, pv, out, lse, extra)[:3]
+                grads = self.cuda_backward(grad, pq, pk, pv, out, lse, extra)[:3]
                 results.append((out, *grads))
         except (RuntimeError, TypeError):
             return "flash"
@@ -112,8 +112,8 @@ class FlashAttention:
             if self.backend is None:
                 self.backend = self._probe(q, k, v)
             if self.backend == "cudnn":
-                return self._cudnn_forward(q, k, v)
-            return self._flash_forward(q, k, v)
+                return self.cudnn_forward(q, k, v)
+            return self.flash_forward(q, k, v)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, True, scale=self.scale
         )
@@ -121,7 +121,7 @@ class FlashAttention:
 
     def backward(self, grad_out, q, k, v, out, lse, extra: tuple):
         if q.device.type == "cuda":
-            return self._cuda_backward(grad_out, q, k, v, out, lse, extra)
+            return self.cuda_backward(grad_out, q, k, v, out, lse, extra)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, True, scale=self.scale
         )

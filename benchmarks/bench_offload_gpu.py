@@ -224,6 +224,7 @@ def run_one(spec: str, steps: int, host_gib: float) -> dict[str, Any]:
             row["plan_modes"] = sorted({p.mode for p in handle.policy.layers.values()})
             if handle.needs_optimizer_offload:
                 optimizer = offload_optimizer(handle, torch.optim.AdamW, lr=1e-5, fused=True)
+        depth_policies = None
         if kind == "plan-depth":
             # The full-depth plan's interior block policy on every block of a shallower copy:
             # where one full-depth step outlasts a device command, the peak per added layer.
@@ -232,27 +233,25 @@ def run_one(spec: str, steps: int, host_gib: float) -> dict[str, Any]:
             plan, _ = load_plan(seq, host_gib)
             entries = {e["name"]: e for e in plan["layers"]}
             blocks = [e for e in plan["layers"] if e["kind"] == "block"]
-            interior = layer_policy_from_entry(blocks[len(blocks) // 2])
-            policies = {f"block.{i}": interior for i in range(config.num_hidden_layers)}
+            row["plan_policy"] = blocks[len(blocks) // 2]
+            interior = layer_policy_from_entry(row["plan_policy"])
+            depth_policies = {f"block.{i}": interior for i in range(config.num_hidden_layers)}
             for name in ("norm", "lm_head", "loss"):
                 if name in entries:
-                    policies[name] = layer_policy_from_entry(entries[name])
-            per_layer = 2 * seq * config.hidden_size * 2 + seq * 32 * 4 + seq * 64 * 4
-            row["plan_policy"] = blocks[len(blocks) // 2]
-            handle = apply(
-                model,
-                OffloadPolicy(policies),
-                host_pool_bytes={"cpu": per_layer * config.num_hidden_layers + GiB},
-            )
+                    depth_policies[name] = layer_policy_from_entry(entries[name])
         if kind == "memo-depth":
             chunks = max(1, seq // 32768)
             memo = LayerPolicy(
                 keep=0.0, recompute=1.0, input_checkpoint={"cpu": 1.0}, chunks=chunks
             )
-            policy = OffloadPolicy({f"block.{i}": memo for i in range(config.num_hidden_layers)})
+            depth_policies = {f"block.{i}": memo for i in range(config.num_hidden_layers)}
+        if depth_policies is not None:
+            # block input, attention output and log-sum-exp of every token, per block
             per_layer = 2 * seq * config.hidden_size * 2 + seq * 32 * 4 + seq * 64 * 4
             handle = apply(
-                model, policy, host_pool_bytes={"cpu": per_layer * config.num_hidden_layers + GiB}
+                model,
+                OffloadPolicy(depth_policies),
+                host_pool_bytes={"cpu": per_layer * config.num_hidden_layers + GiB},
             )
         if optimizer is None:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)

@@ -29,22 +29,9 @@ from memtrain.planner.distributed import (
 from memtrain.profile import profile_causal_lm
 from memtrain.train import load_recipe, run_recipe
 from memtrain.train.recipe import validate
+from tests.planner.helpers import write_tiny_llama
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "llama-7b-1m-8gpu.yaml"
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 160,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "vocab_size": 311,
-    "tie_word_embeddings": False,
-    "rms_norm_eps": 1e-5,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-}
 SEQ = 256
 
 
@@ -54,9 +41,7 @@ def ceil_div(value: int, by: int) -> int:
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny") / "config.json"
-    path.write_text(json.dumps(TINY))
-    return str(path)
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

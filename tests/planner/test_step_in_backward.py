@@ -28,31 +28,15 @@ from memtrain.planner.step_in_backward import (
 )
 from memtrain.profile import profile_causal_lm
 from memtrain.profile.tracker import OpTracker
-from tests.planner.helpers import GB, machine
+from tests.planner.helpers import GB, TINY_LLAMA, machine, write_tiny_llama
 
 SEQ = 32
 OPTIMIZER = "galore:rank=8,update_proj_gap=2"
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 160,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "vocab_size": 311,
-    "tie_word_embeddings": False,
-    "rms_norm_eps": 1e-5,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-}
 
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sib") / "config.json"
-    path.write_text(json.dumps(TINY))
-    return str(path)
+    return write_tiny_llama(tmp_path_factory.mktemp("sib"))
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +269,7 @@ def test_live_gradients_of_a_real_run_never_exceed_the_plan(tiny_path, profile, 
 
     sib_module._step_one = measured_step
     try:
-        ids = torch.randint(0, TINY["vocab_size"], (1, SEQ))
+        ids = torch.randint(0, TINY_LLAMA["vocab_size"], (1, SEQ))
         for _ in range(3):  # refresh, plain step, refresh
             model(input_ids=ids, labels=ids).loss.backward()
             assert all(p.grad is None for p in params)

@@ -7,28 +7,17 @@ import pytest
 
 from memtrain.errors import MemtrainError
 from memtrain.train.hf import MemtrainCallback
-from tests.train.test_hf_trainer import BATCH, SEQ, FixedLengthTokens, _model
-
-
-def _hooks(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+from tests.train.test_hf_trainer import (
+    SEQ,
+    FixedLengthTokens,
+    _model,
+    forward_hooks,
+    training_args,
+)
 
 
 def _args(tmp_path, **extra):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=BATCH,
-        max_steps=8,
-        learning_rate=3e-3,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        **extra,
-    )
+    return training_args(tmp_path, max_steps=8, learning_rate=3e-3, **extra)
 
 
 class _Spy(MemtrainCallback):
@@ -37,14 +26,14 @@ class _Spy(MemtrainCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         summary = self.prepared.summary()
         moved = bool(summary["layers_swapped"] or summary["layers_recomputed"])
-        self.seen = (hasattr(model, "_memtrain_stock_forward"), _hooks(model), moved)
+        self.seen = (hasattr(model, "_memtrain_stock_forward"), forward_hooks(model), moved)
 
 
 def test_callback_plans_the_trainers_model_and_removes_the_plan(tmp_path, capsys):
     from transformers import Trainer
 
     model = _model()
-    hooks_before = _hooks(model)
+    hooks_before = forward_hooks(model)
     callback = _Spy(seq=SEQ, gpu_budget_fraction=0.75)
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=FixedLengthTokens(64, 256))
     trainer.add_callback(callback)
@@ -58,7 +47,7 @@ def test_callback_plans_the_trainers_model_and_removes_the_plan(tmp_path, capsys
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 8 and sum(losses[-3:]) < sum(losses[:3])
     # Removed at the end: no hooks, the stock forward.
-    assert _hooks(model) == hooks_before and not hasattr(model, "_memtrain_stock_forward")
+    assert forward_hooks(model) == hooks_before and not hasattr(model, "_memtrain_stock_forward")
     assert callback.prepared is None
     memory = callback.memory
     assert memory["predicted_gpu_peak_bytes"] > 0

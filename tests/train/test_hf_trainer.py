@@ -32,25 +32,36 @@ def _model():
     return build_model(validate(TINY)["model"], torch.device("cpu"))
 
 
-def test_trainer_trains_under_a_plan_and_restores_the_model(tmp_path):
+def forward_hooks(model) -> int:
+    """Forward and pre-forward hooks on every module (a removed plan leaves none of its own)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def training_args(tmp_path, *, max_steps: int, learning_rate: float, **extra):
+    """Trainer arguments for a short CPU run with no checkpoints, reports or workers."""
     from transformers import TrainingArguments
 
-    model = _model()
-    probe = torch.randint(0, 256, (1, SEQ))
-    with torch.no_grad():
-        before_logits = model(input_ids=probe).logits.clone()
-    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=BATCH,
-        max_steps=6,
-        learning_rate=1e-2,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
         logging_steps=1,
         report_to=[],
         save_strategy="no",
         use_cpu=True,
         dataloader_num_workers=0,
+        **extra,
     )
+
+
+def test_trainer_trains_under_a_plan_and_restores_the_model(tmp_path):
+    model = _model()
+    probe = torch.randint(0, 256, (1, SEQ))
+    with torch.no_grad():
+        before_logits = model(input_ids=probe).logits.clone()
+    hooks_before = forward_hooks(model)
+    args = training_args(tmp_path, max_steps=6, learning_rate=1e-2)
     trainer = planned_trainer(
         model,
         args,
@@ -67,7 +78,7 @@ def test_trainer_trains_under_a_plan_and_restores_the_model(tmp_path):
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert result.global_step == 6
     # Training changed the weights; removing the plan left no hooks and the stock forward.
-    hooks_after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    hooks_after = forward_hooks(model)
     assert hooks_after == hooks_before
     with torch.no_grad():
         logits = model(input_ids=probe).logits

@@ -7,11 +7,19 @@ shares the layer's policy gives. On a GPU the device-to-host copies run on a sid
 away and the source is released once a later layer's compute has waited on the copy's event;
 during backward, the first unpack in a layer starts the host-to-device prefetch of the layer
 before it on a second stream. On the CPU the same code runs with synchronous copies.
+
+Copies run in the tensor's memory order: a saved tensor is viewed as ``[outer, tokens, inner]``
+over its own bytes (e.g. attention's ``[batch, heads, tokens, dim]`` views of a
+``[batch, tokens, heads, dim]`` buffer), so each token range is one contiguous run per outer index
+and moves with plain asynchronous memcpys. A copy of a permuted tensor through
+``Tensor.copy_`` would first make a contiguous GPU temporary on the copy stream: extra memory,
+held in that stream's own allocator pool, and an extra kernel on the copy stream.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +30,9 @@ from memtrain.offload.nvme import NvmeStore, SwapFile
 from memtrain.offload.pool import Block, HostPool
 
 ORDER = ("gpu", "cpu", "cxl", "nvme")
+# Above this many outer slices (batch x heads before the token dimension in memory) a token
+# range is first gathered on the compute stream instead of being copied slice by slice.
+MAX_OUTER_SLICES = 16
 
 
 def in_backward() -> bool:
@@ -79,6 +90,11 @@ class LayerState:
         self.stats = {place: 0 for place in ORDER}
 
 
+def memory_order(shape: tuple, stride: tuple) -> list[int]:
+    """Dimensions from outermost to innermost in memory (size-1 dimensions first)."""
+    return sorted(range(len(shape)), key=lambda d: (shape[d] != 1, -stride[d]))
+
+
 class Packed:
     """A saved tensor cut into token ranges living in different places."""
 
@@ -90,22 +106,26 @@ class Packed:
         self.dtype = tensor.dtype
         self.device = tensor.device
         self.dim = dim
+        self.order = memory_order(self.shape, self.stride)
+        at = self.order.index(dim)
+        self.outer = math.prod(self.shape[d] for d in self.order[:at])
+        self.inner = math.prod(self.shape[d] for d in self.order[at + 1 :])
         self.pieces: list[Piece] = []
         self.event = None
         self.ready: torch.Tensor | None = None  # prefetched full tensor
         self.ready_event = None
         self._result: weakref.ref | None = None
 
+    def rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``[outer, tokens, inner]`` view of a tensor laid out with this one's strides."""
+        tokens = self.shape[self.dim]
+        return tensor.permute(self.order).reshape(self.outer, tokens, self.inner)
+
     def piece_shape(self, piece: Piece) -> list[int]:
-        shape = list(self.shape)
-        shape[self.dim] = piece.length
-        return shape
+        return [self.outer, piece.length, self.inner]
 
     def nbytes(self, piece: Piece) -> int:
-        count = 1
-        for size in self.piece_shape(piece):
-            count *= size
-        return count * self.dtype.itemsize
+        return self.outer * piece.length * self.inner * self.dtype.itemsize
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
@@ -234,13 +254,28 @@ class SwapEngine:
             return known  # bytes already packed in this step (another view, or another layer)
         packed = Packed(self, layer, tensor, dim)
         ranges = cut_points(tensor.shape[dim], shares)
+        dense = tensor
+        if tuple(tensor.stride()) != packed.stride:  # not dense: gather it once, on this stream
+            dense = torch.empty_strided(
+                packed.shape, packed.stride, dtype=tensor.dtype, device=tensor.device
+            )
+            dense.copy_(tensor)
+        rows = packed.rows(dense)
+        sources = []
+        for _, start, length in ranges:
+            source = rows.narrow(1, start, length)
+            if packed.outer > MAX_OUTER_SLICES:
+                source = source.contiguous()
+            sources.append(source)
         if self.cuda and any(place != "gpu" for place, _, _ in ranges):
             self.d2h.wait_stream(torch.cuda.current_stream(self.device))
-        for place, start, length in ranges:
+        for (place, start, length), source in zip(ranges, sources, strict=True):
             piece = Piece(place, start, length)
-            source = tensor.narrow(dim, start, length)
             if place == "gpu":
-                piece.data = source if length == tensor.shape[dim] else source.clone()
+                whole = length == tensor.shape[dim]
+                piece.data = (
+                    source if whole else source.clone(memory_format=torch.contiguous_format)
+                )
             elif place == "nvme":
                 self._to_nvme(packed, piece, source)
             else:
@@ -250,7 +285,7 @@ class SwapEngine:
             layer.stats[place] = layer.stats.get(place, 0) + nbytes
             self.totals[place] += nbytes
         if self.cuda and packed.event is not None:
-            layer.pending.append((packed.event, tensor))
+            layer.pending.append((packed.event, (tensor, sources)))
         layer.packed.append(weakref.ref(packed))
         if packed.stride == tuple(tensor.stride()):  # dense: later views can alias it
             start = tensor.storage_offset()
@@ -295,23 +330,23 @@ class SwapEngine:
         piece.data = target
         if self.cuda:
             with torch.cuda.stream(self.d2h):
-                target.copy_(source, non_blocking=True)
+                copy_slices(target, source, non_blocking=True)
                 packed.event = torch.cuda.Event()
                 packed.event.record(self.d2h)
         else:
-            target.copy_(source)
+            copy_slices(target, source)
 
     def _to_nvme(self, packed: Packed, piece: Piece, source: torch.Tensor) -> None:
         if self.cuda:
             host = torch.empty(packed.piece_shape(piece), dtype=packed.dtype, pin_memory=True)
             with torch.cuda.stream(self.d2h):
-                host.copy_(source, non_blocking=True)
+                copy_slices(host, source, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self.d2h)
             packed.event = event
             piece.swap_file = self.nvme.write(host, wait_for=event)
         else:
-            piece.swap_file = self.nvme.write(source.contiguous().clone())
+            piece.swap_file = self.nvme.write(source.clone(memory_format=torch.contiguous_format))
 
     # -- unpack -------------------------------------------------------------------------
 
@@ -331,9 +366,10 @@ class SwapEngine:
         out = packed.ready
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(packed.ready_event)
+        rows = packed.rows(out)
         for piece in packed.pieces:
             if piece.place == "gpu":
-                out.narrow(packed.dim, piece.start, piece.length).copy_(piece.data)
+                rows.narrow(1, piece.start, piece.length).copy_(piece.data)
         packed.ready = None
         packed.ready_event = None
         packed._result = weakref.ref(out)
@@ -374,19 +410,20 @@ class SwapEngine:
             if packed.event is not None:
                 self.h2d.wait_event(packed.event)
             context = torch.cuda.stream(self.h2d)
+        rows = packed.rows(out)
         with context:
             for piece in packed.pieces:
                 if piece.place == "gpu":
                     continue
-                target = out.narrow(packed.dim, piece.start, piece.length)
+                target = rows.narrow(1, piece.start, piece.length)
                 if piece.swap_file is not None:
                     raw = piece.swap_file.result()
                     host = raw.view(packed.dtype).view(packed.piece_shape(piece))
-                    target.copy_(host, non_blocking=self.cuda)
+                    copy_slices(target, host, non_blocking=self.cuda)
                     piece.data = host  # keeps the pinned read buffer alive for the copy
                     piece.swap_file = None
                 else:
-                    target.copy_(piece.data, non_blocking=self.cuda)
+                    copy_slices(target, piece.data, non_blocking=self.cuda)
             if self.cuda:
                 out.record_stream(self.h2d)
                 packed.ready_event = torch.cuda.Event()
@@ -396,3 +433,16 @@ class SwapEngine:
     def close(self) -> None:
         self.order.clear()
         self._identity.clear()
+
+
+def copy_slices(target: torch.Tensor, source: torch.Tensor, non_blocking: bool = False) -> None:
+    """Copy ``[outer, tokens, inner]`` views whose every outer slice is contiguous.
+
+    One copy when both sides are contiguous, else one per outer slice, so that no side needs a
+    contiguous temporary (which ``Tensor.copy_`` would allocate on the current stream).
+    """
+    if target.is_contiguous() and source.is_contiguous():
+        target.copy_(source, non_blocking=non_blocking)
+        return
+    for index in range(target.shape[0]):
+        target[index].copy_(source[index], non_blocking=non_blocking)

@@ -87,21 +87,35 @@ GPU_BUDGET: str | None = None  # --gpu-budget: plan for less GPU memory than the
 # -- plans (any machine) ------------------------------------------------------------------
 
 
-def make_plans(host_gib: float) -> dict[str, Any]:
+def plan_for(seq: int, host_gib: float, layers: int | None = None):
+    """Profile (on meta tensors) and plan the model, or a copy with ``layers`` blocks."""
+    import tempfile
+
     from memtrain.hardware.tiers import load_hardware
     from memtrain.planner.plan import PlanOptions, make_plan
     from memtrain.profile import profile_causal_lm
 
     hardware = load_hardware("h100-sxm-80g", cpu=f"{host_gib}GiB", gpu_budget=GPU_BUDGET)
-    out: dict[str, Any] = {"host_gib": host_gib, "plans": {}}
-    for seq in PLAN_SEQS:
+    with tempfile.TemporaryDirectory() as folder:
+        model = MODEL
+        if layers is not None:
+            config = load_config(MODEL)
+            config.num_hidden_layers = layers
+            config.save_pretrained(folder)
+            model = str(Path(folder, "config.json"))
         profile = profile_causal_lm(
-            MODEL, seq=seq, dtype="bf16", device="meta", target="h100-sxm-80g",
+            model, seq=seq, dtype="bf16", device="meta", target="h100-sxm-80g",
             optimizer="adamw:fused=true",
         )  # fmt: skip
-        options = PlanOptions(always_store_ops=("flash",))  # MEMO stores attention output
+    options = PlanOptions(always_store_ops=("flash",))  # MEMO stores attention output
+    return make_plan(profile, hardware, options), profile
+
+
+def make_plans(host_gib: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"host_gib": host_gib, "plans": {}}
+    for seq in PLAN_SEQS:
         try:
-            plan = make_plan(profile, hardware, options)
+            plan, profile = plan_for(seq, host_gib)
         except MemtrainError as exc:
             print(f"{seq}: no plan ({exc})", flush=True)
             continue
@@ -179,6 +193,14 @@ def parse_run(spec: str) -> tuple[str, int, int | None]:
     kind, _, rest = spec.partition("@")
     seq, _, layers = rest.partition(":")
     return kind, int(seq), int(layers) if layers else None
+
+
+ALLOCATOR_COUNTERS = ("num_alloc_retries", "num_sync_all_streams", "num_device_free")
+
+
+def allocator_counters() -> dict[str, int]:
+    stats = torch.cuda.memory_stats()
+    return {name: int(stats.get(name, 0)) for name in ALLOCATOR_COUNTERS}
 
 
 def run_one(spec: str, steps: int, host_gib: float) -> dict[str, Any]:
@@ -261,6 +283,7 @@ def run_one(spec: str, steps: int, host_gib: float) -> dict[str, Any]:
             torch.cuda.synchronize()
             if step == steps - 1:
                 torch.cuda.reset_peak_memory_stats()
+                before = allocator_counters()
             start = time.perf_counter()
             if context is not None:
                 with context():
@@ -279,6 +302,11 @@ def run_one(spec: str, steps: int, host_gib: float) -> dict[str, Any]:
         row["step_s"] = times[-1]
         row["tokens_per_s"] = seq / times[-1]
         row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+        row["reserved_peak_gib"] = torch.cuda.max_memory_reserved() / GiB
+        # Allocator events of the last step: retries and device frees synchronise the GPU,
+        # which stops the host from queueing compute ahead of the copies.
+        after = allocator_counters()
+        row["allocator_last_step"] = {k: after[k] - before[k] for k in after}
         if handle is not None:
             stats = handle.stats()
             row["moved_bytes_per_step"] = {

@@ -17,6 +17,7 @@ import gc
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ POLICIES = {
     "keep": None,
     "swap-cpu": {"keep": 0.0, "swap": {"cpu": 1.0}},
     "swap-cpu-half": {"keep": 0.5, "swap": {"cpu": 0.5}},
+    "swap-cpu-quarter": {"keep": 0.75, "swap": {"cpu": 0.25}},
     "tokenwise-anchors-cpu": {
         "keep": 0.0, "recompute": 1.0, "input_checkpoint": {"cpu": 1.0}, "chunks": 2,
     },
@@ -66,8 +68,6 @@ def copy_bandwidth(nbytes: int) -> dict[str, float]:
 def summarise(prof) -> dict[str, dict[str, float]]:
     """Per CUDA stream: seconds of kernels and of each copy direction, busy and span seconds;
     and the host's blocking CUDA runtime calls (count, seconds)."""
-    import tempfile
-
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
         prof.export_chrome_trace(trace.name)
         events = json.loads(Path(trace.name).read_text())["traceEvents"]
@@ -113,7 +113,7 @@ def summarise(prof) -> dict[str, dict[str, float]]:
     return out
 
 
-def run(policy_name: str, seq: int, layers: int, steps: int) -> dict:
+def run(policy_name: str, seq: int, layers: int, steps: int, trace_dir: str | None = None) -> dict:
     config = load_config("llama-3.2-1b")
     config.num_hidden_layers = layers
     config.use_cache = False
@@ -144,10 +144,21 @@ def run(policy_name: str, seq: int, layers: int, steps: int) -> dict:
     row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 3)
     from torch.profiler import ProfilerActivity, profile
 
+    counters = ("num_alloc_retries", "num_sync_all_streams", "num_device_free")
+    before = torch.cuda.memory_stats()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
+    after = torch.cuda.memory_stats()
+    row["allocator"] = {k: int(after.get(k, 0) - before.get(k, 0)) for k in counters}
     row["streams"] = summarise(prof)
+    if trace_dir:
+        import gzip
+
+        path = Path(trace_dir, f"trace_{policy_name}_{seq}.json.gz")
+        with tempfile.NamedTemporaryFile(suffix=".json") as raw:
+            prof.export_chrome_trace(raw.name)
+            path.write_bytes(gzip.compress(Path(raw.name).read_bytes()))
     if handle is not None:
         row["moved_gib"] = round(handle.stats()["totals"]["cpu"] / (steps + 1) / GiB, 3)
         handle.remove()
@@ -163,12 +174,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--policies", nargs="*", default=list(POLICIES))
+    parser.add_argument("--trace", action="store_true", help="also write gzipped traces to $OUT")
     args = parser.parse_args()
     rows = [{"device": torch.cuda.get_device_name(), "torch": torch.__version__}]
     rows.append(copy_bandwidth(2 * GiB))
     print(json.dumps(rows[-1]), flush=True)
     for name in args.policies:
-        rows.append(run(name, args.seq, args.layers, args.steps))
+        trace_dir = os.environ.get("OUT") if args.trace else None
+        rows.append(run(name, args.seq, args.layers, args.steps, trace_dir))
         print(json.dumps(rows[-1]), flush=True)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "diag_offload_overlap.json").write_text(json.dumps(rows, indent=1))

@@ -59,6 +59,9 @@ class Evaluation:
     usable: dict[str, float]  # tier -> bytes the plan may fill
     tokens: int
     exposed_by_window: dict[str, float] = field(default_factory=dict)
+    # (moment, bytes) of every predicted GPU moment in step order: what a measured per-layer
+    # memory timeline is compared against
+    gpu_moments: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def feasible(self) -> bool:
@@ -103,7 +106,10 @@ def evaluate_terms(
     tail = max((t.value(values) for t in terms.tail), default=0.0)
     peaks: dict[str, float] = {}
     binding: dict[str, str] = {}
+    moments = []
     for tier, moment, value in terms.memory_values(values):
+        if tier == "gpu":
+            moments.append((moment, value))
         if tier not in peaks or value > peaks[tier]:
             peaks[tier] = value
             binding[tier] = moment
@@ -119,6 +125,7 @@ def evaluate_terms(
         usable=usable,
         tokens=tokens,
         exposed_by_window=exposed,
+        gpu_moments=moments,
     )
 
 

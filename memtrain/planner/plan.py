@@ -363,6 +363,7 @@ def make_plan(
         predicted={
             **_predicted(result.evaluation),
             "gpu_resident_bytes": _gpu_resident(problem, result.decisions),
+            "gpu_moments": [[m, int(v)] for m, v in result.evaluation.gpu_moments],
         },
         baselines=baselines,
         solver={

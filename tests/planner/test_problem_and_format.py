@@ -120,3 +120,16 @@ def test_baselines_price_known_layouts(profile):
     assert full.compute_s - none.compute_s == pytest.approx(sum(b.forward_time for b in blocks))
     states = sum(layer.state_bytes for layer in problem.layers)
     assert offload.peaks["cpu"] >= states
+
+
+def test_plan_lists_every_gpu_moment_and_its_peak_is_the_largest(profile):
+    hardware = build_hardware("h100-sxm-80g", gpu_budget="5GiB", cpu="32GiB")
+    plan = make_plan(profile, hardware)
+    moments = plan.predicted["gpu_moments"]
+    names = [name for name, _ in moments]
+    for layer in plan.layers:
+        assert f"forward {layer['name']}" in names
+        assert f"backward {layer['name']}" in names
+    top = max(moments, key=lambda m: m[1])
+    assert top[1] == plan.predicted["peak_bytes"]["gpu"]
+    assert top[0] == plan.predicted["peak_at"]["gpu"]

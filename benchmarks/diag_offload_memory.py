@@ -102,7 +102,7 @@ def measure(seq: int, host_gib: float, layers: int | None = None) -> dict:
         "command": "python benchmarks/diag_offload_memory.py " + " ".join(sys.argv[1:]),
         "predicted_peak_gib": plan["predicted"]["peak_bytes"]["gpu"] / GiB,
         "predicted_peak_at": plan["predicted"]["peak_at"]["gpu"],
-        "measured_peak_gib": torch.cuda.max_memory_allocated() / GiB,
+        "measured_peak_gib": scopes.global_peak / GiB,
         "moments": rows,
     }
 

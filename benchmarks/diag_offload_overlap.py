@@ -65,12 +65,9 @@ def copy_bandwidth(nbytes: int) -> dict[str, float]:
     return out
 
 
-def summarise(prof) -> dict[str, dict[str, float]]:
+def summarise(events: list[dict]) -> dict[str, dict[str, float]]:
     """Per CUDA stream: seconds of kernels and of each copy direction, busy and span seconds;
     and the host's blocking CUDA runtime calls (count, seconds)."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
-        prof.export_chrome_trace(trace.name)
-        events = json.loads(Path(trace.name).read_text())["traceEvents"]
     per_stream: dict[str, dict[str, float]] = {}
     spans: dict[str, list[tuple[float, float]]] = {}
     # Host-side CUDA runtime calls that block the CPU (a blocking copy or a synchronise stops
@@ -151,14 +148,14 @@ def run(policy_name: str, seq: int, layers: int, steps: int, trace_dir: str | No
         torch.cuda.synchronize()
     after = torch.cuda.memory_stats()
     row["allocator"] = {k: int(after.get(k, 0) - before.get(k, 0)) for k in counters}
-    row["streams"] = summarise(prof)
+    with tempfile.NamedTemporaryFile(suffix=".json") as raw:  # a trace exports only once
+        prof.export_chrome_trace(raw.name)
+        text = Path(raw.name).read_bytes()
+    row["streams"] = summarise(json.loads(text)["traceEvents"])
     if trace_dir:
         import gzip
 
-        path = Path(trace_dir, f"trace_{policy_name}_{seq}.json.gz")
-        with tempfile.NamedTemporaryFile(suffix=".json") as raw:
-            prof.export_chrome_trace(raw.name)
-            path.write_bytes(gzip.compress(Path(raw.name).read_bytes()))
+        Path(trace_dir, f"trace_{policy_name}_{seq}.json.gz").write_bytes(gzip.compress(text))
     if handle is not None:
         row["moved_gib"] = round(handle.stats()["totals"]["cpu"] / (steps + 1) / GiB, 3)
         handle.remove()

@@ -231,14 +231,14 @@ class OffloadHandle:
                 if len(modules) != 1:
                     raise MemtrainError(f"layer {name}: token-wise recompute needs one module")
                 self._install_tokenwise(name, modules[0], policy, state)
-            if mode != "keep":
-                for module in modules:
+            for module in modules:
+                if mode != "keep":
                     self._installed.hooks.append(
                         module.register_forward_pre_hook(self._layer_pre(state))
                     )
-                    self._installed.hooks.append(
-                        module.register_forward_hook(self._layer_post(state), always_call=True)
-                    )
+                self._installed.hooks.append(
+                    module.register_forward_hook(self._layer_post(state), always_call=True)
+                )
         self._install_loss_scope()  # after the last layer's own hooks, so scopes nest
 
     def _install_loss_scope(self) -> None:
@@ -394,6 +394,8 @@ class OffloadHandle:
             if state.scopes:
                 state.scopes.pop().__exit__(None, None, None)
                 engine.finish_layer(state)
+            elif torch.is_grad_enabled() and not in_backward():
+                engine.finish_layer(state)  # a kept layer: the one before it copied meanwhile
             return None
 
         return hook

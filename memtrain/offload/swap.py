@@ -190,9 +190,14 @@ class SwapEngine:
             self.order.append(layer)
 
     def finish_layer(self, layer: LayerState) -> None:
-        """Release sources of earlier layers' copies (their events are awaited by compute)."""
-        for earlier in self.order[: layer.position]:
-            self._release_sources(earlier)
+        """Release sources of earlier layers' copies (their events are awaited by compute).
+
+        Called at the end of every planned layer, kept ones included: a layer's copies overlap
+        the next layer's compute, and their full-size sources stay on the GPU until then.
+        """
+        for earlier in self.order:
+            if earlier is not layer:
+                self._release_sources(earlier)
 
     def finish_forward(self) -> None:
         for layer in self.order:

@@ -166,6 +166,10 @@ def build_terms(
     swapped = [{t: swapped_bytes(layer, j, t) for t in host} for j, layer in enumerate(layers)]
     swapped_total = [lin_sum(s.values()) for s in swapped]
     kept = [kept_bytes(layer, j) for j, layer in enumerate(layers)]
+    copying_bytes = [
+        swapped_total[j] + layer.token_bytes * Lin.var((j, "copy", "gpu"))
+        for j, layer in enumerate(layers)
+    ]
 
     # Static GPU bytes: parameters, gradients and optimizer states that stay on the GPU.
     static_parts = []
@@ -198,11 +202,15 @@ def build_terms(
         # tensors; backward: full tensors rebuilt beside it). ``(j, "copy", "gpu")`` is that
         # share: the kept share when the layer moves some tokens and keeps others, else 0.
         kept_copy = layer.token_bytes * Lin.var((j, "copy", "gpu"))
+        # The previous layer's copies to the host overlap this layer's compute: every tensor
+        # it cut (moved share and kept share alike) is still whole on the GPU until this
+        # layer ends.
+        copying = copying_bytes[j - 1] if j > 0 else Lin()
         memory.append(
             MemoryTerm(
                 "gpu",
                 f"forward {layer.name}",
-                working + kept_copy + phi * layer.forward_transient,
+                working + kept_copy + phi * layer.forward_transient + copying,
                 j,
             )
         )

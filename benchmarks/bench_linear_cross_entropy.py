@@ -6,8 +6,11 @@ during forward+backward minus the inputs and the gradients every method must ret
 relative errors of the loss and both gradients against a float32 reference (no TF32).
 
 Methods: naive PyTorch, torch.compile of the same, cut-cross-entropy (gradient filter on and
-off), Liger's fused linear cross-entropy, memtrain exact (Triton), memtrain filtered (Triton)
+off), Liger's fused linear cross-entropy, memtrain exact (Triton), memtrain filtered (Triton;
+also without the pre-skip, so that blocks bounded negligible by the forward are recomputed too)
 and memtrain cublas (``impl="cublas"``, at several workspace sizes and explicit block plans).
+The filtered rows also give the shares of backward blocks skipped from the forward's bound
+("pre") and by the kernel's own check after recomputing them ("kernel").
 Third-party packages that are not installed are reported as missing, not skipped silently.
 Two reference rows without errors: "floor: 4 cuBLAS products" times the four products of
 2·N·V·D alone (logits stored, no softmax), "memtrain cublas matmuls only" the cuBLAS path with
@@ -97,6 +100,23 @@ def ours(filter_on: bool, workspace_mib: int | None = None, impl: str = "triton"
     )
 
 
+def ours_filtered(workspace_mib: int, preskip: bool = True):
+    """The filtered Triton path, with or without the pre-skip (read when the forward runs)."""
+    from memtrain.kernels.cross_entropy import triton_bwd
+
+    base = ours(True, workspace_mib)
+
+    def run(h, w, y):
+        saved, triton_bwd.PRESKIP = triton_bwd.PRESKIP, preskip
+        try:
+            return base(h, w, y)
+        finally:
+            triton_bwd.PRESKIP = saved
+
+    run.skip_stats = True
+    return run
+
+
 def cublas_plan(plan):
     """The cuBLAS path with explicit block sizes (rows x columns, forward and backward)."""
     from memtrain.kernels.cross_entropy.blas import BlasLinearCrossEntropy
@@ -182,7 +202,10 @@ def methods(args) -> dict:
     for ws in args.workspaces:
         table[f"memtrain exact ({ws} MiB ws)"] = lambda ws=ws: ours(False, ws)
     for ws in args.filter_workspaces:
-        table[f"memtrain filtered ({ws} MiB ws)"] = lambda ws=ws: ours(True, ws)
+        table[f"memtrain filtered ({ws} MiB ws)"] = lambda ws=ws: ours_filtered(ws)
+        table[f"memtrain filtered, no pre-skip ({ws} MiB ws)"] = lambda ws=ws: ours_filtered(
+            ws, preskip=False
+        )
     for ws in args.cublas_workspaces:
         table[f"memtrain cublas ({ws} MiB ws)"] = lambda ws=ws: ours(False, ws, impl="cublas")
     if args.cublas_workspaces:
@@ -320,12 +343,32 @@ def measure(fn, h, w, y, reps, ref):
         del loss
     hp.grad = None
     wp.grad = None
+    if getattr(fn, "skip_stats", False):
+        errs.update(skip_shares(fn, hp, wp, y))
     return {
         "ms": statistics.median(times),
         "fwd_ms": statistics.median(fwd_times),
         "extra_mib": extra / MiB,
         **errs,
     }
+
+
+def skip_shares(fn, hp, wp, y):
+    """Shares of the filtered backward's blocks skipped from the forward's bound and by the
+    kernel's own check, from one more untimed step (counting them syncs once per chunk)."""
+    from memtrain.kernels.cross_entropy import triton_bwd
+
+    triton_bwd.FILTER_STATS = {}
+    try:
+        fn(hp, wp, y).backward()
+        stats = dict(triton_bwd.FILTER_STATS)
+    finally:
+        triton_bwd.FILTER_STATS = None
+        hp.grad = wp.grad = None
+    if not stats.get("tiles"):
+        return {}
+    pre, tiles = stats["pre_skipped"], stats["tiles"]
+    return {"pre_skipped": pre / tiles, "kernel_skipped": (stats["skipped"] - pre) / tiles}
 
 
 def run_shape(n, d, v, kind, args, results):
@@ -372,7 +415,8 @@ def breakdown(n, d, v, kind, args, results):
     if args.workspaces:
         paths.append(("exact", ours(False, args.workspaces[-1])))
     if args.filter_workspaces:
-        paths.append(("filtered", ours(True, args.filter_workspaces[-1])))
+        paths.append(("filtered", ours_filtered(args.filter_workspaces[-1])))
+        paths.append(("filtered, no pre-skip", ours_filtered(args.filter_workspaces[-1], False)))
     if args.cublas_workspaces:
         ws = main_cublas_workspace(args)
         paths.append((f"cublas {ws} MiB", ours(False, ws, impl="cublas")))
@@ -407,6 +451,8 @@ def format_row(r):
     err = ""
     if "grad_h_err" in r:
         err = f" loss {r['loss_err']:.1e} dH {r['grad_h_err']:.1e} dW {r['grad_w_err']:.1e}"
+    if "pre_skipped" in r:
+        err += f" skipped: pre {r['pre_skipped']:.1%} kernel {r['kernel_skipped']:.1%}"
     return (
         f"  {r['method']:<44} {r['ms']:8.1f} ms ({r['x_floor']:.2f}x floor, fwd "
         f"{r['fwd_ms']:6.1f}) {r['extra_mib']:9.1f} MiB{err}"

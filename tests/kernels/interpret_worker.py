@@ -3,6 +3,8 @@
 Started in a subprocess by ``test_lce_triton_interpreter.py`` with ``TRITON_INTERPRET=1`` (the
 variable must be set before Triton is imported, so it cannot share the test process). Prints one
 JSON object: case name -> relative errors against a float64 reference and the allowed tolerance.
+With the argument ``preskip`` (``test_lce_skip_bound.py``) it runs the filtered backward with
+and without the forward's bound instead (see :func:`preskip_main`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ CASES = {
     "cublas_fp16_softcap_sum": 1e-2,
     "cublas_kernels_match_torch_ops_fp32": 1e-5,
     "cublas_after_triton_forward_bf16_smoothing": 2e-2,
+}
+
+# Filtered backward with and without the pre-skip: name -> (tolerance against float64, least
+# share of blocks the bound must skip).
+PRESKIP_CASES = {
+    "fp32_peaked_softcap_bias": (2e-5, 0.5),
+    "fp32_peaked_rows_without_gradient": (2e-5, 0.5),
+    "fp32_random_mid_eps": (2e-5, 0.0),
+    "fp32_peaked_fwd_wide_bwd_tall": (2e-5, 0.5),
+    "bf16_peaked_fwd_tall_bwd_wide_bias": (2e-2, 0.5),
+    "bf16_peaked_softcap_cells": (2e-2, 0.5),
+    "fp16_peaked_sum": (1e-2, 0.5),
 }
 
 
@@ -168,6 +182,138 @@ def _cublas_cases(torch, lce, ref_fn, run):
     }
 
 
+def _peaked(torch, n, v, d, dtype, seed, scale, ignore_frac=0.15):
+    """hidden = scale * W[target] + noise with unit rows of W: each row's softmax is peaked on
+    its target, with a log-sum-exp near ``scale`` (as a trained head's, at large D)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(v, d, generator=g)
+    weight /= weight.norm(dim=1, keepdim=True)
+    labels = torch.randint(0, v, (n,), generator=g)
+    hidden = scale * weight[labels] + 0.3 * torch.randn(n, d, generator=g)
+    labels[torch.rand(n, generator=g) < ignore_frac] = -100
+    labels[0] = 1
+    return hidden.to(dtype), weight.to(dtype), labels
+
+
+def _with_configs(triton_function, cfgs):
+    """Make ``cfgs`` the launch settings the Triton path picks from (it takes the first on
+    small problems); None restores the default."""
+    if not hasattr(triton_function, "_default_candidates"):
+        triton_function._default_candidates = triton_function.candidate_configs
+    default = triton_function._default_candidates
+    triton_function.candidate_configs = default if cfgs is None else (lambda dtype: cfgs)
+
+
+def _preskip_compare(torch, lce, ref_fn, hidden, weight, labels, bias=None, upstream=None,
+                     blocks=None, ref_override=None, **opts):  # fmt: skip
+    """The filtered gradients with the forward's bound on and off.
+
+    Returns the largest absolute differences between the two runs, the relative errors of the
+    pre-skip run against float64, and both runs' block counts. ``blocks`` = (candidate
+    (BLOCK_M, BLOCK_V) shapes of the forward, same of the backward) replaces the interpreter's
+    one shape; the first is run, the others set the grid of the forward's cell maxima.
+    """
+    from memtrain.kernels.cross_entropy import triton_bwd, triton_function
+
+    base = triton_function.candidate_configs(hidden.dtype)[0]
+    cfgs = [
+        None if shapes is None else [dict(base, BLOCK_M=m, BLOCK_V=v) for m, v in shapes]
+        for shapes in (blocks or (None, None))
+    ]
+    leaves_in = [t for t in (hidden, weight, bias) if t is not None]
+    runs = {}
+    for preskip in (True, False):
+        triton_bwd.PRESKIP = preskip
+        triton_bwd.FILTER_STATS = {}
+        leaves = [t.clone().requires_grad_() for t in leaves_in]
+        b = leaves[2] if bias is not None else None
+        _with_configs(triton_function, cfgs[0])
+        out = lce(leaves[0], leaves[1], labels, bias=b, impl="triton", grad_filter=True, **opts)
+        if upstream is None:
+            upstream = torch.randn(
+                out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1234)
+            )
+        _with_configs(triton_function, cfgs[1])
+        grads = torch.autograd.grad(out, leaves, upstream.to(out.dtype))
+        _with_configs(triton_function, None)
+        runs[preskip] = ([out.detach(), *grads], dict(triton_bwd.FILTER_STATS))
+    triton_bwd.PRESKIP, triton_bwd.FILTER_STATS = True, None
+
+    names = ("loss", "grad_hidden", "grad_weight", "grad_bias")
+    diff = {
+        name: (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        for name, a, b in zip(names, runs[True][0], runs[False][0], strict=False)
+    }
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves_in]
+    if ref_override is not None:
+        ref, ref_grads = ref_override(ref_leaves, upstream)
+    else:
+        rb = ref_leaves[2] if bias is not None else None
+        ref_opts = {k: v for k, v in opts.items() if not k.startswith(("grad_filter", "work"))}
+        ref = ref_fn(ref_leaves[0], ref_leaves[1], labels, bias=rb, **ref_opts)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, upstream)
+    errors = {
+        name: _rel(got, want)
+        for name, got, want in zip(names, runs[True][0], [ref, *ref_grads], strict=False)
+    }
+    return {"diff": diff, "errors": errors, "stats_on": runs[True][1], "stats_off": runs[False][1]}
+
+
+def preskip_main() -> int:
+    """Peaked and random inputs on odd shapes (N, V not multiples of the blocks, ignored rows,
+    several chunks), with forward and backward tiles of the same and of different shapes."""
+    import torch
+
+    from memtrain.kernels import linear_cross_entropy as lce
+    from memtrain.kernels import reference_linear_cross_entropy as ref_fn
+    from memtrain.kernels.cross_entropy.triton_function import candidate_configs
+
+    torch.manual_seed(0)
+    cfg = candidate_configs(torch.float32)[0]
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    many = {"workspace_bytes": 1}
+    run = {}
+
+    def case(name, *args, **kwargs):
+        run[name] = _preskip_compare(torch, lce, ref_fn, *args, **kwargs)
+
+    # Vocabularies of ~60 blocks: most blocks of 16 rows hold no target.
+    h, w, y = _peaked(torch, 40, 1999, 32, f32, 31, scale=60.0)
+    bias = torch.randn(1999) * 0.5
+    case("fp32_peaked_softcap_bias", h, w, y, bias=bias, softcap=100.0, **many)
+    h, w, y = _peaked(torch, 75, 990, 32, f32, 32, scale=60.0)
+    y[16:32] = -100  # a whole block of ignored rows
+    upstream = torch.randn(75, dtype=torch.float64)
+    upstream[40:60] = 0.0  # valid targets, no gradient: these rows do not count either
+    case("fp32_peaked_rows_without_gradient", h, w, y, upstream=upstream, reduction="none")
+    # Flat softmaxes, an eps that makes the kernel's own check skip some target-free blocks
+    # (after recomputing them: the bound is too loose here), against the rule applied by hand.
+    h, w, y = _inputs(torch, 45, 600, 24, f32, 33)
+    eps, dropping = _block_dropping_reference(torch, h, w, y, cfg["BLOCK_M"], cfg["BLOCK_V"])
+    case(
+        "fp32_random_mid_eps", h, w, y, grad_filter_eps=eps, reduction="sum",
+        ref_override=dropping, **many,
+    )  # fmt: skip
+    h, w, y = _peaked(torch, 40, 2011, 32, f32, 34, scale=60.0)
+    case("fp32_peaked_fwd_wide_bwd_tall", h, w, y, blocks=([(16, 64)], [(32, 16)]), **many)
+    h, w, y = _peaked(torch, 40, 2000, 32, bf16, 35, scale=40.0)
+    case(
+        "bf16_peaked_fwd_tall_bwd_wide_bias", h, w, y, bias=torch.randn(2000).to(bf16),
+        softcap=50.0, blocks=([(32, 16)], [(16, 64)]), **many,
+    )  # fmt: skip
+    h, w, y = _peaked(torch, 67, 1993, 32, bf16, 36, scale=40.0)
+    # Forward tiles of 32 x 64 hold 2 x 2 cells of 16 x 32 (the other candidate's shape).
+    blocks = ([(32, 64), (16, 32)], [(16, 64), (32, 32)])
+    case("bf16_peaked_softcap_cells", h, w, y, softcap=50.0, blocks=blocks, **many)
+    h, w, y = _peaked(torch, 40, 2000, 32, f16, 37, scale=40.0)
+    case("fp16_peaked_sum", h, w, y, reduction="sum")
+    out = {}
+    for name, (tol, share) in PRESKIP_CASES.items():
+        out[name] = dict(run[name], tol=tol, min_share=share)
+    json.dump(out, sys.stdout)
+    return 0
+
+
 def main() -> int:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
@@ -236,4 +382,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.exit(preskip_main() if sys.argv[1:] == ["preskip"] else main())

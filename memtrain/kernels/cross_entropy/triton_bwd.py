@@ -7,13 +7,26 @@ input gradients by matrix products: ``dH += dZ @ W[chunk]`` (float32 accumulator
 chunks) and ``dW[chunk] (+)= dZ.T @ H[rows]``. The workspace, not N x V, bounds the memory.
 
 With the gradient filter on, the kernel also marks each ``BLOCK_M x BLOCK_V`` block that holds
-neither a target nor a softmax probability of at least ``eps``; such blocks count as zero, and
-the block-sparse products of ``triton_sparse`` skip them, which saves most of the matrix work
-when the softmax is peaked. Without the filter the products go to the vendor BLAS and nothing
-is skipped.
+neither a live target nor a softmax probability of at least ``eps`` (rows without gradient do
+not count); such blocks count as zero, and the block-sparse products of ``triton_sparse`` skip
+them, which saves most of the matrix work when the softmax is peaked. Without the filter the
+products go to the vendor BLAS and nothing is skipped.
+
+Recomputing a block's logits only to find it negligible costs a quarter of the matrix work.
+So the filtered forward also records the largest logit of each cell of its tiles (a grid that
+every candidate block shape is made of), and :func:`preskip_keep` turns that into a bound per
+backward block before the chunk loop: each probability in the block is at most
+``exp(largest logit - smallest live lse)``. A block whose bound is below ``eps`` (by a margin
+for the rounding of the recomputed products) and that holds no live target is marked without
+recomputing its logits. The bound is conservative: it skips a subset of the blocks that the
+kernel's own check skips after recomputing (which still runs on the others), so the same blocks
+are skipped in all and the gradients do not change.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 import triton
@@ -22,6 +35,70 @@ import triton.language as tl
 from memtrain.kernels.cross_entropy.chunked import fp16_grad_scale
 from memtrain.kernels.cross_entropy.triton_sparse import sparse_products
 from memtrain.kernels.cross_entropy.triton_tiles import logits_tile
+
+# Use the forward's cell maxima to skip negligible blocks without recomputing them. Off gives
+# the plain filter (read when the forward runs, which then records nothing): for comparisons.
+PRESKIP = True
+# Set to a dict to have each filtered backward store its block counts there ("tiles",
+# "pre_skipped": skipped from the bound, "skipped": in all); costs a sync per chunk.
+FILTER_STATS: dict | None = None
+# The recomputed logits may round differently from the forward's (other tile shapes, other
+# summation orders): a block is skipped early only if its log-bound clears log(eps) by
+# BOUND_SLACK * (1 + |bound|), far more than the two float32 products can differ by.
+BOUND_SLACK = 2.0**-8
+
+
+def _regrid_max(table: torch.Tensor, dim: int, src: int, dst: int, count: int) -> torch.Tensor:
+    """Max over the ``src``-wide blocks of ``table`` along ``dim`` that overlap each of ``count``
+    ``dst``-wide blocks (both grids start at 0; entries past the table's end count as -inf)."""
+    g = math.gcd(src, dst)
+    fine = table.repeat_interleave(src // g, dim=dim)  # one entry per g-wide piece
+    need = count * (dst // g)
+    fine = fine.narrow(dim, 0, min(need, fine.shape[dim]))
+    if fine.shape[dim] < need:
+        pad = list(fine.shape)
+        pad[dim] = need - fine.shape[dim]
+        fine = torch.cat([fine, fine.new_full(pad, float("-inf"))], dim)
+    return fine.unflatten(dim, (count, dst // g)).amax(dim + 1)
+
+
+def preskip_keep(
+    cell_max: torch.Tensor,
+    cell: tuple[int, int],
+    block: tuple[int, int],
+    vocab: int,
+    lse: torch.Tensor,
+    targets: torch.Tensor,
+    grad_rows: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """uint8 ``[row blocks, vocabulary blocks]`` of ``block``-shaped blocks: 0 where the block
+    is provably negligible (no live target, every probability below ``eps``), else 1.
+
+    ``cell_max`` holds the largest logit of each ``cell``-shaped piece of the logits (rows with
+    an ignored target left out; any cell shape works, blocks made of whole cells get the
+    tightest bound). A live row ``r`` (``grad_rows != 0``) has probability
+    ``exp(z - lse_r) <= exp(bound - min live lse)`` at every column of the block; a block
+    without live rows is negligible. Small torch ops on the device, no sync.
+    """
+    n_rows = lse.shape[0]
+    (fm, fv), (bm, bv) = cell, block
+    row_blocks, col_blocks = -(-n_rows // bm), -(-vocab // bv)
+    bound = _regrid_max(cell_max, 0, fm, bm, row_blocks)
+    bound = _regrid_max(bound, 1, fv, bv, col_blocks)
+    live = grad_rows != 0
+    low = torch.where(live, lse, float("inf"))
+    low = torch.cat([low, low.new_full((row_blocks * bm - n_rows,), float("inf"))])
+    low = low.view(row_blocks, bm).amin(1)
+    slack = BOUND_SLACK * (1.0 + bound.abs().nan_to_num(posinf=0.0))  # -inf bounds: no slack
+    keep = ~(bound - low[:, None] + slack < math.log(eps))  # NaN keeps
+    # Blocks with a live target: each live row marks its target's block, the others a spare slot.
+    rows = torch.arange(n_rows, device=lse.device)
+    slot = (rows // bm) * col_blocks + targets.long().clamp(min=0) // bv
+    slot = torch.where(live & (targets >= 0), slot, row_blocks * col_blocks)
+    hit = torch.zeros(row_blocks * col_blocks + 1, dtype=torch.uint8, device=lse.device)
+    hit.scatter_(0, slot, 1)
+    return (keep | hit[:-1].view(row_blocks, col_blocks).bool()).to(torch.uint8)
 
 
 @triton.jit
@@ -34,6 +111,7 @@ def _grad_logits_kernel(
     grad_rows_ptr,
     dz_ptr,
     flags_ptr,
+    keep_ptr,
     row_start,
     row_stop,
     col_start,
@@ -43,6 +121,9 @@ def _grad_logits_kernel(
     stride_w,
     stride_dz,
     flag_cols,
+    keep_row0,
+    keep_col0,
+    keep_cols,
     softcap,
     smoothing,
     inv_vocab,
@@ -50,6 +131,7 @@ def _grad_logits_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     FILTER: tl.constexpr,
+    PRESKIP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -63,41 +145,50 @@ def _grad_logits_kernel(
     cols = col_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < row_stop
     col_mask = cols < col_stop
-    logits, tanh = logits_tile(
-        hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_stop, col_stop, dim,
-        stride_h, stride_w, softcap,
-        HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST,
-    )  # fmt: skip
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-    grad_rows = tl.load(grad_rows_ptr + rows, mask=row_mask, other=0.0)
-    prob = tl.exp(logits - lse[:, None])
-    hit = cols[None, :] == targets[:, None]
-    dz = prob - tl.where(hit, 1.0 - smoothing, 0.0) - smoothing * inv_vocab
-    dz = dz * grad_rows[:, None]
-    if HAS_SOFTCAP:
-        dz = dz * (1.0 - tanh * tanh)
     mask = row_mask[:, None] & col_mask[None, :]
     local_rows = (rows - row_start).to(tl.int64)
     local_cols = cols - col_start
     dz_ptrs = dz_ptr + local_rows[:, None] * stride_dz + local_cols[None, :]
-    if FILTER:
-        # Per-row reductions only: clamped out-of-range rows and columns repeat valid ones, so
-        # they cannot raise a maximum; rows without gradient (ignored) do not count.
-        live_rows = row_mask & (grad_rows != 0.0)
-        row_top = tl.exp(tl.max(logits, axis=1) - lse)
-        tile_top = tl.max(tl.where(live_rows, row_top, 0.0))
-        first_col = col_start + pid_v * BLOCK_V
-        in_tile = live_rows & (targets >= first_col) & (targets < first_col + BLOCK_V)
-        keep = (tile_top >= eps) | (tl.sum(in_tile.to(tl.int32)) > 0)
-        # The mark is 0 for a kept block, 1 for a skipped one (sorting puts kept ones first).
-        tl.store(flags_ptr + pid_m * flag_cols + pid_v, 1 - keep.to(tl.int32))
+    pre_skipped = False
+    if PRESKIP:  # the forward's bound proved this block negligible: no logits to recompute
+        keep_at = (keep_row0 + pid_m) * keep_cols + keep_col0 + pid_v
+        pre_skipped = tl.load(keep_ptr + keep_at) == 0
+    if pre_skipped:
+        tl.store(flags_ptr + pid_m * flag_cols + pid_v, 1)
         if HAS_BIAS:  # the bias gradient sums the whole chunk: skipped blocks must read 0
-            tl.store(dz_ptrs, tl.where(keep, dz, 0.0).to(dz_ptr.dtype.element_ty), mask=mask)
-        elif keep:
-            tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            tl.store(dz_ptrs, tl.zeros((BLOCK_M, BLOCK_V), dz_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        logits, tanh = logits_tile(
+            hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_stop, col_stop, dim,
+            stride_h, stride_w, softcap,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+        grad_rows = tl.load(grad_rows_ptr + rows, mask=row_mask, other=0.0)
+        prob = tl.exp(logits - lse[:, None])
+        hit = cols[None, :] == targets[:, None]
+        dz = prob - tl.where(hit, 1.0 - smoothing, 0.0) - smoothing * inv_vocab
+        dz = dz * grad_rows[:, None]
+        if HAS_SOFTCAP:
+            dz = dz * (1.0 - tanh * tanh)
+        if FILTER:
+            # Per-row reductions only: clamped out-of-range rows and columns repeat valid ones,
+            # so they cannot raise a maximum; rows without gradient (ignored) do not count.
+            live_rows = row_mask & (grad_rows != 0.0)
+            row_top = tl.exp(tl.max(logits, axis=1) - lse)
+            tile_top = tl.max(tl.where(live_rows, row_top, 0.0))
+            first_col = col_start + pid_v * BLOCK_V
+            in_tile = live_rows & (targets >= first_col) & (targets < first_col + BLOCK_V)
+            keep = (tile_top >= eps) | (tl.sum(in_tile.to(tl.int32)) > 0)
+            # The mark is 0 for a kept block, 1 for a skipped one (sorting puts kept ones first).
+            tl.store(flags_ptr + pid_m * flag_cols + pid_v, 1 - keep.to(tl.int32))
+            if HAS_BIAS:
+                tl.store(dz_ptrs, tl.where(keep, dz, 0.0).to(dz_ptr.dtype.element_ty), mask=mask)
+            elif keep:
+                tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 def plan_chunks(
@@ -157,20 +248,26 @@ def launch_grad_logits(
     softcap: float | None,
     smoothing: float,
     filter_eps: float | None,
+    keep: torch.Tensor | None = None,
 ) -> None:
-    """Write the logits gradient of ``rows x cols`` into ``dz`` (and block marks into flags)."""
+    """Write the logits gradient of ``rows x cols`` into ``dz`` (and block marks into flags).
+
+    ``keep`` (from :func:`preskip_keep` for this config's block shape) lets the blocks it marks
+    0 skip their recomputation; chunks start at multiples of the block shape.
+    """
     (r0, r1), (c0, c1) = rows, cols
     block_m, block_v, block_d = config["BLOCK_M"], config["BLOCK_V"], config["BLOCK_D"]
     dim = hidden.shape[1]
     grid = (triton.cdiv(r1 - r0, block_m), triton.cdiv(c1 - c0, block_v))
     _grad_logits_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets, lse, grad_rows,
-        dz, flags, r0, r1, c0, c1, dim,
+        dz, flags, keep if keep is not None else flags, r0, r1, c0, c1, dim,
         hidden.stride(0), weight.stride(0), dz.stride(0), flags.stride(0),
+        r0 // block_m, c0 // block_v, keep.stride(0) if keep is not None else 0,
         float(softcap) if softcap is not None else 1.0,
         float(smoothing), 1.0 / weight.shape[0], float(filter_eps or 0.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        FILTER=filter_eps is not None,
+        FILTER=filter_eps is not None, PRESKIP=keep is not None,
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, EVEN_D=dim % block_d == 0,
         DOT_PRECISION=config["dot_precision"],
         UPCAST=config["upcast"] and hidden.dtype == torch.bfloat16,
@@ -191,12 +288,14 @@ def backward_grads(
     needs: tuple[bool, bool, bool],
     pick_config,
     workspace_bytes: int,
+    bound: tuple[torch.Tensor, tuple[int, int]] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum(grad_rows * row_losses)`` w.r.t. hidden, weight and bias.
 
     ``pick_config(run)`` returns the launch settings for the logits-gradient kernel, given a
     function that runs it once with candidate settings; its ``granule`` (a multiple of every
     candidate's block shape) sizes the chunks and its ``min_block`` the block-mark array.
+    ``bound`` (the forward's cell maxima and cell shape) lets the filter skip blocks unseen.
     """
     need_h, need_w, need_b = needs
     n_rows, dim = hidden.shape
@@ -223,8 +322,15 @@ def backward_grads(
     )
     stats = (hidden, weight, bias, targets, lse, grad_rows, dz, flags)
     options = (softcap, smoothing, filter_eps)
+    keep_for = _keep_lookup(
+        bound if use_filter else None, vocab, lse, targets, grad_rows, filter_eps
+    )
     first = ((0, min(rows_per_block, n_rows)), (0, min(cols_per_chunk, vocab)))
-    config = pick_config(lambda cfg: launch_grad_logits(cfg, *stats, *first, *options))
+    config = pick_config(
+        lambda cfg: launch_grad_logits(cfg, *stats, *first, *options, keep_for(cfg))
+    )
+    keep = keep_for(config)
+    counts = {"tiles": 0, "pre_skipped": 0, "skipped": 0}
 
     grad_hidden = torch.empty_like(hidden) if need_h else None
     grad_weight = torch.empty_like(weight) if need_w else None
@@ -243,10 +349,12 @@ def backward_grads(
             acc.zero_()
         for c0 in range(0, vocab, cols_per_chunk):
             c1 = min(c0 + cols_per_chunk, vocab)
-            launch_grad_logits(config, *stats, (r0, r1), (c0, c1), *options)
+            launch_grad_logits(config, *stats, (r0, r1), (c0, c1), *options, keep)
             chunk = dz[:nr, : c1 - c0]
             if need_b:
                 grad_bias[c0:c1] += chunk.sum(0, dtype=torch.float32)
+            if use_filter and FILTER_STATS is not None:
+                _count_chunk(counts, flags, chunk.shape, config)
             if use_filter:
                 sparse_products(
                     chunk, flags, hidden[r0:r1], weight[c0:c1], acc,
@@ -271,4 +379,40 @@ def backward_grads(
             grad_bias.mul_(inv_scale)
     if need_b:
         grad_bias = grad_bias.to(bias.dtype)
+    if use_filter and FILTER_STATS is not None:
+        counts["pre_skipped"] = int((keep == 0).sum()) if keep is not None else 0
+        FILTER_STATS.clear()
+        FILTER_STATS.update(counts)
     return grad_hidden, grad_weight, grad_bias
+
+
+def _keep_lookup(
+    bound: tuple[torch.Tensor, tuple[int, int]] | None,
+    vocab: int,
+    lse: torch.Tensor,
+    targets: torch.Tensor,
+    grad_rows: torch.Tensor,
+    eps: float | None,
+) -> Callable[[dict], torch.Tensor | None]:
+    """config -> the pre-skip table of its block shape (None without a bound), built once per
+    shape: the tuning run tries candidates of several shapes."""
+    tables: dict[tuple[int, int], torch.Tensor] = {}
+
+    def keep_for(cfg: dict) -> torch.Tensor | None:
+        if bound is None:
+            return None
+        block = (cfg["BLOCK_M"], cfg["BLOCK_V"])
+        if block not in tables:
+            tables[block] = preskip_keep(*bound, block, vocab, lse, targets, grad_rows, eps)
+        return tables[block]
+
+    return keep_for
+
+
+def _count_chunk(counts: dict, flags: torch.Tensor, shape: tuple[int, int], config: dict) -> None:
+    """Add one chunk's blocks, and those marked skipped, to ``counts``."""
+    marks = flags[
+        : triton.cdiv(shape[0], config["BLOCK_M"]), : triton.cdiv(shape[1], config["BLOCK_V"])
+    ]
+    counts["tiles"] += marks.numel()
+    counts["skipped"] += int(marks.sum())

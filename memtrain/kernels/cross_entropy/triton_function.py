@@ -2,7 +2,9 @@
 
 Block shapes are picked per GPU on first use: each candidate runs once to compile and is then
 timed on the caller's own tensors (CUDA events, best of two), and the fastest is kept for that
-kernel, dtype and hidden size. ``TUNING_LOG`` records what was measured.
+kernel, dtype and hidden size. ``TUNING_LOG`` records what was measured. With the gradient
+filter the forward also records the largest logit per cell for the backward's bound (see
+``triton_bwd``; ``triton_bwd.PRESKIP = False`` turns that off).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from collections.abc import Callable
 
 import torch
 
+from memtrain.kernels.cross_entropy import triton_bwd
 from memtrain.kernels.cross_entropy.chunked import row_losses
 from memtrain.kernels.cross_entropy.triton_bwd import backward_grads
-from memtrain.kernels.cross_entropy.triton_fwd import forward_row_stats
+from memtrain.kernels.cross_entropy.triton_fwd import empty_cell_max, forward_row_stats
 
 # Workspace of the backward pass (logits-gradient chunk + float32 hidden-gradient accumulator).
 # The filtered path has more fixed cost per chunk (block lists, two sparse launches), so larger
@@ -74,6 +77,10 @@ class ConfigPicker:
         blocks = [c[k] for c in self.candidates for k in ("BLOCK_M", "BLOCK_V")]
         self.granule = math.lcm(*blocks)
         self.min_block = math.gcd(*blocks)
+        # The finest grid every candidate's blocks are made of (cells of the forward's bound).
+        self.cell = tuple(
+            math.gcd(*(c[k] for c in self.candidates)) for k in ("BLOCK_M", "BLOCK_V")
+        )
 
     def __call__(self, run: Callable[[dict], object]) -> dict:
         if self.key in _CHOSEN:
@@ -122,26 +129,37 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         n_rows, dim = hidden.shape
         vocab = weight.shape[0]
         picker = ConfigPicker("forward", hidden.dtype, (dim, *flags), n_rows * vocab)
+        # The filtered backward skips blocks bounded by the forward's cell maxima.
+        record = filter_eps is not None and triton_bwd.PRESKIP and any(ctx.needs_input_grad[:3])
+        cell = picker.cell
 
         def run(cfg):
-            return forward_row_stats(hidden, weight, bias, targets, softcap, need_sum, cfg)
+            cell_max = empty_cell_max(n_rows, vocab, cell, hidden.device) if record else None
+            stats = forward_row_stats(
+                hidden, weight, bias, targets, softcap, need_sum, cfg, cell_max, cell
+            )
+            return stats, cell_max
 
-        lse, target_logit, logit_sum = run(picker(run))
+        cfg = picker(run)
+        (lse, target_logit, logit_sum), cell_max = run(cfg)
         losses = row_losses(lse, target_logit, logit_sum, targets >= 0, label_smoothing, vocab)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.settings = (softcap, label_smoothing, filter_eps, workspace_bytes)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, cell_max)
+        ctx.settings = (softcap, label_smoothing, filter_eps, workspace_bytes, cell)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        softcap, smoothing, filter_eps, workspace_bytes = ctx.settings
+        hidden, weight, bias, targets, lse, cell_max = ctx.saved_tensors
+        softcap, smoothing, filter_eps, workspace_bytes, cell = ctx.settings
         grad_rows = (grad_losses.float() * (targets >= 0)).contiguous()
         n_rows, dim = hidden.shape
+        # With the pre-skip, skipped blocks cost next to nothing: its own best shape.
         key = (dim, bias is not None, softcap is not None, filter_eps is not None)
+        key += (cell_max is not None,)
         picker = ConfigPicker("backward", hidden.dtype, key, n_rows * weight.shape[0])
         grads = backward_grads(
             hidden, weight, bias, targets, lse, grad_rows, softcap, smoothing, filter_eps,
             tuple(ctx.needs_input_grad[:3]), picker, workspace_bytes,
+            (cell_max, cell) if cell_max is not None else None,
         )  # fmt: skip
         return (*grads, None, None, None, None, None)

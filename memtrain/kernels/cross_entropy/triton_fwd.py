@@ -5,6 +5,13 @@ Each program owns ``BLOCK_M`` rows and one slice of the vocabulary. It walks its
 (plus the target's logit and, for label smoothing, the sum of all logits). The slices' partial
 results (a few floats per row) are merged on the host side with a log-sum-exp over slices.
 Splitting the vocabulary is what keeps all multiprocessors busy when there are few row blocks.
+
+For the gradient filter the kernel can also record the largest logit of each ``CELL_M x CELL_V``
+cell of its tiles (a few floats per tile; rows with an ignored target do not count). With the
+log-sum-exps this bounds every softmax probability of a cell, so the backward can skip blocks
+that are negligible without recomputing their logits. Cells are the finest grid that every
+candidate block shape is made of, so the backward's blocks, whatever shape it picks, are unions
+of whole cells.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ def _forward_kernel(
     sumexp_ptr,
     target_logit_ptr,
     logit_sum_ptr,
+    cell_max_ptr,
     n_rows,
     vocab,
     dim,
@@ -35,16 +43,21 @@ def _forward_kernel(
     stride_w,
     cols_per_split,
     splits,
+    cell_rows,
+    cell_cols,
     softcap,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     NEED_SUM: tl.constexpr,
+    CELL_MAX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    CELL_M: tl.constexpr,
+    CELL_V: tl.constexpr,
 ):
     # Slices vary fastest, so the programs running at one time share a few row blocks of hidden
     # (which then stay in L2) and stream each weight block once for all of them.
@@ -70,7 +83,8 @@ def _forward_kernel(
             HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST,
         )  # fmt: skip
         logits = tl.where(col_mask[None, :], logits, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(logits, axis=1))
+        row_top = tl.max(logits, axis=1)
+        new_max = tl.maximum(run_max, row_top)
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(
             tl.exp(logits - new_max[:, None]), axis=1
         )
@@ -79,6 +93,11 @@ def _forward_kernel(
         target_logit += tl.sum(tl.where(hit, logits, 0.0), axis=1)
         if NEED_SUM:
             logit_sum += tl.sum(tl.where(col_mask[None, :], logits, 0.0), axis=1)
+        if CELL_MAX:
+            _store_cell_maxima(
+                cell_max_ptr, logits, row_top, targets >= 0, pid_m, v0, cell_rows, cell_cols,
+                BLOCK_M, BLOCK_V, CELL_M, CELL_V,
+            )  # fmt: skip
 
     out = pid_s * n_rows + rows
     tl.store(max_ptr + out, run_max, mask=row_mask)
@@ -86,6 +105,54 @@ def _forward_kernel(
     tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
     if NEED_SUM:
         tl.store(logit_sum_ptr + out, logit_sum, mask=row_mask)
+
+
+@triton.jit
+def _store_cell_maxima(
+    cell_max_ptr,
+    logits,
+    row_top,
+    counted,
+    pid_m,
+    v0,
+    cell_rows,
+    cell_cols,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    CELL_M: tl.constexpr,
+    CELL_V: tl.constexpr,
+):
+    """Store the largest logit of each cell of the tile at rows ``pid_m``, columns from ``v0``.
+
+    ``row_top`` is the tile's row maximum; only ``counted`` rows count (in range and not
+    ignored: ignored rows get no gradient, so they need no bound). Out-of-range columns are -inf
+    already. Cells wholly past the end are not stored (``cols_per_split`` is a multiple of
+    ``BLOCK_V``, so each cell lies in one program's slice and is stored once).
+    """
+    offs_m = tl.arange(0, BLOCK_M) // CELL_M
+    offs_v = tl.arange(0, BLOCK_V) // CELL_V
+    for j in tl.static_range(BLOCK_V // CELL_V):
+        cell_top = row_top
+        if CELL_V < BLOCK_V:
+            cell_top = tl.max(tl.where(offs_v[None, :] == j, logits, float("-inf")), axis=1)
+        col = v0 // CELL_V + j
+        for i in tl.static_range(BLOCK_M // CELL_M):
+            top = tl.max(tl.where(counted & (offs_m == i), cell_top, float("-inf")), axis=0)
+            row = pid_m * (BLOCK_M // CELL_M) + i
+            tl.store(
+                cell_max_ptr + row * cell_cols + col,
+                top,
+                mask=(row < cell_rows) & (col < cell_cols),
+            )
+
+
+def empty_cell_max(
+    n_rows: int, vocab: int, cell: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """Float32 ``[N / CELL_M, V / CELL_V]`` (rounded up) for the forward to fill with the
+    largest logit of each cell."""
+    shape = (triton.cdiv(n_rows, cell[0]), triton.cdiv(vocab, cell[1]))
+    return torch.empty(shape, dtype=torch.float32, device=device)
 
 
 def forward_row_stats(
@@ -96,8 +163,14 @@ def forward_row_stats(
     softcap: float | None,
     need_sum: bool,
     config: dict,
+    cell_max: torch.Tensor | None = None,
+    cell: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Return (lse, target logit, sum of logits or None), each float32 of length N."""
+    """Return (lse, target logit, sum of logits or None), each float32 of length N.
+
+    If given, ``cell_max`` (from :func:`empty_cell_max`) receives the largest logit of every
+    ``cell`` (rows x columns, default the block shape; each must divide the block's).
+    """
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     block_m, block_v, block_d = config["BLOCK_M"], config["BLOCK_V"], config["BLOCK_D"]
@@ -107,16 +180,21 @@ def forward_row_stats(
     wanted = max(MIN_SPLITS, config["target_programs"] // row_blocks)
     cols_per_split = triton.cdiv(triton.cdiv(vocab, wanted), block_v) * block_v
     splits = triton.cdiv(vocab, cols_per_split)
+    cell = cell or (block_m, block_v)
+    assert block_m % cell[0] == 0 and block_v % cell[1] == 0, (cell, block_m, block_v)
     parts = torch.empty((4, splits, n_rows), dtype=torch.float32, device=hidden.device)
     _forward_kernel[(row_blocks * splits,)](
         hidden, weight, bias if bias is not None else hidden, targets,
-        parts[0], parts[1], parts[2], parts[3],
+        parts[0], parts[1], parts[2], parts[3], cell_max if cell_max is not None else parts,
         n_rows, vocab, dim, hidden.stride(0), weight.stride(0), cols_per_split, splits,
+        *(cell_max.shape if cell_max is not None else (0, 0)),
         float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, NEED_SUM=need_sum,
+        CELL_MAX=cell_max is not None,
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, EVEN_D=dim % block_d == 0,
         DOT_PRECISION=config["dot_precision"],
         UPCAST=config["upcast"] and hidden.dtype == torch.bfloat16,
+        CELL_M=cell[0], CELL_V=cell[1],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     run_max, run_sum = parts[0], parts[1]

@@ -219,6 +219,8 @@ def run_one(spec: str, steps: int, host_gib: float) -> dict[str, Any]:
     }
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    # Bytes an earlier run of this process left allocated (they count in this run's peak).
+    row["allocated_before_gib"] = torch.cuda.memory_allocated() / GiB
     config.use_cache = False  # training: no key/value cache in any run
     model = build_causal_lm(config, "bf16", "cuda")
     model.train()

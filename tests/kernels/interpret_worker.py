@@ -12,7 +12,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_interpreted(*args: str) -> dict:
+    """This worker in a fresh process with ``TRITON_INTERPRET=1`` (Triton reads it at import):
+    its JSON results, for the test modules to assert on."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kernels.interpret_worker", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
 
 # name -> tolerance on ||out - ref|| / ||ref||
 CASES = {

@@ -9,12 +9,7 @@ blocks, or it would cost a table for nothing.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +17,7 @@ import torch
 pytest.importorskip("triton")
 
 from memtrain.kernels.cross_entropy.triton_bwd import BOUND_SLACK, preskip_keep  # noqa: E402
-from tests.kernels.interpret_worker import PRESKIP_CASES  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.interpret_worker import PRESKIP_CASES, run_interpreted  # noqa: E402
 
 
 def _pad(z: torch.Tensor, block: tuple[int, int], value: float) -> torch.Tensor:
@@ -125,13 +118,7 @@ def test_rows_without_gradient_and_nan():
 
 @pytest.fixture(scope="module")
 def runs():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.interpret_worker", "preskip"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return run_interpreted("preskip")
 
 
 @pytest.mark.parametrize("name", sorted(PRESKIP_CASES))

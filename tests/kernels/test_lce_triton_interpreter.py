@@ -6,30 +6,16 @@ and row-block accumulation. Each case is compared with float64 (see interpret_wo
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton")
 
-from tests.kernels.interpret_worker import CASES  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.interpret_worker import CASES, run_interpreted  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.interpret_worker"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return run_interpreted()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

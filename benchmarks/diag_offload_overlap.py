@@ -159,7 +159,9 @@ def run(policy_name: str, seq: int, layers: int, steps: int, trace_dir: str | No
     if handle is not None:
         row["moved_gib"] = round(handle.stats()["totals"]["cpu"] / (steps + 1) / GiB, 3)
         handle.remove()
-    del model, optimizer, step
+    # The handle references the model, whose patched forward makes a reference cycle: drop
+    # both before collecting, or the model outlives this run on the GPU.
+    del model, optimizer, step, handle
     gc.collect()
     torch.cuda.empty_cache()
     return row

@@ -98,3 +98,29 @@ def test_unsupported_model_is_refused():
     model = build_causal_lm(load_config("gpt2"), "fp32", "meta")
     with pytest.raises(MemtrainError, match="supports llama"):
         patch_causal_lm_loss(model)
+
+
+def test_patched_model_is_freed_without_garbage_collection():
+    """The patched forward holds the model weakly: dropping the model frees it by reference
+    counting (on a GPU: its memory comes back at once, not at the next collection)."""
+    import gc
+    import weakref
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    patch_causal_lm_loss(model)
+    ids = torch.randint(0, 64, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model(input_ids=ids).logits.shape == (1, 8, 64)  # stock forward without labels
+    ref = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -9,7 +9,7 @@ never built. Without labels (generation, evaluation) the stock forward runs unch
 
 from __future__ import annotations
 
-import types
+import weakref
 from typing import Any
 
 import torch
@@ -48,8 +48,18 @@ def patch_causal_lm_loss(model: torch.nn.Module, **loss_options: Any) -> torch.n
         return model
     stock_forward = model.forward
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    # The patched forward lives in the model's __dict__; holding the model weakly (and its class
+    # forward, not a bound method) keeps that from being a reference cycle, so a dropped model
+    # frees its GPU memory at once instead of at the next garbage collection.
+    model_ref = weakref.ref(model)
+    if "forward" not in model.__dict__:
+        class_forward = type(model).forward
 
-    def forward(self, input_ids=None, *args, labels=None, **kwargs):
+        def stock_forward(*args, **kwargs):
+            return class_forward(model_ref(), *args, **kwargs)
+
+    def forward(input_ids=None, *args, labels=None, **kwargs):
+        self = model_ref()
         if labels is None:
             return stock_forward(input_ids, *args, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -78,7 +88,7 @@ def patch_causal_lm_loss(model: torch.nn.Module, **loss_options: Any) -> torch.n
         return CausalLMOutputWithPast(loss=loss, logits=None, **extra)
 
     setattr(model, _STOCK_FORWARD, stock_forward)
-    model.forward = types.MethodType(forward, model)
+    model.forward = forward
     return model
 
 

@@ -32,6 +32,7 @@ from memtrain.kernels import patch_causal_lm_loss  # noqa: E402
 from memtrain.models import build_causal_lm, load_config  # noqa: E402
 from memtrain.models.build import causal_lm_layers  # noqa: E402
 from memtrain.offload import apply, offload_optimizer  # noqa: E402
+from memtrain.planner.plot import measured_moments, write_plan_plot  # noqa: E402
 from memtrain.profile.scopes import Clock, CudaMemory, LayerScopes  # noqa: E402
 
 GiB = 2**30
@@ -104,6 +105,7 @@ def measure(seq: int, host_gib: float, layers: int | None = None) -> dict:
         "predicted_peak_at": plan["predicted"]["peak_at"]["gpu"],
         "measured_peak_gib": scopes.global_peak / GiB,
         "moments": rows,
+        "plan": plan,
     }
 
 
@@ -128,6 +130,8 @@ def main() -> None:
         depth = f"_{args.layers}l" if args.layers else ""
         path = Path(os.environ["OUT"], f"diag_offload_memory_{args.seq}{depth}.json")
         path.write_text(json.dumps(result, indent=1))
+        # the same curves as `memtrain plan --plot ... --measured <this JSON>`
+        write_plan_plot(result["plan"], path.with_suffix(".png"), measured_moments(result))
 
 
 if __name__ == "__main__":

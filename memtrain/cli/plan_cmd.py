@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 NAME = "plan"
 HELP = "plan keep/swap/recompute and state placement per layer across GPU, CPU, CXL, NVMe"
@@ -114,6 +115,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--out", default=None, help="write the plan to FILE (.yaml or .json)")
+    parser.add_argument(
+        "--plot",
+        default=None,
+        help="draw the predicted GPU memory at every moment of the step (.png or .html)",
+    )
+    parser.add_argument(
+        "--measured",
+        default=None,
+        help="with --plot: a diag_offload_memory JSON to draw beside the prediction",
+    )
 
 
 def _parse_chunks(text: str | None) -> tuple[int, ...] | None:
@@ -249,13 +260,37 @@ def run(args: argparse.Namespace) -> int:
         plan, _ = plan_per_rank(candidates, hardware, parallelism, options, attention)
     if args.out:
         plan.save(args.out)
+    if args.measured and not args.plot:
+        from memtrain.errors import MemtrainError
+
+        raise MemtrainError("--measured is drawn by --plot; name a .png or .html file")
+    if args.plot:
+        from memtrain.planner.plot import measured_moments, write_plan_plot
+
+        measured = None
+        if args.measured:
+            measured = measured_moments(_read_json(args.measured, "--measured"))
+        write_plan_plot(plan.to_dict(), args.plot, measured)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))
     else:
         print_plan(plan)
         if args.out:
             print(f"plan written to {args.out}")
+        if args.plot:
+            print(f"memory plot written to {args.plot}")
     return 0
+
+
+def _read_json(path: str, flag: str) -> dict:
+    from memtrain.errors import MemtrainError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MemtrainError(f"{flag}: no file {path}") from None
+    except (OSError, ValueError) as exc:
+        raise MemtrainError(f"{flag}: cannot read {path} as JSON ({exc})") from None
 
 
 def _row_key(layer: dict) -> tuple:

@@ -105,3 +105,41 @@ def test_plan_step_in_backward_from_a_model(capsys):
     assert inside["predicted"]["peak_bytes"]["gpu"] < after["predicted"]["peak_bytes"]["gpu"]
     for entry in inside["layers"]:
         assert entry["optimizer"] == "gpu" and entry["grads"] == "gpu"
+
+
+def test_plan_plot_png_and_html_with_a_measurement(profile_path, tmp_path, capsys):
+    from memtrain.planner.plot import step_order
+
+    png, html = tmp_path / "plan.png", tmp_path / "plan.html"
+    args = ["plan", "--profile", str(profile_path), "--gpu-budget", "6GiB", "--json"]
+    assert main([*args, "--plot", str(png)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ordered = [name for name, _ in step_order(plan["predicted"]["gpu_moments"])]
+    forwards = [n for n in ordered if n.startswith("forward ")]
+    backwards = [n for n in ordered if n.startswith("backward ")]
+    assert ordered.index(forwards[-1]) < ordered.index(backwards[0])
+    assert [n.split()[1] for n in backwards] == [n.split()[1] for n in forwards][::-1]
+    first = plan["predicted"]["gpu_moments"][0]
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps({"moments": [{"moment": first[0], "measured_gib": 1.5}]}))
+    assert main([*args, "--plot", str(html), "--measured", str(measured)]) == 0
+    capsys.readouterr()
+    assert "data:image/png;base64," in html.read_text()
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--plot", "plan.svg"], ".png or .html"),
+        (["--measured", "m.json"], "--plot"),
+        (["--plot", "plan.png", "--measured", "missing.json"], "no file"),
+    ],
+)
+def test_plan_plot_bad_input_is_one_line(
+    profile_path, tmp_path, monkeypatch, capsys, extra, needle
+):
+    monkeypatch.chdir(tmp_path)
+    code = main(["plan", "--profile", str(profile_path), "--gpu-budget", "6GiB", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err

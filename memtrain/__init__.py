@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "Plan": "memtrain.planner",
     "PlanOptions": "memtrain.planner",
     "PlanInfeasible": "memtrain.planner",
+    "write_plan_plot": "memtrain.planner.plot",
     "GaLoreAdamW": "memtrain.optim",
     "GaLoreAdafactor": "memtrain.optim",
     "FRUGAL": "memtrain.optim",

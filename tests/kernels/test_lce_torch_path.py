@@ -167,3 +167,21 @@ def test_triton_refused_where_it_cannot_run(monkeypatch):
         linear_cross_entropy(hidden, weight, labels, impl="triton")
     with pytest.raises(MemtrainError, match="impl='triton' cannot run"):
         linear_cross_entropy(hidden.double(), weight.double(), labels, impl="triton")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch_behaves_like_torch_on_every_impl(monkeypatch, reduction):
+    """No rows: the kernels' grids and chunk plans are never built, and the result is what
+    torch.nn.functional.cross_entropy gives (nan for "mean", 0 for "sum", empty for "none")."""
+    from memtrain.kernels import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "triton_available", lambda device: True)
+    weight = torch.randn(30, 8, requires_grad=True)
+    labels = torch.zeros(0, dtype=torch.long)
+    want = torch.nn.functional.cross_entropy(torch.zeros(0, 30), labels, reduction=reduction)
+    for impl in ("auto", "triton", "torch"):
+        hidden = torch.randn(0, 8, requires_grad=True)
+        loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction, impl=impl)
+        assert loss.shape == want.shape and torch.equal(loss.isnan(), want.isnan()), impl
+        loss.sum().backward()
+        assert hidden.grad.shape == (0, 8)

@@ -205,6 +205,8 @@ def linear_cross_entropy(
     flat_hidden = hidden.reshape(-1, dim).contiguous()
     weight = weight.contiguous()
     softcap = float(softcap) if softcap is not None else None
+    if flat_hidden.shape[0] == 0:  # an empty batch: nothing to launch (the kernels' grids
+        impl = "torch"  # and chunk plans assume rows); the chunked path returns the same
     if impl == "cublas":
         from memtrain.kernels.cross_entropy.blas import (
             DEFAULT_BLAS_WORKSPACE_BYTES,

@@ -7,8 +7,6 @@ to the budget, and, with a measurement, where the prediction and the device part
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -69,34 +67,18 @@ def _figure(plan: Mapping[str, Any], measured: Mapping[str, float] | None):
     )
     axis.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    return fig, plt
+    return fig
 
 
 def write_plan_plot(
     plan: Mapping[str, Any], path: str | Path, measured: Mapping[str, float] | None = None
 ) -> Path:
     """Write the plan's memory curve (and ``measured`` bytes per moment) to ``.png``/``.html``."""
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".html"):
-        raise MemtrainError(f"--plot writes .png or .html files, not {path.name!r}")
-    if not path.parent.exists():
-        raise MemtrainError(f"--plot: folder {path.parent} does not exist")
-    fig, plt = _figure(plan, measured)
-    try:
-        if path.suffix.lower() == ".png":
-            fig.savefig(path, dpi=120)
-        else:
-            buffer = io.BytesIO()
-            fig.savefig(buffer, format="png", dpi=120)
-            encoded = base64.b64encode(buffer.getvalue()).decode()
-            path.write_text(
-                "<!doctype html><meta charset='utf-8'><title>memtrain plan</title>"
-                f"<h1>{plan.get('model')}: {plan.get('seq')} tokens</h1>"
-                f"<img alt='GPU memory over the step' src='data:image/png;base64,{encoded}'>"
-            )
-    finally:
-        plt.close(fig)
-    return path
+    from memtrain.figures import plot_path, save_figure
+
+    path = plot_path(path)
+    title = f"memtrain plan: {plan.get('model')}, {plan.get('seq')} tokens"
+    return save_figure(_figure(plan, measured), path, title)
 
 
 def measured_moments(diagnostic: Mapping[str, Any]) -> dict[str, float]:

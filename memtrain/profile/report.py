@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import io
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from memtrain.errors import MemtrainError
 from memtrain.profile.result import LayerProfile, ProfileResult
 from memtrain.units import format_bytes, short_bytes
 
@@ -191,28 +189,15 @@ def _figure(result: ProfileResult):
 
 def write_plot(result: ProfileResult, path: str | Path) -> Path:
     """Write memory per layer and over the step as PNG (``.png``) or a self-contained ``.html``."""
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".html"):
-        raise MemtrainError(f"--plot writes .png or .html files, not {path.name!r}")
-    if not path.parent.exists():
-        raise MemtrainError(f"--plot: folder {path.parent} does not exist")
-    fig = _figure(result)
-    if path.suffix.lower() == ".png":
-        fig.savefig(path, dpi=120)
-    else:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=120)
-        encoded = base64.b64encode(buffer.getvalue()).decode()
-        console = Console(record=True, width=160, file=io.StringIO())
-        print_report(result, console)
-        tables = console.export_html(inline_styles=True, code_format="{code}")
-        path.write_text(
-            "<!doctype html><meta charset='utf-8'><title>memtrain profile</title>"
-            f"<h1>{result.model}: {result.batch}x{result.seq}</h1>"
-            f"<img alt='memory plots' src='data:image/png;base64,{encoded}'>"
-            f"<pre style='font-family:monospace'>{tables}</pre>"
-        )
-    import matplotlib.pyplot as plt
+    from memtrain.figures import plot_path, save_figure
 
-    plt.close(fig)
-    return path
+    path = plot_path(path)
+    console = Console(record=True, width=160, file=io.StringIO())
+    print_report(result, console)
+    tables = console.export_html(inline_styles=True, code_format="{code}")
+    return save_figure(
+        _figure(result),
+        path,
+        f"memtrain profile: {result.model}, {result.batch}x{result.seq}",
+        f"<pre style='font-family:monospace'>{tables}</pre>",
+    )

@@ -238,6 +238,10 @@ def run(args: argparse.Namespace) -> int:
     from memtrain.planner.distributed import attention_shape, plan_per_rank
     from memtrain.planner.plan import best_of
 
+    if args.plot:  # a bad --plot target fails before the planning work, not after it
+        from memtrain.figures import plot_path
+
+        plot_path(args.plot)
     hardware = load_hardware(
         args.hardware, gpu_budget=args.gpu_budget, cpu=args.cpu, cxl=args.cxl, nvme=args.nvme
     )

@@ -94,6 +94,9 @@ class Terms:
     memory: list[MemoryTerm] = field(default_factory=list)
     gpu_static: Lin = field(default_factory=Lin)
     kept: list[Lin] = field(default_factory=list)  # per layer: bytes kept from forward to backward
+    # per layer: bytes of the tensors it cuts (moved share and kept share), whole on the GPU
+    # while its copies out run and again once they are fetched back
+    copying: list[Lin] = field(default_factory=list)
     # Tie-break, not part of the step time: the seconds host tiers spend writing and reading
     # swapped bytes. Among equally fast plans it prefers fewer moved bytes and faster tiers.
     traffic: Lin = field(default_factory=Lin)
@@ -125,6 +128,25 @@ def kept_bytes(layer: LayerCosts, j: int) -> Lin:
         + layer.recomputable_bytes * _frac(j, "x", "gpu")
         + layer.checkpoint_bytes * _frac(j, "c", "gpu")
     )
+
+
+# Unit of the ``(j, "pref", "gpu")`` decision value: GiB, so the solver's variable is well scaled.
+PREFETCH_UNIT = float(2**30)
+
+
+def moves_anything(layer: LayerCosts) -> bool:
+    """Whether a layer has token bytes it could move (the solver's ``moves`` binary exists)."""
+    return layer.anchor_bytes + layer.recomputable_bytes > 0
+
+
+def prefetch_values(terms: Terms, values: dict, n_layers: int) -> None:
+    """Fill ``(j, "pref", "gpu")``: layer j-1's cut bytes (in GiB) where layer j moves
+    anything (``(j, "moves", "gpu")`` is 1), else 0."""
+    for j in range(1, n_layers):
+        if values.get((j, "moves", "gpu"), 0.0) > 0.5:
+            values[(j, "pref", "gpu")] = terms.copying[j - 1].value(values) / PREFETCH_UNIT
+        else:
+            values[(j, "pref", "gpu")] = 0.0
 
 
 def swapped_bytes(layer: LayerCosts, j: int, tier: str) -> Lin:
@@ -215,6 +237,11 @@ def build_terms(
             )
         )
         prefetch = swapped_total[j - 1] if j > 0 else Lin()
+        # The first unpack of a layer that moved anything fetches the layer before it: its cut
+        # tensors come back whole (kept share included) beside this layer's backward. A layer
+        # that moved nothing unpacks nothing, so the one before it is fetched in its own turn.
+        # ``(j, "pref", "gpu")`` is those bytes in GiB when layer j moves anything, else 0.
+        fetched = PREFETCH_UNIT * Lin.var((j, "pref", "gpu")) if j > 0 else Lin()
         memory.append(
             MemoryTerm(
                 "gpu",
@@ -223,7 +250,7 @@ def build_terms(
                 + kept_copy
                 + tiled_backward_transient(layer, phi)
                 + layer.output_bytes
-                + prefetch
+                + fetched
                 + offloaded_grads,
                 j,
             )
@@ -323,6 +350,7 @@ def build_terms(
         memory=memory,
         gpu_static=gpu_static,
         kept=kept,
+        copying=copying_bytes,
         traffic=traffic,
     )
 

@@ -10,7 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from memtrain.hardware.tiers import HardwareModel
-from memtrain.planner.costmodel import STATE_MODES, Terms, available_tiers, build_terms
+from memtrain.planner.costmodel import (
+    STATE_MODES,
+    Terms,
+    available_tiers,
+    build_terms,
+    prefetch_values,
+)
 from memtrain.planner.linear import Key
 from memtrain.planner.problem import PlanProblem
 
@@ -96,6 +102,8 @@ class Evaluation:
 def evaluate_terms(
     terms: Terms, values: Mapping[Key, float], hardware: HardwareModel, tokens: int
 ) -> Evaluation:
+    values = dict(values)
+    prefetch_values(terms, values, len(terms.copying))
     compute = terms.compute.value(values)
     exposed = {}
     for window in terms.windows:
@@ -147,13 +155,24 @@ def copy_share(layer, decision: LayerDecision) -> float:
     return kept / token
 
 
+def moves_any(layer, decision: LayerDecision) -> bool:
+    """Whether the layer keeps less than all its token bytes on the GPU (swaps or recomputes)."""
+    if layer.anchor_bytes + layer.recomputable_bytes <= 0:
+        return False
+    kept_anchor = decision.anchor.get("gpu", 0.0) if layer.anchor_bytes > 0 else 1.0
+    kept_rest = decision.rest.get("gpu", 0.0) if layer.recomputable_bytes > 0 else 1.0
+    return kept_anchor < 1 - 1e-6 or kept_rest < 1 - 1e-6
+
+
 def decision_values(decisions: list[LayerDecision], layers=None) -> dict[Key, float]:
-    """Values of every decision key; with ``layers``, also each layer's kept-copy share."""
+    """Values of every decision key; with ``layers``, also each layer's kept-copy share and
+    whether it moves anything."""
     values: dict[Key, float] = {}
     for j, decision in enumerate(decisions):
         values.update(decision.values(j))
         if layers is not None:
             values[(j, "copy", "gpu")] = copy_share(layers[j], decision)
+            values[(j, "moves", "gpu")] = 1.0 if moves_any(layers[j], decision) else 0.0
             if layers[j].droppable_anchor:
                 values[(j, "f", "full")] = max(0.0, 1.0 - sum(decision.anchor.values()))
     return values

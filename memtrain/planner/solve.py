@@ -22,6 +22,7 @@ import pulp
 from memtrain.errors import MemtrainError
 from memtrain.hardware.tiers import HardwareModel
 from memtrain.planner.costmodel import (
+    PREFETCH_UNIT,
     available_tiers,
     build_terms,
     gpu_lower_bound,
@@ -95,6 +96,7 @@ class _Model:
         self.frac_set = self._fraction_sets(tie_identical)
         self.vars: dict[Hashable, pulp.LpVariable] = {}
         self.mode_vars: dict[int, dict[str, pulp.LpVariable]] = {}
+        self.layer_vars: dict[Hashable, pulp.LpVariable] = {}  # per layer, not per set
         self.binaries: list[pulp.LpVariable] = []  # "moves any token", per fraction set
         cat = pulp.LpBinary if integer_fractions else pulp.LpContinuous
         for s in sorted(set(self.frac_set)):
@@ -125,6 +127,7 @@ class _Model:
             for t, v in x.items():
                 self.vars[("set", s, "x", t)] = v
             self._copy_share(s, layer, a["gpu"], x["gpu"])
+        self._prefetch_shares()
         for j, layer in enumerate(problem.layers):
             if len(modes) > 1 and layer.param_bytes + layer.state_bytes + layer.grad_bytes > 0:
                 ys = {
@@ -206,7 +209,22 @@ class _Model:
         kept = (layer.anchor_bytes * a_gpu + layer.recomputable_bytes * x_gpu) * (1.0 / token)
         self.lp += copy >= kept - (1 - z), f"copy_{s}"
         self.vars[("set", s, "copy", "gpu")] = copy
+        self.vars[("set", s, "moves", "gpu")] = z
         self.binaries.append(z)
+
+    def _prefetch_shares(self) -> None:
+        """``pref_j`` (GiB) >= the cut bytes of layer j-1 when layer j moves anything: the
+        backward of a moving layer rebuilds the layer before it whole (big-M on ``moves``)."""
+        for j in range(1, len(self.problem.layers)):
+            z = self.vars.get(("set", self.frac_set[j], "moves", "gpu"))
+            form = self.terms.copying[j - 1]
+            if z is None or not form.coef:
+                continue
+            bound = form.const + sum(max(0.0, c) for c in form.coef.values())  # all shares 1
+            cut = self._expr(form, 1.0 / PREFETCH_UNIT)
+            pref = new_var(self.lp, f"prefetch_{j}", 0)
+            self.lp += pref >= cut - (bound / PREFETCH_UNIT) * (1 - z), f"prefetch_{j}"
+            self.layer_vars[(j, "pref", "gpu")] = pref
 
     def _fraction_sets(self, tie: bool) -> list[int]:
         sets = list(range(len(self.problem.layers)))
@@ -220,6 +238,8 @@ class _Model:
 
     def _lookup(self, key: Hashable):
         j, group, name = key
+        if group == "pref":
+            return self.layer_vars.get(key, 0.0)
         if group == "m":
             if j in self.mode_vars:
                 return self.mode_vars[j][name]

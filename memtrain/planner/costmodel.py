@@ -134,11 +134,6 @@ def kept_bytes(layer: LayerCosts, j: int) -> Lin:
 PREFETCH_UNIT = float(2**30)
 
 
-def moves_anything(layer: LayerCosts) -> bool:
-    """Whether a layer has token bytes it could move (the solver's ``moves`` binary exists)."""
-    return layer.anchor_bytes + layer.recomputable_bytes > 0
-
-
 def prefetch_values(terms: Terms, values: dict, n_layers: int) -> None:
     """Fill ``(j, "pref", "gpu")``: layer j-1's cut bytes (in GiB) where layer j moves
     anything (``(j, "moves", "gpu")`` is 1), else 0."""

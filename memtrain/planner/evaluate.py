@@ -65,8 +65,9 @@ class Evaluation:
     usable: dict[str, float]  # tier -> bytes the plan may fill
     tokens: int
     exposed_by_window: dict[str, float] = field(default_factory=dict)
-    # (moment, bytes) of every predicted GPU moment in step order: what a measured per-layer
-    # memory timeline is compared against
+    # (moment, bytes) of every predicted GPU moment, layer by layer (forward, backward), as the
+    # cost model lists them (planner.plot.step_order puts them in step order): what a measured
+    # per-layer memory timeline is compared against
     gpu_moments: list[tuple[str, float]] = field(default_factory=list)
 
     @property
@@ -137,24 +138,6 @@ def evaluate_terms(
     )
 
 
-def copy_share(layer, decision: LayerDecision) -> float:
-    """Share of a layer's token bytes held twice while it runs: its kept share when it moves
-    some tokens (swap or recompute) and keeps others, else 0."""
-    token = layer.anchor_bytes + layer.recomputable_bytes
-    if token <= 0:
-        return 0.0
-    kept_anchor = decision.anchor.get("gpu", 0.0) if layer.anchor_bytes > 0 else 1.0
-    kept_rest = decision.rest.get("gpu", 0.0) if layer.recomputable_bytes > 0 else 1.0
-    if kept_anchor >= 1 - 1e-6 and kept_rest >= 1 - 1e-6:
-        return 0.0
-    kept = 0.0
-    if layer.anchor_bytes > 0:
-        kept += layer.anchor_bytes * kept_anchor
-    if layer.recomputable_bytes > 0:
-        kept += layer.recomputable_bytes * kept_rest
-    return kept / token
-
-
 def moves_any(layer, decision: LayerDecision) -> bool:
     """Whether the layer keeps less than all its token bytes on the GPU (swaps or recomputes)."""
     if layer.anchor_bytes + layer.recomputable_bytes <= 0:
@@ -162,6 +145,16 @@ def moves_any(layer, decision: LayerDecision) -> bool:
     kept_anchor = decision.anchor.get("gpu", 0.0) if layer.anchor_bytes > 0 else 1.0
     kept_rest = decision.rest.get("gpu", 0.0) if layer.recomputable_bytes > 0 else 1.0
     return kept_anchor < 1 - 1e-6 or kept_rest < 1 - 1e-6
+
+
+def copy_share(layer, decision: LayerDecision) -> float:
+    """Share of a layer's token bytes held twice while it runs: its kept share when it moves
+    some tokens (swap or recompute) and keeps others, else 0."""
+    if not moves_any(layer, decision):
+        return 0.0
+    kept = layer.anchor_bytes * decision.anchor.get("gpu", 0.0)
+    kept += layer.recomputable_bytes * decision.rest.get("gpu", 0.0)
+    return kept / (layer.anchor_bytes + layer.recomputable_bytes)
 
 
 def decision_values(decisions: list[LayerDecision], layers=None) -> dict[Key, float]:

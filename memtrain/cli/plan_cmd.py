@@ -238,10 +238,19 @@ def run(args: argparse.Namespace) -> int:
     from memtrain.planner.distributed import attention_shape, plan_per_rank
     from memtrain.planner.plan import best_of
 
-    if args.plot:  # a bad --plot target fails before the planning work, not after it
+    # Bad --plot or --measured input fails before the planning work, not after it.
+    measured = None
+    if args.measured and not args.plot:
+        from memtrain.errors import MemtrainError
+
+        raise MemtrainError("--measured is drawn by --plot; name a .png or .html file")
+    if args.plot:
         from memtrain.figures import plot_path
+        from memtrain.planner.plot import measured_moments
 
         plot_path(args.plot)
+        if args.measured:
+            measured = measured_moments(_read_json(args.measured, "--measured"))
     hardware = load_hardware(
         args.hardware, gpu_budget=args.gpu_budget, cpu=args.cpu, cxl=args.cxl, nvme=args.nvme
     )
@@ -264,16 +273,9 @@ def run(args: argparse.Namespace) -> int:
         plan, _ = plan_per_rank(candidates, hardware, parallelism, options, attention)
     if args.out:
         plan.save(args.out)
-    if args.measured and not args.plot:
-        from memtrain.errors import MemtrainError
-
-        raise MemtrainError("--measured is drawn by --plot; name a .png or .html file")
     if args.plot:
-        from memtrain.planner.plot import measured_moments, write_plan_plot
+        from memtrain.planner.plot import write_plan_plot
 
-        measured = None
-        if args.measured:
-            measured = measured_moments(_read_json(args.measured, "--measured"))
         write_plan_plot(plan.to_dict(), args.plot, measured)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))

@@ -267,8 +267,9 @@ class SwapEngine:
             return known  # bytes already packed in this step (another view, or another layer)
         packed = Packed(self, layer, tensor, dim)
         ranges = cut_points(tensor.shape[dim], shares)
+        is_dense = tuple(tensor.stride()) == packed.stride
         dense = tensor
-        if tuple(tensor.stride()) != packed.stride:  # not dense: gather it once, on this stream
+        if not is_dense:  # gather it once, on this stream
             dense = torch.empty_strided(
                 packed.shape, packed.stride, dtype=tensor.dtype, device=tensor.device
             )
@@ -300,7 +301,7 @@ class SwapEngine:
         if self.cuda and packed.event is not None:
             layer.pending.append((packed.event, (tensor, sources)))
         layer.packed.append(weakref.ref(packed))
-        if packed.stride == tuple(tensor.stride()):  # dense: later views can alias it
+        if is_dense:  # later views can alias it
             start = tensor.storage_offset()
             entry = (weakref.ref(storage), weakref.ref(packed), start, start + tensor.numel())
             self._identity.setdefault(storage._cdata, []).append(entry)

@@ -61,7 +61,7 @@ from typing import NamedTuple
 
 import torch
 
-from memtrain.kernels.cross_entropy.chunked import fp16_grad_scale, row_losses
+from memtrain.kernels.cross_entropy.chunked import fp16_grad_scale, row_losses, undo_grad_scale
 
 MiB = 1024 * 1024
 DEFAULT_BLAS_WORKSPACE_BYTES = 64 * MiB
@@ -506,12 +506,7 @@ def blas_backward(
             if need_h:
                 products.accumulate(dh, grad.t(), w, first=c0 == 0)
         if need_h and not in_place:
-            if inv_scale is not None:
-                dh.mul_(inv_scale)
+            undo_grad_scale(inv_scale, dh)
             grad_hidden[r0:r1] = dh
-    if inv_scale is not None:
-        if need_w:
-            grad_weight.mul_(inv_scale)
-        if need_b:
-            grad_bias.mul_(inv_scale)
+    undo_grad_scale(inv_scale, grad_weight, grad_bias)
     return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if need_b else None

@@ -70,6 +70,16 @@ def fp16_grad_scale(grad_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return torch.exp2(-exponent), torch.exp2(exponent)
 
 
+def undo_grad_scale(inv_scale: torch.Tensor | None, *grads: torch.Tensor | None) -> None:
+    """Multiply the gradients computed under :func:`fp16_grad_scale` back, in place (a no-op
+    without a scale; ``None`` gradients are skipped)."""
+    if inv_scale is None:
+        return
+    for grad in grads:
+        if grad is not None:
+            grad.mul_(inv_scale)
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Per-row losses of ``softcap(hidden @ weight.T + bias)`` against ``targets`` (-1 = ignore)."""
 

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memtrain.kernels.cross_entropy.chunked import fp16_grad_scale
+from memtrain.kernels.cross_entropy.chunked import fp16_grad_scale, undo_grad_scale
 from memtrain.kernels.cross_entropy.triton_sparse import sparse_products
 from memtrain.kernels.cross_entropy.triton_tiles import logits_tile
 
@@ -369,14 +369,9 @@ def backward_grads(
                 else:
                     grad_weight[c0:c1].addmm_(chunk.t(), hidden[r0:r1])
         if need_h and not in_place:
-            if inv_scale is not None:
-                acc.mul_(inv_scale)
+            undo_grad_scale(inv_scale, acc)
             grad_hidden[r0:r1] = acc
-    if inv_scale is not None:
-        if need_w:
-            grad_weight.mul_(inv_scale)
-        if need_b:
-            grad_bias.mul_(inv_scale)
+    undo_grad_scale(inv_scale, grad_weight, grad_bias)
     if need_b:
         grad_bias = grad_bias.to(bias.dtype)
     if use_filter and FILTER_STATS is not None:

@@ -82,6 +82,23 @@ SMOKE_MODES = {
 }  # fmt: skip
 PLAN_SEQS = (16384, 32768, 65536, 262144, 524288, 1048576)
 GPU_BUDGET: str | None = None  # --gpu-budget: plan for less GPU memory than the card has
+# What ``memtrain run`` sets too: without it the caching allocator strands gigabytes between
+# differently sized segments at long context (set before CUDA starts; applies to every run).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def cap_gpu(gib: float | None) -> dict[str, Any]:
+    """Let this process allocate at most ``gib`` GiB (an 80 GB H100 on a larger card)."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    if gib is not None:
+        if gib * GiB > total:
+            raise SystemExit(f"--gpu-cap-gib {gib} exceeds the card's {total / GiB:.1f} GiB")
+        torch.cuda.set_per_process_memory_fraction(gib * GiB / total)
+    return {
+        "gpu_total_gib": round(total / GiB, 2),
+        "gpu_cap_gib": gib,
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+    }
 
 
 # -- plans (any machine) ------------------------------------------------------------------
@@ -405,6 +422,9 @@ def main() -> None:
     parser.add_argument(
         "--gpu-budget", help="plan for this much GPU memory (e.g. 66GiB); plans made fresh"
     )
+    parser.add_argument(
+        "--gpu-cap-gib", type=float, help="allocate at most this much (79.2: an 80 GB H100)"
+    )
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args()
     global GPU_BUDGET
@@ -427,6 +447,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "host_gib": args.host_gib,
         "gpu_budget": args.gpu_budget,
+        **cap_gpu(args.gpu_cap_gib),
     }
     print(json.dumps(header), flush=True)
     rows = smoke() if "smoke" in args.group else []

@@ -75,7 +75,12 @@ def measure(seq: int, host_gib: float, layers: int | None = None) -> dict:
     torch.cuda.reset_peak_memory_stats()
     device = torch.device("cuda")
     scopes = LayerScopes(causal_lm_layers(model), CudaMemory(device), Clock(device))
-    step(scopes)
+    out_of_memory = None
+    try:
+        step(scopes)
+    except torch.OutOfMemoryError as exc:  # the moments up to here still say where it grew
+        out_of_memory = str(exc).split("\n")[0][:600]
+        optimizer.zero_grad(set_to_none=True)
     scopes.remove()
     torch.cuda.synchronize()
     measured: dict[str, int] = {}
@@ -104,6 +109,8 @@ def measure(seq: int, host_gib: float, layers: int | None = None) -> dict:
         "predicted_peak_gib": plan["predicted"]["peak_bytes"]["gpu"] / GiB,
         "predicted_peak_at": plan["predicted"]["peak_at"]["gpu"],
         "measured_peak_gib": scopes.global_peak / GiB,
+        "out_of_memory": out_of_memory,
+        "allocator_peak_gib": torch.cuda.max_memory_allocated() / GiB,
         "moments": rows,
         "plan": plan,
     }
@@ -114,14 +121,20 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=65536)
     parser.add_argument("--host-gib", type=float, default=80.0)
     parser.add_argument("--layers", type=int, help="a shallower copy, planned on the spot")
+    parser.add_argument(
+        "--gpu-cap-gib", type=float, help="allocate at most this much (79.2: an 80 GB H100)"
+    )
     args = parser.parse_args()
-    result = measure(args.seq, args.host_gib, args.layers)
+    limits = bench.cap_gpu(args.gpu_cap_gib)
+    result = {**measure(args.seq, args.host_gib, args.layers), **limits}
     print(f"{'moment':24s} {'predicted GiB':>14s} {'measured GiB':>13s} {'error':>8s}")
     for row in result["moments"]:
         pred = "-" if row["predicted_gib"] is None else f"{row['predicted_gib']:.2f}"
         meas = "-" if row["measured_gib"] is None else f"{row['measured_gib']:.2f}"
         err = "-" if row["error"] is None else f"{100 * row['error']:+.1f}%"
         print(f"{row['moment']:24s} {pred:>14s} {meas:>13s} {err:>8s}")
+    if result["out_of_memory"]:
+        print(f"out of memory: {result['out_of_memory']}")
     print(
         f"step peak: measured {result['measured_peak_gib']:.2f} GiB, predicted "
         f"{result['predicted_peak_gib']:.2f} GiB at {result['predicted_peak_at']}"

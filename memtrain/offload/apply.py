@@ -222,12 +222,16 @@ class OffloadHandle:
             state = LayerState(name, shares)
             self._states[name] = state
             self._modes[name] = mode
-            if policy.chunks > 1 and mode != "tokenwise":
-                self._tile_mlp(name, modules, policy.chunks)
-            if mode == "full_recompute":
+            if mode == "full_recompute" and policy.chunks > 1 and _memo_ok(modules):
+                self._install_tiled_recompute(name, modules[0], policy)
+            elif mode == "full_recompute":
+                if policy.chunks > 1:
+                    self._tile_mlp(name, modules, policy.chunks, checkpoint_each=True)
                 for module in modules:
                     self._replace_forward(module, _checkpointed(module.forward))
-            elif mode == "tokenwise":
+            elif policy.chunks > 1 and mode != "tokenwise":
+                self._tile_mlp(name, modules, policy.chunks)
+            if mode == "tokenwise":
                 if len(modules) != 1:
                     raise MemtrainError(f"layer {name}: token-wise recompute needs one module")
                 self._install_tokenwise(name, modules[0], policy, state)
@@ -305,7 +309,33 @@ class OffloadHandle:
 
         self._replace_forward(module, dispatch)
 
-    def _tile_mlp(self, name: str, modules: list[nn.Module], chunks: int) -> None:
+    def _install_tiled_recompute(self, name: str, module: nn.Module, policy: LayerPolicy) -> None:
+        """Whole-layer recompute of a Llama-family block in sequence chunks.
+
+        The block runs token-wise with every token recomputed (attention too) under one
+        non-reentrant checkpoint that stores only the block input; inside it each chunk of
+        token-local work (norms, projections, MLP) is a checkpoint of its own. Recompute and
+        backward then hold one chunk's saved tensors at a time plus attention's whole-sequence
+        tensors, which is what the planner prices for a tiled block; a checkpoint around the
+        stock forward would rebuild every chunk's saved tensors at once.
+        """
+        parts = LlamaBlockParts(module, name)
+        self._attention_parts.append(parts)
+        whole = tokenwise_forward(
+            parts, stored_fraction=0.0, chunks=policy.chunks, scope=_unscoped, lengths=_unscoped
+        )
+        original = module.forward
+
+        def dispatch(*args, **kwargs):
+            if not torch.is_grad_enabled() or in_backward():
+                return original(*args, **kwargs)
+            return checkpoint(whole, *args, use_reentrant=False, **kwargs)
+
+        self._replace_forward(module, dispatch)
+
+    def _tile_mlp(
+        self, name: str, modules: list[nn.Module], chunks: int, checkpoint_each: bool = False
+    ) -> None:
         mlps = [m.mlp for m in modules if isinstance(getattr(m, "mlp", None), nn.Module)]
         if not mlps:
             raise MemtrainError(
@@ -313,7 +343,9 @@ class OffloadHandle:
                 "submodule to tile"
             )
         for mlp in mlps:
-            self._replace_forward(mlp, _chunked(mlp.forward, chunks, self.engine))
+            self._replace_forward(
+                mlp, _chunked(mlp.forward, chunks, self.engine, checkpoint_each=checkpoint_each)
+            )
 
     def _replace_forward(self, module: nn.Module, forward) -> None:
         had = "forward" in module.__dict__
@@ -476,18 +508,33 @@ def _checkpointed(forward):
     return wrapper
 
 
-def _chunked(forward, chunks: int, engine: SwapEngine):
-    """Run a token-local module over sequence chunks (dim 1) and concatenate."""
+def _chunked(forward, chunks: int, engine: SwapEngine, checkpoint_each: bool = False):
+    """Run a token-local module over sequence chunks (dim 1) and concatenate.
+
+    ``checkpoint_each``: every chunk is a checkpoint of its own, for modules inside a
+    whole-layer checkpoint, whose recompute would otherwise rebuild all chunks' saved tensors
+    at once (tiling the forward alone).
+    """
+
+    def run(part, *args, **kwargs):
+        if checkpoint_each and torch.is_grad_enabled():
+            return checkpoint(forward, part, *args, use_reentrant=False, **kwargs)
+        return forward(part, *args, **kwargs)
 
     def wrapper(x, *args, **kwargs):
         if x.dim() < 2 or x.shape[1] < 2:
             return forward(x, *args, **kwargs)
         ranges = chunk_ranges(0, x.shape[1], chunks)
         with engine.token_lengths_added(sorted({b - a for a, b in ranges})):
-            outs = [forward(x[:, a:b], *args, **kwargs) for a, b in ranges]
+            outs = [run(x[:, a:b], *args, **kwargs) for a, b in ranges]
         return torch.cat(outs, dim=1)
 
     return wrapper
+
+
+def _unscoped(*_: Any) -> contextlib.AbstractContextManager:
+    """No saved-tensor scope: inside a whole-layer checkpoint the checkpoint owns them."""
+    return contextlib.nullcontext()
 
 
 def apply(

@@ -90,6 +90,55 @@ def test_tiling_under_whole_layer_recompute(llama_reference):
         assert_close(llama_reference, train(model, batch("llama")), REL)
 
 
+def test_tiled_whole_layer_recompute_with_input_on_host(llama_reference):
+    model = make_model("llama")
+    policy = OffloadPolicy(
+        _blocks(
+            lambda: LayerPolicy(
+                keep=0.0, full_recompute=True, input_checkpoint={"cpu": 1.0}, chunks=3
+            )
+        )
+    )
+    with apply(model, policy, host_pool_bytes=POOL) as handle:
+        assert_close(llama_reference, train(model, batch("llama")), REL)
+        hidden = TINY_HIDDEN["llama"]
+        assert handle.stats()["layers"]["block.1"]["cpu"] == SEQ * hidden * 4  # the input only
+
+
+TINY_HIDDEN = {"llama": 64}
+WIDE = {"llama": {"intermediate_size": 1024}, "gpt2": {"n_embd": 64}}
+WIDE_SEQ = 128
+
+
+def _backward_peak(family: str, chunks: int) -> int:
+    """Bytes allocated at the peak of one backward pass (CPU storages, allocator-style)."""
+    from memtrain.profile.tracker import OpTracker
+
+    model = make_model(family, **WIDE[family])
+    ids = batch(family, seq=WIDE_SEQ)
+    policy = OffloadPolicy(
+        _blocks(lambda: LayerPolicy(keep=0.0, full_recompute=True, chunks=chunks))
+    )
+    with apply(model, policy):
+        loss = model(input_ids=ids, labels=ids).loss
+        tracker = OpTracker(None, track_memory=True, on_op=lambda *_: None, block=1)
+        with tracker:
+            loss.backward()
+    return tracker.peak_bytes
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tiled_whole_layer_recompute_holds_one_chunk_of_the_mlp(family):
+    """Backward of a whole-layer recompute in 8 chunks rebuilds one chunk's MLP tensors at a
+    time: its peak is below the untiled one by most of a block's MLP saved bytes."""
+    if family == "llama":  # gate, up, act(gate) and act * up, fp32
+        mlp_saved = WIDE_SEQ * 4 * WIDE["llama"]["intermediate_size"] * 4
+    else:  # c_fc output, the GELU's intermediates (tanh approximation), fp32
+        mlp_saved = WIDE_SEQ * 3 * 4 * WIDE["gpt2"]["n_embd"] * 4
+    untiled, tiled = _backward_peak(family, 1), _backward_peak(family, 8)
+    assert tiled <= untiled - 0.6 * mlp_saved, (untiled, tiled, mlp_saved)
+
+
 def test_tokenwise_refuses_other_architectures():
     model = make_model("gpt2")
     policy = OffloadPolicy({"block.0": LayerPolicy(keep=0.5, recompute=0.5)})

@@ -75,6 +75,9 @@ SMOKE_MODES = {
     "full-recompute-input-on-cpu": {
         "keep": 0.0, "full_recompute": True, "input_checkpoint": {"cpu": 1.0},
     },
+    "full-recompute-tiled": {
+        "keep": 0.0, "full_recompute": True, "input_checkpoint": {"cpu": 1.0}, "chunks": 4,
+    },
     "tokenwise-half": {"keep": 0.2, "swap": {"cpu": 0.3}, "recompute": 0.5, "chunks": 2},
     "tokenwise-all-anchors-on-cpu": {
         "keep": 0.0, "recompute": 1.0, "input_checkpoint": {"cpu": 1.0}, "chunks": 4,

@@ -237,11 +237,15 @@ def build_terms(
         # that moved nothing unpacks nothing, so the one before it is fetched in its own turn.
         # ``(j, "pref", "gpu")`` is those bytes in GiB when layer j moves anything, else 0.
         fetched = PREFETCH_UNIT * Lin.var((j, "pref", "gpu")) if j > 0 else Lin()
+        # Backward fetches a layer's host bytes whole (every swapped tensor, chunk tensors
+        # of a tiled layer included, comes back at its first unpack); sequence chunks divide
+        # only what is recomputed.
+        working_backward = working + (1.0 - phi) * swapped_total[j]
         memory.append(
             MemoryTerm(
                 "gpu",
                 f"backward {layer.name}",
-                working
+                working_backward
                 + kept_copy
                 + tiled_backward_transient(layer, phi)
                 + layer.output_bytes

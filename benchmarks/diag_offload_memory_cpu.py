@@ -1,0 +1,161 @@
+"""The planner's per-moment GPU bytes against the executor's live bytes on the CPU.
+
+The GPU diagnostic (``diag_offload_memory.py``) needs a device; this runs the same comparison
+on a small Llama-style model on the CPU, where every allocation is counted exactly (storages
+tracked at the dispatcher, as the profiler's measured CPU mode does). Decisions are given per
+block, in the planner's own terms, so the patterns the planner makes at long context (stored
+token shares swapped, the rest recomputed from a stored input; every token recomputed with the
+attention output stored; whole-block recompute) are each compared moment by moment.
+
+Run:  python benchmarks/diag_offload_memory_cpu.py --pattern long-context
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from memtrain.hardware.tiers import load_hardware  # noqa: E402
+from memtrain.kernels import patch_causal_lm_loss  # noqa: E402
+from memtrain.models import build_causal_lm  # noqa: E402
+from memtrain.models.build import causal_lm_layers  # noqa: E402
+from memtrain.offload import apply  # noqa: E402
+from memtrain.planner.evaluate import LayerDecision, evaluate, keep_all  # noqa: E402
+from memtrain.planner.plan import _layer_entry  # noqa: E402
+from memtrain.planner.problem import build_problem  # noqa: E402
+from memtrain.profile import profile_causal_lm  # noqa: E402
+from memtrain.profile.scopes import Clock, LayerScopes, TrackedMemory  # noqa: E402
+from memtrain.profile.tracker import OpTracker  # noqa: E402
+
+CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 311,
+    "tie_word_embeddings": True,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
+
+# Per-block decisions (the planner's LayerDecision fields), block 0 first.
+PATTERNS: dict[str, list[dict[str, Any]]] = {
+    # what the 512k plan does: stored tokens swapped and the rest recomputed (blocks 0, 1),
+    # then every token recomputed with the attention output stored, input on the GPU
+    "long-context": [
+        {"anchor": {"cpu": 1.0}, "rest": {"cpu": 0.33, "rec": 0.67}, "checkpoint": {"cpu": 0.67}},
+        {"anchor": {"cpu": 1.0}, "rest": {"cpu": 0.62, "rec": 0.38}, "checkpoint": {"gpu": 0.38}},
+        {"anchor": {"gpu": 0.25, "cpu": 0.75}, "rest": {"rec": 1.0}, "checkpoint": {"gpu": 1.0}},
+        {"anchor": {"gpu": 0.25, "cpu": 0.75}, "rest": {"rec": 1.0}, "checkpoint": {"gpu": 1.0}},
+    ],
+    # what the 1M plan does in its interior: the attention output dropped, whole-block recompute
+    "whole-block": [
+        {"anchor": {"cpu": 1.0}, "rest": {"cpu": 0.1, "rec": 0.9}, "checkpoint": {"cpu": 0.9}},
+        {"anchor": {}, "rest": {"rec": 1.0}, "checkpoint": {"gpu": 0.1, "cpu": 0.9}},
+        {"anchor": {}, "rest": {"rec": 1.0}, "checkpoint": {"gpu": 0.1, "cpu": 0.9}},
+        {"anchor": {}, "rest": {"rec": 1.0}, "checkpoint": {"gpu": 0.1, "cpu": 0.9}},
+    ],
+    "swap-half": [{"anchor": {"gpu": 0.5, "cpu": 0.5}, "rest": {"gpu": 0.5, "cpu": 0.5}}] * 4,
+}
+
+
+def compare(pattern: str, seq: int, chunks: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as folder:
+        from transformers import AutoConfig
+
+        values = dict(CONFIG)
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+        config.save_pretrained(folder)
+        profile = profile_causal_lm(
+            str(Path(folder, "config.json")), seq=seq, dtype="bf16", device="meta",
+            target="cpu", optimizer="sgd",
+        )  # fmt: skip
+    problem = build_problem(profile, fused_loss=True, always_store_ops=("flash",))
+    hardware = load_hardware("h100-sxm-80g", cpu="1TiB")  # moments only: no capacity binds
+    blocks = iter(LayerDecision(**d) for d in PATTERNS[pattern])
+    decisions = [next(blocks) if layer.kind == "block" else keep_all() for layer in problem.layers]
+    evaluation = evaluate(problem, hardware, decisions, chunks)
+    plan = {
+        "schema": "memtrain.plan",
+        "seq": seq,
+        "micro_batch": 1,
+        "layers": [
+            _layer_entry(layer, decision, chunks)
+            for layer, decision in zip(problem.layers, decisions, strict=True)
+        ],
+    }
+    model = build_causal_lm(config, "bf16", "cpu", seed=0)
+    model.train()
+    patch_causal_lm_loss(model)
+    handle = apply(model, plan, profile=profile)
+    ids = torch.randint(2, config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
+    for param in model.parameters():  # gradients exist for the whole step, as in the plan
+        param.grad = torch.zeros_like(param)
+    # parameters and gradients as allocated, optimizer states as the plan counts them
+    states = sum(layer.state_bytes for layer in problem.layers)
+    static = sum(p.numel() * p.element_size() * 2 for p in model.parameters()) + int(states)
+    memory = TrackedMemory(static)
+    scopes = LayerScopes(causal_lm_layers(model), memory, Clock(torch.device("cpu")))
+    tracker = OpTracker(None, track_memory=True, on_op=scopes.charge, on_alloc=memory.observe)
+    memory.attach(tracker)
+    try:
+        with tracker:
+            scopes.begin("forward")
+            loss = model(input_ids=ids, labels=ids).loss
+            scopes.begin("backward")
+            loss.backward()
+            scopes.end()
+            del loss
+    finally:
+        scopes.remove()
+        handle.remove()
+    measured: dict[str, int] = {}
+    for phase, name, value in scopes.timeline:
+        key = f"{phase} {name}"
+        measured[key] = max(measured.get(key, 0), value)
+    rows = []
+    for moment, predicted in evaluation.gpu_moments:
+        value = measured.get(moment)
+        rows.append(
+            {
+                "moment": moment,
+                "predicted": int(predicted),
+                "measured": value,
+                "error": None if not value else round(value / predicted - 1, 4),
+            }
+        )
+    return {"pattern": pattern, "seq": seq, "chunks": chunks, "moments": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pattern", choices=sorted(PATTERNS), default="long-context")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = compare(args.pattern, args.seq, args.chunks)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"{'moment':24s} {'predicted MiB':>14s} {'measured MiB':>13s} {'error':>8s}")
+    for row in result["moments"]:
+        measured = "-" if row["measured"] is None else f"{row['measured'] / 2**20:.2f}"
+        error = "-" if row["error"] is None else f"{100 * row['error']:+.1f}%"
+        print(f"{row['moment']:24s} {row['predicted'] / 2**20:14.2f} {measured:>13s} {error:>8s}")
+
+
+if __name__ == "__main__":
+    main()

@@ -324,14 +324,7 @@ class OffloadHandle:
         whole = tokenwise_forward(
             parts, stored_fraction=0.0, chunks=policy.chunks, scope=_unscoped, lengths=_unscoped
         )
-        original = module.forward
-
-        def dispatch(*args, **kwargs):
-            if not torch.is_grad_enabled() or in_backward():
-                return original(*args, **kwargs)
-            return checkpoint(whole, *args, use_reentrant=False, **kwargs)
-
-        self._replace_forward(module, dispatch)
+        self._replace_forward(module, _checkpointed(module.forward, training=whole))
 
     def _tile_mlp(
         self, name: str, modules: list[nn.Module], chunks: int, checkpoint_each: bool = False
@@ -497,13 +490,15 @@ def _memo_ok(modules: list[nn.Module]) -> bool:
     return len(modules) == 1 and type(modules[0]).__name__ in SUPPORTED
 
 
-def _checkpointed(forward):
-    """Whole-layer recompute: non-reentrant checkpoint around the layer's own forward."""
+def _checkpointed(forward, training=None):
+    """Whole-layer recompute: a non-reentrant checkpoint around the layer's own forward, or
+    around ``training`` (another forward for the training step; ``forward`` runs elsewhere)."""
+    inner = forward if training is None else training
 
     def wrapper(*args, **kwargs):
         if not torch.is_grad_enabled() or in_backward():
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
     return wrapper
 

@@ -10,23 +10,17 @@ must not be overestimated by more than 30% either (a useless plan wastes memory)
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmark_scripts import load_benchmark
+
 UNDER = 0.05  # a measured block moment may exceed its prediction by at most this share
 OVER = 0.30  # a backward block moment may fall short of its prediction by at most this share
 
 
 @pytest.fixture(scope="module")
 def harness():
-    path = ROOT / "benchmarks" / "diag_offload_memory_cpu.py"
-    spec = importlib.util.spec_from_file_location("diag_offload_memory_cpu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("diag_offload_memory_cpu")
 
 
 @pytest.mark.parametrize("pattern", ["long-context", "whole-block", "swap-half"])

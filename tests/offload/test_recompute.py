@@ -10,7 +10,7 @@ import torch
 from memtrain.errors import MemtrainError
 from memtrain.offload import LayerPolicy, OffloadPolicy, apply
 from memtrain.offload.memo import chunk_ranges
-from tests.offload.conftest import SEQ, assert_close, batch, make_model, train
+from tests.offload.conftest import SEQ, TINY, assert_close, batch, make_model, train
 
 REL = 1e-5  # fp32: slicing a matmul's rows changes summation order, never more than this
 POOL = {"cpu": 8 << 20}
@@ -101,11 +101,10 @@ def test_tiled_whole_layer_recompute_with_input_on_host(llama_reference):
     )
     with apply(model, policy, host_pool_bytes=POOL) as handle:
         assert_close(llama_reference, train(model, batch("llama")), REL)
-        hidden = TINY_HIDDEN["llama"]
+        hidden = TINY["llama"]["hidden_size"]
         assert handle.stats()["layers"]["block.1"]["cpu"] == SEQ * hidden * 4  # the input only
 
 
-TINY_HIDDEN = {"llama": 64}
 WIDE = {"llama": {"intermediate_size": 1024}, "gpt2": {"n_embd": 64}}
 WIDE_SEQ = 128
 

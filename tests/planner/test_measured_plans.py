@@ -4,21 +4,16 @@ device measured. A cost-model change that breaks this is checked against real nu
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def rows():
-    path = ROOT / "benchmarks" / "reprice_measured_plans.py"
-    spec = importlib.util.spec_from_file_location("reprice_measured_plans", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("reprice_measured_plans")
     stored = json.loads(module.DECISIONS.read_text())["plans"]
     return {key: module.reprice(key, item, 80.0) for key, item in stored.items()}
 

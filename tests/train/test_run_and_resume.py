@@ -101,13 +101,16 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
 
 def test_step_in_backward_equals_ordinary_step(tmp_path):
-    # A budget both plans keep everything in: a step-in-backward plan holds no gradients, so
-    # under a tight one it would keep, swap and recompute differently (rounding differences).
+    # A budget under which neither plan recomputes: a step-in-backward plan holds no
+    # gradients, so under a tight one the two would recompute differently (rounding
+    # differences); swapping moves bytes exactly. 1x the unplanned peak was such a budget until
+    # the cost model counted a tiled layer's swapped bytes whole in backward.
     common = [
         "schedule.steps=6",
         "schedule.grad_clip=0",
         "train.checkpoint_every=6",
-        "plan.gpu_budget_fraction=1.0",
+        "plan.gpu_budget_fraction=null",
+        "plan.gpu_budget=1GiB",
     ]
     plain = load_recipe(_write(tmp_path, "plain"), common)
     fused = load_recipe(_write(tmp_path, "inbwd"), [*common, "train.step_in_backward=true"])
@@ -133,7 +136,7 @@ def test_resume_with_optimizer_states_on_the_host(tmp_path):
     common = [
         "optimizer.name=adamw",
         "optimizer.options={}",
-        "plan.gpu_budget_fraction=0.6",
+        "plan.gpu_budget_fraction=1.0",
         "train.checkpoint_every=3",
     ]
     whole = load_recipe(_write(tmp_path, "w"), [*common, "schedule.steps=6"])

@@ -223,11 +223,18 @@ def build_terms(
         # it cut (moved share and kept share alike) is still whole on the GPU until this
         # layer ends.
         copying = copying_bytes[j - 1] if j > 0 else Lin()
+        # A layer's own swapped tensors stay whole on the GPU until the next layer ends (the
+        # copies' sources), so by its last chunk the swapped share of every chunk's token-local
+        # tensors is there at once; attention's tensors are whole in any case.
+        held_swapped = Lin()
+        if layer.tileable and chunks > 1 and layer.recomputable_bytes > 0:
+            local = min(layer.recomputable_bytes, layer.tileable_fraction * layer.token_bytes)
+            held_swapped = lin_sum((1.0 - 1.0 / chunks) * local * _frac(j, "x", t) for t in host)
         memory.append(
             MemoryTerm(
                 "gpu",
                 f"forward {layer.name}",
-                working + kept_copy + phi * layer.forward_transient + copying,
+                working + held_swapped + kept_copy + phi * layer.forward_transient + copying,
                 j,
             )
         )

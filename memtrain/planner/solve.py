@@ -344,6 +344,52 @@ def _evaluate(model: _Model, decisions: list[LayerDecision]) -> Evaluation:
     )
 
 
+def _keeps_everything(decision: LayerDecision) -> bool:
+    anchor_kept = not decision.anchor or decision.anchor.get("gpu", 0.0) >= 1.0
+    return anchor_kept and decision.rest.get("gpu", 0.0) >= 1.0
+
+
+def keep_what_costs_nothing(
+    model: _Model, decisions: list[LayerDecision], evaluation: Evaluation
+) -> tuple[list[LayerDecision], Evaluation]:
+    """Keep on the GPU every layer whose swaps and recomputes buy no step time.
+
+    The solver's tie-breaks (host traffic, then the GPU peak) weigh far less than its own
+    tolerances on small problems, so where keeping everything fits it may still return a plan
+    that moves bytes for nothing. This undoes such moves layer by layer, last layer first (its
+    round trip is the one nothing hides), whenever the plan still fits and is no slower.
+    """
+    usable = {t: model.hardware.usable(t) for t in evaluation.peaks}
+
+    def fits(ev: Evaluation) -> bool:  # with the solver's own capacity margin
+        return all(ev.peaks[t] <= usable[t] * (1 - 1e-7) - 4096 for t in ev.peaks)
+
+    def no_slower(ev: Evaluation, than: Evaluation) -> bool:
+        return ev.step_time_s <= than.step_time_s * (1 + 1e-9)
+
+    for j in reversed(range(len(decisions))):
+        if _keeps_everything(decisions[j]):
+            continue
+        trial = list(decisions)
+        trial[j] = LayerDecision({"gpu": 1.0}, {"gpu": 1.0}, states=decisions[j].states)
+        candidate = _evaluate(model, trial)
+        if fits(candidate) and no_slower(candidate, evaluation):
+            decisions, evaluation = trial, candidate
+    return decisions, evaluation
+
+
+def _time_objective(model: _Model, decisions: list[LayerDecision], evaluation: Evaluation) -> float:
+    """The "time" objective of ``decisions``, as the solver would value them."""
+    from memtrain.planner.evaluate import decision_values
+
+    traffic = model.terms.traffic.value(decision_values(decisions, model.problem.layers))
+    return (
+        evaluation.step_time_s
+        + PEAK_WEIGHT_S_PER_GIB * evaluation.peaks["gpu"] / GiB
+        + TRAFFIC_WEIGHT * traffic
+    )
+
+
 def solve(
     problem: PlanProblem,
     hardware: HardwareModel,
@@ -462,6 +508,11 @@ def solve(
                     decisions = model.decisions()
                     best = (value, best[1], decisions, _evaluate(model, decisions), model)
             method_used = "lp-round+mip"
+    if best is not None and objective == "time":
+        decisions, evaluation = keep_what_costs_nothing(best[4], best[2], best[3])
+        if decisions is not best[2]:
+            best = (_time_objective(best[4], decisions, evaluation), best[1], decisions,
+                    evaluation, best[4])  # fmt: skip
     elapsed = time.perf_counter() - started
     if best is None:
         return SolveResult(

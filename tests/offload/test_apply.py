@@ -133,7 +133,9 @@ def test_plan_from_the_planner_runs_exactly(fused, llama_reference, tmp_path):
     options = PlanOptions(allow_state_offload=False, fused_loss=fused)
     with pytest.raises(PlanInfeasible) as tight:
         make_plan(profile, load_hardware("h100-sxm-80g", gpu_budget="1MiB", cpu="1GiB"), options)
-    budget = int(tight.value.minimum_bytes * 1.01)  # just above the least that fits
+    # just above the least that fits: 1% of the live bytes, not of the budget (which includes
+    # the CUDA context the hardware model reserves, far larger than this model)
+    budget = int(tight.value.minimum_bytes + 0.01 * profile.predicted_peak_bytes)
     hardware = load_hardware("h100-sxm-80g", gpu_budget=str(budget), cpu="1GiB")
     plan = make_plan(profile, hardware, options)
     moved = [e for e in plan.layers if any(v > 0 for v in e["swap"].values())]
@@ -150,7 +152,15 @@ def test_plan_from_the_planner_runs_exactly(fused, llama_reference, tmp_path):
         assert_identical(reference, trace)
     planned = sum(v for v in policy_from_plan(plan).host_bytes.values())
     swapped = sum(v for k, v in stats["totals"].items() if k != "gpu") / len(trace.losses)
-    assert swapped == pytest.approx(planned, rel=0.25)
+    # Shares become whole tokens: each cut range of each chunk of a moving layer may round by
+    # up to one token's bytes, which at 24 tokens is a large share.
+    rounding = sum(
+        2 * entry["chunks"] * entry["token_saved_bytes"] / SEQ
+        for entry in plan.layers
+        if any(v > 0 for v in entry["swap"].values())
+    )
+    assert rounding < planned
+    assert abs(swapped - planned) <= max(0.25 * planned, rounding)
 
 
 def test_plan_for_another_model_is_refused():

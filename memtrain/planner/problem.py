@@ -20,6 +20,8 @@ from memtrain.profile.result import LayerProfile, ProfileResult, SavedTensor, is
 
 TILEABLE_KINDS = ("block",)
 LOSS_KINDS = ("head", "loss")
+# The fused loss's default backward workspace (memtrain.kernels.cross_entropy).
+FUSED_LOSS_WORKSPACE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,8 @@ def apply_fused_loss(profile: ProfileResult) -> ProfileResult:
 
     The fused kernel computes the loss from the head's input block by block and never stores
     logits: the head keeps only its input (the final hidden states), the loss keeps one float32
-    log-sum-exp per token, and neither has a transient larger than that. Times stay as profiled
+    log-sum-exp per token; in backward it writes the hidden states' gradient beside a bounded
+    workspace. Times stay as profiled
     (the fused kernel recomputes logit blocks in backward at about the cost of the unfused one).
     """
     if not has_logits(profile):
@@ -181,6 +184,15 @@ def apply_fused_loss(profile: ProfileResult) -> ProfileResult:
     layers = []
     loss_kinds = {layer.kind for layer in profile.layers}
     lse_owner = "loss" if "loss" in loss_kinds else "head"
+    # Its backward writes the gradient of the hidden states (the head's input) at once, beside
+    # the kernel's bounded workspace; the next layer back counts it only as its own incoming
+    # gradient.
+    head_input = max((layer.input_bytes for layer in profile.layers if layer.kind == "head"),
+                     default=0)  # fmt: skip
+    logits = max((layer.output_bytes for layer in profile.layers if layer.kind == "head"),
+                 default=0)  # fmt: skip
+    # (the workspace never exceeds the logits themselves in float32)
+    backward_bytes = head_input + min(FUSED_LOSS_WORKSPACE_BYTES, 2 * logits)
     for layer in profile.layers:
         if layer.kind not in LOSS_KINDS:
             layers.append(layer)
@@ -210,7 +222,11 @@ def apply_fused_loss(profile: ProfileResult) -> ProfileResult:
                 output_bytes=lse_bytes if layer.kind == "head" else layer.output_bytes,
                 input_bytes=layer.input_bytes if layer.kind == "head" else lse_bytes,
                 forward_transient_bytes=min(layer.forward_transient_bytes, 2 * lse_bytes),
-                backward_transient_bytes=min(layer.backward_transient_bytes, 2 * lse_bytes),
+                backward_transient_bytes=(
+                    backward_bytes
+                    if layer.kind == lse_owner
+                    else min(layer.backward_transient_bytes, 2 * lse_bytes)
+                ),
             )
         )
     return replace(profile, layers=layers)

@@ -48,3 +48,21 @@ def test_solver_prices_the_fetch_like_the_evaluator():
     again = evaluate(prob, hw, result.decisions)
     assert again.peaks["gpu"] == pytest.approx(result.evaluation.peaks["gpu"], rel=1e-9)
     assert again.peaks["gpu"] <= hw.usable("gpu") * (1 + 1e-6)
+
+
+def test_tiled_forward_holds_its_swapped_token_local_bytes_whole():
+    """A tiled block's copies keep their sources on the GPU until the next layer ends, so by its
+    last chunk the swapped share of every chunk is there at once: chunks divide only the
+    recomputed share in forward. One block, 8 GB token-local (recomputable, all tileable) + 1 GB
+    anchor kept, 8 chunks, 60% of the rest swapped and 40% recomputed (input on the GPU)."""
+    layer = block("b0", anchor=1 * GB, rest=8 * GB, checkpoint=0.5 * GB, tileable=8 / 9)
+    prob = problem([layer])
+    hw = machine(gpu=200 * GB)
+    swap = LayerDecision({"gpu": 1.0}, {"cpu": 0.6, "rec": 0.4}, checkpoint={"gpu": 0.4})
+    recompute = LayerDecision({"gpu": 1.0}, {"rec": 1.0}, checkpoint={"gpu": 1.0})
+    held = _moment(evaluate(prob, hw, [swap], chunks=8), "forward b0")
+    dropped = _moment(evaluate(prob, hw, [recompute], chunks=8), "forward b0")
+    # Both hold the anchor and one chunk in flight; the swapping one stores 0.4 x 0.5 GB of
+    # input instead of 0.5 GB and holds the swapped 4.8 GB whole: 7/8 of it beyond the
+    # chunk's own share (the model before counted 1/8 of it, a difference of -0.3 GB).
+    assert held - dropped == pytest.approx((0.2 - 0.5 + 4.8 * 7 / 8) * GB)

@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from memtrain.errors import MemtrainError
+from memtrain.kernels.cross_entropy.blas import DEFAULT_BLAS_WORKSPACE_BYTES
 from memtrain.profile.result import LayerProfile, ProfileResult, SavedTensor, is_attention_op
 
 TILEABLE_KINDS = ("block",)
 LOSS_KINDS = ("head", "loss")
-# The fused loss's default backward workspace (memtrain.kernels.cross_entropy).
-FUSED_LOSS_WORKSPACE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -187,12 +186,11 @@ def apply_fused_loss(profile: ProfileResult) -> ProfileResult:
     # Its backward writes the gradient of the hidden states (the head's input) at once, beside
     # the kernel's bounded workspace; the next layer back counts it only as its own incoming
     # gradient.
-    head_input = max((layer.input_bytes for layer in profile.layers if layer.kind == "head"),
-                     default=0)  # fmt: skip
-    logits = max((layer.output_bytes for layer in profile.layers if layer.kind == "head"),
-                 default=0)  # fmt: skip
     # (the workspace never exceeds the logits themselves in float32)
-    backward_bytes = head_input + min(FUSED_LOSS_WORKSPACE_BYTES, 2 * logits)
+    head = next((layer for layer in profile.layers if layer.kind == "head"), None)
+    backward_bytes = 0
+    if head is not None:
+        backward_bytes = head.input_bytes + min(DEFAULT_BLAS_WORKSPACE_BYTES, 2 * head.output_bytes)
     for layer in profile.layers:
         if layer.kind not in LOSS_KINDS:
             layers.append(layer)

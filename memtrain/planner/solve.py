@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pulp
 
@@ -27,7 +27,7 @@ from memtrain.planner.costmodel import (
     build_terms,
     gpu_lower_bound,
 )
-from memtrain.planner.evaluate import Evaluation, LayerDecision, evaluate_terms
+from memtrain.planner.evaluate import Evaluation, LayerDecision, evaluate_terms, keep_all
 from memtrain.planner.problem import PlanProblem
 from memtrain.planner.pulp_compat import cbc_solver, new_var
 from memtrain.units import GiB
@@ -38,6 +38,11 @@ from memtrain.units import GiB
 TRAFFIC_WEIGHT = 1e-4
 PEAK_WEIGHT_S_PER_GIB = 1e-7
 TILE_CHUNKS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def solver_capacity(capacity: float) -> float:
+    """A hair below ``capacity`` (bytes), so solver tolerances never overshoot it."""
+    return capacity * (1 - 1e-7) - 4096
 
 
 def solver_name() -> str:
@@ -170,8 +175,7 @@ class _Model:
                 self.lp += self.peak >= expr, f"peak_{k}"
             cap = capacity_overrides.get(tier, hardware.usable(tier))
             if cap is not None:
-                # A hair below the capacity, so solver tolerances never overshoot it.
-                self.lp += expr <= (cap * (1 - 1e-7) - 4096) / GiB, f"cap_{tier}_{k}"
+                self.lp += expr <= solver_capacity(cap) / GiB, f"cap_{tier}_{k}"
         exposed = []
         for k, window in enumerate(self.terms.windows):
             if not window.transfers:
@@ -361,8 +365,8 @@ def keep_what_costs_nothing(
     """
     usable = {t: model.hardware.usable(t) for t in evaluation.peaks}
 
-    def fits(ev: Evaluation) -> bool:  # with the solver's own capacity margin
-        return all(ev.peaks[t] <= usable[t] * (1 - 1e-7) - 4096 for t in ev.peaks)
+    def fits(ev: Evaluation) -> bool:
+        return all(ev.peaks[t] <= solver_capacity(usable[t]) for t in ev.peaks)
 
     def no_slower(ev: Evaluation, than: Evaluation) -> bool:
         return ev.step_time_s <= than.step_time_s * (1 + 1e-9)
@@ -371,7 +375,7 @@ def keep_what_costs_nothing(
         if _keeps_everything(decisions[j]):
             continue
         trial = list(decisions)
-        trial[j] = LayerDecision({"gpu": 1.0}, {"gpu": 1.0}, states=decisions[j].states)
+        trial[j] = replace(keep_all(), states=decisions[j].states)
         candidate = _evaluate(model, trial)
         if fits(candidate) and no_slower(candidate, evaluation):
             decisions, evaluation = trial, candidate

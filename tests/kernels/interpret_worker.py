@@ -49,6 +49,10 @@ CASES = {
     "fp32_filter_off_with_smoothing": 2e-5,
     "fp32_filter_bias_tiny_eps_is_exact": 2e-5,
     "matches_torch_path_bf16": 2e-2,
+    # The vocabulary order (accumulator in the gradients' storage, tail recomputed for dW).
+    "vocab_order_bf16_tail": 2e-2,
+    "vocab_order_fp16_softcap_bias": 1e-2,
+    "vocab_order_fp32_smoothing": 2e-5,
     # impl="cublas": emulated products, Triton elementwise kernels in the interpreter
     "cublas_fp32_none": 2e-5,
     "cublas_fp32_softcap_smoothing_bias": 2e-5,
@@ -382,6 +386,25 @@ def main() -> int:
         "fp32_filter_bias_tiny_eps_is_exact", h, w, y, bias=torch.randn(120), grad_filter=True,
         grad_filter_eps=1e-30, **many,
     )  # fmt: skip
+
+    from memtrain.kernels.cross_entropy import triton_schedule
+
+    def vocab_case(name, plan, *args, **kwargs):
+        triton_schedule.CHUNK_PLAN = plan
+        try:
+            case(name, *args, **kwargs)
+        finally:
+            triton_schedule.CHUNK_PLAN = None
+
+    h, w, y = _inputs(torch, 40, 3000, 32, bf16, 17)
+    vocab_case("vocab_order_bf16_tail", (16, 64, 2), h, w, y)
+    h, w, y = _inputs(torch, 37, 2000, 24, f16, 18)
+    vocab_case(
+        "vocab_order_fp16_softcap_bias", (32, 96, 2), h, w, y, bias=torch.randn(2000).to(f16),
+        softcap=20.0, reduction="sum",
+    )  # fmt: skip
+    h, w, y = _inputs(torch, 33, 900, 24, f32, 19)
+    vocab_case("vocab_order_fp32_smoothing", (16, 32, 1), h, w, y, label_smoothing=0.1)
 
     # The interpreted Triton path and the chunked torch path agree with each other.
     h, w, y = _inputs(torch, 33, 200, 32, bf16, 15)

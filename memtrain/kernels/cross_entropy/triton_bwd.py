@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memtrain.kernels.cross_entropy import triton_schedule
 from memtrain.kernels.cross_entropy.chunked import fp16_grad_scale, undo_grad_scale
 from memtrain.kernels.cross_entropy.triton_sparse import sparse_products
 from memtrain.kernels.cross_entropy.triton_tiles import logits_tile
@@ -300,6 +301,11 @@ def backward_grads(
     need_h, need_w, need_b = needs
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
+    if filter_eps is None:
+        return _exact_grads(
+            hidden, weight, bias, targets, lse, grad_rows, softcap, smoothing, needs,
+            pick_config, workspace_bytes,
+        )  # fmt: skip
     rows_per_block, cols_per_chunk = plan_chunks(
         n_rows,
         vocab,
@@ -309,7 +315,6 @@ def backward_grads(
         pick_config.granule,
         pick_config.granule,
     )
-    use_filter = filter_eps is not None
     device = hidden.device
     inv_scale = None
     if hidden.dtype == torch.float16:
@@ -322,9 +327,7 @@ def backward_grads(
     )
     stats = (hidden, weight, bias, targets, lse, grad_rows, dz, flags)
     options = (softcap, smoothing, filter_eps)
-    keep_for = _keep_lookup(
-        bound if use_filter else None, vocab, lse, targets, grad_rows, filter_eps
-    )
+    keep_for = _keep_lookup(bound, vocab, lse, targets, grad_rows, filter_eps)
     first = ((0, min(rows_per_block, n_rows)), (0, min(cols_per_chunk, vocab)))
     config = pick_config(
         lambda cfg: launch_grad_logits(cfg, *stats, *first, *options, keep_for(cfg))
@@ -353,31 +356,72 @@ def backward_grads(
             chunk = dz[:nr, : c1 - c0]
             if need_b:
                 grad_bias[c0:c1] += chunk.sum(0, dtype=torch.float32)
-            if use_filter and FILTER_STATS is not None:
+            if FILTER_STATS is not None:
                 _count_chunk(counts, flags, chunk.shape, config)
-            if use_filter:
-                sparse_products(
-                    chunk, flags, hidden[r0:r1], weight[c0:c1], acc,
-                    grad_weight[c0:c1] if need_w else None, r0 > 0, config,
-                )  # fmt: skip
-                continue
-            if need_h:
-                accumulate_mm(acc, chunk, weight[c0:c1])
-            if need_w:
-                if r0 == 0:
-                    torch.mm(chunk.t(), hidden[r0:r1], out=grad_weight[c0:c1])
-                else:
-                    grad_weight[c0:c1].addmm_(chunk.t(), hidden[r0:r1])
+            sparse_products(
+                chunk, flags, hidden[r0:r1], weight[c0:c1], acc,
+                grad_weight[c0:c1] if need_w else None, r0 > 0, config,
+            )  # fmt: skip
         if need_h and not in_place:
             undo_grad_scale(inv_scale, acc)
             grad_hidden[r0:r1] = acc
     undo_grad_scale(inv_scale, grad_weight, grad_bias)
     if need_b:
         grad_bias = grad_bias.to(bias.dtype)
-    if use_filter and FILTER_STATS is not None:
+    if FILTER_STATS is not None:
         counts["pre_skipped"] = int((keep == 0).sum()) if keep is not None else 0
         FILTER_STATS.clear()
         FILTER_STATS.update(counts)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _exact_grads(
+    hidden, weight, bias, targets, lse, grad_rows, softcap, smoothing, needs, pick_config,
+    workspace_bytes,
+):  # fmt: skip
+    """The exact backward (nothing skipped): dense products over a chunk schedule."""
+    need_h, need_w, need_b = needs
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    parallel = triton_schedule.STREAMS and device.type == "cuda"
+    plan = triton_schedule.plan_exact(
+        n_rows, vocab, dim, hidden.element_size(), workspace_bytes, pick_config.granule,
+        (need_h, need_w), parallel,
+    )  # fmt: skip
+    inv_scale = None
+    if hidden.dtype == torch.float16:
+        scale, inv_scale = fp16_grad_scale(grad_rows)
+        grad_rows = grad_rows * scale
+    flags = torch.ones((1, 1), dtype=torch.int32, device=device)  # no block marks without filter
+    stats = (hidden, weight, bias, targets, lse, grad_rows)
+    options = (softcap, smoothing, None)
+    first = ((0, min(plan.rows, n_rows)), (0, min(plan.cols, vocab)))
+    tuning: list[torch.Tensor] = []
+
+    def tune_run(cfg):
+        if not tuning:
+            tuning.append(
+                torch.empty((first[0][1], first[1][1]), dtype=hidden.dtype, device=device)
+            )
+        launch_grad_logits(cfg, *stats, tuning[0], flags, *first, *options)
+
+    config = pick_config(tune_run)
+    tuning.clear()
+
+    def launch(rows, cols, dz):
+        launch_grad_logits(config, *stats, dz, flags, rows, cols, *options)
+
+    grad_hidden = torch.empty_like(hidden) if need_h else None
+    grad_weight = torch.empty_like(weight) if need_w else None
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
+    triton_schedule.run_exact(
+        plan, hidden, weight, launch, accumulate_mm, (grad_hidden, grad_weight, grad_bias),
+        inv_scale, parallel,
+    )  # fmt: skip
+    undo_grad_scale(inv_scale, grad_weight, grad_bias)
+    if need_b:
+        grad_bias = grad_bias.to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias
 
 

@@ -130,7 +130,9 @@ def test_frozen_weight_falls_back_to_row_order():
 
 
 @pytest.mark.parametrize("budget_mib", [4, 16, 64])
-@pytest.mark.parametrize("n,v,d", [(8192, 256000, 2304), (32768, 256000, 2304), (8192, 128256, 2048)])
+@pytest.mark.parametrize(
+    "n,v,d", [(8192, 256000, 2304), (32768, 256000, 2304), (8192, 128256, 2048)]
+)
 def test_plan_stays_within_the_workspace(budget_mib, n, v, d):
     budget = budget_mib << 20
     plan = ts.plan_exact(n, v, d, 2, budget, 256, (True, True), True)

@@ -35,42 +35,49 @@ from bench_linear_cross_entropy import (  # noqa: E402
     reference_grads,
 )
 
-from memtrain.kernels.cross_entropy import triton_schedule  # noqa: E402
+from memtrain.kernels.cross_entropy import triton_function, triton_schedule  # noqa: E402
 
-# label -> (order, workspace MiB or None, (rows, cols, buffers) or None, streams)
+# label -> (order, workspace MiB or None, (rows, cols, buffers) or None, streams, TMA kernels)
 DEFAULT_VARIANTS = {
-    "rows serial 64 MiB": ("rows", 64, None, False),
-    "rows serial 16 MiB": ("rows", 16, None, False),
-    "rows streams 64 MiB": ("rows", 64, None, True),
-    "rows streams 16 MiB": ("rows", 16, None, True),
-    "vocab serial 16 MiB": ("vocab", 16, None, False),
-    "vocab streams 16 MiB": ("vocab", 16, None, True),
-    "vocab streams 14 MiB 1024x3584x2": ("vocab", None, (1024, 3584, 2), True),
-    "vocab streams 14 MiB 2048x1792x2": ("vocab", None, (2048, 1792, 2), True),
-    "vocab streams 14 MiB 4096x768x2": ("vocab", None, (4096, 768, 2), True),
-    "vocab streams 14 MiB 2048x3584x1": ("vocab", None, (2048, 3584, 1), True),
-    "vocab streams 14 MiB 4096x1792x1": ("vocab", None, (4096, 1792, 1), True),
-    "vocab streams 14 MiB 8192x896x1": ("vocab", None, (8192, 896, 1), True),
-    "vocab serial 14 MiB 2048x3584x1": ("vocab", None, (2048, 3584, 1), False),
-    "vocab streams 32 MiB": ("vocab", 32, None, True),
-    "vocab streams 64 MiB": ("vocab", 64, None, True),
+    "pointer rows 64 MiB": ("rows", 64, None, False, False),
+    "pointer vocab 16 MiB": ("vocab", 16, None, False, False),
+    "tma rows 64 MiB": ("rows", 64, None, False, True),
+    "tma rows 16 MiB": ("rows", 16, None, False, True),
+    "tma vocab 16 MiB": ("vocab", 16, None, False, True),
+    "tma vocab 14 MiB 1024x7168x1": ("vocab", None, (1024, 7168, 1), False, True),
+    "tma vocab 14 MiB 2048x3584x1": ("vocab", None, (2048, 3584, 1), False, True),
+    "tma vocab 14 MiB 4096x1792x1": ("vocab", None, (4096, 1792, 1), False, True),
+    "tma vocab streams 14 MiB 2048x1792x2": ("vocab", None, (2048, 1792, 2), True, True),
+    "tma vocab 32 MiB": ("vocab", 32, None, False, True),
+    "tma vocab 64 MiB": ("vocab", 64, None, False, True),
 }
 
 
 class Schedule:
-    """Sets the schedule knobs for one variant and restores them afterwards."""
+    """Sets the schedule knobs for one variant and restores them afterwards (without the TMA
+    kernels, launch settings are chosen again among the pointer kernels only)."""
 
-    def __init__(self, order, plan, streams):
+    def __init__(self, order, plan, streams, tma):
         self.values = {"ORDER": order, "CHUNK_PLAN": plan, "STREAMS": streams}
+        self.tma = tma
 
     def __enter__(self):
         self.saved = {k: getattr(triton_schedule, k) for k in self.values}
         for k, v in self.values.items():
             setattr(triton_schedule, k, v)
+        self.shapes = triton_function.TMA_SHAPES
+        if not self.tma:
+            triton_function.TMA_SHAPES = []
+            self.chosen = dict(triton_function._CHOSEN)
+            triton_function._CHOSEN.clear()
 
     def __exit__(self, *exc):
         for k, v in self.saved.items():
             setattr(triton_schedule, k, v)
+        if not self.tma:
+            triton_function.TMA_SHAPES = self.shapes
+            triton_function._CHOSEN.clear()
+            triton_function._CHOSEN.update(self.chosen)
 
 
 def idle_share(fn, h, w, y) -> dict:
@@ -126,7 +133,7 @@ def main() -> int:
     p.add_argument("--kind", default="peaked")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--only", default="", help="comma-separated substrings of variant labels")
-    p.add_argument("--timeline", default="rows serial 64,vocab streams 16 MiB,rows streams 16")
+    p.add_argument("--timeline", default="pointer rows 64,tma vocab 16 MiB,tma rows 64")
     args = p.parse_args()
     if not torch.cuda.is_available():
         log("needs a CUDA GPU")
@@ -151,11 +158,11 @@ def main() -> int:
         ref = reference_grads(h, w, y)
         floor = 8 * n * v * d / (tflops * 1e12) * 1e3
         log(f"\nN={n} D={d} V={v} {args.kind}: floor {floor:.1f} ms")
-        for label, (order, ws, plan, streams) in DEFAULT_VARIANTS.items():
+        for label, (order, ws, plan, streams, tma) in DEFAULT_VARIANTS.items():
             if wanted and not any(s in label for s in wanted):
                 continue
             fn = ours(False, ws or 64)
-            with Schedule(order, plan, streams):
+            with Schedule(order, plan, streams, tma):
                 try:
                     r = measure(fn, h, w, y, args.reps, ref)
                     if any(s in label for s in timeline):
@@ -183,6 +190,9 @@ def main() -> int:
             torch.cuda.empty_cache()
         del h, w, y, ref
         torch.cuda.empty_cache()
+    results["tuning"] = {" ".join(map(str, k)): v for k, v in triton_function.TUNING_LOG.items()}
+    for key, entry in results["tuning"].items():
+        log(f"tuning {key}: chose {entry['chosen']}; ms {entry['ms']}")
     Path(args.out).write_text(json.dumps(results, indent=1))
     log(f"\nwrote {args.out}")
     return 0

@@ -53,6 +53,10 @@ CASES = {
     "vocab_order_bf16_tail": 2e-2,
     "vocab_order_fp16_softcap_bias": 1e-2,
     "vocab_order_fp32_smoothing": 2e-5,
+    # The tensor-descriptor (TMA) kernels, forward and backward.
+    "tma_bf16_vocab_order": 2e-2,
+    "tma_fp16_softcap_bias_smoothing": 1e-2,
+    "tma_bf16_many_chunks_sum": 2e-2,
     # impl="cublas": emulated products, Triton elementwise kernels in the interpreter
     "cublas_fp32_none": 2e-5,
     "cublas_fp32_softcap_smoothing_bias": 2e-5,
@@ -405,6 +409,28 @@ def main() -> int:
     )  # fmt: skip
     h, w, y = _inputs(torch, 33, 900, 24, f32, 19)
     vocab_case("vocab_order_fp32_smoothing", (16, 32, 1), h, w, y, label_smoothing=0.1)
+
+    from memtrain.kernels.cross_entropy import triton_function
+
+    def tma_case(name, plan, *args, **kwargs):
+        triton_function.INTERPRET_TMA = True
+        try:
+            if plan is None:
+                case(name, *args, **kwargs)
+            else:
+                vocab_case(name, plan, *args, **kwargs)
+        finally:
+            triton_function.INTERPRET_TMA = False
+
+    h, w, y = _inputs(torch, 40, 3000, 32, bf16, 20)
+    tma_case("tma_bf16_vocab_order", (16, 64, 2), h, w, y)
+    h, w, y = _inputs(torch, 37, 1001, 24, f16, 21)
+    tma_case(
+        "tma_fp16_softcap_bias_smoothing", None, h, w, y, bias=torch.randn(1001).to(f16),
+        softcap=20.0, label_smoothing=0.1,
+    )  # fmt: skip
+    h, w, y = _inputs(torch, 70, 150, 40, bf16, 22)
+    tma_case("tma_bf16_many_chunks_sum", None, h, w, y, reduction="sum", **many)
 
     # The interpreted Triton path and the chunked torch path agree with each other.
     h, w, y = _inputs(torch, 33, 200, 32, bf16, 15)

@@ -36,6 +36,7 @@ from memtrain.kernels.cross_entropy import triton_schedule
 from memtrain.kernels.cross_entropy.chunked import fp16_grad_scale, undo_grad_scale
 from memtrain.kernels.cross_entropy.triton_sparse import sparse_products
 from memtrain.kernels.cross_entropy.triton_tiles import logits_tile
+from memtrain.kernels.cross_entropy.triton_tma import Descriptors, grad_logits_tma
 
 # Use the forward's cell maxima to skip negligible blocks without recomputing them. Off gives
 # the plain filter (read when the forward runs, which then records nothing): for comparisons.
@@ -397,20 +398,33 @@ def _exact_grads(
     stats = (hidden, weight, bias, targets, lse, grad_rows)
     options = (softcap, smoothing, None)
     first = ((0, min(plan.rows, n_rows)), (0, min(plan.cols, vocab)))
+    descriptors: dict[tuple, Descriptors] = {}
+
+    def run_kernel(cfg, rows, cols, dz):
+        if not cfg.get("tma"):
+            launch_grad_logits(cfg, *stats, dz, flags, rows, cols, *options)
+            return
+        shape = (cfg["BLOCK_M"], cfg["BLOCK_V"], cfg["BLOCK_D"])
+        if shape not in descriptors:
+            descriptors[shape] = Descriptors(hidden, weight, cfg)
+        grad_logits_tma(
+            cfg, descriptors[shape], hidden, weight, bias, targets, lse, grad_rows, dz, rows,
+            cols, softcap, smoothing,
+        )  # fmt: skip
+
     tuning: list[torch.Tensor] = []
 
     def tune_run(cfg):
-        if not tuning:
-            tuning.append(
-                torch.empty((first[0][1], first[1][1]), dtype=hidden.dtype, device=device)
-            )
-        launch_grad_logits(cfg, *stats, tuning[0], flags, *first, *options)
+        if not tuning:  # a buffer like the schedule's (row stride a multiple of 16 bytes)
+            cols = -(-first[1][1] // 16) * 16
+            tuning.append(torch.empty((first[0][1], cols), dtype=hidden.dtype, device=device))
+        run_kernel(cfg, *first, tuning[0])
 
     config = pick_config(tune_run)
     tuning.clear()
 
     def launch(rows, cols, dz):
-        launch_grad_logits(config, *stats, dz, flags, rows, cols, *options)
+        run_kernel(config, rows, cols, dz)
 
     grad_hidden = torch.empty_like(hidden) if need_h else None
     grad_weight = torch.empty_like(weight) if need_w else None

@@ -37,19 +37,35 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _config(bm, bv, bd, warps, stages, precision, sparse_bd=128, upcast=False, programs=0):
+def _config(
+    bm, bv, bd, warps, stages, precision, sparse_bd=128, upcast=False, programs=0, tma=False
+):  # fmt: skip
     return dict(
         BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=stages,
         SPARSE_BLOCK_D=sparse_bd, sparse_num_warps=8, sparse_num_stages=3,
-        dot_precision=precision, upcast=upcast, target_programs=programs,
+        dot_precision=precision, upcast=upcast, target_programs=programs, tma=tma,
+        programs=programs,
     )  # fmt: skip
 
 
-def candidate_configs(dtype: torch.dtype) -> list[dict]:
+# The interpreter runs the tensor-descriptor kernels instead of the pointer ones (tests).
+INTERPRET_TMA = False
+# (BLOCK_M, BLOCK_V, BLOCK_D, warps, stages) of the tensor-descriptor kernels; tried first.
+TMA_SHAPES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4)]
+
+
+def candidate_configs(dtype: torch.dtype, tma: bool = False) -> list[dict]:
     """Launch settings to choose from: tensor-core tiles on a GPU, small tiles in the
-    interpreter (so tests on odd shapes go through every masking path and chunk boundary)."""
+    interpreter (so tests on odd shapes go through every masking path and chunk boundary).
+
+    ``tma``: the caller can take the tensor-descriptor kernels (``triton_tma``; bf16/fp16 only),
+    whose persistent grids get one program per multiprocessor.
+    """
     if interpreting():
-        return [_config(16, 32, 16, 4, 1, "ieee", sparse_bd=16, upcast=True, programs=8)]
+        use_tma = tma and INTERPRET_TMA
+        return [
+            _config(16, 32, 16, 4, 1, "ieee", sparse_bd=16, upcast=True, programs=8, tma=use_tma)
+        ]
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     if dtype == torch.float32:
         tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -64,15 +80,21 @@ def candidate_configs(dtype: torch.dtype) -> list[dict]:
         (256, 128, 64, 8, 3),
         (128, 128, 64, 4, 4),
     ]
-    return [_config(*s, "ieee", programs=4 * sms) for s in shapes]
+    pointer = [_config(*s, "ieee", programs=4 * sms) for s in shapes]
+    if not tma:
+        return pointer
+    # Persistent backward grid: one program per multiprocessor. The forward's programs each own
+    # one slice of the vocabulary: many slices, so the last wave of them is short.
+    tma_configs = [_config(*s, "ieee", programs=sms, tma=True) for s in TMA_SHAPES]
+    return [dict(c, target_programs=16 * sms) for c in tma_configs] + pointer
 
 
 class ConfigPicker:
     """Chooses launch settings for one kernel by timing the candidates on real inputs."""
 
-    def __init__(self, kind: str, dtype: torch.dtype, key: tuple, size: int):
-        self.candidates = candidate_configs(dtype)
-        self.key = (kind, str(dtype), *key)
+    def __init__(self, kind: str, dtype: torch.dtype, key: tuple, size: int, tma: bool = False):
+        self.candidates = candidate_configs(dtype, tma)
+        self.key = (kind, str(dtype), *key, tma)
         self.size = size
         blocks = [c[k] for c in self.candidates for k in ("BLOCK_M", "BLOCK_V")]
         self.granule = math.lcm(*blocks)
@@ -114,7 +136,17 @@ class ConfigPicker:
 
 
 def _name(cfg: dict) -> str:
-    return "{BLOCK_M}x{BLOCK_V}x{BLOCK_D}/w{num_warps}/s{num_stages}".format(**cfg)
+    name = "{BLOCK_M}x{BLOCK_V}x{BLOCK_D}/w{num_warps}/s{num_stages}".format(**cfg)
+    return name + "/tma" if cfg.get("tma") else name
+
+
+def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the tensor-descriptor kernels can run on these operands."""
+    if hidden.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    from memtrain.kernels.cross_entropy.triton_tma import tma_supported
+
+    return tma_supported(hidden, weight)
 
 
 class TritonLinearCrossEntropy(torch.autograd.Function):
@@ -128,9 +160,10 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         flags = (bias is not None, softcap is not None, need_sum)
         n_rows, dim = hidden.shape
         vocab = weight.shape[0]
-        picker = ConfigPicker("forward", hidden.dtype, (dim, *flags), n_rows * vocab)
         # The filtered backward skips blocks bounded by the forward's cell maxima.
         record = filter_eps is not None and triton_bwd.PRESKIP and any(ctx.needs_input_grad[:3])
+        tma = not record and _tma_ok(hidden, weight)  # cell maxima: pointer kernel only
+        picker = ConfigPicker("forward", hidden.dtype, (dim, *flags), n_rows * vocab, tma)
         cell = picker.cell
 
         def run(cfg):
@@ -156,7 +189,8 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         # With the pre-skip, skipped blocks cost next to nothing: its own best shape.
         key = (dim, bias is not None, softcap is not None, filter_eps is not None)
         key += (cell_max is not None,)
-        picker = ConfigPicker("backward", hidden.dtype, key, n_rows * weight.shape[0])
+        tma = filter_eps is None and _tma_ok(hidden, weight)  # the filter: pointer kernel only
+        picker = ConfigPicker("backward", hidden.dtype, key, n_rows * weight.shape[0], tma)
         grads = backward_grads(
             hidden, weight, bias, targets, lse, grad_rows, softcap, smoothing, filter_eps,
             tuple(ctx.needs_input_grad[:3]), picker, workspace_bytes,

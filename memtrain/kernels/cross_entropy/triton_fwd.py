@@ -183,6 +183,14 @@ def forward_row_stats(
     cell = cell or (block_m, block_v)
     assert block_m % cell[0] == 0 and block_v % cell[1] == 0, (cell, block_m, block_v)
     parts = torch.empty((4, splits, n_rows), dtype=torch.float32, device=hidden.device)
+    if config.get("tma"):
+        from memtrain.kernels.cross_entropy.triton_tma import forward_tma
+
+        assert cell_max is None, "the tensor-descriptor forward records no cell maxima"
+        forward_tma(
+            hidden, weight, bias, targets, softcap, need_sum, config, splits, cols_per_split, parts
+        )
+        return _merge_splits(parts, need_sum)
     _forward_kernel[(row_blocks * splits,)](
         hidden, weight, bias if bias is not None else hidden, targets,
         parts[0], parts[1], parts[2], parts[3], cell_max if cell_max is not None else parts,
@@ -197,6 +205,13 @@ def forward_row_stats(
         CELL_M=cell[0], CELL_V=cell[1],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
+    return _merge_splits(parts, need_sum)
+
+
+def _merge_splits(
+    parts: torch.Tensor, need_sum: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(lse, target logit, sum of logits or None) from the vocabulary slices' partial results."""
     run_max, run_sum = parts[0], parts[1]
     top = run_max.max(dim=0).values
     lse = top + torch.log((run_sum * torch.exp(run_max - top)).sum(dim=0))

@@ -1,0 +1,236 @@
+"""Persistent Triton kernels that load their tiles through tensor descriptors (TMA on Hopper).
+
+Same mathematics as ``triton_fwd`` (online log-sum-exp) and ``triton_bwd`` (exact logits
+gradient), with two changes that matter for the matrix units' utilisation:
+
+* Operand tiles come through tensor descriptors: on a Hopper GPU the copy engine moves them into
+  shared memory, without address arithmetic or masks in the kernel (rows, columns and hidden
+  positions past the end read as zeros, and the dZ store is clipped to the chunk).
+* Each program walks several output tiles in one flat loop over (tile, hidden step), so the
+  software pipeline keeps loading the next tile's operands while the current tile's epilogue
+  runs, instead of draining and refilling at every tile.
+
+Descriptors need 16-byte aligned rows (``D * itemsize % 16 == 0``); :func:`tma_supported` says
+when they can be used. The filter and its cell maxima stay with the pointer kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from memtrain.kernels.cross_entropy.triton_tiles import tanh_f32
+
+
+def tma_supported(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the descriptor kernels can take these operands (contiguous, 16-byte rows)."""
+    ok = hidden.is_contiguous() and weight.is_contiguous()
+    return ok and (hidden.shape[1] * hidden.element_size()) % 16 == 0
+
+
+@triton.jit
+def _softcapped(acc, bias_ptr, cols, vocab, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP):
+    if HAS_BIAS:
+        safe = tl.minimum(cols, vocab - 1)
+        acc += tl.load(bias_ptr + safe).to(tl.float32)[None, :]
+    tanh = acc
+    if HAS_SOFTCAP:
+        tanh = tanh_f32(acc / softcap)
+        acc = tanh * softcap
+    return acc, tanh
+
+
+@triton.jit
+def _forward_tma_kernel(
+    h_desc,
+    w_desc,
+    bias_ptr,
+    targets_ptr,
+    max_ptr,
+    sumexp_ptr,
+    target_logit_ptr,
+    logit_sum_ptr,
+    n_rows,
+    vocab,
+    dim,
+    cols_per_split,
+    splits,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    NEED_SUM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_s = pid % splits
+    pid_m = pid // splits
+    row0 = pid_m * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+    col_start = pid_s * cols_per_split
+    col_stop = tl.minimum(col_start + cols_per_split, vocab)
+    k_steps = tl.cdiv(dim, BLOCK_D)
+    steps = tl.cdiv(col_stop - col_start, BLOCK_V) * k_steps
+
+    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    logit_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for i in range(0, steps):
+        k = i % k_steps
+        v0 = col_start + (i // k_steps) * BLOCK_V
+        h = h_desc.load([row0, k * BLOCK_D])
+        w = w_desc.load([v0, k * BLOCK_D])
+        if UPCAST:
+            h, w = h.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(h, w.T, acc)
+        if k == k_steps - 1:
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_mask = cols < col_stop
+            logits, _ = _softcapped(acc, bias_ptr, cols, vocab, softcap, HAS_BIAS, HAS_SOFTCAP)
+            logits = tl.where(col_mask[None, :], logits, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(logits, axis=1))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(
+                tl.exp(logits - new_max[:, None]), axis=1
+            )
+            run_max = new_max
+            hit = cols[None, :] == targets[:, None]
+            target_logit += tl.sum(tl.where(hit, logits, 0.0), axis=1)
+            if NEED_SUM:
+                logit_sum += tl.sum(tl.where(col_mask[None, :], logits, 0.0), axis=1)
+            acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+
+    out = pid_s * n_rows + rows
+    tl.store(max_ptr + out, run_max, mask=row_mask)
+    tl.store(sumexp_ptr + out, run_sum, mask=row_mask)
+    tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
+    if NEED_SUM:
+        tl.store(logit_sum_ptr + out, logit_sum, mask=row_mask)
+
+
+@triton.jit
+def _grad_logits_tma_kernel(
+    h_desc,
+    w_desc,
+    dz_desc,
+    bias_ptr,
+    targets_ptr,
+    lse_ptr,
+    grad_rows_ptr,
+    row_start,
+    row_stop,
+    col_start,
+    col_stop,
+    vocab,
+    dim,
+    softcap,
+    smoothing,
+    inv_vocab,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    programs,
+):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(row_stop - row_start, BLOCK_M)
+    tiles = tiles_m * tl.cdiv(col_stop - col_start, BLOCK_V)
+    k_steps = tl.cdiv(dim, BLOCK_D)
+    mine = tl.cdiv(tiles - pid, programs)
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for i in range(0, mine * k_steps):
+        k = i % k_steps
+        tile = pid + (i // k_steps) * programs
+        # Row tiles vary fastest: the programs running together share a few weight blocks.
+        local_r0 = (tile % tiles_m) * BLOCK_M
+        local_c0 = (tile // tiles_m) * BLOCK_V
+        h = h_desc.load([row_start + local_r0, k * BLOCK_D])
+        w = w_desc.load([col_start + local_c0, k * BLOCK_D])
+        if UPCAST:
+            h, w = h.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(h, w.T, acc)
+        if k == k_steps - 1:
+            rows = row_start + local_r0 + tl.arange(0, BLOCK_M)
+            cols = col_start + local_c0 + tl.arange(0, BLOCK_V)
+            row_mask = rows < row_stop
+            logits, tanh = _softcapped(acc, bias_ptr, cols, vocab, softcap, HAS_BIAS, HAS_SOFTCAP)
+            lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+            targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+            grad_rows = tl.load(grad_rows_ptr + rows, mask=row_mask, other=0.0)
+            prob = tl.exp(logits - lse[:, None])
+            hit = cols[None, :] == targets[:, None]
+            dz = prob - tl.where(hit, 1.0 - smoothing, 0.0) - smoothing * inv_vocab
+            dz = dz * grad_rows[:, None]
+            if HAS_SOFTCAP:
+                dz = dz * (1.0 - tanh * tanh)
+            dz_desc.store([local_r0, local_c0], dz.to(dz_desc.dtype))
+            acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+
+
+class Descriptors:
+    """Tensor descriptors of hidden and weight for one launch setting, built once per call."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, config: dict):
+        bm, bv, bd = config["BLOCK_M"], config["BLOCK_V"], config["BLOCK_D"]
+        self.hidden = TensorDescriptor.from_tensor(hidden, [bm, bd])
+        self.weight = TensorDescriptor.from_tensor(weight, [bv, bd])
+
+
+def forward_tma(
+    hidden, weight, bias, targets, softcap, need_sum, config, splits, cols_per_split, parts
+) -> None:
+    """Fill ``parts`` (4 x splits x N float32: max, sum of exponentials, target logit, sum of
+    logits) like the pointer forward kernel."""
+    n_rows, dim = hidden.shape
+    desc = Descriptors(hidden, weight, config)
+    row_blocks = triton.cdiv(n_rows, config["BLOCK_M"])
+    _forward_tma_kernel[(row_blocks * splits,)](
+        desc.hidden, desc.weight, bias if bias is not None else hidden, targets,
+        parts[0], parts[1], parts[2], parts[3], n_rows, weight.shape[0], dim,
+        cols_per_split, splits, float(softcap) if softcap is not None else 1.0,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, NEED_SUM=need_sum,
+        BLOCK_M=config["BLOCK_M"], BLOCK_V=config["BLOCK_V"], BLOCK_D=config["BLOCK_D"],
+        UPCAST=config["upcast"] and hidden.dtype == torch.bfloat16,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip
+
+
+def grad_logits_tma(
+    config: dict,
+    desc: Descriptors,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    dz: torch.Tensor,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    softcap: float | None,
+    smoothing: float,
+) -> None:
+    """Write the exact logits gradient of ``rows x cols`` into ``dz`` (the chunk's top left)."""
+    (r0, r1), (c0, c1) = rows, cols
+    bm, bv = config["BLOCK_M"], config["BLOCK_V"]
+    dz_desc = TensorDescriptor(dz, [r1 - r0, c1 - c0], [dz.stride(0), 1], [bm, bv])
+    tiles = triton.cdiv(r1 - r0, bm) * triton.cdiv(c1 - c0, bv)
+    programs = min(tiles, config["programs"])
+    _grad_logits_tma_kernel[(programs,)](
+        desc.hidden, desc.weight, dz_desc, bias if bias is not None else hidden, targets, lse,
+        grad_rows, r0, r1, c0, c1, weight.shape[0], hidden.shape[1],
+        float(softcap) if softcap is not None else 1.0, float(smoothing), 1.0 / weight.shape[0],
+        programs=programs, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=config["BLOCK_D"],
+        UPCAST=config["upcast"] and hidden.dtype == torch.bfloat16,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip

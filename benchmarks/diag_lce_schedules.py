@@ -134,7 +134,16 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--only", default="", help="comma-separated substrings of variant labels")
     p.add_argument("--timeline", default="pointer rows 64,tma vocab 16 MiB,tma rows 64")
+    p.add_argument(
+        "--tma-shapes",
+        default="",
+        help="more TMA launch settings to tune among: BMxBVxBD/warps/stages,...",
+    )
     args = p.parse_args()
+    for text in filter(None, args.tma_shapes.split(",")):
+        tile, warps, stages = text.split("/")
+        shape = (*(int(x) for x in tile.split("x")), int(warps), int(stages))
+        triton_function.TMA_SHAPES = [*triton_function.TMA_SHAPES, shape]
     if not torch.cuda.is_available():
         log("needs a CUDA GPU")
         return 1

@@ -139,7 +139,17 @@ def main() -> int:
         default="",
         help="more TMA launch settings to tune among: BMxBVxBD/warps/stages,...",
     )
+    p.add_argument(
+        "--tma-variants",
+        default="",
+        help="backward TMA variants to tune among, e.g. 'persistent+flatten,tma_store' ('-': plain)",
+    )
     args = p.parse_args()
+    if args.tma_variants:
+        triton_function.TMA_VARIANTS = [
+            {flag: True for flag in text.split("+") if flag != "-"}
+            for text in args.tma_variants.split(",")
+        ]
     for text in filter(None, args.tma_shapes.split(",")):
         tile, warps, stages = text.split("/")
         shape = (*(int(x) for x in tile.split("x")), int(warps), int(stages))

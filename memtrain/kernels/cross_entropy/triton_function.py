@@ -52,6 +52,9 @@ def _config(
 INTERPRET_TMA = False
 # (BLOCK_M, BLOCK_V, BLOCK_D, warps, stages) of the tensor-descriptor kernels; tried first.
 TMA_SHAPES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4)]
+# Backward variants of each shape (the forward ignores them): one tile per program, or
+# persistent with the dZ tile stored through registers or a descriptor, loops flattened or not.
+TMA_VARIANTS = [{"persistent": False}]
 
 
 def candidate_configs(dtype: torch.dtype, tma: bool = False) -> list[dict]:
@@ -83,10 +86,14 @@ def candidate_configs(dtype: torch.dtype, tma: bool = False) -> list[dict]:
     pointer = [_config(*s, "ieee", programs=4 * sms) for s in shapes]
     if not tma:
         return pointer
-    # Persistent backward grid: one program per multiprocessor. The forward's programs each own
-    # one slice of the vocabulary: many slices, so the last wave of them is short.
-    tma_configs = [_config(*s, "ieee", programs=sms, tma=True) for s in TMA_SHAPES]
-    return [dict(c, target_programs=16 * sms) for c in tma_configs] + pointer
+    # The forward's programs each own one slice of the vocabulary: many slices, so the last wave
+    # of them is short. The backward's persistent variants run a program per multiprocessor.
+    tma_configs = [
+        dict(_config(*s, "ieee", programs=sms, tma=True), target_programs=16 * sms, **variant)
+        for s in TMA_SHAPES
+        for variant in TMA_VARIANTS
+    ]
+    return tma_configs + pointer
 
 
 class ConfigPicker:
@@ -137,7 +144,10 @@ class ConfigPicker:
 
 def _name(cfg: dict) -> str:
     name = "{BLOCK_M}x{BLOCK_V}x{BLOCK_D}/w{num_warps}/s{num_stages}".format(**cfg)
-    return name + "/tma" if cfg.get("tma") else name
+    if not cfg.get("tma"):
+        return name
+    flags = ("persistent", "tma_store", "flatten", "warp_specialize")
+    return name + "/tma" + "".join(f"/{f}" for f in flags if cfg.get(f))
 
 
 def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:

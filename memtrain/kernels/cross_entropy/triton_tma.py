@@ -6,9 +6,11 @@ gradient), with two changes that matter for the matrix units' utilisation:
 * Operand tiles come through tensor descriptors: on a Hopper GPU the copy engine moves them into
   shared memory, without address arithmetic or masks in the kernel (rows, columns and hidden
   positions past the end read as zeros, and the dZ store is clipped to the chunk).
-* Each program walks several output tiles in one flat loop over (tile, hidden step), so the
-  software pipeline keeps loading the next tile's operands while the current tile's epilogue
-  runs, instead of draining and refilling at every tile.
+* The forward's programs walk their vocabulary slice in one flat loop over (tile, hidden
+  step), so the software pipeline keeps loading the next tile's operands while the current
+  tile's epilogue runs, instead of draining and refilling at every tile. The backward's kernel
+  can also run persistently (a program per multiprocessor, tiles in turn), its loops flattened
+  or warp-specialized; which variant is fastest is measured, not assumed (``triton_function``).
 
 Descriptors need 16-byte aligned rows (``D * itemsize % 16 == 0``); :func:`tma_supported` says
 when they can be used. The filter and its cell maxima stay with the pointer kernels.
@@ -120,6 +122,7 @@ def _grad_logits_tma_kernel(
     h_desc,
     w_desc,
     dz_desc,
+    dz_ptr,
     bias_ptr,
     targets_ptr,
     lse_ptr,
@@ -130,50 +133,58 @@ def _grad_logits_tma_kernel(
     col_stop,
     vocab,
     dim,
+    stride_dz,
     softcap,
     smoothing,
     inv_vocab,
+    programs,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
-    programs,
+    TMA_STORE: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
+    """Tiles ``pid, pid + programs, ...`` of the chunk (row tiles vary fastest, so programs that
+    run together share a few weight blocks); ``programs`` = tiles gives one tile per program."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(row_stop - row_start, BLOCK_M)
     tiles = tiles_m * tl.cdiv(col_stop - col_start, BLOCK_V)
     k_steps = tl.cdiv(dim, BLOCK_D)
-    mine = tl.cdiv(tiles - pid, programs)
-    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-    for i in range(0, mine * k_steps):
-        k = i % k_steps
-        tile = pid + (i // k_steps) * programs
-        # Row tiles vary fastest: the programs running together share a few weight blocks.
+    for tile in tl.range(pid, tiles, programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         local_r0 = (tile % tiles_m) * BLOCK_M
         local_c0 = (tile // tiles_m) * BLOCK_V
-        h = h_desc.load([row_start + local_r0, k * BLOCK_D])
-        w = w_desc.load([col_start + local_c0, k * BLOCK_D])
-        if UPCAST:
-            h, w = h.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(h, w.T, acc)
-        if k == k_steps - 1:
-            rows = row_start + local_r0 + tl.arange(0, BLOCK_M)
-            cols = col_start + local_c0 + tl.arange(0, BLOCK_V)
-            row_mask = rows < row_stop
-            logits, tanh = _softcapped(acc, bias_ptr, cols, vocab, softcap, HAS_BIAS, HAS_SOFTCAP)
-            lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-            targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-            grad_rows = tl.load(grad_rows_ptr + rows, mask=row_mask, other=0.0)
-            prob = tl.exp(logits - lse[:, None])
-            hit = cols[None, :] == targets[:, None]
-            dz = prob - tl.where(hit, 1.0 - smoothing, 0.0) - smoothing * inv_vocab
-            dz = dz * grad_rows[:, None]
-            if HAS_SOFTCAP:
-                dz = dz * (1.0 - tanh * tanh)
+        acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+        for k in range(0, k_steps):
+            h = h_desc.load([row_start + local_r0, k * BLOCK_D])
+            w = w_desc.load([col_start + local_c0, k * BLOCK_D])
+            if UPCAST:
+                h, w = h.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(h, w.T, acc)
+        rows = row_start + local_r0 + tl.arange(0, BLOCK_M)
+        cols = col_start + local_c0 + tl.arange(0, BLOCK_V)
+        row_mask = rows < row_stop
+        logits, tanh = _softcapped(acc, bias_ptr, cols, vocab, softcap, HAS_BIAS, HAS_SOFTCAP)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+        grad_rows = tl.load(grad_rows_ptr + rows, mask=row_mask, other=0.0)
+        prob = tl.exp(logits - lse[:, None])
+        hit = cols[None, :] == targets[:, None]
+        dz = prob - tl.where(hit, 1.0 - smoothing, 0.0) - smoothing * inv_vocab
+        dz = dz * grad_rows[:, None]
+        if HAS_SOFTCAP:
+            dz = dz * (1.0 - tanh * tanh)
+        if TMA_STORE:
             dz_desc.store([local_r0, local_c0], dz.to(dz_desc.dtype))
-            acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+        else:
+            local_rows = (local_r0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+            local_cols = local_c0 + tl.arange(0, BLOCK_V)
+            mask = row_mask[:, None] & (cols < col_stop)[None, :]
+            ptrs = dz_ptr + local_rows[:, None] * stride_dz + local_cols[None, :]
+            tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 class Descriptors:
@@ -224,13 +235,15 @@ def grad_logits_tma(
     bm, bv = config["BLOCK_M"], config["BLOCK_V"]
     dz_desc = TensorDescriptor(dz, [r1 - r0, c1 - c0], [dz.stride(0), 1], [bm, bv])
     tiles = triton.cdiv(r1 - r0, bm) * triton.cdiv(c1 - c0, bv)
-    programs = min(tiles, config["programs"])
+    programs = min(tiles, config["programs"]) if config.get("persistent") else tiles
     _grad_logits_tma_kernel[(programs,)](
-        desc.hidden, desc.weight, dz_desc, bias if bias is not None else hidden, targets, lse,
-        grad_rows, r0, r1, c0, c1, weight.shape[0], hidden.shape[1],
+        desc.hidden, desc.weight, dz_desc, dz, bias if bias is not None else hidden, targets, lse,
+        grad_rows, r0, r1, c0, c1, weight.shape[0], hidden.shape[1], dz.stride(0),
         float(softcap) if softcap is not None else 1.0, float(smoothing), 1.0 / weight.shape[0],
-        programs=programs, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        programs, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=config["BLOCK_D"],
         UPCAST=config["upcast"] and hidden.dtype == torch.bfloat16,
+        TMA_STORE=config.get("tma_store", False), FLATTEN=config.get("flatten", False),
+        WARP_SPECIALIZE=config.get("warp_specialize", False),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip

@@ -57,6 +57,8 @@ CASES = {
     "tma_bf16_vocab_order": 2e-2,
     "tma_fp16_softcap_bias_smoothing": 1e-2,
     "tma_bf16_many_chunks_sum": 2e-2,
+    "tma_bf16_persistent_descriptor_store": 2e-2,
+    "tma_fp16_persistent_flattened_vocab_order": 1e-2,
     # impl="cublas": emulated products, Triton elementwise kernels in the interpreter
     "cublas_fp32_none": 2e-5,
     "cublas_fp32_softcap_smoothing_bias": 2e-5,
@@ -412,8 +414,8 @@ def main() -> int:
 
     from memtrain.kernels.cross_entropy import triton_function
 
-    def tma_case(name, plan, *args, **kwargs):
-        triton_function.INTERPRET_TMA = True
+    def tma_case(name, plan, *args, variant=None, **kwargs):
+        triton_function.INTERPRET_TMA = variant or {}
         try:
             if plan is None:
                 case(name, *args, **kwargs)
@@ -431,6 +433,16 @@ def main() -> int:
     )  # fmt: skip
     h, w, y = _inputs(torch, 70, 150, 40, bf16, 22)
     tma_case("tma_bf16_many_chunks_sum", None, h, w, y, reduction="sum", **many)
+    # Persistent programs (3 of them, several tiles each), the dZ tile through a descriptor.
+    h, w, y = _inputs(torch, 45, 500, 32, bf16, 23)
+    variant = {"persistent": True, "tma_store": True, "programs": 3}
+    tma_case("tma_bf16_persistent_descriptor_store", None, h, w, y, variant=variant, **many)
+    h, w, y = _inputs(torch, 40, 3000, 32, f16, 24)
+    variant = {"persistent": True, "flatten": True, "programs": 5}
+    tma_case(
+        "tma_fp16_persistent_flattened_vocab_order", (32, 96, 1), h, w, y, variant=variant,
+        softcap=30.0,
+    )  # fmt: skip
 
     # The interpreted Triton path and the chunked torch path agree with each other.
     h, w, y = _inputs(torch, 33, 200, 32, bf16, 15)

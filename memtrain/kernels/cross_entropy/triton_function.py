@@ -48,8 +48,9 @@ def _config(
     )  # fmt: skip
 
 
-# The interpreter runs the tensor-descriptor kernels instead of the pointer ones (tests).
-INTERPRET_TMA = False
+# The interpreter runs the tensor-descriptor kernels instead of the pointer ones (tests): False,
+# or a dict of backward variant flags (see TMA_VARIANTS; {} is the plain variant).
+INTERPRET_TMA: dict | bool = False
 # (BLOCK_M, BLOCK_V, BLOCK_D, warps, stages) of the tensor-descriptor kernels; tried first.
 TMA_SHAPES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4)]
 # Backward variants of each shape (the forward ignores them): one tile per program, or
@@ -65,10 +66,9 @@ def candidate_configs(dtype: torch.dtype, tma: bool = False) -> list[dict]:
     whose persistent grids get one program per multiprocessor.
     """
     if interpreting():
-        use_tma = tma and INTERPRET_TMA
-        return [
-            _config(16, 32, 16, 4, 1, "ieee", sparse_bd=16, upcast=True, programs=8, tma=use_tma)
-        ]
+        use_tma = tma and INTERPRET_TMA is not False
+        cfg = _config(16, 32, 16, 4, 1, "ieee", sparse_bd=16, upcast=True, programs=8, tma=use_tma)
+        return [dict(cfg, **INTERPRET_TMA) if use_tma else cfg]
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     if dtype == torch.float32:
         tf32 = torch.backends.cuda.matmul.allow_tf32

@@ -129,17 +129,23 @@ def test_frozen_weight_falls_back_to_row_order():
     assert plan.order == "rows"
 
 
-@pytest.mark.parametrize("budget_mib", [4, 16, 64])
+@pytest.mark.parametrize("budget_mib", [4, 16, 64, 256])
 @pytest.mark.parametrize(
     "n,v,d", [(8192, 256000, 2304), (32768, 256000, 2304), (8192, 128256, 2048)]
 )
 def test_plan_stays_within_the_workspace(budget_mib, n, v, d):
     budget = budget_mib << 20
     plan = ts.plan_exact(n, v, d, 2, budget, 256, (True, True), True)
-    assert plan.order == "vocab"  # large vocabularies: the accumulator costs no workspace
     assert plan.workspace_bytes(d, 2, in_place=False) <= budget
-    n_first, start = ts.tail_start(n, v, plan.rows, plan.cols)
-    assert (v - start) <= ts.MAX_TAIL_SHARE * v and n_first <= n // 2
+    # Small workspaces: the vocabulary order (its accumulator costs no workspace); large ones:
+    # row blocks at least as long as its tiles, and no tail to recompute.
+    row_order_rows = ts._fit(n, budget // 2 // (4 * d), 256)
+    if row_order_rows < ts.VOCAB_ORDER_ROWS:
+        assert plan.order == "vocab"
+        n_first, start = ts.tail_start(n, v, plan.rows, plan.cols)
+        assert (v - start) <= ts.MAX_TAIL_SHARE * v and n_first <= n // 2
+    else:
+        assert plan.order == "rows" and plan.rows == row_order_rows
 
 
 def test_small_vocabulary_uses_row_order():

@@ -52,10 +52,14 @@ def _config(
 # or a dict of backward variant flags (see TMA_VARIANTS; {} is the plain variant).
 INTERPRET_TMA: dict | bool = False
 # (BLOCK_M, BLOCK_V, BLOCK_D, warps, stages) of the tensor-descriptor kernels; tried first.
-TMA_SHAPES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4)]
-# Backward variants of each shape (the forward ignores them): one tile per program, or
-# persistent with the dZ tile stored through registers or a descriptor, loops flattened or not.
-TMA_VARIANTS = [{"persistent": False}]
+# Measured on an H200 (N=8192, D=2304, V=256000, bf16; docs/benchmarks.md): forward 14.5 ms at
+# 256 x 128 (16.1-19.3 for the others), 17.5 for the best pointer kernel.
+TMA_SHAPES = [(256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4)]
+# Backward variants of each shape (the forward ignores them): {"persistent": False} runs one
+# tile per program; persistent ones take "tma_store" (dZ through a descriptor), "flatten" and
+# "warp_specialize" (loop transformations). On the H200 the plain persistent one won (0.142 ms
+# on a 2816 x 7168 chunk against 0.157 for the best pointer kernel; the others 0.22-0.30).
+TMA_VARIANTS = [{"persistent": True}]
 
 
 def candidate_configs(dtype: torch.dtype, tma: bool = False) -> list[dict]:

@@ -126,16 +126,19 @@ def plan_exact(
     buffers = 2 if parallel else 1
     per_logit = buffers * itemsize
     max_cols = _cdiv(vocab, granule) * granule
-    if ORDER != "rows":
-        rows = _fit(n_rows, VOCAB_ORDER_ROWS, granule)
-        cols = min(_fit(vocab, budget // (per_logit * rows), granule), max_cols)
-        if vocab_order_fits(n_rows, vocab, rows, cols, needs, in_place):
-            return ChunkPlan("vocab", rows, cols, buffers)
     acc_row = 4 * dim if needs[0] and not in_place else 0
     rows = _fit(n_rows, budget // 2 // acc_row if acc_row else n_rows, granule)
     left = max(budget - rows * acc_row, 0)
     cols = min(_fit(vocab, left // (per_logit * rows), granule), max_cols)
-    return ChunkPlan("rows", rows, cols, buffers)
+    by_rows = ChunkPlan("rows", rows, cols, buffers)
+    # Row blocks as long as the vocabulary order's tiles (or all rows): no tail to recompute.
+    if ORDER == "rows" or (ORDER == "auto" and rows >= min(VOCAB_ORDER_ROWS, n_rows)):
+        return by_rows
+    rows = _fit(n_rows, VOCAB_ORDER_ROWS, granule)
+    cols = min(_fit(vocab, budget // (per_logit * rows), granule), max_cols)
+    if vocab_order_fits(n_rows, vocab, rows, cols, needs, in_place):
+        return ChunkPlan("vocab", rows, cols, buffers)
+    return by_rows
 
 
 _SIDE_STREAMS: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}

@@ -420,7 +420,7 @@ def _exact_grads(
             tuning.append(torch.empty((first[0][1], cols), dtype=hidden.dtype, device=device))
         run_kernel(cfg, *first, tuning[0])
 
-    config = pick_config(tune_run)
+    config = pick_config.for_chunk((plan.rows, plan.cols))(tune_run)
     tuning.clear()
 
     def launch(rows, cols, dz):

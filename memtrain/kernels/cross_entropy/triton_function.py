@@ -9,6 +9,7 @@ filter the forward also records the largest logit per cell for the backward's bo
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Callable
@@ -114,6 +115,15 @@ class ConfigPicker:
         self.cell = tuple(
             math.gcd(*(c[k] for c in self.candidates)) for k in ("BLOCK_M", "BLOCK_V")
         )
+
+    def for_chunk(self, shape: tuple[int, int]) -> ConfigPicker:
+        """The same picker, choosing separately for chunks of ``shape``: how well a grid fills
+        the GPU depends on the chunk (a persistent grid over 224 tiles leaves 40 of 132
+        programs one tile short), so a choice made on one chunk shape is not reused for
+        another."""
+        picker = copy.copy(self)
+        picker.key = (*self.key, "chunk", *shape)
+        return picker
 
     def __call__(self, run: Callable[[dict], object]) -> dict:
         if self.key in _CHOSEN:

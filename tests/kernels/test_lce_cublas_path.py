@@ -240,21 +240,35 @@ def test_cuda_products_and_kernels(dtype, opts):
     check(to(hidden), to(weight), to(labels), bias=to(b), tol=tol, workspace_bytes=1 << 16, **opts)
 
 
+class _CudaHidden:
+    """Just what ``_auto_impl`` reads of a CUDA tensor (no GPU needed to build it)."""
+
+    def __init__(self, dim: int, dtype: torch.dtype):
+        self.device = torch.device("cuda")
+        self.shape = (8, dim)
+        self.dtype = dtype
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
 @pytest.mark.parametrize(
-    "dim, dtype, filtering, supported, want",
+    "dim,dtype,hopper,filtering,supported,want",
     [
-        (2304, torch.bfloat16, False, True, "cublas"),
-        (2304, torch.bfloat16, True, True, "triton"),
-        (896, torch.bfloat16, False, True, "triton"),
-        (2304, torch.bfloat16, False, False, "triton"),
-        (2304, torch.float64, False, True, "triton"),
+        (2304, torch.bfloat16, True, False, True, "triton"),  # descriptor kernels: Triton
+        (2304, torch.bfloat16, False, False, True, "cublas"),  # pointer kernels: cuBLAS >= 2048
+        (2300, torch.bfloat16, True, False, True, "cublas"),  # rows not 16-byte aligned
+        (896, torch.bfloat16, False, False, True, "triton"),  # small hidden size
+        (4096, torch.float32, True, False, True, "cublas"),  # no descriptor kernels for fp32
+        (2304, torch.bfloat16, False, True, True, "triton"),  # the filter is Triton's
+        (2304, torch.bfloat16, False, False, False, "triton"),  # no float32-output products
+        (2304, torch.float64, False, False, True, "triton"),
     ],
 )
-def test_auto_choice_on_cuda(monkeypatch, dim, dtype, filtering, supported, want):
-    from types import SimpleNamespace
+def test_auto_choice_on_cuda(monkeypatch, dim, dtype, hopper, filtering, supported, want):
+    import memtrain.kernels.cross_entropy as lce_module
+    from memtrain.kernels.cross_entropy import triton_function
 
-    from memtrain.kernels import cross_entropy
-
+    monkeypatch.setattr(triton_function, "tma_capable_device", lambda: hopper)
     monkeypatch.setattr(blas, "blas_supported", lambda device, dtype: supported)
-    hidden = SimpleNamespace(device=torch.device("cuda"), shape=(8, dim), dtype=dtype)
-    assert cross_entropy._auto_impl(hidden, True, filtering) == want
+    assert lce_module._auto_impl(_CudaHidden(dim, dtype), True, filtering) == want

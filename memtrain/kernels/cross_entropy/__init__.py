@@ -33,10 +33,12 @@ _REDUCTIONS = ("mean", "sum", "none")
 _IMPLS = ("auto", "cublas", "triton", "torch")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# "auto" takes the cuBLAS path from this hidden size up. Measured on an H100 (docs/benchmarks.md,
-# 64 MiB workspace, exact): D=2048 x V=128256 29.8-30.1 ms vs Triton 30.9-31.5; D=2304 x V=256000
-# 65.9-67.2 vs 65.8-66.6 at N=8192 and 262-269 vs 273 at N=32768; D=896 x V=151936 19.6-23.2 vs
-# 18.2 (Triton faster). Its elementwise passes cost what its faster products gain below ~2k.
+# "auto" takes the cuBLAS path from this hidden size up, unless the Triton path's tensor-
+# descriptor kernels run (Hopper or newer, bf16/fp16, 16-byte rows). With the pointer kernels, on
+# an H100 (docs/benchmarks.md, 64 MiB workspace, exact): D=2048 x V=128256 29.8-30.1 ms vs Triton
+# 30.9-31.5; D=2304 x V=256000 65.9-67.2 vs 65.8-66.6 at N=8192, 262-269 vs 273 at N=32768. With
+# the descriptor kernels, on an H200: D=2048 28.7-28.9 ms vs cuBLAS 29.9-30.1; D=2304 64.6-65.0 vs
+# 66.0-66.8 at N=8192, 268.5-269.6 vs 267.7-269.4 at N=32768.
 BLAS_MIN_DIM = 2048
 
 
@@ -96,11 +98,21 @@ def _validate(hidden, weight, labels, bias, reduction, label_smoothing, softcap,
         raise MemtrainError(f"softcap={softcap}; use a positive number or None")
 
 
+def _descriptor_kernels_run(hidden: torch.Tensor) -> bool:
+    """Whether the Triton path gets its tensor-descriptor kernels for this input (CUDA)."""
+    from memtrain.kernels.cross_entropy.triton_function import tma_capable_device
+
+    aligned = (hidden.shape[-1] * hidden.element_size()) % 16 == 0
+    return hidden.dtype in (torch.bfloat16, torch.float16) and aligned and tma_capable_device()
+
+
 def _auto_impl(hidden: torch.Tensor, triton_runs: bool, filtering: bool) -> str:
     """The implementation "auto" stands for (see :func:`linear_cross_entropy`)."""
     device = hidden.device
     if device.type != "cuda":
         return "triton" if triton_runs else "torch"
+    if triton_runs and _descriptor_kernels_run(hidden):
+        return "triton"
     if not filtering and hidden.shape[-1] >= BLAS_MIN_DIM and hidden.dtype in _TRITON_DTYPES:
         from memtrain.kernels.cross_entropy.blas import blas_supported
 

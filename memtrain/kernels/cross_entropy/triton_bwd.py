@@ -4,7 +4,10 @@ The logits gradient ``dZ = g * (softmax - onehot)`` (with label smoothing and th
 rule folded in) is formed in registers by :func:`_grad_logits_kernel` for one bounded chunk of
 rows x vocabulary at a time and written to a reusable workspace. It is then contracted into the
 input gradients by matrix products: ``dH += dZ @ W[chunk]`` (float32 accumulator across vocabulary
-chunks) and ``dW[chunk] (+)= dZ.T @ H[rows]``. The workspace, not N x V, bounds the memory.
+chunks) and ``dW[chunk] (+)= dZ.T @ H[rows]``. The workspace, not N x V, bounds the memory. For
+the exact backward, ``triton_schedule`` picks the chunks' order and where the accumulator lives
+(with a small workspace: in the gradients' own unwritten storage); on Hopper the logits gradient
+comes from the tensor-descriptor kernel of ``triton_tma`` when it measures faster.
 
 With the gradient filter on, the kernel also marks each ``BLOCK_M x BLOCK_V`` block that holds
 neither a live target nor a softmax probability of at least ``eps`` (rows without gradient do

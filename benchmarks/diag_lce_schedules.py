@@ -144,7 +144,15 @@ def main() -> int:
         default="",
         help="backward TMA variants to tune among, e.g. 'persistent+flatten,tma_store' ('-': plain)",
     )
+    p.add_argument(
+        "--vocab-plans", default="", help="more vocabulary-order variants: ROWSxCOLSxBUFFERS,..."
+    )
     args = p.parse_args()
+    for text in filter(None, args.vocab_plans.split(",")):
+        rows, cols, buffers = (int(x) for x in text.split("x"))
+        mib = rows * cols * buffers * 2 / MiB
+        plan = (rows, cols, buffers)
+        DEFAULT_VARIANTS[f"tma vocab {mib:.1f} MiB {text}"] = ("vocab", None, plan, False, True)
     if args.tma_variants:
         triton_function.TMA_VARIANTS = [
             {flag: True for flag in text.split("+") if flag != "-"}

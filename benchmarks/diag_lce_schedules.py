@@ -1,7 +1,7 @@
 """Where the exact fused-loss backward's time goes, per chunk schedule (one GPU).
 
 For each schedule of ``memtrain.kernels.cross_entropy.triton_schedule`` (loop order, chunk shape,
-dZ buffers, side streams on or off) it prints the forward+backward time (median of CUDA-event
+tensor-descriptor kernels on or off) it prints the forward+backward time (median of CUDA-event
 timings), the extra peak memory over the inputs and the returned gradients, the gradient errors
 against a float32 reference, and, for the schedules named in ``--timeline``, how much of the
 backward the GPU spent idle between kernels (from a torch.profiler trace: wall time minus the
@@ -37,19 +37,19 @@ from bench_linear_cross_entropy import (  # noqa: E402
 
 from memtrain.kernels.cross_entropy import triton_function, triton_schedule  # noqa: E402
 
-# label -> (order, workspace MiB or None, (rows, cols, buffers) or None, streams, TMA kernels)
+# label -> (order, workspace MiB or None, (rows, cols) or None, TMA kernels). The stream-overlap
+# variant measured in docs/benchmarks.md (193 ms) was removed from the library after that run.
 DEFAULT_VARIANTS = {
-    "pointer rows 64 MiB": ("rows", 64, None, False, False),
-    "pointer vocab 16 MiB": ("vocab", 16, None, False, False),
-    "tma rows 64 MiB": ("rows", 64, None, False, True),
-    "tma rows 16 MiB": ("rows", 16, None, False, True),
-    "tma vocab 16 MiB": ("vocab", 16, None, False, True),
-    "tma vocab 14 MiB 1024x7168x1": ("vocab", None, (1024, 7168, 1), False, True),
-    "tma vocab 14 MiB 2048x3584x1": ("vocab", None, (2048, 3584, 1), False, True),
-    "tma vocab 14 MiB 4096x1792x1": ("vocab", None, (4096, 1792, 1), False, True),
-    "tma vocab streams 14 MiB 2048x1792x2": ("vocab", None, (2048, 1792, 2), True, True),
-    "tma vocab 32 MiB": ("vocab", 32, None, False, True),
-    "tma vocab 64 MiB": ("vocab", 64, None, False, True),
+    "pointer rows 64 MiB": ("rows", 64, None, False),
+    "pointer vocab 16 MiB": ("vocab", 16, None, False),
+    "tma rows 64 MiB": ("rows", 64, None, True),
+    "tma rows 16 MiB": ("rows", 16, None, True),
+    "tma vocab 16 MiB": ("vocab", 16, None, True),
+    "tma vocab 14 MiB 1024x7168": ("vocab", None, (1024, 7168), True),
+    "tma vocab 14 MiB 2048x3584": ("vocab", None, (2048, 3584), True),
+    "tma vocab 14 MiB 4096x1792": ("vocab", None, (4096, 1792), True),
+    "tma vocab 32 MiB": ("vocab", 32, None, True),
+    "tma vocab 64 MiB": ("vocab", 64, None, True),
 }
 
 
@@ -57,8 +57,8 @@ class Schedule:
     """Sets the schedule knobs for one variant and restores them afterwards (without the TMA
     kernels, launch settings are chosen again among the pointer kernels only)."""
 
-    def __init__(self, order, plan, streams, tma):
-        self.values = {"ORDER": order, "CHUNK_PLAN": plan, "STREAMS": streams}
+    def __init__(self, order, plan, tma):
+        self.values = {"ORDER": order, "CHUNK_PLAN": plan}
         self.tma = tma
 
     def __enter__(self):
@@ -145,14 +145,13 @@ def main() -> int:
         help="backward TMA variants to tune among, e.g. 'persistent+flatten,tma_store' ('-': plain)",
     )
     p.add_argument(
-        "--vocab-plans", default="", help="more vocabulary-order variants: ROWSxCOLSxBUFFERS,..."
+        "--vocab-plans", default="", help="more vocabulary-order variants: ROWSxCOLS,..."
     )
     args = p.parse_args()
     for text in filter(None, args.vocab_plans.split(",")):
-        rows, cols, buffers = (int(x) for x in text.split("x"))
-        mib = rows * cols * buffers * 2 / MiB
-        plan = (rows, cols, buffers)
-        DEFAULT_VARIANTS[f"tma vocab {mib:.1f} MiB {text}"] = ("vocab", None, plan, False, True)
+        rows, cols = (int(x) for x in text.split("x"))
+        mib = rows * cols * 2 / MiB
+        DEFAULT_VARIANTS[f"tma vocab {mib:.1f} MiB {text}"] = ("vocab", None, (rows, cols), True)
     if args.tma_variants:
         triton_function.TMA_VARIANTS = [
             {flag: True for flag in text.split("+") if flag != "-"}
@@ -185,20 +184,18 @@ def main() -> int:
         ref = reference_grads(h, w, y)
         floor = 8 * n * v * d / (tflops * 1e12) * 1e3
         log(f"\nN={n} D={d} V={v} {args.kind}: floor {floor:.1f} ms")
-        for label, (order, ws, plan, streams, tma) in DEFAULT_VARIANTS.items():
+        for label, (order, ws, plan, tma) in DEFAULT_VARIANTS.items():
             if wanted and not any(s in label for s in wanted):
                 continue
             fn = ours(False, ws or 64)
-            with Schedule(order, plan, streams, tma):
+            with Schedule(order, plan, tma):
                 try:
                     r = measure(fn, h, w, y, args.reps, ref)
                     if any(s in label for s in timeline):
                         r.update(idle_share(fn, h, w, y))
                 except torch.cuda.OutOfMemoryError as exc:
                     r = {"error": str(exc)[:200]}
-                got = triton_schedule.plan_exact(
-                    n, v, d, 2, (ws or 64) * MiB, 256, (True, True), streams
-                )
+                got = triton_schedule.plan_exact(n, v, d, 2, (ws or 64) * MiB, 256, (True, True))
             r.update(label=label, shape=shape, floor_ms=floor, plan=str(got))
             results["rows"].append(r)
             if "error" in r:

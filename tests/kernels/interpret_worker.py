@@ -403,14 +403,14 @@ def main() -> int:
             triton_schedule.CHUNK_PLAN = None
 
     h, w, y = _inputs(torch, 40, 3000, 32, bf16, 17)
-    vocab_case("vocab_order_bf16_tail", (16, 64, 2), h, w, y)
+    vocab_case("vocab_order_bf16_tail", (16, 64), h, w, y)
     h, w, y = _inputs(torch, 37, 2000, 24, f16, 18)
     vocab_case(
-        "vocab_order_fp16_softcap_bias", (32, 96, 2), h, w, y, bias=torch.randn(2000).to(f16),
+        "vocab_order_fp16_softcap_bias", (32, 96), h, w, y, bias=torch.randn(2000).to(f16),
         softcap=20.0, reduction="sum",
     )  # fmt: skip
     h, w, y = _inputs(torch, 33, 900, 24, f32, 19)
-    vocab_case("vocab_order_fp32_smoothing", (16, 32, 1), h, w, y, label_smoothing=0.1)
+    vocab_case("vocab_order_fp32_smoothing", (16, 32), h, w, y, label_smoothing=0.1)
 
     from memtrain.kernels.cross_entropy import triton_function
 
@@ -425,7 +425,7 @@ def main() -> int:
             triton_function.INTERPRET_TMA = False
 
     h, w, y = _inputs(torch, 40, 3000, 32, bf16, 20)
-    tma_case("tma_bf16_vocab_order", (16, 64, 2), h, w, y)
+    tma_case("tma_bf16_vocab_order", (16, 64), h, w, y)
     h, w, y = _inputs(torch, 37, 1001, 24, f16, 21)
     tma_case(
         "tma_fp16_softcap_bias_smoothing", None, h, w, y, bias=torch.randn(1001).to(f16),
@@ -440,7 +440,7 @@ def main() -> int:
     h, w, y = _inputs(torch, 40, 3000, 32, f16, 24)
     variant = {"persistent": True, "flatten": True, "programs": 5}
     tma_case(
-        "tma_fp16_persistent_flattened_vocab_order", (32, 96, 1), h, w, y, variant=variant,
+        "tma_fp16_persistent_flattened_vocab_order", (32, 96), h, w, y, variant=variant,
         softcap=30.0,
     )  # fmt: skip
 

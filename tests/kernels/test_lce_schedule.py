@@ -3,7 +3,7 @@
 The logits gradient is a fixed random matrix G, written chunk by chunk into the workspace the
 schedule hands out; the schedules must return G @ W, G.T @ H and G's column sums however they
 order the chunks, wherever they keep the accumulator (the vocabulary order keeps it in the
-gradients' own storage) and however many buffers they cycle through. Errors are relative to a
+gradients' own storage). Errors are relative to a
 float64 product of the same rounded G.
 """
 
@@ -40,7 +40,7 @@ def _run(plan, hidden, weight, logits_grad, needs=(True, True, True), inv_scale=
         torch.full_like(weight, float("nan")) if need_w else None,
         torch.zeros(weight.shape[0], dtype=torch.float32) if need_b else None,
     )
-    ts.run_exact(plan, hidden, weight, launch, accumulate_mm, grads, inv_scale, parallel=True)
+    ts.run_exact(plan, hidden, weight, launch, accumulate_mm, grads, inv_scale)
     return grads, calls
 
 
@@ -59,7 +59,6 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("buffers", [1, 2])
 @pytest.mark.parametrize(
     "shape,rows,cols",
     [
@@ -68,9 +67,9 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
         ((9, 700, 8), 16, 32),  # one tile larger than N: all rows in the tail
     ],
 )
-def test_vocab_order_matches_products(dtype, buffers, shape, rows, cols):
+def test_vocab_order_matches_products(dtype, shape, rows, cols):
     hidden, weight, logits_grad = _problem(*shape, dtype)
-    plan = ts.ChunkPlan("vocab", rows, cols, buffers)
+    plan = ts.ChunkPlan("vocab", rows, cols)
     assert ts.vocab_order_fits(shape[0], shape[1], rows, cols, (True, True), dtype.itemsize >= 4)
     (dh, dw, db), calls = _run(plan, hidden, weight, logits_grad)
     want_h, want_w, want_b = _expected(hidden, weight, logits_grad)
@@ -85,10 +84,9 @@ def test_vocab_order_matches_products(dtype, buffers, shape, rows, cols):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("buffers", [1, 2])
-def test_row_order_matches_products(dtype, buffers):
+def test_row_order_matches_products(dtype):
     hidden, weight, logits_grad = _problem(45, 300, 24, dtype, seed=1)
-    (dh, dw, db), calls = _run(ts.ChunkPlan("rows", 16, 64, buffers), hidden, weight, logits_grad)
+    (dh, dw, db), calls = _run(ts.ChunkPlan("rows", 16, 64), hidden, weight, logits_grad)
     want_h, want_w, want_b = _expected(hidden, weight, logits_grad)
     assert _rel(dh, want_h) < TOL[dtype] and _rel(dw, want_w) < TOL[dtype]
     assert _rel(db, want_b) < 1e-5
@@ -103,7 +101,7 @@ def test_one_gradient_only(needs, order):
     assert fits == (needs[1] or not needs[0])
     if order == "vocab" and not fits:
         pytest.skip("the vocabulary order needs the weight gradient's storage for dH")
-    (dh, dw, db), _ = _run(ts.ChunkPlan(order, 16, 64, 2), hidden, weight, logits_grad, needs)
+    (dh, dw, db), _ = _run(ts.ChunkPlan(order, 16, 64), hidden, weight, logits_grad, needs)
     want_h, want_w, want_b = _expected(hidden, weight, logits_grad)
     if needs[0]:
         assert _rel(dh, want_h) < 1e-2 and dw is None
@@ -115,7 +113,7 @@ def test_fp16_scale_is_undone_once():
     hidden, weight, logits_grad = _problem(40, 3000, 24, torch.float16, seed=3)
     scale = 2.0**6
     (dh, dw, db), _ = _run(
-        ts.ChunkPlan("vocab", 16, 64, 2), hidden, weight, (logits_grad.float() * scale).half(),
+        ts.ChunkPlan("vocab", 16, 64), hidden, weight, (logits_grad.float() * scale).half(),
         inv_scale=torch.tensor(1.0 / scale),
     )  # fmt: skip
     want_h, _, _ = _expected(hidden, weight, logits_grad)
@@ -125,7 +123,7 @@ def test_fp16_scale_is_undone_once():
 def test_frozen_weight_falls_back_to_row_order():
     # Without a weight gradient there is no storage for the accumulator's second half.
     assert not ts.vocab_order_fits(8192, 256000, 2048, 2048, (True, False), False)
-    plan = ts.plan_exact(8192, 256000, 2304, 2, 16 << 20, 256, (True, False), True)
+    plan = ts.plan_exact(8192, 256000, 2304, 2, 16 << 20, 256, (True, False))
     assert plan.order == "rows"
 
 
@@ -135,7 +133,7 @@ def test_frozen_weight_falls_back_to_row_order():
 )
 def test_plan_stays_within_the_workspace(budget_mib, n, v, d):
     budget = budget_mib << 20
-    plan = ts.plan_exact(n, v, d, 2, budget, 256, (True, True), True)
+    plan = ts.plan_exact(n, v, d, 2, budget, 256, (True, True))
     assert plan.workspace_bytes(d, 2, in_place=False) <= budget
     # Small workspaces: the vocabulary order (its accumulator costs no workspace); large ones:
     # row blocks at least as long as its tiles, and no tail to recompute.
@@ -150,6 +148,6 @@ def test_plan_stays_within_the_workspace(budget_mib, n, v, d):
 
 def test_small_vocabulary_uses_row_order():
     # 2N float32 rows of dH would take most of a small vocabulary's dW storage.
-    plan = ts.plan_exact(32768, 32000, 4096, 2, 16 << 20, 256, (True, True), True)
+    plan = ts.plan_exact(32768, 32000, 4096, 2, 16 << 20, 256, (True, True))
     assert plan.order == "rows"
     assert plan.workspace_bytes(4096, 2, in_place=False) <= 16 << 20

@@ -388,10 +388,9 @@ def _exact_grads(
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    parallel = triton_schedule.STREAMS and device.type == "cuda"
     plan = triton_schedule.plan_exact(
         n_rows, vocab, dim, hidden.element_size(), workspace_bytes, pick_config.granule,
-        (need_h, need_w), parallel,
+        (need_h, need_w),
     )  # fmt: skip
     inv_scale = None
     if hidden.dtype == torch.float16:
@@ -434,7 +433,7 @@ def _exact_grads(
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
     triton_schedule.run_exact(
         plan, hidden, weight, launch, accumulate_mm, (grad_hidden, grad_weight, grad_bias),
-        inv_scale, parallel,
+        inv_scale,
     )  # fmt: skip
     undo_grad_scale(inv_scale, grad_weight, grad_bias)
     if need_b:

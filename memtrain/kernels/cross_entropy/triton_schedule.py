@@ -1,5 +1,5 @@
-"""Chunk schedules of the exact Triton backward: loop order, where the hidden gradient's float32
-accumulator lives, and which CUDA stream runs which product.
+"""Chunk schedules of the exact Triton backward: loop order, and where the hidden gradient's
+float32 accumulator lives.
 
 The backward forms the logits gradient dZ one chunk (rows x vocabulary columns) at a time and
 contracts it twice: ``dH[rows] += dZ @ W[cols]`` into a float32 accumulator and
@@ -18,16 +18,15 @@ contracts it twice: ``dH[rows] += dZ @ W[cols]`` into a float32 accumulator and
 
 Either way each dH element is rounded once (from float32), and dW once per row block or tile.
 
-Optionally (``STREAMS``, off by default) the two products run on two side streams, with dZ in
-two buffers, so that a product whose grid fills only part of the GPU overlaps the next chunk's
-kernel and the other product; on the H200 measured, the events and stream switches cost more
-than the overlap gained. Without a GPU the same steps run in order (tests drive both).
+Everything runs in order on the caller's stream. Running the two products on side streams over
+two dZ buffers, so that a product whose grid fills part of the GPU overlaps the next kernel, was
+measured on an H200 and lost: 193 ms against 73 at 16 MiB (N=8192, V=256000), the events and
+stream switches cost more launch time than the overlap saved (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +35,8 @@ from memtrain.kernels.cross_entropy.chunked import undo_grad_scale
 
 # "auto", "rows" or "vocab" (benchmarks force one).
 ORDER = "auto"
-# Overlap the products on side streams (CUDA only). Off: on an H200 (gVisor) the events and
-# stream switches cost more launch time than the overlap saved (16 MiB, N=8192, V=256000: 193
-# ms with streams and two buffers, 73 ms without); the caller's stream runs everything.
-STREAMS = False
-# (rows, cols, buffers) to force the chunk shape (benchmarks); None plans from the workspace.
-CHUNK_PLAN: tuple[int, int, int] | None = None
+# (rows, cols) to force the chunk shape (benchmarks); None plans from the workspace.
+CHUNK_PLAN: tuple[int, int] | None = None
 # Rows per tile of the vocabulary order: long enough that the dH product (rows x D) covers the
 # GPU a couple of times, short enough that the chunk keeps many vocabulary columns.
 VOCAB_ORDER_ROWS = 2048
@@ -54,17 +49,16 @@ Accumulate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """Loop order, rows per tile, vocabulary columns per chunk and dZ buffers."""
+    """Loop order, rows per tile and vocabulary columns per chunk."""
 
     order: str
     rows: int
     cols: int
-    buffers: int
 
     def workspace_bytes(self, dim: int, itemsize: int, in_place: bool) -> int:
-        """Scratch memory: the dZ buffers, plus the row block's accumulator in row order."""
+        """Scratch memory: the dZ chunk, plus the row block's accumulator in row order."""
         acc = self.rows * dim * 4 if self.order == "rows" and not in_place else 0
-        return self.buffers * self.rows * self.cols * itemsize + acc
+        return self.rows * self.cols * itemsize + acc
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -114,99 +108,29 @@ def plan_exact(
     budget: int,
     granule: int,
     needs: tuple[bool, bool],
-    parallel: bool,
 ) -> ChunkPlan:
     """The chunk plan for a workspace of ``budget`` bytes (see the module docstring)."""
     in_place = itemsize >= 4
     if CHUNK_PLAN is not None:
-        rows, cols, buffers = CHUNK_PLAN
+        rows, cols = CHUNK_PLAN
         vocab_ok = vocab_order_fits(n_rows, vocab, rows, cols, needs, in_place)
         order = "rows" if ORDER == "rows" or not vocab_ok else "vocab"
-        return ChunkPlan(order, rows, cols, buffers)
-    buffers = 2 if parallel else 1
-    per_logit = buffers * itemsize
+        return ChunkPlan(order, rows, cols)
+    per_logit = itemsize
     max_cols = _cdiv(vocab, granule) * granule
     acc_row = 4 * dim if needs[0] and not in_place else 0
     rows = _fit(n_rows, budget // 2 // acc_row if acc_row else n_rows, granule)
     left = max(budget - rows * acc_row, 0)
     cols = min(_fit(vocab, left // (per_logit * rows), granule), max_cols)
-    by_rows = ChunkPlan("rows", rows, cols, buffers)
+    by_rows = ChunkPlan("rows", rows, cols)
     # Row blocks as long as the vocabulary order's tiles (or all rows): no tail to recompute.
     if ORDER == "rows" or (ORDER == "auto" and rows >= min(VOCAB_ORDER_ROWS, n_rows)):
         return by_rows
     rows = _fit(n_rows, VOCAB_ORDER_ROWS, granule)
     cols = min(_fit(vocab, budget // (per_logit * rows), granule), max_cols)
     if vocab_order_fits(n_rows, vocab, rows, cols, needs, in_place):
-        return ChunkPlan("vocab", rows, cols, buffers)
+        return ChunkPlan("vocab", rows, cols)
     return by_rows
-
-
-_SIDE_STREAMS: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
-
-
-class _Lanes:
-    """Three in-order lanes of work (logits gradient, dH product, dW product): CUDA streams that
-    overlap on a GPU, one sequence elsewhere."""
-
-    def __init__(self, device: torch.device, parallel: bool):
-        self.parallel = parallel and device.type == "cuda"
-        if not self.parallel:
-            return
-        main = torch.cuda.current_stream(device)
-        if device not in _SIDE_STREAMS:
-            _SIDE_STREAMS[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
-        self.streams = (main, *_SIDE_STREAMS[device])
-        for side in self.streams[1:]:
-            side.wait_stream(main)  # inputs and outputs were made on the caller's stream
-
-    @contextlib.contextmanager
-    def on(self, lane: int) -> Iterator[None]:
-        if not self.parallel or lane == 0:
-            yield
-            return
-        with torch.cuda.stream(self.streams[lane]):
-            yield
-
-    def signal(self, lane: int) -> torch.cuda.Event | None:
-        if not self.parallel:
-            return None
-        event = torch.cuda.Event()
-        event.record(self.streams[lane])
-        return event
-
-    def wait(self, lane: int, *events: torch.cuda.Event | None) -> None:
-        if self.parallel:
-            for event in events:
-                if event is not None:
-                    self.streams[lane].wait_event(event)
-
-    def join(self) -> None:
-        """The caller's stream continues after everything queued on the side streams."""
-        if self.parallel:
-            for side in self.streams[1:]:
-                self.streams[0].wait_stream(side)
-
-
-class _Buffers:
-    """dZ buffers used in turn; one is reused only after every product that read it is done."""
-
-    def __init__(self, count: int, rows: int, cols: int, dtype, device):
-        self.items = [torch.empty((rows, cols), dtype=dtype, device=device) for _ in range(count)]
-        self.readers: list[tuple] = [() for _ in range(count)]
-        self.next = 0
-
-    def take(self, lanes: _Lanes) -> tuple[int, torch.Tensor]:
-        i = self.next
-        self.next = (i + 1) % len(self.items)
-        lanes.wait(0, *self.readers[i])
-        return i, self.items[i]
-
-    def read_by(self, i: int, *events) -> None:
-        self.readers[i] = events
-
-    def read_by_all(self, *events) -> None:
-        for i in range(len(self.items)):
-            self.readers[i] = (*self.readers[i], *events)
 
 
 def run_exact(
@@ -217,32 +141,29 @@ def run_exact(
     accumulate: Accumulate,
     grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
     inv_scale: torch.Tensor | None,
-    parallel: bool,
 ) -> None:
     """Fill the hidden, weight and bias gradients (those not None) chunk by chunk.
 
-    ``launch((r0, r1), (c0, c1), dz)`` writes that chunk's logits gradient into ``dz``;
-    ``accumulate(acc, a, b)`` is ``acc += a @ b`` with a float32 ``acc``. The bias gradient
-    (float32) is summed from each chunk; ``inv_scale`` undoes the fp16 gradient scale.
+    ``launch((r0, r1), (c0, c1), dz)`` writes that chunk's logits gradient into the top left of
+    ``dz``; ``accumulate(acc, a, b)`` is ``acc += a @ b`` with a float32 ``acc``. The bias
+    gradient (float32) is summed from each chunk; ``inv_scale`` undoes the fp16 gradient scale
+    of dH (the caller undoes it for the others).
     """
-    lanes = _Lanes(hidden.device, parallel)
     # Rows of the buffer stay a multiple of 16 bytes (tensor-descriptor stores need that).
     shape = (min(plan.rows, hidden.shape[0]), min(plan.cols, -(-weight.shape[0] // 16) * 16))
-    buffers = _Buffers(plan.buffers, *shape, hidden.dtype, hidden.device)
+    dz = torch.empty(shape, dtype=hidden.dtype, device=hidden.device)
     runner = _run_vocab_order if plan.order == "vocab" else _run_row_order
-    runner(plan, hidden, weight, launch, accumulate, grads, inv_scale, lanes, buffers)
-    lanes.join()
+    runner(plan, hidden, weight, launch, accumulate, grads, inv_scale, dz)
 
 
-def _chunk(lanes, buffers, launch, rows, cols, grad_bias) -> tuple[int, torch.Tensor, object]:
-    """Form one chunk's logits gradient on lane 0; returns (buffer, chunk view, ready event)."""
+def _chunk(dz, launch, rows, cols, grad_bias) -> torch.Tensor:
+    """One chunk's logits gradient (a view of ``dz``), added into the bias gradient if any."""
     (r0, r1), (c0, c1) = rows, cols
-    i, buf = buffers.take(lanes)
-    launch(rows, cols, buf)
-    chunk = buf[: r1 - r0, : c1 - c0]
+    launch(rows, cols, dz)
+    chunk = dz[: r1 - r0, : c1 - c0]
     if grad_bias is not None:
         grad_bias[c0:c1] += chunk.sum(0, dtype=torch.float32)
-    return i, chunk, lanes.signal(0)
+    return chunk
 
 
 def _weight_product(grad_weight, chunk, hidden_rows, cols, first: bool) -> None:
@@ -253,7 +174,7 @@ def _weight_product(grad_weight, chunk, hidden_rows, cols, first: bool) -> None:
         grad_weight[c0:c1].addmm_(chunk.t(), hidden_rows)
 
 
-def _run_row_order(plan, hidden, weight, launch, accumulate, grads, inv_scale, lanes, buffers):
+def _run_row_order(plan, hidden, weight, launch, accumulate, grads, inv_scale, dz):
     grad_hidden, grad_weight, grad_bias = grads
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
@@ -266,34 +187,23 @@ def _run_row_order(plan, hidden, weight, launch, accumulate, grads, inv_scale, l
         acc = None
         if grad_hidden is not None:
             acc = grad_hidden[r0:r1] if in_place else acc_all[: r1 - r0]
-            with lanes.on(1):
-                acc.zero_()
+            acc.zero_()
         for c0 in range(0, vocab, plan.cols):
             c1 = min(c0 + plan.cols, vocab)
-            i, chunk, ready = _chunk(lanes, buffers, launch, (r0, r1), (c0, c1), grad_bias)
-            done_h = done_w = None
+            chunk = _chunk(dz, launch, (r0, r1), (c0, c1), grad_bias)
             if acc is not None:
-                lanes.wait(1, ready)
-                with lanes.on(1):
-                    accumulate(acc, chunk, weight[c0:c1])
-                done_h = lanes.signal(1)
+                accumulate(acc, chunk, weight[c0:c1])
             if grad_weight is not None:
-                lanes.wait(2, ready)
-                with lanes.on(2):
-                    _weight_product(grad_weight, chunk, hidden[r0:r1], (c0, c1), r0 == 0)
-                done_w = lanes.signal(2)
-            buffers.read_by(i, done_h, done_w)
-        if acc is not None and not in_place:
-            with lanes.on(1):
-                undo_grad_scale(inv_scale, acc)
+                _weight_product(grad_weight, chunk, hidden[r0:r1], (c0, c1), r0 == 0)
+        if acc is not None:
+            undo_grad_scale(inv_scale, acc)
+            if not in_place:
                 grad_hidden[r0:r1].copy_(acc)
-    if in_place and grad_hidden is not None:
-        with lanes.on(1):
-            undo_grad_scale(inv_scale, grad_hidden)
 
 
 def _accumulator_tiles(plan, hidden, weight, grad_hidden, grad_weight):
-    """Float32 accumulator views, one per row tile, and the first tail column (see module doc)."""
+    """Float32 accumulator views, one per row tile, the first tail column, and the two parts of
+    the accumulator (None for float32, which accumulates in the hidden gradient itself)."""
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     starts = range(0, n_rows, plan.rows)
@@ -313,65 +223,50 @@ def _accumulator_tiles(plan, hidden, weight, grad_hidden, grad_weight):
     return tiles, start, first, second
 
 
-def _run_vocab_order(plan, hidden, weight, launch, accumulate, grads, inv_scale, lanes, buffers):
+def _run_vocab_order(plan, hidden, weight, launch, accumulate, grads, inv_scale, dz):
     grad_hidden, grad_weight, grad_bias = grads
-    n_rows, dim = hidden.shape
+    n_rows = hidden.shape[0]
     vocab = weight.shape[0]
     accs, start, first, second = _accumulator_tiles(plan, hidden, weight, grad_hidden, grad_weight)
-    with lanes.on(1):
-        for acc in (first, second) if first is not None else accs:
-            if acc is not None:
-                acc.zero_()
+    for acc in (first, second) if first is not None else accs:
+        if acc is not None:
+            acc.zero_()
     tiles = [(r0, min(r0 + plan.rows, n_rows)) for r0 in range(0, n_rows, plan.rows)]
     for c0 in range(0, vocab, plan.cols):
         c1 = min(c0 + plan.cols, vocab)
         weight_now = grad_weight is not None and c0 < start
         for (r0, r1), acc in zip(tiles, accs, strict=True):
-            i, chunk, ready = _chunk(lanes, buffers, launch, (r0, r1), (c0, c1), grad_bias)
-            done_h = done_w = None
+            chunk = _chunk(dz, launch, (r0, r1), (c0, c1), grad_bias)
             if acc is not None:
-                lanes.wait(1, ready)
-                with lanes.on(1):
-                    accumulate(acc, chunk, weight[c0:c1])
-                done_h = lanes.signal(1)
+                accumulate(acc, chunk, weight[c0:c1])
             if weight_now:
-                lanes.wait(2, ready)
-                with lanes.on(2):
-                    _weight_product(grad_weight, chunk, hidden[r0:r1], (c0, c1), r0 == 0)
-                done_w = lanes.signal(2)
-            buffers.read_by(i, done_h, done_w)
+                _weight_product(grad_weight, chunk, hidden[r0:r1], (c0, c1), r0 == 0)
     if grad_hidden is None:
         return
-    with lanes.on(1):
-        if first is None:  # float32: accumulated in place
-            undo_grad_scale(inv_scale, grad_hidden)
-        else:
-            undo_grad_scale(inv_scale, first, second)
-            _compact_into(grad_hidden, first, buffers)
-            grad_hidden[first.shape[0] :].copy_(second)
-    final = lanes.signal(1)
-    buffers.read_by_all(final)  # the compaction staged through the buffers
+    if first is None:  # float32: accumulated in place
+        undo_grad_scale(inv_scale, grad_hidden)
+    else:
+        undo_grad_scale(inv_scale, first, second)
+        _compact_into(grad_hidden, first, dz)
+        grad_hidden[first.shape[0] :].copy_(second)
     if grad_weight is None or start >= vocab:
         return
-    lanes.wait(2, final)  # the tail's storage held the accumulator until now
+    # The tail's storage held the accumulator until now: its dW products, logits again.
     for c0 in range(start, vocab, plan.cols):
         c1 = min(c0 + plan.cols, vocab)
         for r0, r1 in tiles:
-            i, chunk, ready = _chunk(lanes, buffers, launch, (r0, r1), (c0, c1), None)
-            lanes.wait(2, ready)
-            with lanes.on(2):
-                _weight_product(grad_weight, chunk, hidden[r0:r1], (c0, c1), r0 == 0)
-            buffers.read_by(i, lanes.signal(2))
+            chunk = _chunk(dz, launch, (r0, r1), (c0, c1), None)
+            _weight_product(grad_weight, chunk, hidden[r0:r1], (c0, c1), r0 == 0)
 
 
-def _compact_into(grad_hidden: torch.Tensor, first: torch.Tensor, buffers: _Buffers) -> None:
+def _compact_into(grad_hidden: torch.Tensor, first: torch.Tensor, dz: torch.Tensor) -> None:
     """Round the float32 rows that share the hidden gradient's storage into its first rows.
 
     Output row ``i`` overwrites the bytes of float32 row ``i / 2``; going through the rows in
-    order, in blocks staged through a dZ buffer, every row is read before it is overwritten.
+    order, in blocks staged through the dZ buffer, every row is read before it is overwritten.
     """
     n_first, dim = first.shape
-    stage_flat = buffers.items[0].view(-1)
+    stage_flat = dz.view(-1)
     block = stage_flat.numel() // dim
     if block == 0:
         stage_flat = torch.empty(dim, dtype=grad_hidden.dtype, device=grad_hidden.device)

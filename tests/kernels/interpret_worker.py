@@ -9,6 +9,7 @@ and without the forward's bound instead (see :func:`preskip_main`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -79,6 +80,17 @@ PRESKIP_CASES = {
     "bf16_peaked_softcap_cells": (2e-2, 0.5),
     "fp16_peaked_sum": (1e-2, 0.5),
 }
+
+
+@contextlib.contextmanager
+def _set(module, name: str, value):
+    """``module.name = value`` for the duration of the block."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
 
 def _rel(a, b):
@@ -393,54 +405,42 @@ def main() -> int:
         grad_filter_eps=1e-30, **many,
     )  # fmt: skip
 
-    from memtrain.kernels.cross_entropy import triton_schedule
+    from memtrain.kernels.cross_entropy import triton_function, triton_schedule
 
-    def vocab_case(name, plan, *args, **kwargs):
-        triton_schedule.CHUNK_PLAN = plan
-        try:
-            case(name, *args, **kwargs)
-        finally:
-            triton_schedule.CHUNK_PLAN = None
+    def set_case(name, *args, plan=None, tma=None, **kwargs):
+        """A case under a forced chunk plan and/or the descriptor kernels (``tma``: their
+        backward variant flags, {} for the plain one)."""
+        with _set(triton_schedule, "CHUNK_PLAN", plan):
+            with _set(triton_function, "INTERPRET_TMA", False if tma is None else tma):
+                case(name, *args, **kwargs)
 
     h, w, y = _inputs(torch, 40, 3000, 32, bf16, 17)
-    vocab_case("vocab_order_bf16_tail", (16, 64), h, w, y)
+    set_case("vocab_order_bf16_tail", h, w, y, plan=(16, 64))
     h, w, y = _inputs(torch, 37, 2000, 24, f16, 18)
-    vocab_case(
-        "vocab_order_fp16_softcap_bias", (32, 96), h, w, y, bias=torch.randn(2000).to(f16),
+    set_case(
+        "vocab_order_fp16_softcap_bias", h, w, y, plan=(32, 96), bias=torch.randn(2000).to(f16),
         softcap=20.0, reduction="sum",
     )  # fmt: skip
     h, w, y = _inputs(torch, 33, 900, 24, f32, 19)
-    vocab_case("vocab_order_fp32_smoothing", (16, 32), h, w, y, label_smoothing=0.1)
-
-    from memtrain.kernels.cross_entropy import triton_function
-
-    def tma_case(name, plan, *args, variant=None, **kwargs):
-        triton_function.INTERPRET_TMA = variant or {}
-        try:
-            if plan is None:
-                case(name, *args, **kwargs)
-            else:
-                vocab_case(name, plan, *args, **kwargs)
-        finally:
-            triton_function.INTERPRET_TMA = False
+    set_case("vocab_order_fp32_smoothing", h, w, y, plan=(16, 32), label_smoothing=0.1)
 
     h, w, y = _inputs(torch, 40, 3000, 32, bf16, 20)
-    tma_case("tma_bf16_vocab_order", (16, 64), h, w, y)
+    set_case("tma_bf16_vocab_order", h, w, y, plan=(16, 64), tma={})
     h, w, y = _inputs(torch, 37, 1001, 24, f16, 21)
-    tma_case(
-        "tma_fp16_softcap_bias_smoothing", None, h, w, y, bias=torch.randn(1001).to(f16),
+    set_case(
+        "tma_fp16_softcap_bias_smoothing", h, w, y, tma={}, bias=torch.randn(1001).to(f16),
         softcap=20.0, label_smoothing=0.1,
     )  # fmt: skip
     h, w, y = _inputs(torch, 70, 150, 40, bf16, 22)
-    tma_case("tma_bf16_many_chunks_sum", None, h, w, y, reduction="sum", **many)
+    set_case("tma_bf16_many_chunks_sum", h, w, y, tma={}, reduction="sum", **many)
     # Persistent programs (3 of them, several tiles each), the dZ tile through a descriptor.
     h, w, y = _inputs(torch, 45, 500, 32, bf16, 23)
     variant = {"persistent": True, "tma_store": True, "programs": 3}
-    tma_case("tma_bf16_persistent_descriptor_store", None, h, w, y, variant=variant, **many)
+    set_case("tma_bf16_persistent_descriptor_store", h, w, y, tma=variant, **many)
     h, w, y = _inputs(torch, 40, 3000, 32, f16, 24)
     variant = {"persistent": True, "flatten": True, "programs": 5}
-    tma_case(
-        "tma_fp16_persistent_flattened_vocab_order", (32, 96), h, w, y, variant=variant,
+    set_case(
+        "tma_fp16_persistent_flattened_vocab_order", h, w, y, plan=(32, 96), tma=variant,
         softcap=30.0,
     )  # fmt: skip
 

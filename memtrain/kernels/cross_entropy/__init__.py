@@ -100,10 +100,10 @@ def _validate(hidden, weight, labels, bias, reduction, label_smoothing, softcap,
 
 def _descriptor_kernels_run(hidden: torch.Tensor) -> bool:
     """Whether the Triton path gets its tensor-descriptor kernels for this input (CUDA)."""
-    from memtrain.kernels.cross_entropy.triton_function import tma_capable_device
+    from memtrain.kernels.cross_entropy import triton_function
+    from memtrain.kernels.cross_entropy.triton_tma import tma_shape_ok
 
-    aligned = (hidden.shape[-1] * hidden.element_size()) % 16 == 0
-    return hidden.dtype in (torch.bfloat16, torch.float16) and aligned and tma_capable_device()
+    return tma_shape_ok(hidden.dtype, hidden.shape[-1]) and triton_function.tma_capable_device()
 
 
 def _auto_impl(hidden: torch.Tensor, triton_runs: bool, filtering: bool) -> str:

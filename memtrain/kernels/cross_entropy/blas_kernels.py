@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memtrain.kernels.cross_entropy.triton_tiles import tanh_f32
+from memtrain.kernels.cross_entropy.triton_tiles import fold_row_stats, tanh_f32
 
 
 @triton.jit
@@ -56,14 +56,11 @@ def _row_stats_kernel(
         if HAS_SOFTCAP:
             z = softcap * tanh_f32(z / softcap)
         z = tl.where(mask, z, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        # Rows past the end stay at -inf (their NaNs are never stored).
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
-        run_max = new_max
         hit = (cols[None, :] == local_target[:, None]) & mask
-        target_logit += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        if NEED_SUM:
-            logit_sum += tl.sum(tl.where(mask, z, 0.0), axis=1)
+        # Rows past the end stay at -inf (their NaNs are never stored).
+        run_max, run_sum, target_logit, logit_sum, _ = fold_row_stats(
+            z, mask, hit, run_max, run_sum, target_logit, logit_sum, NEED_SUM
+        )
     old_max = tl.load(max_ptr + rows, mask=row_mask, other=0.0)
     old_sum = tl.load(sumexp_ptr + rows, mask=row_mask, other=0.0)
     top = tl.maximum(old_max, run_max)

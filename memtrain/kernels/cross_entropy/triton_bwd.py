@@ -38,7 +38,7 @@ import triton.language as tl
 from memtrain.kernels.cross_entropy import triton_schedule
 from memtrain.kernels.cross_entropy.chunked import fp16_grad_scale, undo_grad_scale
 from memtrain.kernels.cross_entropy.triton_sparse import sparse_products
-from memtrain.kernels.cross_entropy.triton_tiles import logits_tile
+from memtrain.kernels.cross_entropy.triton_tiles import logits_grad, logits_tile
 from memtrain.kernels.cross_entropy.triton_tma import Descriptors, grad_logits_tma
 
 # Use the forward's cell maxima to skip negligible blocks without recomputing them. Off gives
@@ -171,12 +171,9 @@ def _grad_logits_kernel(
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
         grad_rows = tl.load(grad_rows_ptr + rows, mask=row_mask, other=0.0)
-        prob = tl.exp(logits - lse[:, None])
-        hit = cols[None, :] == targets[:, None]
-        dz = prob - tl.where(hit, 1.0 - smoothing, 0.0) - smoothing * inv_vocab
-        dz = dz * grad_rows[:, None]
-        if HAS_SOFTCAP:
-            dz = dz * (1.0 - tanh * tanh)
+        dz = logits_grad(
+            logits, tanh, cols, lse, targets, grad_rows, smoothing, inv_vocab, HAS_SOFTCAP
+        )
         if FILTER:
             # Per-row reductions only: clamped out-of-range rows and columns repeat valid ones,
             # so they cannot raise a maximum; rows without gradient (ignored) do not count.

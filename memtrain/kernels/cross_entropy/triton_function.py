@@ -20,6 +20,7 @@ from memtrain.kernels.cross_entropy import triton_bwd
 from memtrain.kernels.cross_entropy.chunked import row_losses
 from memtrain.kernels.cross_entropy.triton_bwd import backward_grads
 from memtrain.kernels.cross_entropy.triton_fwd import empty_cell_max, forward_row_stats
+from memtrain.kernels.cross_entropy.triton_tma import tma_supported
 
 # Workspace of the backward pass (logits-gradient chunk + float32 hidden-gradient accumulator).
 # The filtered path has more fixed cost per chunk (block lists, two sparse launches), so larger
@@ -49,7 +50,6 @@ def _config(
         BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=stages,
         SPARSE_BLOCK_D=sparse_bd, sparse_num_warps=8, sparse_num_stages=3,
         dot_precision=precision, upcast=upcast, target_programs=programs, tma=tma,
-        programs=programs,
     )  # fmt: skip
 
 
@@ -104,7 +104,7 @@ def candidate_configs(dtype: torch.dtype, tma: bool = False) -> list[dict]:
     # The forward's programs each own one slice of the vocabulary: many slices, so the last wave
     # of them is short. The backward's persistent variants run a program per multiprocessor.
     tma_configs = [
-        dict(_config(*s, "ieee", programs=sms, tma=True), target_programs=16 * sms, **variant)
+        dict(_config(*s, "ieee", programs=16 * sms, tma=True), programs=sms, **variant)
         for s in TMA_SHAPES
         for variant in TMA_VARIANTS
     ]
@@ -188,15 +188,6 @@ def _name(cfg: dict) -> str:
     return name + "/tma" + "".join(f"/{f}" for f in flags if cfg.get(f))
 
 
-def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the tensor-descriptor kernels can run on these operands."""
-    if hidden.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    from memtrain.kernels.cross_entropy.triton_tma import tma_supported
-
-    return tma_supported(hidden, weight)
-
-
 class TritonLinearCrossEntropy(torch.autograd.Function):
     """Per-row losses of ``softcap(hidden @ weight.T + bias)`` against ``targets`` (-1 = ignore)."""
 
@@ -210,7 +201,7 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         vocab = weight.shape[0]
         # The filtered backward skips blocks bounded by the forward's cell maxima.
         record = filter_eps is not None and triton_bwd.PRESKIP and any(ctx.needs_input_grad[:3])
-        tma = not record and _tma_ok(hidden, weight)  # cell maxima: pointer kernel only
+        tma = not record and tma_supported(hidden, weight)  # cell maxima: pointer kernel only
         picker = ConfigPicker("forward", hidden.dtype, (dim, *flags), n_rows * vocab, tma)
         cell = picker.cell
 
@@ -237,7 +228,9 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         # With the pre-skip, skipped blocks cost next to nothing: its own best shape.
         key = (dim, bias is not None, softcap is not None, filter_eps is not None)
         key += (cell_max is not None,)
-        tma = filter_eps is None and _tma_ok(hidden, weight)  # the filter: pointer kernel only
+        tma = filter_eps is None and tma_supported(
+            hidden, weight
+        )  # the filter: pointer kernel only
         picker = ConfigPicker("backward", hidden.dtype, key, n_rows * weight.shape[0], tma)
         grads = backward_grads(
             hidden, weight, bias, targets, lse, grad_rows, softcap, smoothing, filter_eps,

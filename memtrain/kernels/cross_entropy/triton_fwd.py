@@ -20,7 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from memtrain.kernels.cross_entropy.triton_tiles import logits_tile
+from memtrain.kernels.cross_entropy.triton_tiles import (
+    fold_row_stats,
+    logits_tile,
+    store_row_stats,
+)
 
 MIN_SPLITS = 8
 
@@ -83,28 +87,20 @@ def _forward_kernel(
             HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST,
         )  # fmt: skip
         logits = tl.where(col_mask[None, :], logits, float("-inf"))
-        row_top = tl.max(logits, axis=1)
-        new_max = tl.maximum(run_max, row_top)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(
-            tl.exp(logits - new_max[:, None]), axis=1
-        )
-        run_max = new_max
         hit = cols[None, :] == targets[:, None]
-        target_logit += tl.sum(tl.where(hit, logits, 0.0), axis=1)
-        if NEED_SUM:
-            logit_sum += tl.sum(tl.where(col_mask[None, :], logits, 0.0), axis=1)
+        run_max, run_sum, target_logit, logit_sum, row_top = fold_row_stats(
+            logits, col_mask[None, :], hit, run_max, run_sum, target_logit, logit_sum, NEED_SUM
+        )
         if CELL_MAX:
             _store_cell_maxima(
                 cell_max_ptr, logits, row_top, targets >= 0, pid_m, v0, cell_rows, cell_cols,
                 BLOCK_M, BLOCK_V, CELL_M, CELL_V,
             )  # fmt: skip
 
-    out = pid_s * n_rows + rows
-    tl.store(max_ptr + out, run_max, mask=row_mask)
-    tl.store(sumexp_ptr + out, run_sum, mask=row_mask)
-    tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
-    if NEED_SUM:
-        tl.store(logit_sum_ptr + out, logit_sum, mask=row_mask)
+    store_row_stats(
+        pid_s * n_rows + rows, row_mask, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr,
+        run_max, run_sum, target_logit, logit_sum, NEED_SUM,
+    )  # fmt: skip
 
 
 @triton.jit

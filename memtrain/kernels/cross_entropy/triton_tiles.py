@@ -62,6 +62,13 @@ def logits_tile(
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         h_ptrs += BLOCK_D
         w_ptrs += BLOCK_D
+    return bias_softcap(acc, bias_ptr, safe_cols, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def bias_softcap(acc, bias_ptr, safe_cols, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP):
+    """A tile of raw products biased and softcapped; also tanh(raw / softcap) for backward.
+    ``safe_cols`` are column indices clamped into the vocabulary."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + safe_cols).to(tl.float32)[None, :]
     tanh = acc
@@ -69,3 +76,51 @@ def logits_tile(
         tanh = tanh_f32(acc / softcap)
         acc = tanh * softcap
     return acc, tanh
+
+
+@triton.jit
+def fold_row_stats(
+    logits, valid, hit, run_max, run_sum, target_logit, logit_sum, NEED_SUM: tl.constexpr
+):
+    """Fold one tile into the running row statistics (online log-sum-exp).
+
+    ``logits`` are -inf where not ``valid``; ``hit`` marks each row's target. Returns the
+    updated (max, sum of exponentials, target logit, sum of logits) and the tile's row maxima.
+    """
+    row_top = tl.max(logits, axis=1)
+    new_max = tl.maximum(run_max, row_top)
+    run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(
+        tl.exp(logits - new_max[:, None]), axis=1
+    )
+    target_logit += tl.sum(tl.where(hit, logits, 0.0), axis=1)
+    if NEED_SUM:
+        logit_sum += tl.sum(tl.where(valid, logits, 0.0), axis=1)
+    return new_max, run_sum, target_logit, logit_sum, row_top
+
+
+@triton.jit
+def store_row_stats(
+    out, mask, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr,
+    run_max, run_sum, target_logit, logit_sum, NEED_SUM: tl.constexpr,
+):  # fmt: skip
+    """Store one program's row statistics at offsets ``out``."""
+    tl.store(max_ptr + out, run_max, mask=mask)
+    tl.store(sumexp_ptr + out, run_sum, mask=mask)
+    tl.store(target_logit_ptr + out, target_logit, mask=mask)
+    if NEED_SUM:
+        tl.store(logit_sum_ptr + out, logit_sum, mask=mask)
+
+
+@triton.jit
+def logits_grad(
+    logits, tanh, cols, lse, targets, grad_rows, smoothing, inv_vocab, HAS_SOFTCAP: tl.constexpr
+):
+    """The loss's gradient w.r.t. a tile of logits (softmax minus the smoothed one-hot, times
+    each row's upstream gradient), through the softcap's derivative when there is one."""
+    prob = tl.exp(logits - lse[:, None])
+    hit = cols[None, :] == targets[:, None]
+    dz = prob - tl.where(hit, 1.0 - smoothing, 0.0) - smoothing * inv_vocab
+    dz = dz * grad_rows[:, None]
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - tanh * tanh)
+    return dz

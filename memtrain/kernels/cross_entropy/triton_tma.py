@@ -23,25 +23,25 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from memtrain.kernels.cross_entropy.triton_tiles import tanh_f32
+from memtrain.kernels.cross_entropy.triton_tiles import (
+    bias_softcap,
+    fold_row_stats,
+    logits_grad,
+    store_row_stats,
+)
+
+
+def tma_shape_ok(dtype: torch.dtype, dim: int) -> bool:
+    """Whether the descriptor kernels take this dtype (bf16/fp16) and hidden size (rows of a
+    multiple of 16 bytes)."""
+    low = dtype in (torch.bfloat16, torch.float16)
+    return low and (dim * torch.empty((), dtype=dtype).element_size()) % 16 == 0
 
 
 def tma_supported(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the descriptor kernels can take these operands (contiguous, 16-byte rows)."""
-    ok = hidden.is_contiguous() and weight.is_contiguous()
-    return ok and (hidden.shape[1] * hidden.element_size()) % 16 == 0
-
-
-@triton.jit
-def _softcapped(acc, bias_ptr, cols, vocab, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP):
-    if HAS_BIAS:
-        safe = tl.minimum(cols, vocab - 1)
-        acc += tl.load(bias_ptr + safe).to(tl.float32)[None, :]
-    tanh = acc
-    if HAS_SOFTCAP:
-        tanh = tanh_f32(acc / softcap)
-        acc = tanh * softcap
-    return acc, tanh
+    """Whether the descriptor kernels can take these operands (also contiguous)."""
+    contiguous = hidden.is_contiguous() and weight.is_contiguous()
+    return contiguous and tma_shape_ok(hidden.dtype, hidden.shape[1])
 
 
 @triton.jit
@@ -96,25 +96,20 @@ def _forward_tma_kernel(
         if k == k_steps - 1:
             cols = v0 + tl.arange(0, BLOCK_V)
             col_mask = cols < col_stop
-            logits, _ = _softcapped(acc, bias_ptr, cols, vocab, softcap, HAS_BIAS, HAS_SOFTCAP)
+            safe_cols = tl.minimum(cols, vocab - 1)
+            logits, _ = bias_softcap(acc, bias_ptr, safe_cols, softcap, HAS_BIAS, HAS_SOFTCAP)
             logits = tl.where(col_mask[None, :], logits, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(logits, axis=1))
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(
-                tl.exp(logits - new_max[:, None]), axis=1
-            )
-            run_max = new_max
             hit = cols[None, :] == targets[:, None]
-            target_logit += tl.sum(tl.where(hit, logits, 0.0), axis=1)
-            if NEED_SUM:
-                logit_sum += tl.sum(tl.where(col_mask[None, :], logits, 0.0), axis=1)
+            run_max, run_sum, target_logit, logit_sum, _ = fold_row_stats(
+                logits, col_mask[None, :], hit, run_max, run_sum, target_logit, logit_sum,
+                NEED_SUM,
+            )  # fmt: skip
             acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
 
-    out = pid_s * n_rows + rows
-    tl.store(max_ptr + out, run_max, mask=row_mask)
-    tl.store(sumexp_ptr + out, run_sum, mask=row_mask)
-    tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
-    if NEED_SUM:
-        tl.store(logit_sum_ptr + out, logit_sum, mask=row_mask)
+    store_row_stats(
+        pid_s * n_rows + rows, row_mask, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr,
+        run_max, run_sum, target_logit, logit_sum, NEED_SUM,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -167,16 +162,14 @@ def _grad_logits_tma_kernel(
         rows = row_start + local_r0 + tl.arange(0, BLOCK_M)
         cols = col_start + local_c0 + tl.arange(0, BLOCK_V)
         row_mask = rows < row_stop
-        logits, tanh = _softcapped(acc, bias_ptr, cols, vocab, softcap, HAS_BIAS, HAS_SOFTCAP)
+        safe_cols = tl.minimum(cols, vocab - 1)
+        logits, tanh = bias_softcap(acc, bias_ptr, safe_cols, softcap, HAS_BIAS, HAS_SOFTCAP)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
         grad_rows = tl.load(grad_rows_ptr + rows, mask=row_mask, other=0.0)
-        prob = tl.exp(logits - lse[:, None])
-        hit = cols[None, :] == targets[:, None]
-        dz = prob - tl.where(hit, 1.0 - smoothing, 0.0) - smoothing * inv_vocab
-        dz = dz * grad_rows[:, None]
-        if HAS_SOFTCAP:
-            dz = dz * (1.0 - tanh * tanh)
+        dz = logits_grad(
+            logits, tanh, cols, lse, targets, grad_rows, smoothing, inv_vocab, HAS_SOFTCAP
+        )
         if TMA_STORE:
             dz_desc.store([local_r0, local_c0], dz.to(dz_desc.dtype))
         else:

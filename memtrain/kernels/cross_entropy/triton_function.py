@@ -30,7 +30,7 @@ DEFAULT_FILTER_WORKSPACE_BYTES = 256 * 1024 * 1024
 # Problems smaller than this many logits run the first candidate without timing the others.
 TUNE_MIN_LOGITS = 1 << 26
 # Tuning: each timing spans at least this long, and each candidate keeps its best of the rounds
-# (a single chunk of ~0.2 ms timed twice picked a 17%-slower setting on an H200).
+# (one chunk timed twice picked a setting 29% slower on its chunk on an H200).
 TUNE_SPAN_MS = 2.0
 TUNE_ROUNDS = 3
 
@@ -58,7 +58,7 @@ def _config(
 INTERPRET_TMA: dict | bool = False
 # (BLOCK_M, BLOCK_V, BLOCK_D, warps, stages) of the tensor-descriptor kernels; tried first.
 # Measured on an H200 (N=8192, D=2304, V=256000, bf16; docs/benchmarks.md): forward 14.5 ms at
-# 256 x 128 (16.1-19.3 for the others), 17.5 for the best pointer kernel.
+# 256 x 128 (16.1-19.3 for the others), 15.7-17.5 for the best pointer kernel.
 TMA_SHAPES = [(256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4)]
 # Backward variants of each shape (the forward ignores them): {"persistent": False} runs one
 # tile per program; persistent ones take "tma_store" (dZ through a descriptor), "flatten" and

@@ -17,6 +17,7 @@ import json
 import platform
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from bench_linear_cross_entropy import (  # noqa: E402
     measure,
     ours,
     reference_grads,
+    rel,
 )
 
 from memtrain.kernels.cross_entropy import triton_function, triton_schedule  # noqa: E402
@@ -80,8 +82,20 @@ class Schedule:
             triton_function._CHOSEN.update(self.chosen)
 
 
+def _busy(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of the intervals (sorted by start)."""
+    busy, end = 0.0, spans[0][0]
+    for s, t in spans:
+        s = max(s, end)
+        if t > s:
+            busy += t - s
+            end = t
+    return busy
+
+
 def idle_share(fn, h, w, y) -> dict:
-    """Backward wall time and the part of it with no kernel running (profiler trace)."""
+    """Forward and backward wall time, the parts of them with no kernel running, and the
+    longest gaps between kernels with their neighbours (profiler trace of one step)."""
     from torch.profiler import ProfilerActivity, profile
 
     hp = h.detach().clone().requires_grad_()
@@ -89,41 +103,131 @@ def idle_share(fn, h, w, y) -> dict:
     fn(hp, wp, y).backward()
     torch.cuda.synchronize()
     hp.grad = wp.grad = None
-    loss = fn(hp, wp, y)
-    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        loss = fn(hp, wp, y)
+        torch.cuda.synchronize()
+        time.sleep(0.05)  # the longest pause of the trace marks the forward's end
         loss.backward()
         torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         trace = json.load(open(f.name))
-    spans = sorted(
-        (e["ts"], e["ts"] + e["dur"])
+    events = sorted(
+        (e["ts"], e["ts"] + e["dur"], e["name"])
         for e in trace["traceEvents"]
         if e.get("cat") == "kernel" and "dur" in e
     )
-    if not spans:
+    if not events:
         return {}
-    busy, end = 0.0, spans[0][0]
-    for s, t in spans:
-        s = max(s, end)
-        if t > s:
-            busy += t - s
-            end = t
-    wall = spans[-1][1] - spans[0][0]
+    # The forward ends at its last kernel before the longest pause (the sleep).
+    pauses = [events[i + 1][0] - events[i][1] for i in range(len(events) - 1)]
+    cut = max(range(len(pauses)), key=pauses.__getitem__) + 1 if pauses else len(events)
+    out: dict = {}
+    for name, part in (("fwd", events[:cut]), ("bwd", events[cut:])):
+        if not part:
+            continue
+        spans = [(s, t) for s, t, _ in part]
+        wall = part[-1][1] - part[0][0]
+        busy = _busy(spans)
+        out[f"{name}_wall_ms"] = wall / 1e3
+        out[f"{name}_busy_ms"] = busy / 1e3
+        out[f"{name}_idle_ms"] = (wall - busy) / 1e3
+        out[f"{name}_kernels"] = len(part)
+        gaps = sorted(
+            (
+                (part[i + 1][0] - part[i][1], part[i][2][:40], part[i + 1][2][:40])
+                for i in range(len(part) - 1)
+            ),
+            reverse=True,
+        )
+        out[f"{name}_longest_gaps_us"] = [(round(g, 1), a, b) for g, a, b in gaps[:5]]
     kernels: dict[str, float] = {}
-    for e in trace["traceEvents"]:
-        if e.get("cat") == "kernel" and "dur" in e:
-            key = e["name"][:60]
-            kernels[key] = kernels.get(key, 0.0) + e["dur"] / 1e3
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:6]
-    return {
-        "bwd_wall_ms": wall / 1e3,
-        "bwd_busy_ms": busy / 1e3,
-        "idle_ms": (wall - busy) / 1e3,
-        "kernels": len(spans),
-        "top_kernels_ms": top,
-    }
+    for s, t, name in events:
+        kernels[name[:60]] = kernels.get(name[:60], 0.0) + (t - s) / 1e3
+    out["top_kernels_ms"] = sorted(kernels.items(), key=lambda kv: -kv[1])[:8]
+    # Kept under the old names too (earlier result files).
+    out.update(
+        bwd_wall_ms=out.get("bwd_wall_ms", 0.0),
+        idle_ms=out.get("bwd_idle_ms", 0.0),
+        kernels=out.get("bwd_kernels", 0),
+    )
+    return out
+
+
+def split_timing(fn, h, w, y, reps: int) -> dict:
+    """Per step: forward and backward GPU time (CUDA events around each, no synchronize in
+    between, as in training) and the CPU time each call took to return. A backward whose CPU
+    time reaches its GPU time is launch-bound."""
+    hp = h.detach().clone().requires_grad_()
+    wp = w.detach().clone().requires_grad_()
+    rows = []
+    for _ in range(reps):
+        hp.grad = wp.grad = None
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        ev[0].record()
+        t0 = time.perf_counter()
+        loss = fn(hp, wp, y)
+        t1 = time.perf_counter()
+        ev[1].record()
+        loss.backward()
+        t2 = time.perf_counter()
+        ev[2].record()
+        torch.cuda.synchronize()
+        rows.append(
+            dict(
+                fwd_ms=ev[0].elapsed_time(ev[1]),
+                bwd_ms=ev[1].elapsed_time(ev[2]),
+                fwd_cpu_ms=(t1 - t0) * 1e3,
+                bwd_cpu_ms=(t2 - t1) * 1e3,
+            )
+        )
+    hp.grad = wp.grad = None
+    return {"split": rows}
+
+
+def check_variants(shapes_text: str) -> list[dict]:
+    """Each descriptor launch setting alone (shape x backward variant) on odd shapes that cross
+    every tile edge, against the float32 reference: the timed runs only exercise the ones the
+    tuning picks."""
+    shapes = list(triton_function.TMA_SHAPES)
+    variants = list(triton_function.TMA_VARIANTS)
+    out = []
+    for text in shapes_text.split(","):
+        n, d, v = (int(x) for x in text.split("x"))
+        for kind in ("random", "peaked"):
+            h, w, y = make_inputs(n, d, v, kind, seed=7)
+            ref = reference_grads(h, w, y)
+            for shape in shapes:
+                for variant in variants:
+                    triton_function.TMA_SHAPES = [shape]
+                    triton_function.TMA_VARIANTS = [variant]
+                    chosen = dict(triton_function._CHOSEN)
+                    triton_function._CHOSEN.clear()
+                    try:
+                        hp = h.detach().clone().requires_grad_()
+                        wp = w.detach().clone().requires_grad_()
+                        loss = ours(False, 1)(hp, wp, y)  # 1 MiB: many chunks
+                        loss.backward()
+                        errs = [
+                            rel(loss.detach(), ref[0]),
+                            rel(hp.grad, ref[1]),
+                            rel(wp.grad, ref[2]),
+                        ]
+                    finally:
+                        triton_function.TMA_SHAPES = shapes
+                        triton_function.TMA_VARIANTS = variants
+                        triton_function._CHOSEN.clear()
+                        triton_function._CHOSEN.update(chosen)
+                    config = f"{shape} {variant}"
+                    row = dict(shape=text, kind=kind, config=config, errs=errs)
+                    row["ok"] = max(errs) < 2e-2
+                    out.append(row)
+                    verdict = "ok" if row["ok"] else "FAIL"
+                    log(
+                        f"  check {text} {kind:6s} {config:40s} loss/dH/dW {errs[0]:.1e}"
+                        f" {errs[1]:.1e} {errs[2]:.1e} {verdict}"
+                    )
+    return out
 
 
 def main() -> int:
@@ -146,6 +250,11 @@ def main() -> int:
     )
     p.add_argument(
         "--vocab-plans", default="", help="more vocabulary-order variants: ROWSxCOLS,..."
+    )
+    p.add_argument(
+        "--check",
+        default="777x1000x5003,300x2304x20000",
+        help="NxDxV shapes to check every descriptor setting on against float32 ('' skips)",
     )
     args = p.parse_args()
     for text in filter(None, args.vocab_plans.split(",")):
@@ -176,6 +285,8 @@ def main() -> int:
         "command": " ".join(sys.argv),
         "rows": [],
     }
+    if args.check:
+        results["variant_check"] = check_variants(args.check)
     wanted = [s for s in args.only.split(",") if s]
     timeline = [s for s in args.timeline.split(",") if s]
     for shape in args.shapes.split(","):
@@ -193,6 +304,7 @@ def main() -> int:
                     r = measure(fn, h, w, y, args.reps, ref)
                     if any(s in label for s in timeline):
                         r.update(idle_share(fn, h, w, y))
+                        r.update(split_timing(fn, h, w, y, args.reps))
                 except torch.cuda.OutOfMemoryError as exc:
                     r = {"error": str(exc)[:200]}
                 got = triton_schedule.plan_exact(n, v, d, 2, (ws or 64) * MiB, 256, (True, True))
@@ -202,7 +314,15 @@ def main() -> int:
                 log(f"  {label:40s} {r['error']}")
                 continue
             extra = (
-                f"  idle {r['idle_ms']:.1f} of {r['bwd_wall_ms']:.1f} ms, {r['kernels']} kernels"
+                f"  idle fwd {r.get('fwd_idle_ms', 0):.2f} of {r.get('fwd_wall_ms', 0):.1f} ms,"
+                f" bwd {r['idle_ms']:.1f} of {r['bwd_wall_ms']:.1f} ms, {r['kernels']} kernels"
+                f"\n    gaps fwd {r.get('fwd_longest_gaps_us')}\n    gaps bwd"
+                f" {r.get('bwd_longest_gaps_us')}\n    top {r.get('top_kernels_ms')}"
+                + "".join(
+                    f"\n    step: fwd {x['fwd_ms']:.1f} ms (cpu {x['fwd_cpu_ms']:.1f}),"
+                    f" bwd {x['bwd_ms']:.1f} ms (cpu {x['bwd_cpu_ms']:.1f})"
+                    for x in r.get("split", [])
+                )
                 if "idle_ms" in r
                 else ""
             )

@@ -60,6 +60,7 @@ CASES = {
     "tma_bf16_many_chunks_sum": 2e-2,
     "tma_bf16_persistent_descriptor_store": 2e-2,
     "tma_fp16_persistent_flattened_vocab_order": 1e-2,
+    "tma_bf16_flat_loop_softcap_bias": 2e-2,
     # impl="cublas": emulated products, Triton elementwise kernels in the interpreter
     "cublas_fp32_none": 2e-5,
     "cublas_fp32_softcap_smoothing_bias": 2e-5,
@@ -442,6 +443,13 @@ def main() -> int:
     set_case(
         "tma_fp16_persistent_flattened_vocab_order", h, w, y, plan=(32, 96), tma=variant,
         softcap=30.0,
+    )  # fmt: skip
+    # One loop over (tile, hidden step): 4 programs, uneven tile counts, a partial last tile.
+    h, w, y = _inputs(torch, 45, 700, 40, bf16, 25)
+    variant = {"flat": True, "programs": 4}
+    set_case(
+        "tma_bf16_flat_loop_softcap_bias", h, w, y, plan=(32, 96), tma=variant,
+        bias=torch.randn(700).to(bf16), softcap=25.0,
     )  # fmt: skip
 
     # The interpreted Triton path and the chunked torch path agree with each other.

@@ -62,9 +62,13 @@ INTERPRET_TMA: dict | bool = False
 TMA_SHAPES = [(256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4)]
 # Backward variants of each shape (the forward ignores them): {"persistent": False} runs one
 # tile per program; persistent ones take "tma_store" (dZ through a descriptor), "flatten" and
-# "warp_specialize" (loop transformations). On the H200 the plain persistent one won (0.142 ms
-# on a 2816 x 7168 chunk against 0.157 for the best pointer kernel; the others 0.22-0.30).
-TMA_VARIANTS = [{"persistent": True}]
+# "warp_specialize" (Triton's loop transformations); {"flat": True} is the persistent kernel
+# written as one loop over (tile, hidden step), like the forward. On an H200 (2816 x 7168
+# chunk) the flat one took 0.142 ms, the plain persistent one 0.147-0.160 and the best pointer
+# kernel 0.160; over a whole backward the logits-gradient kernels went from 18.1 to 14.4 ms
+# (N=8192, D=2304, V=256000, docs/benchmarks.md). Triton's own flatten/warp_specialize and the
+# descriptor store measured 0.22-0.30 ms and are not offered.
+TMA_VARIANTS = [{"persistent": True}, {"flat": True}]
 
 
 def tma_capable_device() -> bool:
@@ -73,12 +77,15 @@ def tma_capable_device() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 
 
-def candidate_configs(dtype: torch.dtype, tma: bool = False) -> list[dict]:
+def candidate_configs(
+    dtype: torch.dtype, tma: bool = False, variants: bool = True
+) -> list[dict]:
     """Launch settings to choose from: tensor-core tiles on a GPU, small tiles in the
     interpreter (so tests on odd shapes go through every masking path and chunk boundary).
 
     ``tma``: the caller can take the tensor-descriptor kernels (``triton_tma``; bf16/fp16 only),
-    whose persistent grids get one program per multiprocessor.
+    whose persistent grids get one program per multiprocessor. ``variants``: one candidate
+    per backward variant of each shape (the forward has no variants).
     """
     if interpreting():
         use_tma = tma and INTERPRET_TMA is not False
@@ -106,7 +113,7 @@ def candidate_configs(dtype: torch.dtype, tma: bool = False) -> list[dict]:
     tma_configs = [
         dict(_config(*s, "ieee", programs=16 * sms, tma=True), programs=sms, **variant)
         for s in TMA_SHAPES
-        for variant in TMA_VARIANTS
+        for variant in (TMA_VARIANTS if variants else [{}])
     ]
     return tma_configs + pointer
 
@@ -115,7 +122,7 @@ class ConfigPicker:
     """Chooses launch settings for one kernel by timing the candidates on real inputs."""
 
     def __init__(self, kind: str, dtype: torch.dtype, key: tuple, size: int, tma: bool = False):
-        self.candidates = candidate_configs(dtype, tma)
+        self.candidates = candidate_configs(dtype, tma, variants=kind == "backward")
         self.key = (kind, str(dtype), *key, tma)
         self.size = size
         blocks = [c[k] for c in self.candidates for k in ("BLOCK_M", "BLOCK_V")]
@@ -184,7 +191,7 @@ def _name(cfg: dict) -> str:
     name = "{BLOCK_M}x{BLOCK_V}x{BLOCK_D}/w{num_warps}/s{num_stages}".format(**cfg)
     if not cfg.get("tma"):
         return name
-    flags = ("persistent", "tma_store", "flatten", "warp_specialize")
+    flags = ("persistent", "flat", "tma_store", "flatten", "warp_specialize")
     return name + "/tma" + "".join(f"/{f}" for f in flags if cfg.get(f))
 
 

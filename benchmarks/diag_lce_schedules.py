@@ -185,6 +185,31 @@ def split_timing(fn, h, w, y, reps: int) -> dict:
     return {"split": rows}
 
 
+def cpu_profile(fn, h, w, y, steps: int = 3, top: int = 30) -> str:
+    """Where the host's time goes in a few steps (cProfile, by own and by cumulative time):
+    the launch overhead that leaves the GPU idle when the host falls behind."""
+    import cProfile
+    import io
+    import pstats
+
+    hp = h.detach().clone().requires_grad_()
+    wp = w.detach().clone().requires_grad_()
+    fn(hp, wp, y).backward()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    for _ in range(steps):
+        hp.grad = wp.grad = None
+        prof.enable()
+        loss = fn(hp, wp, y)
+        loss.backward()
+        prof.disable()
+        torch.cuda.synchronize()
+    buf = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(top)
+    return buf.getvalue()
+
+
 def check_variants(shapes_text: str) -> list[dict]:
     """Each descriptor launch setting alone (shape x backward variant) on odd shapes that cross
     every tile edge, against the float32 reference: the timed runs only exercise the ones the
@@ -251,6 +276,7 @@ def main() -> int:
     p.add_argument(
         "--vocab-plans", default="", help="more vocabulary-order variants: ROWSxCOLS,..."
     )
+    p.add_argument("--cpu-profile", default="", help="variant labels to profile the host side of")
     p.add_argument(
         "--check",
         default="777x1000x5003,300x2304x20000",
@@ -305,6 +331,9 @@ def main() -> int:
                     if any(s in label for s in timeline):
                         r.update(idle_share(fn, h, w, y))
                         r.update(split_timing(fn, h, w, y, args.reps))
+                    if args.cpu_profile and any(s in label for s in args.cpu_profile.split(",")):
+                        r["cpu_profile"] = cpu_profile(fn, h, w, y)
+                        log(r["cpu_profile"])
                 except torch.cuda.OutOfMemoryError as exc:
                     r = {"error": str(exc)[:200]}
                 got = triton_schedule.plan_exact(n, v, d, 2, (ws or 64) * MiB, 256, (True, True))

@@ -241,7 +241,9 @@ def _with_configs(triton_function, cfgs):
     if not hasattr(triton_function, "_default_candidates"):
         triton_function._default_candidates = triton_function.candidate_configs
     default = triton_function._default_candidates
-    triton_function.candidate_configs = default if cfgs is None else (lambda dtype, tma=False: cfgs)
+    triton_function.candidate_configs = (
+        default if cfgs is None else (lambda dtype, tma=False, variants=True: cfgs)
+    )
 
 
 def _preskip_compare(torch, lce, ref_fn, hidden, weight, labels, bias=None, upstream=None,

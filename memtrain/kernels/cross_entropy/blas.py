@@ -62,6 +62,7 @@ from typing import NamedTuple
 import torch
 
 from memtrain.kernels.cross_entropy.chunked import fp16_grad_scale, row_losses, undo_grad_scale
+from memtrain.kernels.cross_entropy.reductions import full_precision_reductions
 
 MiB = 1024 * 1024
 DEFAULT_BLAS_WORKSPACE_BYTES = 64 * MiB
@@ -390,9 +391,10 @@ class BlasLinearCrossEntropy(torch.autograd.Function):
                 hidden, weight, bias, targets, softcap, label_smoothing > 0.0
             )
         else:
-            lse, target_logit, logit_sum = blas_forward(
-                hidden, weight, bias, targets, softcap, label_smoothing > 0.0, plan
-            )
+            with full_precision_reductions():
+                lse, target_logit, logit_sum = blas_forward(
+                    hidden, weight, bias, targets, softcap, label_smoothing > 0.0, plan
+                )
         losses = row_losses(lse, target_logit, logit_sum, targets >= 0, label_smoothing, vocab)
         target_prob = torch.exp(target_logit - lse)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, target_prob)
@@ -404,10 +406,11 @@ class BlasLinearCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, targets, lse, target_prob = ctx.saved_tensors
         softcap, smoothing, plan = ctx.settings
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grads = blas_backward(
-            hidden, weight, bias, targets, lse, target_prob, grad_losses, softcap, smoothing, plan,
-            (need_h, need_w, need_b),
-        )  # fmt: skip
+        with full_precision_reductions():
+            grads = blas_backward(
+                hidden, weight, bias, targets, lse, target_prob, grad_losses, softcap, smoothing,
+                plan, (need_h, need_w, need_b),
+            )  # fmt: skip
         return (*grads, None, None, None, None)
 
 

@@ -421,6 +421,8 @@ def _exact_grads(
 
     config = pick_config.for_chunk((plan.rows, plan.cols))(tune_run)
     tuning.clear()
+    for desc in descriptors.values():  # they hold the tuning buffer
+        desc.release_chunks()
 
     def launch(rows, cols, dz):
         run_kernel(config, rows, cols, dz)

@@ -18,6 +18,7 @@ import torch
 
 from memtrain.kernels.cross_entropy import triton_bwd
 from memtrain.kernels.cross_entropy.chunked import row_losses
+from memtrain.kernels.cross_entropy.reductions import full_precision_reductions
 from memtrain.kernels.cross_entropy.triton_bwd import backward_grads
 from memtrain.kernels.cross_entropy.triton_fwd import empty_cell_max, forward_row_stats
 from memtrain.kernels.cross_entropy.triton_tma import tma_supported
@@ -77,9 +78,7 @@ def tma_capable_device() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 
 
-def candidate_configs(
-    dtype: torch.dtype, tma: bool = False, variants: bool = True
-) -> list[dict]:
+def candidate_configs(dtype: torch.dtype, tma: bool = False, variants: bool = True) -> list[dict]:
     """Launch settings to choose from: tensor-core tiles on a GPU, small tiles in the
     interpreter (so tests on odd shapes go through every masking path and chunk boundary).
 
@@ -239,9 +238,10 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
             hidden, weight
         )  # the filter: pointer kernel only
         picker = ConfigPicker("backward", hidden.dtype, key, n_rows * weight.shape[0], tma)
-        grads = backward_grads(
-            hidden, weight, bias, targets, lse, grad_rows, softcap, smoothing, filter_eps,
-            tuple(ctx.needs_input_grad[:3]), picker, workspace_bytes,
-            (cell_max, cell) if cell_max is not None else None,
-        )  # fmt: skip
+        with full_precision_reductions():
+            grads = backward_grads(
+                hidden, weight, bias, targets, lse, grad_rows, softcap, smoothing, filter_eps,
+                tuple(ctx.needs_input_grad[:3]), picker, workspace_bytes,
+                (cell_max, cell) if cell_max is not None else None,
+            )  # fmt: skip
         return (*grads, None, None, None, None, None)

@@ -252,12 +252,27 @@ def _grad_logits_tma_flat_kernel(
 
 
 class Descriptors:
-    """Tensor descriptors of hidden and weight for one launch setting, built once per call."""
+    """Tensor descriptors of hidden and weight for one launch setting, built once per call, and
+    of the dZ chunks (one per chunk shape: most chunks of a backward share one, and building
+    it is part of each launch's host time)."""
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, config: dict):
         bm, bv, bd = config["BLOCK_M"], config["BLOCK_V"], config["BLOCK_D"]
         self.hidden = TensorDescriptor.from_tensor(hidden, [bm, bd])
         self.weight = TensorDescriptor.from_tensor(weight, [bv, bd])
+        self.block = [bm, bv]
+        self._chunks: dict[tuple, TensorDescriptor] = {}
+
+    def chunk(self, dz: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
+        """The descriptor of the top left ``rows x cols`` of the buffer ``dz``."""
+        key = (dz.data_ptr(), dz.stride(0), rows, cols)
+        if key not in self._chunks:
+            self._chunks[key] = TensorDescriptor(dz, [rows, cols], [dz.stride(0), 1], self.block)
+        return self._chunks[key]
+
+    def release_chunks(self) -> None:
+        """Drop the chunk descriptors (each holds its buffer alive)."""
+        self._chunks.clear()
 
 
 def forward_tma(
@@ -297,7 +312,7 @@ def grad_logits_tma(
     """Write the exact logits gradient of ``rows x cols`` into ``dz`` (the chunk's top left)."""
     (r0, r1), (c0, c1) = rows, cols
     bm, bv = config["BLOCK_M"], config["BLOCK_V"]
-    dz_desc = TensorDescriptor(dz, [r1 - r0, c1 - c0], [dz.stride(0), 1], [bm, bv])
+    dz_desc = desc.chunk(dz, r1 - r0, c1 - c0)
     tiles = triton.cdiv(r1 - r0, bm) * triton.cdiv(c1 - c0, bv)
     persistent = config.get("persistent") or config.get("flat")
     programs = min(tiles, config["programs"]) if persistent else tiles

@@ -212,6 +212,32 @@ def test_explicit_plan_through_the_autograd_function():
     assert rel(losses.sum(), ref) < 2e-5 and rel(h.grad, ref_h.grad) < 2e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_row_block_takes_float32_logits(monkeypatch, dtype):
+    """A block of one row would be a one-column shifted product (not fused on the GPU); it
+    takes float32 logits instead, and the gradients still match the reference."""
+    hidden, weight, labels, _ = make(9, 70, 16, dtype, seed=21, ignore_frac=0.0)
+    targets = torch.where(labels == -100, -1, labels).to(torch.int32)
+    shifted_cols = []
+    real = blas._Products.shifted
+
+    def spy(self, shift, a, b, out):
+        shifted_cols.append(b.shape[1])
+        return real(self, shift, a, b, out)
+
+    monkeypatch.setattr(blas._Products, "shifted", spy)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    plan = blas.BlasPlan(fwd_rows=8, fwd_cols=24, bwd_rows=8, bwd_cols=24)  # rows 8 + 1
+    losses = blas.BlasLinearCrossEntropy.apply(*leaves, None, targets, None, 0.0, plan)
+    losses.sum().backward()
+    assert shifted_cols and set(shifted_cols) == {8}, shifted_cols  # never the 1-row block
+    ref_leaves = [t.double().requires_grad_() for t in (hidden, weight)]
+    ref = reference_linear_cross_entropy(*ref_leaves, labels, reduction="sum")
+    ref.backward()
+    for got, want in zip(leaves, ref_leaves, strict=True):
+        assert rel(got.grad, want.grad) < TOL[dtype]
+
+
 def test_grad_filter_is_refused():
     hidden, weight, labels, _ = make(8, 20, 4, torch.float32, seed=0)
     with pytest.raises(MemtrainError, match="grad_filter"):

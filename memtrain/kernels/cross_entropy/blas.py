@@ -477,12 +477,20 @@ def blas_backward(
         acc_buf = torch.empty((rows, dim), dtype=acc, device=device)
     inv_vocab = 1.0 / vocab
 
+    thin_buf = None  # float32 logits of a one-row block in a shifted backward
     for r0 in range(0, n_rows, rows):
         r1 = min(r0 + rows, n_rows)
         nr = r1 - r0
         h = hidden[r0:r1]
         h_t = h.t()
-        row_targets, row_shift, row_grad = targets[r0:r1], shift[r0:r1], grad_rows[r0:r1]
+        # A one-row block is a one-column product, which PyTorch does not hand to cuBLASLt's
+        # bias epilogue; its shifted log-probabilities measured 1e-2 off on an H200 (2e-3 for
+        # 3 rows), so such a block takes float32 logits.
+        block_shifted = shifted and nr > 1
+        row_shift = (shift if block_shifted or not shifted else lse)[r0:r1]
+        if shifted and not block_shifted and products.low and thin_buf is None:
+            thin_buf = torch.empty(cols, dtype=acc, device=device)
+        row_targets, row_grad = targets[r0:r1], grad_rows[r0:r1]
         row_target_prob = target_prob[r0:r1]
         dh = None
         if need_h:
@@ -491,15 +499,16 @@ def blas_backward(
             c1 = min(c0 + cols, vocab)
             w = weight[c0:c1]
             grad = grad_buf[: (c1 - c0) * nr].view(c1 - c0, nr)
-            if shifted:
+            if block_shifted:
                 products.shifted(neg_hi[r0:r1], w, h_t, grad)
                 src = grad
             else:
-                src = logits_buf[: (c1 - c0) * nr].view(c1 - c0, nr)
+                buf = logits_buf if thin_buf is None or not shifted else thin_buf
+                src = buf[: (c1 - c0) * nr].view(c1 - c0, nr)
                 products.to_acc(w, h_t, src)
             grad_logits(
                 src, grad, c0, row_shift, row_target_prob, row_targets, row_grad, bias, softcap, smoothing,
-                inv_vocab, grad_bias, shifted,
+                inv_vocab, grad_bias, block_shifted,
             )  # fmt: skip
             if need_w:
                 if r0 == 0:

@@ -5,8 +5,9 @@ PyTorch lets cuBLAS reduce bf16/fp16 products in reduced precision by default
 may then sum its partial products in the output dtype, rounding each partial. The loss relies on
 one rounding per output (the cuBLAS path's shifted log-probabilities, the weight gradient added
 over row blocks), so its products run with both switches off and the caller's settings are put
-back afterwards. On an H200 the shifted bf16 backward of a single row (N=1, D=64, V=1000) came
-out 2.8e-2 off with the default, 2e-3 on the CPU's emulation of one rounding.
+back afterwards. Measured on an H200 (``benchmarks/diag_lce_reductions.py``, worst of 5 seeds,
+bf16): the cuBLAS path at N=4097, D=256, V=32000 went from 2.5e-3 to 1.9e-3 of relative gradient
+error; the other shapes tried (N=1, 3, 257) and the Triton path did not change.
 """
 
 from __future__ import annotations

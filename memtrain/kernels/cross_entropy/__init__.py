@@ -38,7 +38,8 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # an H100 (docs/benchmarks.md, 64 MiB workspace, exact): D=2048 x V=128256 29.8-30.1 ms vs Triton
 # 30.9-31.5; D=2304 x V=256000 65.9-67.2 vs 65.8-66.6 at N=8192, 262-269 vs 273 at N=32768. With
 # the descriptor kernels, on an H200: D=2048 28.7-28.9 ms vs cuBLAS 29.9-30.1; D=2304 64.6-65.0 vs
-# 66.0-66.8 at N=8192, 268.5-269.6 vs 267.7-269.4 at N=32768.
+# 66.0-66.8 at N=8192, 268.5-269.6 vs 267.7-269.4 at N=32768; with the one-loop gradient kernel
+# D=2048 27.7-27.8 vs 29.4-31.2, D=2304 62.8-63.8 vs 63.9-65.5 and 251-252 vs 262-263 at N=32768.
 BLAS_MIN_DIM = 2048
 
 
@@ -188,7 +189,7 @@ def linear_cross_entropy(
     ``workspace_bytes`` bounds the scratch memory of the "cublas" and "triton" paths (default
     64 MiB, 256 MiB for the filtered Triton path); smaller is slower (more, smaller products).
     The exact Triton path keeps its hidden-gradient accumulator outside the workspace when the
-    workspace is small (14 MiB: 15.1 MiB extra, 6% slower than 64 MiB on an H200 at N=8192,
+    workspace is small (14 MiB: 15.1 MiB extra, 4-8% slower than 64 MiB on an H200 at N=8192,
     V=256000), see docs/benchmarks.md.
     """
     _validate(hidden, weight, labels, bias, reduction, label_smoothing, softcap, impl)

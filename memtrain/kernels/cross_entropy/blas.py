@@ -484,8 +484,8 @@ def blas_backward(
         h = hidden[r0:r1]
         h_t = h.t()
         # A one-row block is a one-column product, which PyTorch does not hand to cuBLASLt's
-        # bias epilogue; its shifted log-probabilities measured 1e-2 off on an H200 (2e-3 for
-        # 3 rows), so such a block takes float32 logits.
+        # fused bias epilogue; its shifted log-probabilities measured 1e-2 off on an H200 (2e-3
+        # for 3 rows), so such a block takes float32 logits.
         block_shifted = shifted and nr > 1
         row_shift = (shift if block_shifted or not shifted else lse)[r0:r1]
         if shifted and not block_shifted and products.low and thin_buf is None:

@@ -593,19 +593,24 @@ def end_to_end(tokens, results):
 # ----------------------------------------------------------------------------- main
 
 
-def matmul_tflops():
+def _matmul_rate(warm: int, timed: int) -> float:
+    """TFLOP/s of ``timed`` back-to-back 8192³ bf16 products after ``warm`` untimed ones."""
     a = torch.randn(8192, 8192, device="cuda").bfloat16()
     b = torch.randn(8192, 8192, device="cuda").bfloat16()
-    for _ in range(3):
+    for _ in range(warm):
         a @ b
-    torch.cuda.synchronize()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(20):
+    for _ in range(timed):
         a @ b
     stop.record()
     torch.cuda.synchronize()
-    return 2 * 8192**3 * 20 / (start.elapsed_time(stop) / 1e3) / 1e12
+    return 2 * 8192**3 * timed / (start.elapsed_time(stop) / 1e3) / 1e12
+
+
+def matmul_tflops() -> float:
+    """The bf16 matmul rate of a short burst (the floors use it)."""
+    return _matmul_rate(3, 20)
 
 
 def sustained_matmul_tflops(seconds: float = 4.0) -> float:
@@ -613,24 +618,10 @@ def sustained_matmul_tflops(seconds: float = 4.0) -> float:
     a GPU at its power limit lowers its clocks within a second or two (an H200 went from 1980
     to 1560-1725 MHz at 650-680 W), which the short burst above does not see but every
     benchmark row that runs for longer does."""
-    a = torch.randn(8192, 8192, device="cuda").bfloat16()
-    b = torch.randn(8192, 8192, device="cuda").bfloat16()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    a @ b
-    stop.record()
-    torch.cuda.synchronize()
-    per = max(start.elapsed_time(stop), 0.1)
-    reps = max(4, int(seconds * 1e3 / per))
+    per_ms = 2 * 8192**3 / (_matmul_rate(0, 1) * 1e12) * 1e3
+    reps = max(4, int(seconds * 1e3 / max(per_ms, 0.1)))
     warm = reps * 3 // 4
-    for _ in range(warm):
-        a @ b
-    start.record()
-    for _ in range(reps - warm):
-        a @ b
-    stop.record()
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * (reps - warm) / (start.elapsed_time(stop) / 1e3) / 1e12
+    return _matmul_rate(warm, reps - warm)
 
 
 def main() -> int:

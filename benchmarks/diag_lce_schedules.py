@@ -145,12 +145,8 @@ def idle_share(fn, h, w, y) -> dict:
     for s, t, name in events:
         kernels[name[:60]] = kernels.get(name[:60], 0.0) + (t - s) / 1e3
     out["top_kernels_ms"] = sorted(kernels.items(), key=lambda kv: -kv[1])[:8]
-    # Kept under the old names too (earlier result files).
-    out.update(
-        bwd_wall_ms=out.get("bwd_wall_ms", 0.0),
-        idle_ms=out.get("bwd_idle_ms", 0.0),
-        kernels=out.get("bwd_kernels", 0),
-    )
+    # The backward's figures also under the names of earlier result files.
+    out.update(idle_ms=out.get("bwd_idle_ms", 0.0), kernels=out.get("bwd_kernels", 0))
     return out
 
 

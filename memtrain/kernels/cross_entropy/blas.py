@@ -486,9 +486,10 @@ def blas_backward(
         # A one-row block is a one-column product, which PyTorch does not hand to cuBLASLt's
         # fused bias epilogue; its shifted log-probabilities measured 1e-2 off on an H200 (2e-3
         # for 3 rows), so such a block takes float32 logits.
-        block_shifted = shifted and nr > 1
-        row_shift = (shift if block_shifted or not shifted else lse)[r0:r1]
-        if shifted and not block_shifted and products.low and thin_buf is None:
+        thin = shifted and nr == 1
+        block_shifted = shifted and not thin
+        row_shift = (lse if thin else shift)[r0:r1]
+        if thin and products.low and thin_buf is None:
             thin_buf = torch.empty(cols, dtype=acc, device=device)
         row_targets, row_grad = targets[r0:r1], grad_rows[r0:r1]
         row_target_prob = target_prob[r0:r1]
@@ -503,7 +504,7 @@ def blas_backward(
                 products.shifted(neg_hi[r0:r1], w, h_t, grad)
                 src = grad
             else:
-                buf = logits_buf if thin_buf is None or not shifted else thin_buf
+                buf = thin_buf if thin and thin_buf is not None else logits_buf
                 src = buf[: (c1 - c0) * nr].view(c1 - c0, nr)
                 products.to_acc(w, h_t, src)
             grad_logits(

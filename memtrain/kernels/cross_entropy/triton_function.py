@@ -234,9 +234,8 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         # With the pre-skip, skipped blocks cost next to nothing: its own best shape.
         key = (dim, bias is not None, softcap is not None, filter_eps is not None)
         key += (cell_max is not None,)
-        tma = filter_eps is None and tma_supported(
-            hidden, weight
-        )  # the filter: pointer kernel only
+        # The filter's block marks come from the pointer kernel only.
+        tma = filter_eps is None and tma_supported(hidden, weight)
         picker = ConfigPicker("backward", hidden.dtype, key, n_rows * weight.shape[0], tma)
         with full_precision_reductions():
             grads = backward_grads(

@@ -167,88 +167,60 @@ def _grad_logits_tma_kernel(
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
     TMA_STORE: tl.constexpr,
+    FLAT: tl.constexpr,
     FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
     """Tiles ``pid, pid + programs, ...`` of the chunk (row tiles vary fastest, so programs that
-    run together share a few weight blocks); ``programs`` = tiles gives one tile per program."""
+    run together share a few weight blocks); ``programs`` = tiles gives one tile per program.
+
+    ``FLAT`` writes the two loops as one over (tile, hidden step), as in the forward: the
+    software pipeline then loads the next tile's first operands while this tile's epilogue
+    runs, instead of draining and refilling at every tile. Otherwise the tile loop may take
+    Triton's own ``FLATTEN`` or ``WARP_SPECIALIZE``."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(row_stop - row_start, BLOCK_M)
     tiles = tiles_m * tl.cdiv(col_stop - col_start, BLOCK_V)
     k_steps = tl.cdiv(dim, BLOCK_D)
-    for tile in tl.range(pid, tiles, programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
-        local_r0 = (tile % tiles_m) * BLOCK_M
-        local_c0 = (tile // tiles_m) * BLOCK_V
+    if FLAT:
+        steps = tl.cdiv(tiles - pid, programs) * k_steps
         acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-        for k in range(0, k_steps):
+        for i in range(0, steps):
+            k = i % k_steps
+            tile = pid + (i // k_steps) * programs
+            local_r0 = (tile % tiles_m) * BLOCK_M
+            local_c0 = (tile // tiles_m) * BLOCK_V
             h = h_desc.load([row_start + local_r0, k * BLOCK_D])
             w = w_desc.load([col_start + local_c0, k * BLOCK_D])
             if UPCAST:
                 h, w = h.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(h, w.T, acc)
-        _store_grad_tile(
-            acc, local_r0, local_c0, dz_desc, dz_ptr, bias_ptr, targets_ptr, lse_ptr,
-            grad_rows_ptr, row_start, row_stop, col_start, col_stop, vocab, stride_dz, softcap,
-            smoothing, inv_vocab, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, TMA_STORE,
-        )  # fmt: skip
-
-
-@triton.jit
-def _grad_logits_tma_flat_kernel(
-    h_desc,
-    w_desc,
-    dz_desc,
-    dz_ptr,
-    bias_ptr,
-    targets_ptr,
-    lse_ptr,
-    grad_rows_ptr,
-    row_start,
-    row_stop,
-    col_start,
-    col_stop,
-    vocab,
-    dim,
-    stride_dz,
-    softcap,
-    smoothing,
-    inv_vocab,
-    programs,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr,
-    TMA_STORE: tl.constexpr,
-):
-    """The persistent kernel with its two loops written as one over (tile, hidden step), as in
-    the forward: the software pipeline then loads the next tile's first operands while this
-    tile's epilogue runs, instead of draining and refilling at every tile."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(row_stop - row_start, BLOCK_M)
-    tiles = tiles_m * tl.cdiv(col_stop - col_start, BLOCK_V)
-    k_steps = tl.cdiv(dim, BLOCK_D)
-    steps = tl.cdiv(tiles - pid, programs) * k_steps
-    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-    for i in range(0, steps):
-        k = i % k_steps
-        tile = pid + (i // k_steps) * programs
-        local_r0 = (tile % tiles_m) * BLOCK_M
-        local_c0 = (tile // tiles_m) * BLOCK_V
-        h = h_desc.load([row_start + local_r0, k * BLOCK_D])
-        w = w_desc.load([col_start + local_c0, k * BLOCK_D])
-        if UPCAST:
-            h, w = h.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(h, w.T, acc)
-        if k == k_steps - 1:
+            if k == k_steps - 1:
+                _store_grad_tile(
+                    acc, local_r0, local_c0, dz_desc, dz_ptr, bias_ptr, targets_ptr, lse_ptr,
+                    grad_rows_ptr, row_start, row_stop, col_start, col_stop, vocab, stride_dz,
+                    softcap, smoothing, inv_vocab, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V,
+                    TMA_STORE,
+                )  # fmt: skip
+                acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    else:
+        for tile in tl.range(
+            pid, tiles, programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
+        ):
+            local_r0 = (tile % tiles_m) * BLOCK_M
+            local_c0 = (tile // tiles_m) * BLOCK_V
+            acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+            for k in range(0, k_steps):
+                h = h_desc.load([row_start + local_r0, k * BLOCK_D])
+                w = w_desc.load([col_start + local_c0, k * BLOCK_D])
+                if UPCAST:
+                    h, w = h.to(tl.float32), w.to(tl.float32)
+                acc = tl.dot(h, w.T, acc)
             _store_grad_tile(
                 acc, local_r0, local_c0, dz_desc, dz_ptr, bias_ptr, targets_ptr, lse_ptr,
                 grad_rows_ptr, row_start, row_stop, col_start, col_stop, vocab, stride_dz,
-                softcap, smoothing, inv_vocab, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V,
-                TMA_STORE,
+                softcap, smoothing, inv_vocab, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, TMA_STORE,
             )  # fmt: skip
-            acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
 
 
 class Descriptors:
@@ -316,22 +288,15 @@ def grad_logits_tma(
     tiles = triton.cdiv(r1 - r0, bm) * triton.cdiv(c1 - c0, bv)
     persistent = config.get("persistent") or config.get("flat")
     programs = min(tiles, config["programs"]) if persistent else tiles
-    args = (
+    _grad_logits_tma_kernel[(programs,)](
         desc.hidden, desc.weight, dz_desc, dz, bias if bias is not None else hidden, targets, lse,
         grad_rows, r0, r1, c0, c1, weight.shape[0], hidden.shape[1], dz.stride(0),
         float(softcap) if softcap is not None else 1.0, float(smoothing), 1.0 / weight.shape[0],
-        programs,
-    )  # fmt: skip
-    flags = dict(
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_V=bv,
-        BLOCK_D=config["BLOCK_D"], UPCAST=config["upcast"] and hidden.dtype == torch.bfloat16,
-        TMA_STORE=config.get("tma_store", False),
+        programs, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=config["BLOCK_D"],
+        UPCAST=config["upcast"] and hidden.dtype == torch.bfloat16,
+        TMA_STORE=config.get("tma_store", False), FLAT=config.get("flat", False),
+        FLATTEN=config.get("flatten", False),
+        WARP_SPECIALIZE=config.get("warp_specialize", False),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )  # fmt: skip
-    if config.get("flat"):
-        _grad_logits_tma_flat_kernel[(programs,)](*args, **flags)
-        return
-    _grad_logits_tma_kernel[(programs,)](
-        *args, FLATTEN=config.get("flatten", False),
-        WARP_SPECIALIZE=config.get("warp_specialize", False), **flags,
     )  # fmt: skip

@@ -37,7 +37,11 @@ from bench_linear_cross_entropy import (  # noqa: E402
     rel,
 )
 
-from memtrain.kernels.cross_entropy import triton_function, triton_schedule  # noqa: E402
+from memtrain.kernels.cross_entropy import (  # noqa: E402
+    triton_function,
+    triton_launch,
+    triton_schedule,
+)
 
 # label -> (order, workspace MiB or None, (rows, cols) or None, TMA kernels). The stream-overlap
 # variant measured in docs/benchmarks.md (193 ms) was removed from the library after that run.
@@ -274,6 +278,13 @@ def main() -> int:
     )
     p.add_argument("--cpu-profile", default="", help="variant labels to profile the host side of")
     p.add_argument(
+        "--launch",
+        default="direct",
+        choices=["direct", "jit", "both"],
+        help="repeat launches straight to the compiled kernel (triton_launch), through Triton's"
+        " entry point, or each variant both ways",
+    )
+    p.add_argument(
         "--check",
         default="777x1000x5003,300x2304x20000",
         help="NxDxV shapes to check every descriptor setting on against float32 ('' skips)",
@@ -317,10 +328,18 @@ def main() -> int:
         ref = reference_grads(h, w, y)
         floor = 8 * n * v * d / (tflops * 1e12) * 1e3
         log(f"\nN={n} D={d} V={v} {args.kind}: floor {floor:.1f} ms")
-        for label, (order, ws, plan, tma) in DEFAULT_VARIANTS.items():
+        modes = {"direct": [True], "jit": [False], "both": [True, False]}[args.launch]
+        runs = [
+            (label + ("" if direct else " (jit launch)"), spec, direct)
+            for label, spec in DEFAULT_VARIANTS.items()
+            for direct in modes
+        ]
+        for label, (order, ws, plan, tma), direct in runs:
             if wanted and not any(s in label for s in wanted):
                 continue
             fn = ours(False, ws or 64)
+            triton_launch.ENABLED = direct
+            counts_before = dict(triton_launch.LAUNCH_COUNTS)
             with Schedule(order, plan, tma):
                 try:
                     r = measure(fn, h, w, y, args.reps, ref)
@@ -333,7 +352,11 @@ def main() -> int:
                 except torch.cuda.OutOfMemoryError as exc:
                     r = {"error": str(exc)[:200]}
                 got = triton_schedule.plan_exact(n, v, d, 2, (ws or 64) * MiB, 256, (True, True))
-            r.update(label=label, shape=shape, floor_ms=floor, plan=str(got))
+            triton_launch.ENABLED = True
+            r_launches = {
+                k: triton_launch.LAUNCH_COUNTS[k] - counts_before[k] for k in counts_before
+            }
+            r.update(label=label, shape=shape, floor_ms=floor, plan=str(got), launches=r_launches)
             results["rows"].append(r)
             if "error" in r:
                 log(f"  {label:40s} {r['error']}")
@@ -354,7 +377,7 @@ def main() -> int:
             log(
                 f"  {label:40s} {r['ms']:7.1f} ms ({r['ms'] / floor:.2f}x)  fwd {r['fwd_ms']:5.1f}"
                 f"  extra {r['extra_mib']:6.1f} MiB  dH {r['grad_h_err']:.1e}"
-                f"  dW {r['grad_w_err']:.1e}{extra}"
+                f"  dW {r['grad_w_err']:.1e}  launches {r_launches}{extra}"
             )
             torch.cuda.empty_cache()
         del h, w, y, ref

@@ -68,8 +68,11 @@ TMA_SHAPES = [(256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4)]
 # chunk) the flat one took 0.142 ms, the plain persistent one 0.147-0.160 and the best pointer
 # kernel 0.160; over a whole backward the logits-gradient kernels went from 18.1 to 14.4 ms
 # (N=8192, D=2304, V=256000, docs/benchmarks.md). Triton's own flatten/warp_specialize and the
-# descriptor store measured 0.22-0.30 ms and are not offered.
-TMA_VARIANTS = [{"persistent": True}, {"flat": True}]
+# descriptor store measured 0.22-0.30 ms and are not offered. "pdl": launched as a programmatic
+# dependent launch (Hopper), so a kernel's setup and first products overlap the end of the
+# previous kernel on the stream; it waits for that kernel before touching anything it may have
+# written. On an H200 it was as fast or faster in all 8 pairs timed (1-2%; docs/benchmarks.md).
+TMA_VARIANTS = [{"persistent": True, "pdl": True}, {"flat": True, "pdl": True}]
 
 
 def tma_capable_device() -> bool:
@@ -190,7 +193,7 @@ def _name(cfg: dict) -> str:
     name = "{BLOCK_M}x{BLOCK_V}x{BLOCK_D}/w{num_warps}/s{num_stages}".format(**cfg)
     if not cfg.get("tma"):
         return name
-    flags = ("persistent", "flat", "tma_store", "flatten", "warp_specialize")
+    flags = ("persistent", "flat", "pdl", "tma_store", "flatten", "warp_specialize")
     return name + "/tma" + "".join(f"/{f}" for f in flags if cfg.get(f))
 
 

@@ -21,8 +21,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from memtrain.kernels.cross_entropy.triton_launch import RepeatLaunch
 from memtrain.kernels.cross_entropy.triton_tiles import (
     bias_softcap,
     fold_row_stats,
@@ -117,9 +119,17 @@ def _store_grad_tile(
     acc, local_r0, local_c0, dz_desc, dz_ptr, bias_ptr, targets_ptr, lse_ptr, grad_rows_ptr,
     row_start, row_stop, col_start, col_stop, vocab, stride_dz, softcap, smoothing, inv_vocab,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr, TMA_STORE: tl.constexpr,
+    BLOCK_V: tl.constexpr, TMA_STORE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Turn one tile of raw products into its logits gradient and store it in the chunk."""
+    """Turn one tile of raw products into its logits gradient and store it in the chunk.
+
+    ``PDL``: the kernel was launched while the previous kernel on the stream may still run
+    (programmatic dependent launch); its products only read hidden and weight, which nothing
+    in the backward writes, but the row statistics and the dZ buffer may belong to the
+    previous kernel, so the tile waits for it to finish first (at once after the first wait).
+    """
+    if PDL:
+        gdc_wait()
     rows = row_start + local_r0 + tl.arange(0, BLOCK_M)
     cols = col_start + local_c0 + tl.arange(0, BLOCK_V)
     row_mask = rows < row_stop
@@ -167,6 +177,7 @@ def _grad_logits_tma_kernel(
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
     TMA_STORE: tl.constexpr,
+    PDL: tl.constexpr,
     FLAT: tl.constexpr,
     FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
@@ -200,7 +211,7 @@ def _grad_logits_tma_kernel(
                     acc, local_r0, local_c0, dz_desc, dz_ptr, bias_ptr, targets_ptr, lse_ptr,
                     grad_rows_ptr, row_start, row_stop, col_start, col_stop, vocab, stride_dz,
                     softcap, smoothing, inv_vocab, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V,
-                    TMA_STORE,
+                    TMA_STORE, PDL,
                 )  # fmt: skip
                 acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     else:
@@ -220,20 +231,43 @@ def _grad_logits_tma_kernel(
                 acc, local_r0, local_c0, dz_desc, dz_ptr, bias_ptr, targets_ptr, lse_ptr,
                 grad_rows_ptr, row_start, row_stop, col_start, col_stop, vocab, stride_dz,
                 softcap, smoothing, inv_vocab, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, TMA_STORE,
+                PDL,
             )  # fmt: skip
 
 
 class Descriptors:
     """Tensor descriptors of hidden and weight for one launch setting, built once per call, and
     of the dZ chunks (one per chunk shape: most chunks of a backward share one, and building
-    it is part of each launch's host time)."""
+    it is part of each launch's host time); and the call's compiled logits-gradient kernels,
+    launched directly after the first launch (the call's tensors, hence their dtypes and
+    alignment, stay the same)."""
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, config: dict):
         bm, bv, bd = config["BLOCK_M"], config["BLOCK_V"], config["BLOCK_D"]
         self.hidden = TensorDescriptor.from_tensor(hidden, [bm, bd])
         self.weight = TensorDescriptor.from_tensor(weight, [bv, bd])
         self.block = [bm, bv]
+        self.dtype = hidden.dtype
         self._chunks: dict[tuple, TensorDescriptor] = {}
+        self.launch = RepeatLaunch(_grad_logits_tma_kernel)
+        self._settings: dict[int, tuple] = {}
+
+    def settings(self, config: dict, has_bias: bool, has_softcap: bool) -> tuple[tuple, dict]:
+        """The logits-gradient kernel's constexpr values (in its parameter order) and launch
+        options for ``config``, worked out once per call (this call's dtype, bias, softcap)."""
+        entry = self._settings.get(id(config))
+        if entry is None or entry[0] is not config:
+            constexprs = (
+                has_bias, has_softcap, config["BLOCK_M"], config["BLOCK_V"], config["BLOCK_D"],
+                config["upcast"] and self.dtype == torch.bfloat16,
+                config.get("tma_store", False), config.get("pdl", False), config.get("flat", False),
+                config.get("flatten", False), config.get("warp_specialize", False),
+            )  # fmt: skip
+            options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+            if config.get("pdl"):
+                options["launch_pdl"] = True
+            entry = self._settings[id(config)] = (config, constexprs, options)
+        return entry[1], entry[2]
 
     def chunk(self, dz: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
         """The descriptor of the top left ``rows x cols`` of the buffer ``dz``."""
@@ -243,8 +277,10 @@ class Descriptors:
         return self._chunks[key]
 
     def release_chunks(self) -> None:
-        """Drop the chunk descriptors (each holds its buffer alive)."""
+        """Drop the chunk descriptors (each holds its buffer alive) and the kernels compiled
+        for them."""
         self._chunks.clear()
+        self.launch.clear()
 
 
 def forward_tma(
@@ -288,15 +324,16 @@ def grad_logits_tma(
     tiles = triton.cdiv(r1 - r0, bm) * triton.cdiv(c1 - c0, bv)
     persistent = config.get("persistent") or config.get("flat")
     programs = min(tiles, config["programs"]) if persistent else tiles
-    _grad_logits_tma_kernel[(programs,)](
-        desc.hidden, desc.weight, dz_desc, dz, bias if bias is not None else hidden, targets, lse,
-        grad_rows, r0, r1, c0, c1, weight.shape[0], hidden.shape[1], dz.stride(0),
+    constexprs, options = desc.settings(config, bias is not None, softcap is not None)
+    sizes = (r0, r1, c0, c1, r1 - r0, c1 - c0, dz.stride(0), programs)
+    # Everything Triton specializes on that can differ between launches of one call: integers
+    # (divisibility by 16, equality to 1; the chunk bounds set the dZ store's vector width),
+    # the buffer's alignment, the settings. The call's other tensors stay the same.
+    key = (id(config), dz.data_ptr() % 16, *(-1 if x == 1 else x % 16 for x in sizes))
+    args = (
+        desc.hidden, desc.weight, dz_desc, dz, bias if bias is not None else hidden, targets,
+        lse, grad_rows, r0, r1, c0, c1, weight.shape[0], hidden.shape[1], dz.stride(0),
         float(softcap) if softcap is not None else 1.0, float(smoothing), 1.0 / weight.shape[0],
-        programs, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=config["BLOCK_D"],
-        UPCAST=config["upcast"] and hidden.dtype == torch.bfloat16,
-        TMA_STORE=config.get("tma_store", False), FLAT=config.get("flat", False),
-        FLATTEN=config.get("flatten", False),
-        WARP_SPECIALIZE=config.get("warp_specialize", False),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        programs, *constexprs,
     )  # fmt: skip
+    desc.launch(key, (programs, 1, 1), args, options)

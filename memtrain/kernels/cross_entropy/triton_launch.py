@@ -2,11 +2,11 @@
 
 A chunked backward launches the same kernel hundreds of times per step with only a few integer
 arguments changing. Triton's entry point (``kernel[grid](...)``) binds and specializes every
-argument and looks the compiled kernel up on each call: 38 µs of host time per launch of the
-logits-gradient kernel on an H200's host, against 13 µs through the compiled kernel's own
-launcher (``benchmarks/diag_lce_launch.py``, docs/benchmarks.md). :class:`RepeatLaunch` makes
-the first launch of each ``key`` through the entry point (which compiles) and the later ones
-straight through the launcher.
+argument and looks the compiled kernel up on each call: 47.5 µs of host time per launch of the
+logits-gradient kernel on an H200's host, against 27 µs through :class:`RepeatLaunch` (17.6 in
+the compiled kernel's launcher itself; ``benchmarks/diag_lce_launch.py``, docs/benchmarks.md).
+:class:`RepeatLaunch` makes the first launch of each ``key`` through the entry point (which
+compiles) and the later ones straight through the launcher.
 
 The caller's ``key`` must fix everything Triton specializes on: constexpr values, launch
 options, dtypes, pointer alignment and the integers it does not exempt with

@@ -71,7 +71,7 @@ TMA_SHAPES = [(256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4)]
 # descriptor store measured 0.22-0.30 ms and are not offered. "pdl": launched as a programmatic
 # dependent launch (Hopper), so a kernel's setup and first products overlap the end of the
 # previous kernel on the stream; it waits for that kernel before touching anything it may have
-# written. On an H200 it was as fast or faster in all 8 pairs timed (1-2%; docs/benchmarks.md).
+# written. On an H200 it was faster in all 12 pairs timed (0.1-2.6%; docs/benchmarks.md).
 TMA_VARIANTS = [{"persistent": True, "pdl": True}, {"flat": True, "pdl": True}]
 
 

@@ -120,3 +120,26 @@ def test_descriptor_settings_follow_kernel_parameter_order():
     assert options == {"num_warps": 4, "num_stages": 2, "launch_pdl": True}
     plain = dict(config, pdl=False)
     assert "launch_pdl" not in desc.settings(plain, False, False)[1]
+
+
+def test_launcher_that_refuses_the_arguments_falls_back_for_good():
+    class Refusing(FakeCompiled):
+        def run(self, *args):
+            raise TypeError("launcher takes other arguments")
+
+    class Kernel(FakeKernel):
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                self.log.append(("entry", grid, args, options))
+                return Refusing(self.log)
+
+            return launch
+
+    kernel = Kernel()
+    launch = _launcher(kernel)
+    for n in range(4):
+        launch("k", (1, 1, 1), (0, n, 8), {})
+    # first compiles, second tries the launcher, is refused and relaunches; then entry only
+    assert [entry[0] for entry in kernel.log] == ["entry"] * 4
+    assert [entry[2][1] for entry in kernel.log] == [0, 1, 2, 3]
+    assert launch.broken and launch.direct_launches == 0

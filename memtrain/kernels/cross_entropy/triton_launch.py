@@ -60,21 +60,32 @@ class RepeatLaunch:
         self.stream = stream
         self.compiled: dict[Hashable, object] = {}
         self.direct_launches = 0
+        self.broken = False
 
     def __call__(self, key: Hashable, grid: tuple[int, int, int], args: Sequence, options: dict):
-        compiled = self.compiled.get(key) if ENABLED else None
+        compiled = self.compiled.get(key) if ENABLED and not self.broken else None
         if compiled is None or _hooks_active():
             result = self.kernel[grid](*args, **options)
             LAUNCH_COUNTS["entry"] += 1
-            if ENABLED and hasattr(result, "packed_metadata") and hasattr(result, "function"):
+            compiled_kernel = hasattr(result, "packed_metadata") and hasattr(result, "function")
+            if ENABLED and not self.broken and compiled_kernel:
                 self.compiled[key] = result
             return
         if self.stream is None:
             self.stream = current_stream_getter()
-        compiled.run(
-            *grid, self.stream(), compiled.function, compiled.packed_metadata, None, None, None,
-            *args,
-        )  # fmt: skip
+        try:
+            compiled.run(
+                *grid, self.stream(), compiled.function, compiled.packed_metadata, None, None,
+                None, *args,
+            )  # fmt: skip
+        except TypeError:
+            # A Triton whose launcher takes other arguments refuses them before launching:
+            # this launcher takes the entry point from now on.
+            self.compiled.clear()
+            self.broken = True
+            self.kernel[grid](*args, **options)
+            LAUNCH_COUNTS["entry"] += 1
+            return
         self.direct_launches += 1
         LAUNCH_COUNTS["direct"] += 1
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_linear_cross_entropy import make_inputs  # noqa: E402
+from diag_lce_launch import gpu_ms  # noqa: E402
 
 from memtrain.kernels.cross_entropy import triton_function, triton_tma  # noqa: E402
 
@@ -57,18 +58,6 @@ def _bare_flat_kernel(
             ptrs = out_ptr + r[:, None] * stride_out + c[None, :]
             tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
             acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-
-
-def gpu_ms(fn, reps: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    stop.record()
-    stop.synchronize()
-    return start.elapsed_time(stop) / reps
 
 
 def main() -> int:

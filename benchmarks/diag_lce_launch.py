@@ -47,7 +47,8 @@ def host_us(fn, calls: int, busy: torch.Tensor) -> float:
     return elapsed / calls * 1e6
 
 
-def gpu_ms(fn, reps: int) -> float:
+def gpu_ms(fn, reps: int = 50) -> float:
+    """GPU milliseconds per ``fn()`` (CUDA events around ``reps`` runs, after one warm-up)."""
     fn()
     torch.cuda.synchronize()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -41,6 +41,12 @@ def _launcher(kernel):
     return RepeatLaunch(kernel, stream=lambda: 77)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_counts(monkeypatch):
+    """Each test counts launches from zero."""
+    monkeypatch.setattr(triton_launch, "LAUNCH_COUNTS", {"entry": 0, "direct": 0})
+
+
 def test_first_launch_compiles_then_direct():
     kernel = FakeKernel()
     launch = _launcher(kernel)
@@ -50,7 +56,7 @@ def test_first_launch_compiles_then_direct():
     # the grid, the stream, the kernel's handle and metadata, no hooks, then the parameters
     direct = ("direct", (6, 2, 1, 77, "fn-handle", "meta", None, None, None, "X", 11, 64))
     assert kernel.log[1] == direct
-    assert launch.direct_launches == 1
+    assert triton_launch.LAUNCH_COUNTS == {"entry": 1, "direct": 1}
 
 
 def test_new_key_goes_through_entry_point_again():
@@ -68,7 +74,7 @@ def test_no_compiled_kernel_means_entry_point_every_time():
     for n in range(3):
         launch("k", (1, 1, 1), (0, n, 8), {})
     assert [entry[0] for entry in kernel.log] == ["entry"] * 3
-    assert launch.direct_launches == 0
+    assert triton_launch.LAUNCH_COUNTS == {"entry": 3, "direct": 0}
 
 
 def test_disabled_and_cleared(monkeypatch):
@@ -142,4 +148,4 @@ def test_launcher_that_refuses_the_arguments_falls_back_for_good():
     # first compiles, second tries the launcher, is refused and relaunches; then entry only
     assert [entry[0] for entry in kernel.log] == ["entry"] * 4
     assert [entry[2][1] for entry in kernel.log] == [0, 1, 2, 3]
-    assert launch.broken and launch.direct_launches == 0
+    assert launch.broken and triton_launch.LAUNCH_COUNTS == {"entry": 4, "direct": 0}

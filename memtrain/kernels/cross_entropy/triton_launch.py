@@ -59,14 +59,12 @@ class RepeatLaunch:
         self.kernel = kernel
         self.stream = stream
         self.compiled: dict[Hashable, object] = {}
-        self.direct_launches = 0
         self.broken = False
 
     def __call__(self, key: Hashable, grid: tuple[int, int, int], args: Sequence, options: dict):
         compiled = self.compiled.get(key) if ENABLED and not self.broken else None
         if compiled is None or _hooks_active():
-            result = self.kernel[grid](*args, **options)
-            LAUNCH_COUNTS["entry"] += 1
+            result = self._entry(grid, args, options)
             compiled_kernel = hasattr(result, "packed_metadata") and hasattr(result, "function")
             if ENABLED and not self.broken and compiled_kernel:
                 self.compiled[key] = result
@@ -83,11 +81,15 @@ class RepeatLaunch:
             # this launcher takes the entry point from now on.
             self.compiled.clear()
             self.broken = True
-            self.kernel[grid](*args, **options)
-            LAUNCH_COUNTS["entry"] += 1
+            self._entry(grid, args, options)
             return
-        self.direct_launches += 1
         LAUNCH_COUNTS["direct"] += 1
+
+    def _entry(self, grid: tuple[int, int, int], args: Sequence, options: dict):
+        """One launch through Triton's entry point; returns what it returns (the compiled
+        kernel, or None in the interpreter)."""
+        LAUNCH_COUNTS["entry"] += 1
+        return self.kernel[grid](*args, **options)
 
     def clear(self) -> None:
         self.compiled.clear()

@@ -2,6 +2,7 @@
 
 from memtrain.hardware.calibrate import calibrate
 from memtrain.hardware.devices import DeviceSpec, device_names, get_device
+from memtrain.hardware.request import HARDWARE_FIELDS, HardwareRequest
 from memtrain.hardware.tiers import (
     HOST_TIERS,
     TIERS,
@@ -13,10 +14,12 @@ from memtrain.hardware.tiers import (
 )
 
 __all__ = [
+    "HARDWARE_FIELDS",
     "HOST_TIERS",
     "TIERS",
     "DeviceSpec",
     "HardwareModel",
+    "HardwareRequest",
     "MemoryTier",
     "build_hardware",
     "calibrate",

@@ -372,7 +372,9 @@ def _train(recipe, world: World, device: torch.device, console, progress: bool) 
         "launcher": {"kind": world.kind, "world_size": world.world_size, "backend": backend},
     }
     if recipe["dry_run"] is not None and world.main:
-        summary["dry_run"] = loop.dry_run_plan(recipe["dry_run"], console)
+        from memtrain.train.dry_run import dry_run_plan
+
+        summary["dry_run"] = dry_run_plan(recipe["dry_run"], console)
     out_dir = Path(train["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(train["seed"])

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from memtrain.errors import MemtrainError
-from memtrain.hardware.devices import DeviceSpec
+from memtrain.hardware.request import HardwareRequest
+from memtrain.planner import PlanOptions
+from memtrain.planner.pipeline import PlanRequest, plan_model
 from memtrain.profile.optimizer_state import parse_optimizer_spec
 from memtrain.units import format_bytes
 
@@ -111,40 +113,6 @@ def _several_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _meta_twin_profile(model: nn.Module, seq: int, batch: int, optimizer: str, target: DeviceSpec):
-    from memtrain.models import build_causal_lm
-    from memtrain.profile import profile_model
-    from memtrain.profile.profiler import default_loss
-
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "vocab_size"):
-        raise MemtrainError(
-            f"prepare() profiles Hugging Face causal LMs from their config; {type(model).__name__} "
-            "has none. Profile it with memtrain.profile.profile_model and plan with make_plan."
-        )
-    dtype = next(model.parameters()).dtype
-    if getattr(config, "use_cache", None) is False:
-        # A Trainer turns the cache off for training; without a cache transformers looks for
-        # packed sequences in the position ids, which meta tensors cannot hold. The twin runs
-        # as it would before (the plan turns the cache off in training steps either way).
-        import copy
-
-        config = copy.deepcopy(config)
-        config.use_cache = True
-    twin = build_causal_lm(config, dtype, "meta", config._attn_implementation)
-    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    return profile_model(
-        twin,
-        {"input_ids": ids, "labels": ids},
-        seq=seq,
-        batch=batch,
-        loss_fn=default_loss,
-        optimizer=optimizer,
-        target=target,
-        name=getattr(config, "name_or_path", "") or type(model).__name__,
-    )
-
-
 def prepare(
     model: nn.Module,
     *,
@@ -181,9 +149,7 @@ def prepare(
     (:func:`memtrain.optim.register_step_in_backward`), so the plan counts no resident
     gradients, only each layer's largest parameter step, and keeps optimizer states on the GPU.
     """
-    from memtrain.hardware import load_hardware
     from memtrain.optim import build_optimizer as build_torch_optimizer
-    from memtrain.planner import PlanOptions, make_plan
 
     model = unwrap_model(model)
     spec = parse_optimizer_spec(optimizer)
@@ -207,34 +173,24 @@ def prepare(
     plan_obj = None
     profile = None
     if plan:
-        hw = load_hardware(hardware, gpu_budget=gpu_budget, cpu=cpu, cxl=cxl, nvme=nvme)
-        profile = _meta_twin_profile(model, seq, batch, str(spec), hw.device)
-        if gpu_budget_fraction is not None:
-            peak = profile.simulated_peak_bytes
-            budget = (hw.gpu_reserved_bytes + gpu_budget_fraction * peak) / (
-                1 - hw.allocator_margin
-            )
-            hw = hw.with_capacity("gpu", int(budget))
-            notes.append(
-                f"GPU budget: {gpu_budget_fraction:g} x the unplanned peak "
-                f"({format_bytes(peak)}) plus the device's reserve and allocator margin"
-            )
         # memtrain's own executor runs optimizer-state offload for torch optimizers; parameters
         # off the GPU need DeepSpeed ZeRO-3, so plans made here keep them on the GPU.
-        step_bytes = None
-        if step_in_backward:
-            from memtrain.planner.step_in_backward import model_step_bytes
-
-            step_bytes, step_notes = model_step_bytes(model, spec)
-            notes.extend(step_notes)
-        options = PlanOptions(
-            fused_loss=fused_loss,
-            allow_state_offload=state_offload,
-            allow_param_offload=False,
-            step_in_backward=step_in_backward,
-            step_bytes=step_bytes,
+        request = PlanRequest(
+            seq=seq,
+            batches=(batch,),
+            optimizers=(str(spec),),
+            hardware=HardwareRequest(hardware, gpu_budget, cpu, cxl, nvme),
+            options=PlanOptions(
+                fused_loss=fused_loss,
+                allow_state_offload=state_offload,
+                allow_param_offload=False,
+                step_in_backward=step_in_backward,
+            ),
+            gpu_budget_fraction=gpu_budget_fraction,
         )
-        plan_obj = make_plan(profile, hw, options)
+        planned = plan_model(model, request)
+        plan_obj, profile = planned.plan, planned.profile
+        notes.extend(planned.notes)
         if step_in_backward:
             from memtrain.planner.step_in_backward import check_step_in_backward
 

@@ -1,0 +1,183 @@
+"""profile -> hardware -> plan, once, for every front door.
+
+``memtrain plan``, a recipe's dry run, :func:`memtrain.prepare` and the Trainer callback all call
+:func:`plan_model`; they differ only in where the request comes from (flags, YAML, keywords).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from memtrain.errors import MemtrainError
+from memtrain.hardware.request import HardwareRequest
+from memtrain.hardware.tiers import HardwareModel
+from memtrain.planner.distributed import Parallelism, attention_shape, plan_per_rank
+from memtrain.planner.plan import Plan, PlanOptions, best_of
+from memtrain.profile.result import ProfileResult
+from memtrain.units import format_bytes
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to plan: tokens, candidate micro-batches and optimizers, hardware and options.
+
+    Several micro-batch sizes or optimizers are each planned and the fastest plan kept.
+    ``gpu_budget_fraction`` plans for that share of the unplanned step's simulated peak (plus
+    the device's reserve and allocator margin), handy to exercise a plan on a small model.
+    """
+
+    seq: int
+    batches: Sequence[int] = (1,)
+    optimizers: Sequence[str] = ("adamw",)
+    dtype: str = "bf16"
+    hardware: HardwareRequest = field(default_factory=HardwareRequest)
+    options: PlanOptions = field(default_factory=PlanOptions)
+    parallelism: Parallelism | None = None
+    gpu_budget_fraction: float | None = None
+
+
+@dataclass
+class PlannedModel:
+    """The chosen plan, the profile it was made from, and one row per candidate."""
+
+    plan: Plan
+    profile: ProfileResult
+    hardware: HardwareModel
+    candidates: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_model(model: Any, request: PlanRequest) -> PlannedModel:
+    """Profile ``model`` (a preset name or config path, a live Hugging Face causal LM, or a
+    :class:`ProfileResult`) for ``request`` and plan it.
+
+    A live model is profiled through a meta-device twin, so nothing is allocated whatever its
+    size. Raises :class:`~memtrain.planner.PlanInfeasible` with the smallest budget that fits.
+    """
+    hardware = request.hardware.load()
+    _check_request(model, request)
+    candidates = [
+        (_label(batch, optimizer), _profile(model, request, batch, optimizer, hardware))
+        for batch in request.batches
+        for optimizer in request.optimizers
+    ]
+    notes: list[str] = []
+    if request.gpu_budget_fraction is not None:
+        hardware = _fraction_of_peak(hardware, candidates[0][1], request.gpu_budget_fraction)
+        notes.append(
+            f"GPU budget: {request.gpu_budget_fraction:g} x the unplanned peak "
+            f"({format_bytes(candidates[0][1].simulated_peak_bytes)}) plus the device's "
+            "reserve and allocator margin"
+        )
+    options = request.options
+    if options.step_in_backward and options.step_bytes is None:
+        step_bytes, step_notes = _step_bytes(model, request)
+        options = replace(options, step_bytes=step_bytes)
+        notes.extend(step_notes)
+    if request.parallelism is None or request.parallelism.is_single:
+        plan, rows = best_of(candidates, hardware, options)
+    else:
+        attention = attention_shape(model) if isinstance(model, str) else None
+        plan, rows = plan_per_rank(candidates, hardware, request.parallelism, options, attention)
+    chosen = next(
+        (p for _, p in candidates if (p.batch, p.optimizer) == (plan.micro_batch, plan.optimizer)),
+        candidates[0][1],
+    )
+    return PlannedModel(plan, chosen, hardware, rows, notes)
+
+
+def _label(batch: int, optimizer: str) -> str:
+    return f"micro-batch {batch}, {optimizer}"
+
+
+def _check_request(model: Any, request: PlanRequest) -> None:
+    if not request.batches or min(request.batches) < 1:
+        raise MemtrainError("micro-batch sizes must be positive, e.g. 1 or 1,2,4")
+    if not request.optimizers:
+        raise MemtrainError("name at least one optimizer, e.g. adamw")
+    several = len(request.batches) > 1 or len(request.optimizers) > 1
+    if isinstance(model, ProfileResult) and several:
+        raise MemtrainError("a profile fixes batch and optimizer; plan a model to compare several")
+    if request.options.step_in_backward and len(request.optimizers) > 1:
+        raise MemtrainError("stepping in backward plans one optimizer; name a single one")
+
+
+def _profile(
+    model: Any, request: PlanRequest, batch: int, optimizer: str, hardware: HardwareModel
+) -> ProfileResult:
+    if isinstance(model, ProfileResult):
+        return model
+    if isinstance(model, str):
+        from memtrain.profile import profile_causal_lm
+
+        return profile_causal_lm(
+            model,
+            seq=request.seq,
+            batch=batch,
+            dtype=request.dtype,
+            optimizer=optimizer,
+            device="meta",
+            target=hardware.device.name,
+        )
+    return _meta_twin_profile(model, request.seq, batch, optimizer, hardware)
+
+
+def _meta_twin_profile(model, seq: int, batch: int, optimizer: str, hardware: HardwareModel):
+    """A dry run of a live Hugging Face causal LM, on a meta-device copy built from its config."""
+    import copy
+
+    import torch
+
+    from memtrain.models import build_causal_lm
+    from memtrain.profile import profile_model
+    from memtrain.profile.profiler import default_loss
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "vocab_size"):
+        raise MemtrainError(
+            f"prepare() profiles Hugging Face causal LMs from their config; {type(model).__name__} "
+            "has none. Profile it with memtrain.profile.profile_model and plan with make_plan."
+        )
+    dtype = next(model.parameters()).dtype
+    if getattr(config, "use_cache", None) is False:
+        # A Trainer turns the cache off for training; without a cache transformers looks for
+        # packed sequences in the position ids, which meta tensors cannot hold. The twin runs
+        # as it would before (the plan turns the cache off in training steps either way).
+        config = copy.deepcopy(config)
+        config.use_cache = True
+    twin = build_causal_lm(config, dtype, "meta", config._attn_implementation)
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    return profile_model(
+        twin,
+        {"input_ids": ids, "labels": ids},
+        seq=seq,
+        batch=batch,
+        loss_fn=default_loss,
+        optimizer=optimizer,
+        target=hardware.device,
+        name=getattr(config, "name_or_path", "") or type(model).__name__,
+    )
+
+
+def _fraction_of_peak(hardware: HardwareModel, profile: ProfileResult, fraction: float):
+    if not 0 < fraction <= 1:
+        raise MemtrainError(f"gpu_budget_fraction must be in (0, 1], got {fraction}")
+    peak = profile.simulated_peak_bytes
+    budget = (hardware.gpu_reserved_bytes + fraction * peak) / (1 - hardware.allocator_margin)
+    return hardware.with_capacity("gpu", int(budget))
+
+
+def _step_bytes(model: Any, request: PlanRequest) -> tuple[dict[str, float] | None, list[str]]:
+    """Per layer, the most one parameter holds while it steps in backward; None for a bare
+    profile (the planner's conservative estimate)."""
+    from memtrain.planner.step_in_backward import model_step_bytes
+
+    if isinstance(model, ProfileResult):
+        return None, []
+    if isinstance(model, str):
+        from memtrain.models import build_causal_lm, load_config
+
+        model = build_causal_lm(load_config(model), request.dtype, "meta")
+    return model_step_bytes(model, request.optimizers[0])

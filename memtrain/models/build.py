@@ -7,27 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from memtrain.dtypes import parse_dtype
 from memtrain.errors import ConfigError, MemtrainError
-
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise MemtrainError(f"unknown dtype {name!r}; use one of bf16, fp16, fp32") from None
 
 
 def build_causal_lm(

@@ -42,13 +42,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from memtrain.dtypes import DTYPES, dtype_bytes
 from memtrain.errors import ConfigError, MemtrainError
 from memtrain.hardware.devices import get_device
 from memtrain.hardware.tiers import HardwareModel
 from memtrain.profile.result import LayerProfile, ProfileResult, SavedTensor, is_attention_op
 
 PER_RANK_NOTE = "per-rank profile:"
-_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "float16": 2, "bfloat16": 2, "fp32": 4, "float32": 4}
 
 
 def _ceil_div(value: float, by: int) -> int:
@@ -194,7 +194,8 @@ def _has_attention(layer: LayerProfile) -> bool:
 
 
 def _dtype_bytes(dtype: str) -> int:
-    return _DTYPE_BYTES.get(str(dtype).lower(), 2)
+    """Bytes per element of the profiled dtype (2 where the profile names none we know)."""
+    return dtype_bytes(dtype) if str(dtype).lower() in DTYPES else 2
 
 
 def all_to_all_bytes(

@@ -499,8 +499,8 @@ def profile_causal_lm(
     ``cuda`` build the model with random weights and measure a real step. ``layers`` takes glob
     patterns over module names for another granularity (e.g. ``["model.layers.*.mlp"]``).
     """
+    from memtrain.dtypes import parse_dtype
     from memtrain.models import build_causal_lm, load_config
-    from memtrain.models.build import parse_dtype
 
     _check_positive(seq=seq, batch=batch)
     parse_dtype(dtype)

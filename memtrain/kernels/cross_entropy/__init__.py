@@ -11,11 +11,10 @@ logits to a few rows at a time.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from memtrain.errors import MemtrainError
+from memtrain.kernels.cross_entropy.availability import triton_available
 from memtrain.kernels.cross_entropy.chunked import (
     ChunkedLinearCrossEntropy,
     chunk_rows_for,
@@ -41,17 +40,6 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # 66.0-66.8 at N=8192, 268.5-269.6 vs 267.7-269.4 at N=32768; with the one-loop gradient kernel
 # D=2048 27.7-27.8 vs 29.4-31.2, D=2304 62.8-63.8 vs 63.9-65.5 and 251-252 vs 262-263 at N=32768.
 BLAS_MIN_DIM = 2048
-
-
-def triton_available(device: torch.device) -> bool:
-    """Whether the Triton kernels can run on ``device`` (CUDA, or the CPU interpreter)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    from memtrain.kernels.cross_entropy.triton_function import interpreting
-
-    if interpreting():
-        return device.type == "cpu"
-    return device.type == "cuda"
 
 
 def default_filter_eps(dtype: torch.dtype) -> float:

@@ -61,6 +61,7 @@ from typing import NamedTuple
 
 import torch
 
+from memtrain.kernels.cross_entropy.availability import triton_available
 from memtrain.kernels.cross_entropy.chunked import fp16_grad_scale, row_losses, undo_grad_scale
 from memtrain.kernels.cross_entropy.reductions import full_precision_reductions
 
@@ -190,8 +191,6 @@ def blas_supported(device: torch.device, dtype: torch.dtype) -> bool:
 def _elementwise_triton(device: torch.device, dtype: torch.dtype) -> bool:
     if ELEMENTWISE == "torch" or dtype == torch.float64:
         return False
-    from memtrain.kernels.cross_entropy import triton_available
-
     runs = triton_available(device)
     if ELEMENTWISE == "triton" and not runs:
         raise RuntimeError(f"the Triton elementwise kernels cannot run on {device}")

@@ -8,6 +8,10 @@ product or device copy reaches in practice, measured where noted, which is what 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from memtrain.errors import MemtrainError
 
@@ -60,140 +64,26 @@ class DeviceSpec:
         return asdict(self)
 
 
-_PRESETS: dict[str, DeviceSpec] = {
-    spec.name: spec
-    for spec in [
-        DeviceSpec(
-            name="h100-sxm-80g",
-            memory_bytes=80 * GB,
-            peak_bf16_flops=989 * TFLOPS,
-            achievable_bf16_flops=790 * TFLOPS,
-            peak_fp32_flops=67 * TFLOPS,
-            hbm_bandwidth=3350 * GB,
-            achievable_hbm_bandwidth=3000 * GB,
-            host_to_device=55 * GB,
-            device_to_host=55 * GB,
-            host_link_duplex=90 * GB,
-            pageable_host_link=17 * GB,
-            interconnect_bandwidth=300 * GB,  # NVLink 4: 450 GB/s each way; all-to-all reaches less
-            source=(
-                "NVIDIA H100 datasheet (SXM5: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3, 80 GB, "
-                "PCIe Gen5 x16); achievable matmul 790 TFLOP/s, copy 3.0 TB/s and host link "
-                "55 GB/s each way, 90 GB/s both ways, 16-18 GB/s pageable measured on an H100 80GB HBM3"
-            ),
-        ),
-        DeviceSpec(
-            name="h200",
-            memory_bytes=141 * GB,
-            peak_bf16_flops=989 * TFLOPS,
-            achievable_bf16_flops=790 * TFLOPS,
-            peak_fp32_flops=67 * TFLOPS,
-            hbm_bandwidth=4800 * GB,
-            achievable_hbm_bandwidth=4300 * GB,
-            host_to_device=55 * GB,
-            device_to_host=55 * GB,
-            host_link_duplex=90 * GB,
-            pageable_host_link=17 * GB,
-            interconnect_bandwidth=300 * GB,  # NVLink 4, as on the H100 SXM
-            source=(
-                "NVIDIA H200 datasheet (SXM: 989 TFLOP/s dense bf16, 4.8 TB/s HBM3e, 141 GB, "
-                "PCIe Gen5 x16); matmul 788 TFLOP/s and copy 4.3 TB/s measured on an H200; host "
-                "link assumed as on the H100 (same PCIe Gen5 x16)"
-            ),
-        ),
-        DeviceSpec(
-            name="a100-80g",
-            memory_bytes=80 * GB,
-            peak_bf16_flops=312 * TFLOPS,
-            achievable_bf16_flops=250 * TFLOPS,
-            peak_fp32_flops=19.5 * TFLOPS,
-            hbm_bandwidth=2039 * GB,
-            achievable_hbm_bandwidth=1800 * GB,
-            host_to_device=25 * GB,
-            device_to_host=25 * GB,
-            host_link_duplex=40 * GB,
-            pageable_host_link=10 * GB,
-            interconnect_bandwidth=200 * GB,  # NVLink 3: 300 GB/s each way
-            source=(
-                "NVIDIA A100 datasheet (SXM 80GB: 312 TFLOP/s dense bf16, 2.039 TB/s HBM2e, "
-                "PCIe Gen4 x16 = 32 GB/s theoretical); achievable figures are typical, not measured here"
-            ),
-        ),
-        DeviceSpec(
-            name="a100-40g",
-            memory_bytes=40 * GB,
-            peak_bf16_flops=312 * TFLOPS,
-            achievable_bf16_flops=250 * TFLOPS,
-            peak_fp32_flops=19.5 * TFLOPS,
-            hbm_bandwidth=1555 * GB,
-            achievable_hbm_bandwidth=1400 * GB,
-            host_to_device=25 * GB,
-            device_to_host=25 * GB,
-            host_link_duplex=40 * GB,
-            pageable_host_link=10 * GB,
-            interconnect_bandwidth=200 * GB,  # NVLink 3: 300 GB/s each way
-            source=(
-                "NVIDIA A100 datasheet (40GB: 312 TFLOP/s dense bf16, 1.555 TB/s HBM2, "
-                "PCIe Gen4 x16); achievable figures are typical, not measured here"
-            ),
-        ),
-        DeviceSpec(
-            name="rtx-4090",
-            memory_bytes=24 * GB,
-            peak_bf16_flops=165.2 * TFLOPS,
-            achievable_bf16_flops=150 * TFLOPS,
-            peak_fp32_flops=82.6 * TFLOPS,
-            hbm_bandwidth=1008 * GB,
-            achievable_hbm_bandwidth=900 * GB,
-            host_to_device=25 * GB,
-            device_to_host=25 * GB,
-            host_link_duplex=40 * GB,
-            pageable_host_link=10 * GB,
-            source=(
-                "NVIDIA Ada Lovelace architecture whitepaper (RTX 4090: 165.2 TFLOP/s dense fp16/bf16 "
-                "tensor, 82.6 TFLOP/s fp32, 1008 GB/s GDDR6X, 24 GB, PCIe Gen4 x16)"
-            ),
-        ),
-        DeviceSpec(
-            name="l4",
-            memory_bytes=24 * GB,
-            peak_bf16_flops=121 * TFLOPS,
-            achievable_bf16_flops=100 * TFLOPS,
-            peak_fp32_flops=30.3 * TFLOPS,
-            hbm_bandwidth=300 * GB,
-            achievable_hbm_bandwidth=270 * GB,
-            host_to_device=25 * GB,
-            device_to_host=25 * GB,
-            host_link_duplex=40 * GB,
-            pageable_host_link=10 * GB,
-            source=(
-                "NVIDIA L4 datasheet (121 TFLOP/s dense bf16, 30.3 TFLOP/s fp32, 300 GB/s GDDR6, "
-                "24 GB, PCIe Gen4 x16)"
-            ),
-        ),
-        DeviceSpec(
-            name="cpu",
-            memory_bytes=0,
-            peak_bf16_flops=1 * TFLOPS,
-            achievable_bf16_flops=0.2 * TFLOPS,
-            peak_fp32_flops=1 * TFLOPS,
-            hbm_bandwidth=50 * GB,
-            achievable_hbm_bandwidth=20 * GB,
-            host_to_device=float("inf"),
-            device_to_host=float("inf"),
-            host_link_duplex=float("inf"),
-            pageable_host_link=float("inf"),
-            source="a rough figure for a small server CPU; measured runs on the CPU use real times",
-        ),
-    ]
-}
+# devices.yaml key suffix -> DeviceSpec field suffix, unit
+_UNITS = (("_gb", "_bytes", GB), ("_tflops", "_flops", TFLOPS), ("_gb_s", "", GB))
 
-ALIASES = {
-    "h100": "h100-sxm-80g",
-    "h100-80g": "h100-sxm-80g",
-    "a100": "a100-80g",
-    "4090": "rtx-4090",
-}
+
+def _load_presets() -> tuple[dict[str, DeviceSpec], dict[str, str]]:
+    """``devices.yaml``: rates in TFLOP/s, bandwidths in GB/s, memory in GB."""
+    raw = yaml.safe_load(Path(__file__).with_name("devices.yaml").read_text())
+    aliases = raw.pop("aliases")
+    presets = {}
+    for name, entry in raw.items():
+        values: dict[str, Any] = {"name": name, "source": entry.pop("source")}
+        for key, value in entry.items():
+            for suffix, field_suffix, unit in _UNITS:
+                if key.endswith(suffix):
+                    values[key.removesuffix(suffix) + field_suffix] = value * unit
+        presets[name] = DeviceSpec(**values)
+    return presets, aliases
+
+
+_PRESETS, ALIASES = _load_presets()
 
 
 def device_names() -> list[str]:

@@ -6,15 +6,14 @@ optimizer. GaLore and FRUGAL get the same optimizer-state budget (rank r on ever
 AdamW keeps full state. Reports train loss (mean of the last 20 steps), held-out loss, optimizer
 state bytes (measured, and equal to the registered formula) and seconds per step.
 
-Reproduce (about 15 minutes on 2 busy CPU cores; batch 4 x 128 bytes keeps it that short):
+Example (about 15 minutes on 2 busy CPU cores; batch 4 x 128 bytes keeps it that short):
 
-    python benchmarks/bench_optim_convergence.py --out convergence.json
+    python -m benchmarks.bench_optim_convergence
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -24,6 +23,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.harness import parser as make_parser
+from benchmarks.harness import results_for
 from memtrain.optim import build_optimizer, predicted_state_bytes
 
 
@@ -120,7 +121,7 @@ def run(name: str, spec: str, lr: float, args, train_data, eval_batches) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
@@ -135,7 +136,6 @@ def main() -> None:
         default="adamw,galore,frugal",
         help="comma-separated runs among adamw, galore, frugal, frugal-columns",
     )
-    parser.add_argument("--out", default="bench_optim_convergence.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -158,20 +158,21 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown runs {sorted(unknown)}; choose from {sorted(runs)}")
     runs = {k: v for k, v in runs.items() if k in args.runs.split(",")}
-    results: dict[str, Any] = {"args": vars(args), "torch": torch.__version__, "runs": {}}
+    results = results_for("bench_optim_convergence", args, device="cpu")
+    rows = {}
     for name, (spec, lr) in runs.items():
-        results["runs"][name] = run(name, spec, lr, args, train_data, eval_batches)
-        print(name, json.dumps(results["runs"][name]), flush=True)
+        rows[name] = run(name, spec, lr, args, train_data, eval_batches)
+        settings = {"steps": args.steps, "batch": args.batch, "seq": args.seq}
+        results.write(name, **rows[name], **settings)
     print("\n| optimizer | spec | lr | train loss (last 20) | held-out loss | state | s/step |")
     print("|---|---|---|---|---|---|---|")
-    for name, row in results["runs"].items():
+    for name, row in rows.items():
         print(
             f"| {name} | `{row['spec']}` | {row['lr']:g} | {row['train_loss_last20']:.3f} | "
             f"{row['eval_loss']:.3f} | {row['state_bytes'] / 2**20:.1f} MiB | "
             f"{row['seconds_per_step']:.2f} |"
         )
-    with open(args.out, "w") as fh:
-        json.dump(results, fh, indent=2)
+    print(f"wrote {results.path}")
 
 
 if __name__ == "__main__":

@@ -9,36 +9,32 @@ It then trains ``--train-steps`` real steps with memtrain's GaLoreAdamW and, at 
 refresh that follows, measures the captured gradient energy ||P^T G||^2 / (top-r sum of
 squared singular values) of several refresh variants against the exact SVD of that gradient.
 
-Reproduce (GPU machine, galore-torch wheel in .whl_optim/):
+Example (galore-torch installed without its dependencies, or its wheel on PYTHONPATH):
 
-    python3 -m pip install -q --no-deps --target /tmp/site .whl_optim/*.whl
-    PYTHONPATH=/tmp/site:. python3 benchmarks/bench_optim_gpu.py --out results.json
+    python -m benchmarks.bench_optim_gpu
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import json
 import os
 import statistics
 import sys
-import time
 import types
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.harness import GiB, parser, results_for, synchronize, time_call
 from memtrain.models import build_causal_lm, load_config
 from memtrain.optim import GaLoreAdamW, lowrank_targets, register_step_in_backward, subspace
 from memtrain.optim.galore_adamw import refresh_due
 from memtrain.optim.lowrank import projection_side, projection_to_basis
 from memtrain.optim.subspace import captured_energy, subspace_iteration
 from memtrain.profile.optimizer_state import measured_state_bytes
-
-GIB = 1024**3
 
 
 def load_galore_torch() -> Any | None:
@@ -71,16 +67,11 @@ def galore_torch_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    synchronize()
 
 
 def timed(fn) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
+    return time_call(fn, warmup=0, repeats=1)[0]
 
 
 def step_peak(optimizer: torch.optim.Optimizer) -> tuple[float, int]:
@@ -122,9 +113,9 @@ def run_optimizer(name: str, make, model, args, results: dict[str, Any], new_gra
     optimizer = make()
     fallbacks = subspace.CHOLQR_FALLBACKS
     first_s, first_peak = step_peak(optimizer)
-    row: dict[str, Any] = {"first_step_s": first_s, "first_step_peak_gib": first_peak / GIB}
+    row: dict[str, Any] = {"first_step_s": first_s, "first_step_peak_gib": first_peak / GiB}
     row["ordinary_step_s"] = ordinary_steps(optimizer, args.steps)
-    _, row["ordinary_peak_gib"] = (lambda t: (t[0], t[1] / GIB))(step_peak(optimizer))
+    _, row["ordinary_peak_gib"] = (lambda t: (t[0], t[1] / GiB))(step_peak(optimizer))
     if isinstance(optimizer, GaLoreAdamW):
         refresh = []
         for _ in range(args.refreshes):
@@ -133,13 +124,13 @@ def run_optimizer(name: str, make, model, args, results: dict[str, Any], new_gra
             refresh.append(step_peak(optimizer))
         row["cholqr_fallbacks"] = subspace.CHOLQR_FALLBACKS - fallbacks
         row["warm_refresh_step_s"] = statistics.median(t for t, _ in refresh)
-        row["warm_refresh_peak_gib"] = max(p for _, p in refresh) / GIB
+        row["warm_refresh_peak_gib"] = max(p for _, p in refresh) / GiB
         row["state_bytes"] = optimizer.state_bytes()
     elif name == "galore-torch":
         row["state_bytes"] = galore_torch_state_bytes(optimizer)
     else:
         row["state_bytes"] = sum(measured_state_bytes(optimizer).values())
-    row["state_gib"] = row["state_bytes"] / GIB
+    row["state_gib"] = row["state_bytes"] / GiB
     results["optimizers"][name] = row
     print(name, json.dumps(row), flush=True)
     del optimizer
@@ -313,8 +304,8 @@ def full_step_memory(model, backward, windows, args, results: dict[str, Any]) ->
         model.zero_grad(set_to_none=True)
         rows[label] = {
             "step_s": statistics.median(times),
-            "peak_gib": max(peaks) / GIB,
-            "allocated_after_backward_gib": max(after) / GIB,
+            "peak_gib": max(peaks) / GiB,
+            "allocated_after_backward_gib": max(after) / GiB,
         }
         print("full step", label, json.dumps(rows[label]), flush=True)
         del optimizer
@@ -323,27 +314,26 @@ def full_step_memory(model, backward, windows, args, results: dict[str, Any]) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llama-3.2-1b")
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--rank", type=int, default=256)
-    parser.add_argument("--gap", type=int, default=200)
-    parser.add_argument("--scale", type=float, default=0.25)
-    parser.add_argument("--steps", type=int, default=20, help="timed ordinary steps")
-    parser.add_argument("--refreshes", type=int, default=3, help="timed warm refresh steps")
-    parser.add_argument("--train-steps", type=int, default=50)
-    parser.add_argument("--train-lr", type=float, default=1e-3)
-    parser.add_argument("--skip-galore-torch", action="store_true")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", default="bench_optim_gpu.json")
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--model", default="llama-3.2-1b")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--rank", type=int, default=256)
+    p.add_argument("--gap", type=int, default=200)
+    p.add_argument("--scale", type=float, default=0.25)
+    p.add_argument("--steps", type=int, default=20, help="timed ordinary steps")
+    p.add_argument("--refreshes", type=int, default=3, help="timed warm refresh steps")
+    p.add_argument("--train-steps", type=int, default=50)
+    p.add_argument("--train-lr", type=float, default=1e-3)
+    p.add_argument("--skip-galore-torch", action="store_true")
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args()
+    out = results_for("bench_optim_gpu", args, device=args.device)
 
     torch.manual_seed(0)
     config = load_config(args.model)
     model = build_causal_lm(config, dtype="bf16", device=args.device)
     model.config.use_cache = False
     tokens = next(text_windows(args.seq, seed=1)).to(args.device)
-
     windows = text_windows(args.seq)
 
     def backward(batch: torch.Tensor | None = None, zero: bool = True) -> float:
@@ -354,18 +344,17 @@ def main() -> None:
         loss.backward()
         return float(loss.detach())
 
-    results: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
-        "torch": torch.__version__,
+    setup = {
         "model": args.model,
         "params": sum(p.numel() for p in model.parameters()),
         "projected_params": sum(p.numel() for _, p in lowrank_targets(model)),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "args": vars(args),
-        "optimizers": {},
+        "args": {k: v for k, v in vars(args).items() if k not in ("results_dir", "fresh")},
     }
-    print(json.dumps({k: v for k, v in results.items() if k != "optimizers"}), flush=True)
-    results["backward_s"] = timed(backward)
+    print(json.dumps(setup), flush=True)
+    results: dict[str, Any] = {"optimizers": {}}
+    setup["backward_s"] = timed(backward)
+    out.write("setup", **setup)
     # load the solver libraries once so no optimizer below pays their start-up in its timing
     warm = torch.randn(2, 64, 16, device=args.device)
     torch.linalg.qr(warm)
@@ -408,13 +397,15 @@ def main() -> None:
         )
     else:
         print("galore-torch not importable: skipped", flush=True)
-
+    for name, row in results["optimizers"].items():
+        out.write(f"optimizer/{name}", **row)
     if args.device == "cuda":
         full_step_memory(model, backward, windows, args, results)
+        for name, row in results["full_step"].items():
+            out.write(f"full step/{name}", **row)
     energy_study(model, backward, windows, args, results)
-    with open(args.out, "w") as fh:
-        json.dump(results, fh, indent=2)
-    print("wrote", args.out)
+    out.write("energy", **results["energy"])
+    print("wrote", out.path)
 
 
 if __name__ == "__main__":

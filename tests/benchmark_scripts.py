@@ -1,16 +1,15 @@
-"""Load a script from ``benchmarks/`` as a module, for tests that check its logic on the CPU."""
+"""Import a benchmark script (``benchmarks/NAME.py``, run as ``python -m benchmarks.NAME``) for
+tests that check its logic on the CPU."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from pathlib import Path
 from types import ModuleType
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("bench_*.py"))
 
 
 def load_benchmark(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"benchmarks.{name}")

@@ -117,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--measured",
         default=None,
-        help="with --plot: a diag_offload_memory JSON to draw beside the prediction",
+        help="with --plot: a `bench_offload_gpu --moments --plot` JSON to draw beside the prediction",
     )
 
 

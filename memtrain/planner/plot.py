@@ -1,5 +1,6 @@
 """Draw a plan's predicted GPU memory at every moment of the step, optionally beside a
-measured step (``benchmarks/diag_offload_memory.py`` writes one), as PNG or HTML.
+measured step (``python -m benchmarks.bench_offload_gpu --moments --plot DIR`` writes one), as PNG
+or HTML.
 
 People read a memory plan faster as a curve than as a table: where it peaks, how close it runs
 to the budget, and, with a measurement, where the prediction and the device part ways.
@@ -82,10 +83,10 @@ def write_plan_plot(
 
 
 def measured_moments(diagnostic: Mapping[str, Any]) -> dict[str, float]:
-    """Bytes per moment from a ``diag_offload_memory`` result (its rows are in GiB)."""
+    """Bytes per moment from a ``bench_offload_gpu --moments`` result (its rows are in GiB)."""
     rows = diagnostic.get("moments")
     if not isinstance(rows, list):
-        raise MemtrainError("--measured expects the JSON that diag_offload_memory.py writes")
+        raise MemtrainError("--measured expects the JSON that bench_offload_gpu --moments --plot writes")
     return {
         row["moment"]: row["measured_gib"] * GiB
         for row in rows

@@ -5,7 +5,7 @@ PyTorch lets cuBLAS reduce bf16/fp16 products in reduced precision by default
 may then sum its partial products in the output dtype, rounding each partial. The loss relies on
 one rounding per output (the cuBLAS path's shifted log-probabilities, the weight gradient added
 over row blocks), so its products run with both switches off and the caller's settings are put
-back afterwards. Measured on an H200 (``benchmarks/diag_lce_reductions.py``, worst of 5 seeds,
+back afterwards. Measured on an H200 (2026-12-03, a diagnostic since retired, worst of 5 seeds,
 bf16): the cuBLAS path at N=4097, D=256, V=32000 went from 2.5e-3 to 1.9e-3 of relative gradient
 error; the other shapes tried (N=1, 3, 257) and the Triton path did not change.
 """

@@ -4,7 +4,7 @@ A chunked backward launches the same kernel hundreds of times per step with only
 arguments changing. Triton's entry point (``kernel[grid](...)``) binds and specializes every
 argument and looks the compiled kernel up on each call: 47.5 µs of host time per launch of the
 logits-gradient kernel on an H200's host, against 27 µs through :class:`RepeatLaunch` (17.6 in
-the compiled kernel's launcher itself; ``benchmarks/diag_lce_launch.py``, docs/benchmarks.md).
+the compiled kernel's launcher itself; measured 2026-12-04, docs/benchmarks.md).
 :class:`RepeatLaunch` makes the first launch of each ``key`` through the entry point (which
 compiles) and the later ones straight through the launcher.
 

@@ -86,7 +86,9 @@ def measured_moments(diagnostic: Mapping[str, Any]) -> dict[str, float]:
     """Bytes per moment from a ``bench_offload_gpu --moments`` result (its rows are in GiB)."""
     rows = diagnostic.get("moments")
     if not isinstance(rows, list):
-        raise MemtrainError("--measured expects the JSON that bench_offload_gpu --moments --plot writes")
+        raise MemtrainError(
+            "--measured expects the JSON that bench_offload_gpu --moments --plot writes"
+        )
     return {
         row["moment"]: row["measured_gib"] * GiB
         for row in rows

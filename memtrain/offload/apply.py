@@ -1,9 +1,8 @@
 """``memtrain.apply(model, plan)``: install a plan on an unmodified model, and remove it again.
 
-Per layer, forward pre/post hooks open and close a saved-tensor-hook scope (swap), a layer's
-``forward`` is wrapped in a non-reentrant checkpoint (whole-layer recompute) or replaced by the
-token-wise MEMO forward (Llama-family blocks), and an ``mlp`` can run in sequence chunks.
-Everything is undone by :meth:`OffloadHandle.remove`; nothing in the model's code changes.
+Per layer, forward pre/post hooks open and close a saved-tensor-hook scope, and the layer's
+mode (memtrain.offload.modes: keep, swap, whole-layer, tiled or token-wise recompute) wraps its
+forwards. Everything is undone by :meth:`OffloadHandle.remove`; the model's code is unchanged.
 """
 
 from __future__ import annotations
@@ -11,33 +10,21 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from memtrain.errors import MemtrainError
-from memtrain.offload.memo import LlamaBlockParts, chunk_ranges, tokenwise_forward
+from memtrain.offload.memo import LlamaBlockParts
+from memtrain.offload.modes import ActivationMode, resolve
 from memtrain.offload.nvme import NvmeStore
-from memtrain.offload.policy import (
-    LayerPolicy,
-    OffloadPolicy,
-    executed_host_bytes,
-    policy_from_plan,
-)
+from memtrain.offload.policy import OffloadPolicy, executed_host_bytes, policy_from_plan
 from memtrain.offload.pool import HostPool
 from memtrain.offload.swap import LayerState, SwapEngine, in_backward
 
 POOL_MARGIN = 0.05
 POOL_SLACK = 4 << 20  # alignment of pieces and rounding of token cuts
-
-
-@dataclass
-class _Installed:
-    hooks: list[Any] = field(default_factory=list)
-    forwards: list[tuple[nn.Module, Any, bool]] = field(default_factory=list)  # module, old, had
 
 
 def _resolve_layers(
@@ -131,9 +118,9 @@ class OffloadHandle:
         self.policy = policy
         self.layers = layers
         self.removed = False
-        self._installed = _Installed()
+        self._hooks: list[Any] = []
+        self._forwards: list[tuple[nn.Module, Any, bool]] = []  # module, old forward, had one
         self._states: dict[str, LayerState] = {}
-        self._modes: dict[str, str] = {}  # how each layer is executed
         self._attention_parts: list[LlamaBlockParts] = []  # token-wise layers' attention calls
         # memtrain.kernels.patch_causal_lm_loss leaves this attribute on the model
         self.fused_loss = hasattr(model, "_memtrain_stock_forward")
@@ -143,17 +130,20 @@ class OffloadHandle:
         params = list(model.parameters())
         self.device = params[0].device if params else torch.device("cpu")
         self._reject_param_offload()
+        self._modes: dict[str, ActivationMode] = {  # how each layer is executed
+            name: resolve(policy.layers[name], modules, name)
+            for name, modules in layers.items()
+            if name in policy.layers and not (self.fused_loss and name == HEAD)
+        }  # a fused loss bypasses the head: its decision goes to the tail
         self.expected_host_bytes = dict(policy.host_bytes)
         if profile is not None:
-            self.expected_host_bytes = executed_host_bytes(policy, profile)
+            self.expected_host_bytes = executed_host_bytes(policy, profile, self._modes)
         pools = self._make_pools(dict(host_pool_bytes or {}))
-        nvme = None
+        need = self.expected_host_bytes.get("nvme", 0) if nvme_bytes is None else nvme_bytes
         try:
-            if policy.needs("nvme"):
-                need = nvme_bytes
-                if need is None:
-                    need = self.expected_host_bytes.get("nvme", 0)
-                nvme = NvmeStore(policy.nvme_path, need_bytes=int(need))
+            nvme = (
+                NvmeStore(policy.nvme_path, need_bytes=int(need)) if policy.needs("nvme") else None
+            )
         except MemtrainError:
             for pool in pools.values():
                 pool.close()
@@ -204,43 +194,18 @@ class OffloadHandle:
         return pools
 
     def _install(self) -> None:
-        model_hooks = [
+        self._hooks += [
             self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True),
             self.model.register_forward_hook(self._model_post, always_call=True),
         ]
-        self._installed.hooks.extend(model_hooks)
-        for name, modules in self.layers.items():
-            policy = self.policy.layers.get(name)
-            if policy is None or (self.fused_loss and name == HEAD):
-                continue  # a fused loss bypasses the head: its decision goes to the tail
-            mode = policy.mode
-            if mode == "full_recompute" and policy.stores_more_than_input and _memo_ok(modules):
-                mode = "tokenwise"
-            shares = policy.stored_shares()
-            if mode == "full_recompute":
-                shares = policy.checkpoint_shares()
-            state = LayerState(name, shares)
-            self._states[name] = state
-            self._modes[name] = mode
-            if mode == "full_recompute" and policy.chunks > 1 and _memo_ok(modules):
-                self._install_tiled_recompute(name, modules[0], policy)
-            elif mode == "full_recompute":
-                if policy.chunks > 1:
-                    self._tile_mlp(name, modules, policy.chunks, checkpoint_each=True)
-                for module in modules:
-                    self._replace_forward(module, _checkpointed(module.forward))
-            elif policy.chunks > 1 and mode != "tokenwise":
-                self._tile_mlp(name, modules, policy.chunks)
-            if mode == "tokenwise":
-                if len(modules) != 1:
-                    raise MemtrainError(f"layer {name}: token-wise recompute needs one module")
-                self._install_tokenwise(name, modules[0], policy, state)
+        for name, mode in self._modes.items():
+            modules = self.layers[name]
+            state = self._states[name] = LayerState(name, mode.shares())
+            mode.install(self, name, modules, state)
             for module in modules:
-                if mode != "keep":
-                    self._installed.hooks.append(
-                        module.register_forward_pre_hook(self._layer_pre(state))
-                    )
-                self._installed.hooks.append(
+                if mode.moves:
+                    self._hooks.append(module.register_forward_pre_hook(self._layer_pre(state)))
+                self._hooks.append(
                     module.register_forward_hook(self._layer_post(state), always_call=True)
                 )
         self._install_loss_scope()  # after the last layer's own hooks, so scopes nest
@@ -258,91 +223,36 @@ class OffloadHandle:
         if self.fused_loss and HEAD in self.layers:
             names = [HEAD, LOSS]
             last_layers.remove(HEAD)
-        policies = [self.policy.layers[n] for n in names if n in self.policy.layers]
-        active = [p for p in policies if p.mode != "keep"]
+        modes = [resolve(self.policy.layers[n]) for n in names if n in self.policy.layers]
+        active = [mode for mode in modes if mode.moves]
         if not active or not last_layers:
             return
-        if any(p.mode != "swap" or p.chunks > 1 for p in active):
+        if any(mode.wraps_forward for mode in active):
             raise MemtrainError(
                 f"the plan recomputes or tiles {' and '.join(names)}; this executor can keep or "
                 "swap the loss's saved tensors only"
             )
-        state = LayerState(TAIL if len(names) > 1 else LOSS, active[0].stored_shares())
+        state = LayerState(TAIL if len(names) > 1 else LOSS, active[0].shares())
         self._states[state.name] = state
-        self._modes[state.name] = "swap"
+        self._modes[state.name] = active[0]
         for name in names:
-            self._modes.setdefault(name, "swap")
+            self._modes.setdefault(name, active[0])
         opener = self._layer_pre(state)
         for module in self.layers[last_layers[-1]]:
-            self._installed.hooks.append(
+            self._hooks.append(
                 module.register_forward_hook(lambda m, a, o: opener(m, a), always_call=True)
             )
 
-    def _install_tokenwise(
-        self, name: str, module: nn.Module, policy: LayerPolicy, state: LayerState
-    ) -> None:
+    def block_parts(self, module: nn.Module, name: str) -> LlamaBlockParts:
+        """A Llama-family block's parts, whose attention kernel :meth:`stats` reports."""
         parts = LlamaBlockParts(module, name)
         self._attention_parts.append(parts)
-        shares = {
-            "input": policy.checkpoint_shares(),
-            "stored": policy.stored_shares(),
-            "attention": policy.attention_shares(),
-        }
-        engine = self.engine
+        return parts
 
-        def scope(role):
-            return engine.hooks_choosing(state, lambda tensor: shares[role(tensor)])
-
-        forward = tokenwise_forward(
-            parts,
-            stored_fraction=1.0 - policy.token_fraction,
-            chunks=policy.chunks,
-            scope=scope,
-            lengths=engine.token_lengths_added,
-        )
-        original = module.forward
-
-        def dispatch(*args, **kwargs):
-            if not torch.is_grad_enabled() or in_backward():
-                return original(*args, **kwargs)
-            return forward(*args, **kwargs)
-
-        self._replace_forward(module, dispatch)
-
-    def _install_tiled_recompute(self, name: str, module: nn.Module, policy: LayerPolicy) -> None:
-        """Whole-layer recompute of a Llama-family block in sequence chunks.
-
-        The block runs token-wise with every token recomputed (attention too) under one
-        non-reentrant checkpoint that stores only the block input; inside it each chunk of
-        token-local work (norms, projections, MLP) is a checkpoint of its own. Recompute and
-        backward then hold one chunk's saved tensors at a time plus attention's whole-sequence
-        tensors, which is what the planner prices for a tiled block; a checkpoint around the
-        stock forward would rebuild every chunk's saved tensors at once.
-        """
-        parts = LlamaBlockParts(module, name)
-        self._attention_parts.append(parts)
-        whole = tokenwise_forward(
-            parts, stored_fraction=0.0, chunks=policy.chunks, scope=_unscoped, lengths=_unscoped
-        )
-        self._replace_forward(module, _checkpointed(module.forward, training=whole))
-
-    def _tile_mlp(
-        self, name: str, modules: list[nn.Module], chunks: int, checkpoint_each: bool = False
-    ) -> None:
-        mlps = [m.mlp for m in modules if isinstance(getattr(m, "mlp", None), nn.Module)]
-        if not mlps:
-            raise MemtrainError(
-                f"layer {name}: the plan tiles it into {chunks} chunks but it has no .mlp "
-                "submodule to tile"
-            )
-        for mlp in mlps:
-            self._replace_forward(
-                mlp, _chunked(mlp.forward, chunks, self.engine, checkpoint_each=checkpoint_each)
-            )
-
-    def _replace_forward(self, module: nn.Module, forward) -> None:
+    def replace_forward(self, module: nn.Module, forward) -> None:
+        """Replace ``module.forward`` until :meth:`remove`."""
         had = "forward" in module.__dict__
-        self._installed.forwards.append((module, module.__dict__.get("forward"), had))
+        self._forwards.append((module, module.__dict__.get("forward"), had))
         module.forward = forward
 
     # -- hooks ---------------------------------------------------------------------------
@@ -388,7 +298,7 @@ class OffloadHandle:
             skipped = [
                 name
                 for name, state in self._states.items()
-                if state.step != self.engine.step and self._modes.get(name, "swap") != "keep"
+                if state.step != self.engine.step and self._modes[name].moves
             ]
             if skipped:
                 raise MemtrainError(
@@ -430,7 +340,7 @@ class OffloadHandle:
     def stats(self) -> dict[str, Any]:
         """Bytes each layer put in each place in the last step, and pool/NVMe usage."""
         return {
-            "modes": dict(self._modes),
+            "modes": {name: mode.name for name, mode in self._modes.items()},
             "expected_host_bytes": dict(self.expected_host_bytes),
             "layers": {name: dict(state.stats) for name, state in self._states.items()},
             "totals": dict(self.engine.totals),
@@ -461,14 +371,14 @@ class OffloadHandle:
         self.removed = True
         for callback in getattr(self, "_cleanups", []):
             callback()
-        for handle in self._installed.hooks:
+        for handle in self._hooks:
             handle.remove()
-        for module, old, had in reversed(self._installed.forwards):
+        for module, old, had in reversed(self._forwards):
             if had:
                 module.forward = old
             else:
                 del module.forward
-        self._installed = _Installed()
+        self._hooks, self._forwards = [], []
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
@@ -482,54 +392,6 @@ class OffloadHandle:
 
     def __exit__(self, *exc) -> None:
         self.remove()
-
-
-def _memo_ok(modules: list[nn.Module]) -> bool:
-    from memtrain.offload.memo import SUPPORTED
-
-    return len(modules) == 1 and type(modules[0]).__name__ in SUPPORTED
-
-
-def _checkpointed(forward, training=None):
-    """Whole-layer recompute: a non-reentrant checkpoint around the layer's own forward, or
-    around ``training`` (another forward for the training step; ``forward`` runs elsewhere)."""
-    inner = forward if training is None else training
-
-    def wrapper(*args, **kwargs):
-        if not torch.is_grad_enabled() or in_backward():
-            return forward(*args, **kwargs)
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
-
-    return wrapper
-
-
-def _chunked(forward, chunks: int, engine: SwapEngine, checkpoint_each: bool = False):
-    """Run a token-local module over sequence chunks (dim 1) and concatenate.
-
-    ``checkpoint_each``: every chunk is a checkpoint of its own, for modules inside a
-    whole-layer checkpoint, whose recompute would otherwise rebuild all chunks' saved tensors
-    at once (tiling the forward alone).
-    """
-
-    def run(part, *args, **kwargs):
-        if checkpoint_each and torch.is_grad_enabled():
-            return checkpoint(forward, part, *args, use_reentrant=False, **kwargs)
-        return forward(part, *args, **kwargs)
-
-    def wrapper(x, *args, **kwargs):
-        if x.dim() < 2 or x.shape[1] < 2:
-            return forward(x, *args, **kwargs)
-        ranges = chunk_ranges(0, x.shape[1], chunks)
-        with engine.token_lengths_added(sorted({b - a for a, b in ranges})):
-            outs = [run(x[:, a:b], *args, **kwargs) for a, b in ranges]
-        return torch.cat(outs, dim=1)
-
-    return wrapper
-
-
-def _unscoped(*_: Any) -> contextlib.AbstractContextManager:
-    """No saved-tensor scope: inside a whole-layer checkpoint the checkpoint owns them."""
-    return contextlib.nullcontext()
 
 
 def apply(

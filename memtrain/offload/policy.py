@@ -9,17 +9,17 @@ optimizer states live. Tests build policies directly; users pass a plan.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from memtrain.errors import ConfigError, MemtrainError
+from memtrain.offload.modes import TOLERANCE, ActivationMode, resolve
 from memtrain.profile.result import is_attention_op
 
 HOST_TIERS = ("cpu", "cxl", "nvme")
 PLACES = ("gpu", *HOST_TIERS)
-_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -41,7 +41,7 @@ class LayerPolicy:
 
     def validate(self, name: str) -> None:
         shares = [self.keep, self.recompute, *self.swap.values(), *self.input_checkpoint.values()]
-        if any(not math.isfinite(v) or v < -_TOLERANCE or v > 1 + _TOLERANCE for v in shares):
+        if any(not math.isfinite(v) or v < -TOLERANCE or v > 1 + TOLERANCE for v in shares):
             raise ConfigError(f"layer {name}: every share must lie in [0, 1]")
         unknown = set(self.swap) - set(HOST_TIERS)
         if unknown:
@@ -55,7 +55,7 @@ class LayerPolicy:
                 "use gpu, cpu, cxl or nvme"
             )
         total = self.keep + self.recompute + sum(self.swap.values())
-        if not self.full_recompute and abs(total - 1.0) > _TOLERANCE:
+        if not self.full_recompute and abs(total - 1.0) > TOLERANCE:
             raise ConfigError(f"layer {name}: keep + swap + recompute is {total:.4f}, it must be 1")
         if self.chunks < 1 or int(self.chunks) != self.chunks:
             raise ConfigError(f"layer {name}: chunks must be a positive integer, got {self.chunks}")
@@ -75,28 +75,23 @@ class LayerPolicy:
     def stores_more_than_input(self) -> bool:
         """A recomputed layer that still stores some of its saved tensors (e.g. the attention
         output a plan marks as always stored): executed token-wise, not by a checkpoint."""
-        return self.full_recompute and self.keep + sum(self.swap.values()) > _TOLERANCE
+        return self.full_recompute and self.keep + sum(self.swap.values()) > TOLERANCE
 
     @property
     def mode(self) -> str:
-        """keep | swap | full_recompute | tokenwise."""
-        if self.full_recompute:
-            return "full_recompute"
-        if self.recompute > _TOLERANCE:
-            return "tokenwise"
-        if any(v > _TOLERANCE for v in self.swap.values()):
-            return "swap"
-        return "keep"
+        """The plan's own mode by name (keep | swap | full_recompute | tokenwise), for reports;
+        memtrain.offload.modes.resolve gives the mode that runs it on a layer."""
+        return resolve(self).name
 
     def stored_shares(self) -> dict[str, float]:
         """Where the stored (not recomputed) tokens go, normalised to sum to 1."""
         raw = {"gpu": max(self.keep, 0.0)}
-        raw.update({t: max(v, 0.0) for t, v in self.swap.items() if v > _TOLERANCE})
+        raw.update({t: max(v, 0.0) for t, v in self.swap.items() if v > TOLERANCE})
         return _normalise(raw)
 
     def checkpoint_shares(self) -> dict[str, float]:
         """Where a recomputed layer's input lives."""
-        if self.input_checkpoint and sum(self.input_checkpoint.values()) > _TOLERANCE:
+        if self.input_checkpoint and sum(self.input_checkpoint.values()) > TOLERANCE:
             return _normalise(dict(self.input_checkpoint))
         return self.stored_shares()
 
@@ -104,29 +99,18 @@ class LayerPolicy:
         """Where token-wise recompute stores the attention output and log-sum-exp: with the
         stored tokens (so every tier gets exactly its planned bytes), or, where the policy
         stores nothing else, with the block input."""
-        if self.keep + sum(self.swap.values()) > _TOLERANCE:
+        if self.keep + sum(self.swap.values()) > TOLERANCE:
             return self.stored_shares()
         return self.checkpoint_shares()
 
     def tiers(self) -> set[str]:
-        """Host tiers this policy writes activations to."""
-        mode = self.mode
-        if mode == "full_recompute":
-            shares = self.checkpoint_shares()
-        elif mode == "tokenwise":
-            shares = {
-                **self.stored_shares(),
-                **self.checkpoint_shares(),
-                **self.attention_shares(),
-            }
-        else:
-            shares = self.stored_shares()
-        return {t for t, v in shares.items() if t != "gpu" and v > 0}
+        """Host tiers the plan's own mode writes activations to."""
+        return resolve(self).tiers()
 
 
 def _normalise(shares: dict[str, float]) -> dict[str, float]:
     total = sum(shares.values())
-    if total <= _TOLERANCE:
+    if total <= TOLERANCE:
         return {"gpu": 1.0}
     return {t: v / total for t, v in shares.items() if v / total > 1e-9}
 
@@ -197,15 +181,23 @@ def layer_policy_from_entry(entry: Mapping[str, Any]) -> LayerPolicy:
 
 def planned_host_bytes(layers: list[Mapping[str, Any]]) -> dict[str, int]:
     """Activation bytes per host tier one step of the plan writes."""
+    return _host_bytes(
+        placement
+        for entry in layers
+        for placement in (
+            (_shares(entry, "swap"), float(entry.get("token_saved_bytes", 0))),
+            (_shares(entry, "input_checkpoint"), float(entry.get("input_checkpoint_bytes", 0))),
+        )
+    )
+
+
+def _host_bytes(placements: Iterable[tuple[dict[str, float], float]]) -> dict[str, int]:
+    """Bytes per host tier of ``(shares, bytes)`` placements."""
     out: dict[str, float] = {}
-    for entry in layers:
-        token = float(entry.get("token_saved_bytes", 0))
-        ckpt = float(entry.get("input_checkpoint_bytes", 0))
-        for tier, share in _shares(entry, "swap").items():
-            out[tier] = out.get(tier, 0.0) + share * token
-        for tier, share in _shares(entry, "input_checkpoint").items():
-            if tier != "gpu":
-                out[tier] = out.get(tier, 0.0) + share * ckpt
+    for shares, nbytes in placements:
+        for tier, share in shares.items():
+            if tier != "gpu" and share > 0:
+                out[tier] = out.get(tier, 0.0) + share * nbytes
     return {t: int(math.ceil(v)) for t, v in out.items() if v > 0}
 
 
@@ -242,35 +234,20 @@ def policy_from_plan(plan: Any, *, cxl_node: int | None = None) -> OffloadPolicy
     )
 
 
-def executed_host_bytes(policy: OffloadPolicy, profile: Any) -> dict[str, int]:
+def executed_host_bytes(
+    policy: OffloadPolicy, profile: Any, modes: Mapping[str, ActivationMode]
+) -> dict[str, int]:
     """Host bytes per tier one step moves when this executor runs ``policy`` on the profiled
-    model: sizes pools exactly where a plan's per-layer totals cannot (token-wise recompute
-    stores the block input and the attention output of every recomputed token)."""
-    out: dict[str, float] = {}
-
-    def add(shares: dict[str, float], nbytes: float) -> None:
-        for tier, share in shares.items():
-            if tier != "gpu" and share > 0:
-                out[tier] = out.get(tier, 0.0) + share * nbytes
-
+    model, each layer in its mode from ``modes`` (else the plan's own): sizes pools exactly
+    where a plan's per-layer totals cannot (token-wise recompute stores the block input and the
+    attention output of every recomputed token)."""
+    placements = []
     for layer in profile.layers:
         entry = policy.layers.get(layer.name)
-        if entry is None:
-            continue
-        token = [t for t in layer.saved_tensors if t.token_dim is not None]
-        token_bytes = sum(t.nbytes for t in token)
-        mode = entry.mode
-        tokenwise = mode == "tokenwise" or (
-            mode == "full_recompute" and entry.stores_more_than_input and layer.kind == "block"
-        )
-        if tokenwise:
+        if entry is not None:
+            token = [t for t in layer.saved_tensors if t.token_dim is not None]
             attention = sum(t.nbytes for t in token if is_attention_op(t.op))
-            rho = entry.token_fraction
-            add(entry.stored_shares(), (1 - rho) * (token_bytes - attention))
-            add(entry.checkpoint_shares(), rho * layer.input_bytes)
-            add(entry.attention_shares(), attention)
-        elif mode == "swap":
-            add(entry.stored_shares(), token_bytes)
-        elif mode == "full_recompute":
-            add(entry.checkpoint_shares(), layer.input_bytes)
-    return {t: int(math.ceil(v)) for t, v in out.items() if v > 0}
+            mode = modes.get(layer.name) or resolve(entry)
+            nbytes = (sum(t.nbytes for t in token), attention, layer.input_bytes)
+            placements += mode.placements(*nbytes)
+    return _host_bytes(placements)

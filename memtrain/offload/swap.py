@@ -229,15 +229,11 @@ class SwapEngine:
         finally:
             self.token_lengths.difference_update(added)
 
-    def hooks(self, layer: LayerState, shares: dict[str, float] | None = None):
+    def hooks(self, layer: LayerState, choose=None):
+        """Saved-tensor hooks; ``choose(tensor)`` gives each tensor's shares (default: the
+        layer's)."""
         return torch.autograd.graph.saved_tensors_hooks(
-            lambda t: self.pack(layer, t, shares), self.unpack
-        )
-
-    def hooks_choosing(self, layer: LayerState, choose):
-        """Saved-tensor hooks where ``choose(tensor)`` gives each tensor's shares."""
-        return torch.autograd.graph.saved_tensors_hooks(
-            lambda t: self.pack(layer, t, choose(t)), self.unpack
+            lambda t: self.pack(layer, t, choose and choose(t)), self.unpack
         )
 
     # -- pack ---------------------------------------------------------------------------

@@ -90,14 +90,11 @@ def deepspeed_config(
         "contiguous_gradients": True,
         "overlap_comm": True,
     }
-    if optimizer != "gpu":
-        zero["offload_optimizer"] = {"device": optimizer, "pin_memory": True}
-        if optimizer == "nvme":
-            zero["offload_optimizer"]["nvme_path"] = _nvme_path(policy)
-    if params != "gpu":
-        zero["offload_param"] = {"device": params, "pin_memory": True}
-        if params == "nvme":
-            zero["offload_param"]["nvme_path"] = _nvme_path(policy)
+    for key, place in (("offload_optimizer", optimizer), ("offload_param", params)):
+        if place != "gpu":
+            zero[key] = {"device": place, "pin_memory": True}
+            if place == "nvme":
+                zero[key]["nvme_path"] = _nvme_path(policy)
     micro = int(policy.micro_batch or 1)
     config: dict[str, Any] = dict(base or {})
     config.update(

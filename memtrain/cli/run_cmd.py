@@ -34,18 +34,17 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from memtrain.profile.report import wide_console
     from memtrain.train import load_recipe, run_recipe
+    from memtrain.train.launch import launch, needs_launch, world_from_env
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from memtrain.train import distributed
-
-    if distributed.needs_launch(recipe):  # start the ranks, each runs this command again
+    if needs_launch(recipe):  # start the ranks, each runs this command again
         cli = ["run", args.recipe, *args.overrides] + ["--no-progress"] * args.no_progress
-        return distributed.launch(recipe, cli, json_summary=args.json)
+        return launch(recipe, cli, json_summary=args.json)
     console = wide_console(stderr=args.json)
     summary = run_recipe(recipe, console=console, progress=not args.no_progress)
     if args.json and int(os.environ.get("RANK", "0")) == 0:  # one summary from a launched job
         sys.stdout.write(json.dumps(summary, indent=1, default=str) + "\n")
-    if distributed.world_from_env(recipe) is not None:
+    if world_from_env(recipe).distributed:
         # A launched rank whose work is done and saved leaves without C++ static teardown:
         # gloo/c10d threads still joinable there abort the interpreter now and then
         # ("terminate called without an active exception"), which fails the whole job.

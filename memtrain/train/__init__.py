@@ -1,7 +1,7 @@
 """Front doors: wrap an existing loop (``prepare``) or run a YAML recipe (``run_recipe``)."""
 
-from memtrain.train.loop import run_recipe
 from memtrain.train.prepare import Prepared, prepare
-from memtrain.train.recipe import load_recipe, validate
+from memtrain.train.recipe import Recipe, load_recipe, validate
+from memtrain.train.runner import run_recipe
 
-__all__ = ["Prepared", "load_recipe", "prepare", "run_recipe", "validate"]
+__all__ = ["Prepared", "Recipe", "load_recipe", "prepare", "run_recipe", "validate"]

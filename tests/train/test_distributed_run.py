@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -116,10 +117,10 @@ def test_launcher_settings_are_checked(tmp_path, capsys):
 
 
 def test_missing_launcher_and_too_few_gpus(tmp_path, capsys, monkeypatch):
-    from memtrain.train import distributed
+    from memtrain.train import launch
 
     path = _write(tmp_path, "bad")
-    monkeypatch.setitem(distributed.LAUNCHERS, "torchrun", "no_such_launcher_module.run")
+    monkeypatch.setitem(launch.LAUNCHERS, "torchrun", "no_such_launcher_module.run")
     assert main(["run", str(path), *TORCHRUN]) == 2
     assert "no_such_launcher_module.run) is not installed" in capsys.readouterr().err
     monkeypatch.undo()
@@ -130,7 +131,7 @@ def test_missing_launcher_and_too_few_gpus(tmp_path, capsys, monkeypatch):
 
 
 def test_launch_commands(tmp_path, monkeypatch):
-    from memtrain.train.distributed import launch_command
+    from memtrain.train.launch import launch_command
 
     recipe = load_recipe(_write(tmp_path, "cmd"), TORCHRUN)
     cmd, env = launch_command(recipe, ["run", "x.yaml"])
@@ -154,7 +155,7 @@ def test_launch_commands(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    recipe["train"]["device"] = "cuda"
+    recipe = replace(recipe, train=replace(recipe.train, device="cuda"))
     cmd, env = launch_command(recipe, ["run", "x.yaml"])
     assert "--include=localhost:4,5" in cmd and not any(c.startswith("--num_gpus") for c in cmd)
 

@@ -25,11 +25,11 @@ class FixedLengthTokens(torch.utils.data.Dataset):
 
 
 def _model():
-    from memtrain.train.loop import build_model
     from memtrain.train.recipe import validate
+    from memtrain.train.runner import build_model
     from tests.train.test_run_and_resume import TINY
 
-    return build_model(validate(TINY)["model"], torch.device("cpu"))
+    return build_model(validate(TINY).model, torch.device("cpu"))
 
 
 def forward_hooks(model) -> int:

@@ -16,8 +16,8 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_shipped_recipes_validate(path):
     recipe = load_recipe(path)
-    assert recipe["schedule"]["steps"] > 0
-    assert recipe["name"]
+    assert recipe.schedule.steps > 0
+    assert recipe.name
 
 
 @pytest.mark.parametrize(
@@ -55,10 +55,10 @@ def test_defaults_and_overrides():
         ],
     )
     recipe = validate(raw)
-    assert recipe["schedule"]["steps"] == 7
-    assert recipe["optimizer"]["lr"] == pytest.approx(3e-4)
-    assert recipe["model"]["overrides"] == {"n_layer": 2}
-    assert recipe["data"]["source"] == "generated" and recipe["plan"]["fused_loss"] is True
+    assert recipe.schedule.steps == 7
+    assert recipe.optimizer.lr == pytest.approx(3e-4)
+    assert recipe.model.overrides == {"n_layer": 2}
+    assert recipe.data.source == "generated" and recipe.plan.fused_loss is True
     with pytest.raises(ConfigError, match="section.key=value"):
         apply_overrides(raw, ["steps"])
 

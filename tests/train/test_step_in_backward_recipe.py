@@ -4,6 +4,7 @@ GaLore on every weight, steps inside backward, fused loss, plan; and train.gpu_m
 from __future__ import annotations
 
 import io
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ from rich.console import Console
 from memtrain.errors import ConfigError, MemtrainError
 from memtrain.models import build_causal_lm, load_config
 from memtrain.train import load_recipe, run_recipe
-from memtrain.train.loop import gpu_memory_limit
 from memtrain.train.prepare import prepare
+from memtrain.train.recipe import PlanSection
+from memtrain.train.runner import gpu_memory_limit
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "llama-8b-galore-24gb.yaml"
 TINY = (
@@ -43,13 +45,13 @@ def _overrides(out_dir: Path) -> list[str]:
 
 def test_recipe_settings_run_on_a_tiny_llama(tmp_path):
     shipped = load_recipe(RECIPE)
-    assert shipped["train"]["step_in_backward"] and shipped["plan"]["fused_loss"]
-    assert shipped["optimizer"]["name"] == "galore" and shipped["schedule"]["grad_clip"] == 0
+    assert shipped.train.step_in_backward and shipped.plan.fused_loss
+    assert shipped.optimizer.name == "galore" and shipped.schedule.grad_clip == 0
     recipe = load_recipe(RECIPE, _overrides(tmp_path / "run"))
     for section in ("optimizer", "plan"):  # the shipped settings, at tiny sizes
-        kept = {k: v for k, v in shipped[section].items() if k not in ("options",)}
-        assert {k: recipe[section][k] for k in kept} == kept
-    assert recipe["optimizer"]["options"]["targets"] == shipped["optimizer"]["options"]["targets"]
+        kept = {k: v for k, v in asdict(getattr(shipped, section)).items() if k != "options"}
+        assert {k: getattr(getattr(recipe, section), k) for k in kept} == kept
+    assert recipe.optimizer.options["targets"] == shipped.optimizer.options["targets"]
     text = io.StringIO()
     summary = run_recipe(recipe, console=Console(file=text, width=200), progress=False)
 
@@ -82,16 +84,16 @@ def test_recipe_settings_run_on_a_tiny_llama(tmp_path):
 
 
 def test_gpu_memory_limit_caps_the_plan_and_is_noted_on_cpu():
-    plan = {"gpu_budget": None, "enabled": True, "hardware": "h100-sxm-80g"}
+    plan = PlanSection(gpu_budget=None, enabled=True, hardware="h100-sxm-80g")
     out = gpu_memory_limit("24GiB", plan, torch.device("cpu"))
     assert out["bytes"] == 24 * 2**30 and out["plan_gpu_budget"] == 24 * 2**30
     assert not out["enforced"]
     assert any("not enforced on cpu" in note for note in out["notes"])
-    rtx = {"gpu_budget": None, "enabled": True, "hardware": "rtx-4090"}
+    rtx = PlanSection(gpu_budget=None, enabled=True, hardware="rtx-4090")
     assert gpu_memory_limit("24GB", rtx, torch.device("cpu"))["plan_gpu_budget"] is None
     assert gpu_memory_limit(None, rtx, torch.device("cpu"))["bytes"] is None
     with pytest.raises(ConfigError, match="more than train.gpu_memory_limit"):
-        gpu_memory_limit("20GB", {**rtx, "gpu_budget": "22GB"}, torch.device("cpu"))
+        gpu_memory_limit("20GB", replace(rtx, gpu_budget="22GB"), torch.device("cpu"))
 
 
 def test_step_in_backward_refuses_states_off_the_gpu():

@@ -1,0 +1,255 @@
+"""How one training step runs: in one process, under DDP, or in a DeepSpeed engine.
+
+The runner (:mod:`memtrain.train.runner`) owns the loop; a strategy does only what differs:
+start and stop the process group, wrap the model, forward/backward/step, the optimizer's param
+groups, the checkpoint payload it saves and loads, and the collectives (the loss averaged over
+ranks, a value gathered from every rank). A single process is a world of one whose collectives
+return their input.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memtrain.errors import ConfigError, MemtrainError
+from memtrain.train.checkpoint import CHECKPOINT, DS_CHECKPOINTS, save_checkpoint
+from memtrain.train.launch import DEEPSPEED_OPTIMIZERS, World
+from memtrain.train.recipe import Recipe
+
+
+class SingleProcess:
+    """The prepared model and optimizer as they are; ``checkpoint.pt`` holds the model."""
+
+    prepare_options: dict[str, Any] = {}
+
+    def __init__(self, world: World, device: torch.device):
+        self.world, self.device = world, device
+        self.in_backward, self.started = None, False
+
+    def start(self) -> str | None:
+        """Start the process group; returns its backend (None for a single process)."""
+        return None
+
+    def stop(self, ok: bool) -> None:
+        pass
+
+    def setup(self, prepared, recipe: Recipe, out_dir: Path) -> None:
+        self.model = self.forward = prepared.model
+        self.optimizer, self.clip = prepared.optimizer, recipe.schedule.grad_clip
+        self.path = out_dir / CHECKPOINT
+        if recipe.train.step_in_backward:
+            from memtrain.optim import register_step_in_backward
+
+            self.in_backward = register_step_in_backward(self.model, self.optimizer)
+
+    def teardown(self) -> None:
+        if self.in_backward is not None:
+            self.in_backward.remove()
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+        """One step on ``ids``; returns the loss and the gradient norm (None if not clipped)."""
+        loss = self.forward(input_ids=ids, labels=ids).loss
+        loss.backward()  # DDP averages the gradients over ranks here
+        if self.in_backward is not None:  # every weight stepped as its gradient arrived
+            return loss, None
+        grad_norm = None
+        if self.clip:  # an offloaded optimizer holds some gradients on the host: it clips them
+            if hasattr(self.optimizer, "clip_grad_norm_"):
+                grad_norm = float(self.optimizer.clip_grad_norm_(self.clip))
+            else:
+                grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
+    def mean(self, loss: torch.Tensor) -> float:
+        """The loss averaged over ranks."""
+        return float(loss.detach())
+
+    def gather(self, value: Any) -> list[Any]:
+        """``value`` from every rank, in rank order."""
+        return [value]
+
+    def barrier(self) -> None:
+        pass
+
+    def load(self) -> dict[str, Any] | None:
+        """Load the newest checkpoint's model and optimizer; returns its client state."""
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])  # in place: a DDP replica follows
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Rank 0 writes the unwrapped model (it loads without DDP too) and its optimizer state,
+        which stands for all as DDP keeps them equal."""
+        if self.world.main:
+            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+            save_checkpoint(self.path, state)
+        self.barrier()
+
+
+class DDPStrategy(SingleProcess):
+    """One replica per rank in DistributedDataParallel (nccl on CUDA, gloo on the CPU)."""
+
+    def start(self) -> str:
+        import torch.distributed as dist
+
+        self.started = not dist.is_initialized()  # unless the caller started it
+        if self.started:
+            self.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        return dist.get_backend()
+
+    def init_process_group(self, backend: str) -> None:
+        torch.distributed.init_process_group(backend=backend)
+
+    def stop(self, ok: bool) -> None:
+        import torch.distributed as dist
+
+        if self.started and dist.is_initialized():
+            # every rank past its last collective before any closes its connections (a gloo
+            # peer torn down mid-collective aborts the other rank at exit)
+            if ok:
+                dist.barrier()
+            dist.destroy_process_group()
+
+    def setup(self, prepared, recipe: Recipe, out_dir: Path) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        super().setup(prepared, recipe, out_dir)
+        self.forward = DistributedDataParallel(
+            self.model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+        )
+
+    def mean(self, loss: torch.Tensor) -> float:
+        total = loss.detach().float().clone().reshape(1)
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+        return float(total) / self.world.world_size
+
+    def gather(self, value: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world.world_size
+        torch.distributed.all_gather_object(out, value)
+        return out
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+
+class DeepSpeedStrategy(DDPStrategy):
+    """A DeepSpeed engine configured from the plan (:func:`build_deepspeed_config`) builds the
+    optimizer and moves its states (ZeRO-Offload) where planned. Every rank saves its own ZeRO
+    shard through ``engine.save_checkpoint`` under ``out_dir/deepspeed``."""
+
+    prepare_options = {"build_optimizer": False, "state_offload": True}
+
+    def init_process_group(self, backend: str) -> None:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+
+    def setup(self, prepared, recipe: Recipe, out_dir: Path) -> None:
+        import deepspeed
+
+        self.model, self.path = prepared.model, out_dir / DS_CHECKPOINTS
+        config = build_deepspeed_config(prepared, recipe, self.world)
+        if self.world.main:
+            (out_dir / "deepspeed_config.json").write_text(json.dumps(config, indent=1))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.engine, *_ = deepspeed.initialize(
+            model=self.model, model_parameters=params, config=config
+        )
+        if self.engine.zero_optimization_stage() == 3 and prepared.fused_loss:
+            # The fused loss reads the LM head's weight outside the head's forward; ZeRO-3
+            # gathers it for the whole model's forward and backward once told so.
+            head = self.model.get_output_embeddings().weight
+            deepspeed.zero.register_external_parameter(self.model, head)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.engine.optimizer.param_groups
+
+    def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+        loss = self.engine(input_ids=ids, labels=ids).loss
+        self.engine.backward(loss)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return loss, None if norm is None else float(norm)
+
+    def load(self) -> dict[str, Any] | None:
+        if not (self.path / "latest").exists():
+            return None
+        path, client = self.engine.load_checkpoint(str(self.path))
+        if path is None:
+            raise MemtrainError(f"DeepSpeed could not load the checkpoint in {self.path}")
+        return client
+
+    def save(self, state: dict[str, Any]) -> None:
+        tag = f"step{state['step']}"
+        self.engine.save_checkpoint(str(self.path), tag=tag, client_state=state)
+        self.barrier()
+        if self.world.main:  # keep the newest only; "latest" already names it
+            for old in self.path.glob("step*"):
+                if old.is_dir() and old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+
+
+STRATEGIES = {"single": SingleProcess, "torchrun": DDPStrategy, "deepspeed": DeepSpeedStrategy}
+
+
+def build_deepspeed_config(prepared, recipe: Recipe, world: World) -> dict[str, Any]:
+    """The DeepSpeed config for this run: the plan's placements, the recipe's ZeRO stage."""
+    from memtrain.offload.deepspeed import deepspeed_config
+
+    dtype = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}.get(
+        recipe.model.dtype, "fp16"
+    )
+    opt = recipe.optimizer
+    lr, weight_decay = float(opt.lr), float(opt.weight_decay)
+    if prepared.plan is not None:
+        config = deepspeed_config(
+            prepared.plan, dtype=dtype, mixed="offload-all", lr=lr, weight_decay=weight_decay
+        )
+    else:
+        config = {
+            "zero_optimization": {"stage": 0},
+            "bf16": {"enabled": dtype == "bf16"},
+            "fp16": {"enabled": dtype == "fp16"},
+        }
+    config["optimizer"] = {
+        "type": DEEPSPEED_OPTIMIZERS[opt.name],
+        "params": {"lr": lr, "weight_decay": weight_decay},
+    }
+    zero, stage = config["zero_optimization"], recipe.launcher.zero_stage
+    if stage is not None:
+        if stage < 3 and "offload_param" in zero:
+            raise ConfigError(
+                f"the plan moves parameters off the GPU, which needs ZeRO-3; launcher.zero_stage "
+                f"is {stage}"
+            )
+        if stage == 0 and "offload_optimizer" in zero:
+            raise ConfigError(
+                "the plan moves optimizer states off the GPU (ZeRO-Offload), which needs "
+                "launcher.zero_stage 1 or more"
+            )
+        zero["stage"] = stage
+    batch = recipe.data.batch
+    config["train_micro_batch_size_per_gpu"] = batch
+    config["gradient_accumulation_steps"] = 1
+    config["train_batch_size"] = batch * world.world_size
+    config["gradient_clipping"] = float(recipe.schedule.grad_clip or 0.0)
+    config["steps_per_print"] = 2**31 - 1  # memtrain logs
+    config["wall_clock_breakdown"] = False
+    return config

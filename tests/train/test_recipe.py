@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
 from memtrain.errors import ConfigError
-from memtrain.train.recipe import apply_overrides, load_recipe, validate
+from memtrain.hardware.request import HARDWARE_FIELDS, HardwareRequest
+from memtrain.train.recipe import SECTIONS, apply_overrides, load_recipe, validate
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
@@ -74,3 +76,26 @@ def test_recipe_file_errors(tmp_path):
     typo.write_text(yaml.safe_dump({"model": {"preset": "gpt2"}, "optimiser": {}}))
     with pytest.raises(ConfigError, match="did you mean 'optimizer'"):
         load_recipe(typo)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_typed_recipe_round_trips(path):
+    recipe = load_recipe(path)
+    plain = dataclasses.asdict(recipe)
+    assert yaml.safe_load(yaml.safe_dump(plain)) == plain  # plain data, as checkpoints store it
+    assert validate(plain) == recipe
+    assert isinstance(recipe.plan, HardwareRequest)
+    if recipe.dry_run is not None:
+        assert recipe.dry_run.hardware_request() == HardwareRequest(
+            **{k: getattr(recipe.dry_run, k) for k in HARDWARE_FIELDS}
+        )
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_unknown_key_in_every_section_is_named(section):
+    raw = {"model": {"preset": "gpt2"}, "dry_run": {"model": "gpt2"}}
+    for key in (f.name for f in dataclasses.fields(SECTIONS[section])):
+        given = {**raw, section: {**raw.get(section, {}), key + "s": 1}}
+        with pytest.raises(ConfigError) as info:
+            validate(given)
+        assert f"unknown key {section}.{key}s; did you mean {key!r}?" in str(info.value)

@@ -33,8 +33,8 @@ from memtrain.models import build_causal_lm, load_config
 from memtrain.optim import GaLoreAdamW, lowrank_targets, register_step_in_backward, subspace
 from memtrain.optim.galore_adamw import refresh_due
 from memtrain.optim.lowrank import projection_side, projection_to_basis
+from memtrain.optim.memory import measured_state_bytes
 from memtrain.optim.subspace import captured_energy, subspace_iteration
-from memtrain.profile.optimizer_state import measured_state_bytes
 
 
 def load_galore_torch() -> Any | None:

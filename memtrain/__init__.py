@@ -18,7 +18,7 @@ _EXPORTS: dict[str, str] = {
     "LayerProfile": "memtrain.profile",
     "profile_model": "memtrain.profile",
     "profile_causal_lm": "memtrain.profile",
-    "register_state_formula": "memtrain.profile",
+    "register_state_formula": "memtrain.optim.memory",
     "build_causal_lm": "memtrain.models",
     "load_config": "memtrain.models",
     "get_device": "memtrain.hardware",

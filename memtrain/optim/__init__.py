@@ -1,35 +1,36 @@
 """Memory-lean optimizers: GaLore (low-rank projected Adam/Adafactor) and FRUGAL (gradient
-splitting), stepping inside backward, and a factory that builds any optimizer from a spec.
+splitting), stepping inside backward, a factory that builds any optimizer from a spec, and
+:mod:`memtrain.optim.memory`, the bytes every optimizer keeps and allocates.
 
-Importing this package registers the state-byte formulas ``galore``, ``galore-adafactor`` and
-``frugal`` with :mod:`memtrain.profile.optimizer_state`.
+Public names are imported on first use, so the profiler and planner read
+``memtrain.optim.memory`` without loading the optimizers.
 """
 
-from memtrain.optim.factory import (
-    build_optimizer,
-    lowrank_targets,
-    param_state_specs,
-    predicted_state_bytes,
-)
-from memtrain.optim.frugal import FRUGAL
-from memtrain.optim.galore_adafactor import GaLoreAdafactor
-from memtrain.optim.galore_adamw import GaLoreAdamW
-from memtrain.optim.state_formulas import register_formulas
-from memtrain.optim.step_in_backward import StepInBackward, register_step_in_backward
-from memtrain.optim.subspace import captured_energy, subspace_iteration
+from __future__ import annotations
 
-register_formulas()
+import importlib
+from typing import Any
 
-__all__ = [
-    "FRUGAL",
-    "GaLoreAdafactor",
-    "GaLoreAdamW",
-    "StepInBackward",
-    "build_optimizer",
-    "captured_energy",
-    "lowrank_targets",
-    "param_state_specs",
-    "predicted_state_bytes",
-    "register_step_in_backward",
-    "subspace_iteration",
-]
+# public name -> submodule that defines it
+_EXPORTS: dict[str, str] = {
+    "FRUGAL": "frugal",
+    "GaLoreAdafactor": "galore_adafactor",
+    "GaLoreAdamW": "galore_adamw",
+    "StepInBackward": "step_in_backward",
+    "build_optimizer": "factory",
+    "captured_energy": "subspace",
+    "lowrank_targets": "lowrank",
+    "param_state_specs": "memory",
+    "predicted_state_bytes": "memory",
+    "register_step_in_backward": "step_in_backward",
+    "subspace_iteration": "subspace",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'memtrain.optim' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"memtrain.optim.{module}"), name)

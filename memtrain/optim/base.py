@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from memtrain.errors import MemtrainError
-from memtrain.profile.optimizer_state import measured_state_bytes
+from memtrain.optim.memory import measured_state_bytes
 
 # Scalars read on the host every step: kept on the CPU so reading them never syncs the GPU.
 HOST_STATE_KEYS = ("step", "block_start")

@@ -1,14 +1,13 @@
 """Build any supported optimizer from a spec string such as ``galore:rank=256,scale=0.25``.
 
 The planner and the ``run`` command describe optimizers as text; this turns the text into a
-ready optimizer and decides which weights GaLore/FRUGAL project: by default every ``nn.Linear``
-weight inside a repeated block (a ``ModuleList``, i.e. the transformer layers), never
-embeddings, the LM head or norms, as in GaLore's and FRUGAL's own training scripts.
+ready optimizer. GaLore/FRUGAL project the weights :func:`lowrank_targets` picks: by default
+every ``nn.Linear`` weight inside a repeated block (a ``ModuleList``, i.e. the transformer
+layers), never embeddings, the LM head or norms, as in GaLore's and FRUGAL's own scripts.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,8 +18,13 @@ from memtrain.errors import MemtrainError
 from memtrain.optim.frugal import FRUGAL
 from memtrain.optim.galore_adafactor import GaLoreAdafactor
 from memtrain.optim.galore_adamw import GaLoreAdamW
-from memtrain.optim.state_formulas import FRUGAL_DEFAULTS, GALORE_DEFAULTS
-from memtrain.profile.optimizer_state import OptimizerSpec, parse_optimizer_spec
+from memtrain.optim.lowrank import lowrank_targets
+from memtrain.optim.memory import (
+    FRUGAL_DEFAULTS,
+    GALORE_DEFAULTS,
+    OptimizerSpec,
+    parse_optimizer_spec,
+)
 
 _COMMON = {"weight_decay", "eps", "beta1", "beta2", "seed", "targets"}
 _LOWRANK = {
@@ -43,42 +47,6 @@ ALLOWED_OPTIONS: dict[str, set[str]] = {
     "frugal": _COMMON | _LOWRANK | {"density", "rank", "proj_type", "free_update", "free_lr_scale"},
 }
 ALLOWED_OPTIONS["galore-adamw"] = ALLOWED_OPTIONS["galore"]
-LOWRANK_OPTIMIZERS = ("galore", "galore-adamw", "galore-adafactor", "frugal")
-
-
-def lowrank_targets(model: nn.Module, targets: str | None = None) -> list[tuple[str, nn.Parameter]]:
-    """Weights to project: ``targets`` is a regular expression on parameter names (2-D only);
-    by default the ``nn.Linear`` weights inside ``ModuleList`` containers, minus any weight
-    tied to an embedding."""
-    if targets:
-        try:
-            pattern = re.compile(str(targets))
-        except re.error as exc:
-            raise MemtrainError(
-                f"targets={targets!r} is not a valid regular expression: {exc}"
-            ) from None
-        chosen = [
-            (n, p)
-            for n, p in model.named_parameters()
-            if p.requires_grad and p.dim() == 2 and pattern.search(n)
-        ]
-    else:
-        embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-        in_blocks: set[int] = set()
-        for container in model.modules():
-            if isinstance(container, nn.ModuleList):
-                for m in container.modules():
-                    if isinstance(m, nn.Linear) and id(m.weight) not in embedded:
-                        in_blocks.add(id(m.weight))
-        chosen = [
-            (n, p) for n, p in model.named_parameters() if id(p) in in_blocks and p.requires_grad
-        ]
-    if not chosen:
-        raise MemtrainError(
-            "no 2-D weights to project: the model has no nn.Linear inside a ModuleList; "
-            "pass targets=<regex on parameter names>"
-        )
-    return chosen
 
 
 def _split_params(
@@ -136,8 +104,6 @@ def build_optimizer(
     Given a model, GaLore/FRUGAL project the weights chosen by :func:`lowrank_targets`; given
     parameters, every 2-D one; given parameter groups (dicts), the groups are used as they are.
     """
-    import memtrain.optim  # noqa: F401  (registers the GaLore/FRUGAL formulas)
-
     spec = parse_optimizer_spec(spec)
     _check_options(spec)
     opts = dict(spec.options)
@@ -218,27 +184,3 @@ def _build_torch(
         )
     kwargs = {k: float(opts[k]) for k in ("weight_decay", "eps", "beta2_decay", "d") if k in opts}
     return torch.optim.Adafactor(params, lr=lr, **kwargs)
-
-
-def param_state_specs(model: nn.Module, spec: str | OptimizerSpec) -> dict[str, OptimizerSpec]:
-    """Per-parameter specs for the state formulas: what ``build_optimizer(model, spec)`` does
-    to each parameter (weights it leaves dense get ``projected=False``)."""
-    import memtrain.optim  # noqa: F401
-
-    spec = parse_optimizer_spec(spec)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if spec.name not in LOWRANK_OPTIMIZERS:
-        return {n: spec for n in names}
-    chosen = {n for n, _ in lowrank_targets(model, spec.options.get("targets"))}
-    dense = OptimizerSpec(spec.name, {**spec.options, "projected": False})
-    return {n: spec if n in chosen else dense for n in names}
-
-
-def predicted_state_bytes(model: nn.Module, spec: str | OptimizerSpec) -> int:
-    """Optimizer-state bytes of ``build_optimizer(model, spec)`` after its first step, by
-    formula (works on a meta-device model). Tied parameters are counted once."""
-    from memtrain.profile.optimizer_state import state_bytes_for
-
-    specs = param_state_specs(model, spec)
-    params = dict(model.named_parameters())
-    return sum(state_bytes_for(params[n].shape, params[n].dtype, s) for n, s in specs.items())

@@ -38,6 +38,7 @@ from memtrain.optim.lowrank import (
     project,
     projection_side,
     refresh_projections,
+    subspace_size,
 )
 from memtrain.optim.subspace import random_subspace, seeded_generator
 
@@ -53,15 +54,6 @@ SPLIT_DEFAULTS: dict[str, Any] = {
     "proj_oversample": 0,
     "proj_orth": "cholqr",
 }
-
-
-def subspace_size(shape: tuple[int, ...], group: dict[str, Any]) -> int:
-    """Rank (svd/random) or number of columns/rows (columns/blocks) kept state-full."""
-    kind = group["proj_type"]
-    full = {"columns": shape[1], "blocks": shape[0]}.get(kind, min(shape))
-    if group.get("rank") is not None:
-        return max(1, min(int(group["rank"]), full))
-    return max(1, min(full, round(float(group["density"]) * full)))
 
 
 def fill_split_group(group: dict[str, Any]) -> None:

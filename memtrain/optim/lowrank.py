@@ -1,4 +1,6 @@
-"""Which side of a 2-D gradient gets projected, and the matching shapes and products.
+"""Which weights and which side of their gradients get projected, the matching shapes, and
+the products. Shared by the optimizers and by :mod:`memtrain.optim.memory`, which sizes their
+states from the same rules.
 
 GaLore layout (shared with galore-torch so checkpoints of either read the same way): a *right*
 projection is ``P`` of shape ``r x n`` and the low-rank gradient is ``G P^T`` (``m x r``); a
@@ -7,10 +9,13 @@ projection is ``P`` of shape ``r x n`` and the low-rank gradient is ``G P^T`` (`
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
 from memtrain.errors import MemtrainError
 from memtrain.optim.subspace import seeded_generator, subspace_iteration
@@ -55,6 +60,50 @@ def low_rank_shape(shape: Sequence[int], rank: int, side: str) -> tuple[int, int
 def projection_shape(shape: Sequence[int], rank: int, side: str) -> tuple[int, int]:
     r = effective_rank(shape, rank)
     return (r, shape[1]) if side == "right" else (shape[0], r)
+
+
+def subspace_size(shape: tuple[int, ...], group: dict[str, Any]) -> int:
+    """FRUGAL's state-full part: rank (svd/random) or number of columns/rows (columns/blocks)."""
+    kind = group["proj_type"]
+    full = {"columns": shape[1], "blocks": shape[0]}.get(kind, min(shape))
+    if group.get("rank") is not None:
+        return max(1, min(int(group["rank"]), full))
+    return max(1, min(full, round(float(group["density"]) * full)))
+
+
+def lowrank_targets(model: nn.Module, targets: str | None = None) -> list[tuple[str, nn.Parameter]]:
+    """Weights to project: ``targets`` is a regular expression on parameter names (2-D only);
+    by default the ``nn.Linear`` weights inside ``ModuleList`` containers, minus any weight
+    tied to an embedding."""
+    if targets:
+        try:
+            pattern = re.compile(str(targets))
+        except re.error as exc:
+            raise MemtrainError(
+                f"targets={targets!r} is not a valid regular expression: {exc}"
+            ) from None
+        chosen = [
+            (n, p)
+            for n, p in model.named_parameters()
+            if p.requires_grad and p.dim() == 2 and pattern.search(n)
+        ]
+    else:
+        embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        in_blocks: set[int] = set()
+        for container in model.modules():
+            if isinstance(container, nn.ModuleList):
+                for m in container.modules():
+                    if isinstance(m, nn.Linear) and id(m.weight) not in embedded:
+                        in_blocks.add(id(m.weight))
+        chosen = [
+            (n, p) for n, p in model.named_parameters() if id(p) in in_blocks and p.requires_grad
+        ]
+    if not chosen:
+        raise MemtrainError(
+            "no 2-D weights to project: the model has no nn.Linear inside a ModuleList; "
+            "pass targets=<regex on parameter names>"
+        )
+    return chosen
 
 
 def project(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:

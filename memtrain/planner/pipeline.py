@@ -172,7 +172,7 @@ def _fraction_of_peak(hardware: HardwareModel, profile: ProfileResult, fraction:
 def _step_bytes(model: Any, request: PlanRequest) -> tuple[dict[str, float] | None, list[str]]:
     """Per layer, the most one parameter holds while it steps in backward; None for a bare
     profile (the planner's conservative estimate)."""
-    from memtrain.planner.step_in_backward import model_step_bytes
+    from memtrain.optim.memory import model_step_bytes
 
     if isinstance(model, ProfileResult):
         return None, []

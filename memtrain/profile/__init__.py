@@ -1,6 +1,6 @@
 """Per-layer memory and time of one training step (dry run on meta tensors, or measured)."""
 
-from memtrain.profile.optimizer_state import (
+from memtrain.optim.memory import (
     OptimizerSpec,
     optimizer_names,
     parse_optimizer_spec,

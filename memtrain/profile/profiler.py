@@ -25,13 +25,16 @@ from torch.utils._pytree import tree_flatten
 from memtrain.errors import MemtrainError
 from memtrain.hardware.devices import DeviceSpec, get_device
 from memtrain.models.build import LayerSpec
-from memtrain.profile.attention import CpuKernelOutputs, TargetAttention
-from memtrain.profile.optimizer_state import (
+from memtrain.optim.factory import build_optimizer
+from memtrain.optim.memory import (
     OptimizerSpec,
     measured_state_bytes,
+    optimizer_step_transient,
+    param_state_specs,
     parse_optimizer_spec,
     state_bytes_for,
 )
+from memtrain.profile.attention import CpuKernelOutputs, TargetAttention
 from memtrain.profile.params import assign_params, storage_key
 from memtrain.profile.result import LayerProfile, ProfileResult, TimelinePoint
 from memtrain.profile.saved import SavedTensorRecorder, infer_token_dims, to_saved_tensors
@@ -115,22 +118,8 @@ def build_torch_optimizer(
         return torch.optim.SGD(params, lr=lr, momentum=options.pop("momentum", 0.9), **options)
     if spec.name == "adafactor":
         return torch.optim.Adafactor(params, lr=lr if "lr" in spec.options else 1e-2, **options)
-    from memtrain.optim import build_optimizer
-
     # memtrain's low-rank optimizers choose which weights to project from the model itself.
     return build_optimizer(model if model is not None else params, spec, lr=lr)
-
-
-_TORCH_OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "none")
-
-
-def _per_parameter_specs(model: nn.Module, spec: OptimizerSpec) -> dict[str, OptimizerSpec]:
-    """Low-rank optimizers treat weights differently (projected or dense); ask their factory."""
-    if spec.name in _TORCH_OPTIMIZERS:
-        return {}
-    from memtrain.optim.factory import param_state_specs
-
-    return param_state_specs(model, spec)
 
 
 class _NoMemory:
@@ -174,13 +163,6 @@ def _attention_share(stats, dry: bool) -> float:
     if stats.forward_estimate_s <= 0:
         return 0.0
     return stats.forward_time_s * min(1.0, estimate / stats.forward_estimate_s)
-
-
-def _optimizer_transient(spec: OptimizerSpec, param_bytes: int, fused: bool) -> int:
-    """Extra bytes during ``optimizer.step()``: foreach Adam builds a full-size temporary list."""
-    if spec.name in ("adamw", "adam") and not fused:
-        return param_bytes
-    return 0
 
 
 def profile_model(
@@ -242,7 +224,7 @@ def profile_model(
     torch_optimizer = None
     fused = False
     if dry:
-        per_param_spec = _per_parameter_specs(model, spec)
+        per_param_spec = param_state_specs(model, spec)
         state_per_param = {
             id(o.param): state_bytes_for(
                 o.param.shape, o.param.dtype, per_param_spec.get(o.name, spec)
@@ -316,7 +298,7 @@ def profile_model(
     optimizer_time = 0.0
     optimizer_transient = 0
     if dry:
-        optimizer_transient = _optimizer_transient(spec, param_bytes, fused)
+        optimizer_transient = optimizer_step_transient(spec, param_bytes, fused)
         moved = 2 * param_bytes + param_bytes + 2 * state_bytes  # read p, g, s; write p, s
         optimizer_time = moved / device_spec.achievable_hbm_bandwidth
         scopes.timeline.append(("optimizer", "optimizer", grads_live + optimizer_transient))

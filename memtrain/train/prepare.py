@@ -22,9 +22,9 @@ from torch import nn
 
 from memtrain.errors import MemtrainError
 from memtrain.hardware.request import HardwareRequest
+from memtrain.optim.memory import parse_optimizer_spec
 from memtrain.planner import PlanOptions
 from memtrain.planner.pipeline import PlanRequest, plan_model
-from memtrain.profile.optimizer_state import parse_optimizer_spec
 from memtrain.units import format_bytes
 
 TORCH_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}

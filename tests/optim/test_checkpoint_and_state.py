@@ -1,4 +1,4 @@
-"""Checkpoints resume bit-exactly; state bytes equal the registered formulas."""
+"""Checkpoints resume bit-exactly; state bytes equal the formulas of memtrain.optim.memory."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import io
 import pytest
 import torch
 
-import memtrain.optim  # noqa: F401  (registers the formulas)
 from memtrain.optim import FRUGAL, GaLoreAdafactor, GaLoreAdamW, build_optimizer
-from memtrain.optim.factory import predicted_state_bytes
-from memtrain.profile.optimizer_state import (
+from memtrain.optim.memory import (
     measured_state_bytes,
     parse_optimizer_spec,
+    predicted_state_bytes,
     state_bytes_for,
 )
 from tests.optim.reference import mlp, split_groups, tiny_llama, train

@@ -13,7 +13,7 @@ from memtrain.optim import (
     build_optimizer,
     lowrank_targets,
 )
-from memtrain.profile.optimizer_state import parse_optimizer_spec
+from memtrain.optim.memory import parse_optimizer_spec
 from tests.optim.reference import mlp, tiny_llama
 
 BLOCK_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

@@ -9,7 +9,7 @@ import torch
 
 from memtrain.errors import MemtrainError
 from memtrain.optim import FRUGAL
-from memtrain.optim.frugal import subspace_size
+from memtrain.optim.lowrank import subspace_size
 from tests.optim.reference import mlp, split_groups, train
 
 

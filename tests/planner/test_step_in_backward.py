@@ -14,17 +14,19 @@ from memtrain.models import build_causal_lm, load_config
 from memtrain.models.build import causal_lm_layers
 from memtrain.optim import GaLoreAdamW, build_optimizer, register_step_in_backward
 from memtrain.optim import step_in_backward as sib_module
+from memtrain.optim.memory import (
+    galore_transient,
+    model_step_bytes,
+    param_step_bytes,
+    step_transient_bytes,
+)
 from memtrain.planner import Plan, PlanOptions, make_plan, minimum_gpu_budget
 from memtrain.planner.problem import apply_fused_loss, build_problem
 from memtrain.planner.step_in_backward import (
     PROFILE_ONLY_TEMPORARIES,
     apply_step_in_backward,
     check_step_in_backward,
-    galore_transient,
-    model_step_bytes,
-    param_step_bytes,
     step_in_backward_problem,
-    step_transient_bytes,
 )
 from memtrain.profile import profile_causal_lm
 from memtrain.profile.tracker import OpTracker

@@ -1,0 +1,386 @@
+"""Optimizer memory: what every optimizer keeps per parameter, and allocates while stepping.
+
+One table, :data:`OPTIMIZERS`, holds each optimizer's formulas, from a parameter's shape, dtype
+and the spec's options only, so a meta-device model gets exact figures. The profiler prices
+states with it, the planner the steps taken inside backward, and the optimizers' own
+``state_bytes()`` read states with :func:`measured_state_bytes`. Users add their optimizers with
+:func:`register_state_formula`; an optimizer with no formula is an error, never a silent zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from memtrain.errors import MemtrainError
+from memtrain.models.build import causal_lm_layers
+from memtrain.optim.lowrank import (
+    effective_rank,
+    low_rank_shape,
+    lowrank_targets,
+    projection_shape,
+    projection_side,
+    subspace_size,
+)
+
+# shape, dtype, options -> bytes
+StateFormula = Callable[[tuple[int, ...], torch.dtype, dict[str, Any]], int]
+
+STEP_BYTES = 4  # torch optimizers and ours keep ``step`` as a float32 scalar tensor per parameter
+INDEX_BYTES = 8  # int64 column index / block start (FRUGAL)
+FLOAT32_BYTES = 4
+# Stepping an optimizer with no step formula: assume four float32 copies of the parameter (every
+# built-in one allocates less).
+FALLBACK_FLOAT32_COPIES = 4
+
+# The options GaLore/FRUGAL specs default to (``build_optimizer`` applies the same).
+GALORE_DEFAULTS: dict[str, Any] = {"rank": 128, "update_proj_gap": 200, "scale": 1.0}
+GALORE_DEFAULTS["proj_type"] = "std"
+FRUGAL_DEFAULTS: dict[str, Any] = {"density": 0.25, "update_proj_gap": 200, "proj_type": "svd"}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer name plus options, parsed from text like ``galore:rank=512,scale=0.25``."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options.items())
+
+
+# -- state formulas: bytes in ``optimizer.state`` after the first step ------------------------
+
+
+def adam_state(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    moments = 3 if options.get("amsgrad") else 2
+    return moments * math.prod(shape) * dtype.itemsize + STEP_BYTES
+
+
+def sgd_state(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    return math.prod(shape) * dtype.itemsize if float(options.get("momentum", 0.9)) else 0
+
+
+def adafactor_state(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """torch.optim.Adafactor: factored row/column variances for >= 2-D, full variance otherwise."""
+    if len(shape) >= 2:
+        numel = math.prod(shape[:-2]) * (shape[-2] + shape[-1])
+    else:
+        numel = math.prod(shape)
+    return numel * dtype.itemsize + STEP_BYTES
+
+
+def no_state(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    return 0
+
+
+def _projected(shape: tuple[int, ...], options: dict[str, Any]) -> bool:
+    """GaLore/FRUGAL project 2-D weights unless ``param_state_specs`` marked them dense."""
+    return len(shape) == 2 and bool(options.get("projected", True))
+
+
+def _galore_side(shape: tuple[int, ...], options: dict[str, Any]) -> tuple[int, str]:
+    rank = int(options.get("rank", GALORE_DEFAULTS["rank"]))
+    return rank, projection_side(shape, options.get("proj_type", GALORE_DEFAULTS["proj_type"]))
+
+
+def galore_state(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """GaLoreAdamW: moments of the low-rank gradient and the projection, in the weight's dtype."""
+    if not _projected(shape, options):
+        return adam_state(shape, dtype, {})
+    rank, side = _galore_side(shape, options)
+    low = math.prod(low_rank_shape(shape, rank, side))
+    proj = math.prod(projection_shape(shape, rank, side))
+    return (2 * low + proj) * dtype.itemsize + STEP_BYTES
+
+
+def _factored_bytes(shape: tuple[int, ...], beta1: bool) -> int:
+    if len(shape) >= 2:
+        stats = math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
+    else:
+        stats = math.prod(shape)
+    first = math.prod(shape) if beta1 else 0
+    return (stats + first) * FLOAT32_BYTES
+
+
+def galore_adafactor_state(
+    shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]
+) -> int:
+    """GaLoreAdafactor: factored float32 statistics of the low-rank gradient, float32 projection."""
+    beta1 = options.get("beta1") not in (None, "none", "None")
+    if not _projected(shape, options):
+        return _factored_bytes(shape, beta1) + STEP_BYTES
+    rank, side = _galore_side(shape, options)
+    proj = math.prod(projection_shape(shape, rank, side)) * FLOAT32_BYTES
+    return _factored_bytes(low_rank_shape(shape, rank, side), beta1) + proj + STEP_BYTES
+
+
+def frugal_state(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """FRUGAL: AdamW moments of the state-full part plus what identifies the subspace."""
+    elem = dtype.itemsize
+    if not _projected(shape, options):
+        return adam_state(shape, dtype, {})
+    group = dict(FRUGAL_DEFAULTS)
+    group.update({k: v for k, v in options.items() if k in ("density", "rank", "proj_type")})
+    if "rank" in options:
+        group["density"] = None
+    size = subspace_size(shape, group)
+    if group["proj_type"] == "columns":
+        return 2 * shape[0] * size * elem + size * INDEX_BYTES + STEP_BYTES
+    if group["proj_type"] == "blocks":
+        return 2 * size * shape[1] * elem + INDEX_BYTES + STEP_BYTES
+    side = projection_side(shape, "std")
+    low = math.prod(low_rank_shape(shape, size, side))
+    proj = math.prod(projection_shape(shape, size, side))
+    return (2 * low + proj) * elem + STEP_BYTES
+
+
+# -- step transients: bytes above the states while one parameter steps (gradient excluded) ----
+
+
+def adam_transient(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """torch Adam/AdamW: the denominator and its scaled copy (the single-tensor path; foreach
+    makes one, fused none)."""
+    return 2 * math.prod(shape) * dtype.itemsize
+
+
+def sgd_transient(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """torch SGD: momentum updates in place; Nesterov adds one gradient-size temporary."""
+    return math.prod(shape) * dtype.itemsize
+
+
+def galore_transient(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """GaLoreAdamW stepping one parameter (measured on CPU by the tests).
+
+    Dense parameters: one full-size denominator. Projected ones: at a projection refresh the
+    gradient's float32 copy (none for float32 gradients) plus the subspace iteration's float32
+    ``(m + n) x l`` buffers (``l`` = rank + oversample), or a full SVD's ``U``, ``S``, ``V^T``;
+    between refreshes the low-rank gradient, denominator and normalised update (3 low-rank
+    matrices). The first step always refreshes, so the larger of the two is the bound.
+    """
+    elem = dtype.itemsize
+    numel = math.prod(shape)
+    if not _projected(shape, options):
+        return numel * elem
+    m, n = shape
+    rank, side = _galore_side(shape, options)
+    rank = effective_rank(shape, rank)
+    between = 3 * math.prod(low_rank_shape(shape, rank, side)) * elem
+    copy = 0 if dtype == torch.float32 else numel * FLOAT32_BYTES
+    if options.get("proj_method", "iter") == "svd":
+        k = min(m, n)
+        refresh = copy + FLOAT32_BYTES * (m * k + k * n + k)
+    else:
+        extra = max(0, min(int(options.get("proj_oversample", 0)), min(m, n) - rank))
+        width = rank + extra
+        unit = (m + n) * width * FLOAT32_BYTES
+        # The copy's products hold two (m + n) x l blocks (three with extra columns: the
+        # Rayleigh-Ritz step), the orthonormalisation up to 4.5 (5) of them; ``l x l`` Gram and
+        # Cholesky factors on top. Bounds every case the tests measure, cold and warm.
+        refresh = max(copy + (3 if extra else 2) * unit, int((5 if extra else 4.5) * unit))
+        refresh += 2 * width * width * FLOAT32_BYTES
+    return max(between, refresh)
+
+
+@dataclass(frozen=True)
+class OptimizerMemory:
+    """One optimizer's memory per parameter. ``step_transient`` None: not known (priced as
+    :data:`FALLBACK_FLOAT32_COPIES`); ``projects``: the 2-D weights :func:`lowrank_targets`
+    picks are projected and the rest dense, as ``build_optimizer`` does."""
+
+    state_bytes: StateFormula
+    step_transient: StateFormula | None = None
+    projects: bool = False
+
+
+_ADAM = OptimizerMemory(adam_state, adam_transient)
+_GALORE = OptimizerMemory(galore_state, galore_transient, projects=True)
+OPTIMIZERS: dict[str, OptimizerMemory] = {
+    "adamw": _ADAM,
+    "adam": _ADAM,
+    "sgd": OptimizerMemory(sgd_state, sgd_transient),
+    "adafactor": OptimizerMemory(adafactor_state),
+    "none": OptimizerMemory(no_state),
+    "galore": _GALORE,
+    "galore-adamw": _GALORE,
+    "galore-adafactor": OptimizerMemory(galore_adafactor_state, projects=True),
+    "frugal": OptimizerMemory(frugal_state, projects=True),
+}
+
+
+def register_state_formula(name: str, formula: StateFormula) -> None:
+    """Declare how many state bytes optimizer ``name`` keeps for a parameter of a given shape
+    (for a name already in the table, only its state formula is replaced)."""
+    key = name.lower()
+    known = OPTIMIZERS.get(key)
+    OPTIMIZERS[key] = replace(known, state_bytes=formula) if known else OptimizerMemory(formula)
+
+
+def optimizer_names() -> list[str]:
+    return sorted(OPTIMIZERS)
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in {"true", "false"}:
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_optimizer_spec(text: str | OptimizerSpec) -> OptimizerSpec:
+    """Parse ``name[:key=value,...]``; the name must be in :data:`OPTIMIZERS`."""
+    if isinstance(text, OptimizerSpec):
+        spec = text
+    else:
+        name, _, rest = text.partition(":")
+        options: dict[str, Any] = {}
+        for item in filter(None, rest.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise MemtrainError(f"cannot read optimizer option {item!r}: use key=value")
+            options[key.strip()] = _parse_value(value.strip())
+        spec = OptimizerSpec(name.strip().lower(), options)
+    if spec.name not in OPTIMIZERS:
+        raise MemtrainError(
+            f"unknown optimizer {spec.name!r}; known: {', '.join(sorted(OPTIMIZERS))}"
+        )
+    return spec
+
+
+# -- per parameter ---------------------------------------------------------------------------
+
+
+def state_bytes_for(shape: Iterable[int], dtype: torch.dtype, spec: OptimizerSpec) -> int:
+    """Predicted state bytes for one parameter."""
+    return OPTIMIZERS[spec.name].state_bytes(tuple(shape), dtype, spec.options)
+
+
+def step_transient_bytes(
+    shape: Sequence[int], dtype: torch.dtype, spec: str | OptimizerSpec
+) -> tuple[int, bool]:
+    """(bytes above states while ``spec`` steps one parameter, whether a formula gave them)."""
+    spec = parse_optimizer_spec(spec)
+    shape = tuple(int(s) for s in shape)
+    formula = OPTIMIZERS[spec.name].step_transient
+    if formula is None:
+        return FALLBACK_FLOAT32_COPIES * math.prod(shape) * FLOAT32_BYTES, False
+    return int(formula(shape, dtype, dict(spec.options))), True
+
+
+def param_step_bytes(shape: Sequence[int], dtype: torch.dtype, spec: str | OptimizerSpec) -> int:
+    """Most bytes one parameter holds while it steps in backward: its gradient plus the larger
+    of a second gradient (a weight used twice, as sequence chunks and token-wise recompute do,
+    sums two gradients before it steps) and the optimizer's transient."""
+    grad = math.prod(int(s) for s in shape) * dtype.itemsize
+    transient, _ = step_transient_bytes(shape, dtype, spec)
+    return grad + max(grad, transient)
+
+
+def optimizer_step_transient(spec: OptimizerSpec, param_bytes: int, fused: bool) -> int:
+    """Extra bytes while one ``optimizer.step()`` updates the whole model: foreach Adam builds
+    a full-size temporary list."""
+    return param_bytes if spec.name in ("adamw", "adam") and not fused else 0
+
+
+# -- per model -------------------------------------------------------------------------------
+
+
+def param_state_specs(model: nn.Module, spec: str | OptimizerSpec) -> dict[str, OptimizerSpec]:
+    """Per-parameter specs for the formulas: what ``build_optimizer(model, spec)`` does to each
+    trainable parameter (weights it leaves dense get ``projected=False``)."""
+    spec = parse_optimizer_spec(spec)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not OPTIMIZERS[spec.name].projects:
+        return {n: spec for n in names}
+    chosen = {n for n, _ in lowrank_targets(model, spec.options.get("targets"))}
+    dense = OptimizerSpec(spec.name, {**spec.options, "projected": False})
+    return {n: spec if n in chosen else dense for n in names}
+
+
+def predicted_state_bytes(model: nn.Module, spec: str | OptimizerSpec) -> int:
+    """Optimizer-state bytes of ``build_optimizer(model, spec)`` after its first step, by
+    formula (works on a meta-device model). Tied parameters are counted once."""
+    specs = param_state_specs(model, spec)
+    params = dict(model.named_parameters())
+    return sum(state_bytes_for(params[n].shape, params[n].dtype, s) for n, s in specs.items())
+
+
+def model_step_bytes(
+    model: nn.Module,
+    spec: str | OptimizerSpec,
+    layers: Sequence[tuple[str, Sequence[nn.Module]]] | None = None,
+) -> tuple[dict[str, int], list[str]]:
+    """Per layer, its largest :func:`param_step_bytes` (works on a meta-device model).
+
+    ``layers``: ``(name, modules)`` pairs as profiled (default: the causal-LM granularity). A
+    parameter counts in the first layer that holds it, as the profiler counts it. Returns the
+    bytes and notes (optimizers priced without a formula).
+    """
+    spec = parse_optimizer_spec(spec)
+    if layers is None:
+        layers = [(s.name, s.modules) for s in causal_lm_layers(model)]
+    specs = param_state_specs(model, spec)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen: set[int] = set()
+    out: dict[str, int] = {}
+    guessed = False
+    for name, modules in layers:
+        best = 0
+        for module in modules:
+            for param in module.parameters():
+                if id(param) in seen or not param.requires_grad:
+                    continue
+                seen.add(id(param))
+                pspec = specs.get(names.get(id(param), ""), spec)
+                guessed |= not step_transient_bytes(param.shape, param.dtype, pspec)[1]
+                best = max(best, param_step_bytes(param.shape, param.dtype, pspec))
+        out[name] = best
+    notes = []
+    if guessed:
+        notes.append(
+            f"step in backward: no step-transient formula for optimizer {spec.name!r}; assumed "
+            f"{FALLBACK_FLOAT32_COPIES} float32 copies of each parameter"
+        )
+    return out, notes
+
+
+def measured_state_bytes(optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    """Bytes of every tensor in ``optimizer.state``, keyed by ``id(param)``.
+
+    A storage shared between entries (or parameters) is counted once, found by storage identity.
+    """
+    seen: set[int] = set()
+    result: dict[int, int] = {}
+    for param, state in optimizer.state.items():
+        total = 0
+        for value in _tensors_in(state):
+            storage = value.untyped_storage()
+            if storage._cdata not in seen:
+                seen.add(storage._cdata)
+                total += storage.nbytes()
+        result[id(param)] = total
+    return result
+
+
+def _tensors_in(obj: Any) -> Iterable[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors_in(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors_in(value)

@@ -143,15 +143,13 @@ class Runner:
                 )
             if recipe.dry_run.only:
                 gpus = recipe.dry_run.world_size
+                more = (
+                    f"; training this plan needs {gpus} GPUs under DeepSpeed ZeRO (+ Ulysses "
+                    "sequence parallel): memtrain export-deepspeed PLAN writes its config; "
+                    "memtrain does not execute per-rank plans"
+                )
                 console.print(
-                    "dry run only (dry_run.only): no training here"
-                    + (
-                        f"; training this plan needs {gpus} GPUs under DeepSpeed ZeRO (+ Ulysses "
-                        "sequence parallel): memtrain export-deepspeed PLAN writes its config; "
-                        "memtrain does not execute per-rank plans"
-                        if gpus > 1
-                        else ""
-                    )
+                    "dry run only (dry_run.only): no training here" + (more if gpus > 1 else "")
                 )
                 return summary
         if train.step_in_backward and recipe.schedule.grad_clip:

@@ -11,19 +11,9 @@ import pytest
 
 from benchmarks import harness
 from tests.benchmark_scripts import SCRIPTS, load_benchmark
+from tests.tiny_models import tiny_config
 
-TINY = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "vocab_size": 311,
-    "tie_word_embeddings": True,
-}
+TINY = {"architectures": ["LlamaForCausalLM"], **tiny_config("llama", intermediate_size=256)}
 RECORD_FIELDS = {"benchmark", "key", "command", "device", "date", "commit", "torch"}
 
 

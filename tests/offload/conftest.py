@@ -8,60 +8,8 @@ import pytest
 import torch
 
 from memtrain.models import build_causal_lm
+from tests.tiny_models import TINY, tiny_config
 
-TINY = {
-    "llama": {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 160,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "vocab_size": 311,
-        "tie_word_embeddings": True,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-    },
-    "qwen2": {
-        "model_type": "qwen2",
-        "hidden_size": 48,
-        "intermediate_size": 96,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 257,
-        "tie_word_embeddings": False,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-    },
-    "mistral": {
-        "model_type": "mistral",
-        "hidden_size": 32,
-        "intermediate_size": 80,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 1,
-        "head_dim": 8,
-        "vocab_size": 203,
-        "sliding_window": 4096,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-    },
-    "gpt2": {
-        "model_type": "gpt2",
-        "n_embd": 32,
-        "n_layer": 2,
-        "n_head": 4,
-        "n_positions": 128,
-        "vocab_size": 199,
-        "attn_pdrop": 0.0,
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-    },
-}
 SEQ = 24  # differs from every other dimension of the tiny models
 STEPS = 3
 
@@ -69,7 +17,7 @@ STEPS = 3
 def make_config(family: str, **overrides):
     from transformers import AutoConfig
 
-    values = {**TINY[family], **overrides}
+    values = tiny_config(family, **overrides)
     kind = values.pop("model_type")
     return AutoConfig.for_model(kind, **values)
 

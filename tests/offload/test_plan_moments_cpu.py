@@ -31,23 +31,12 @@ from memtrain.planner.problem import build_problem
 from memtrain.profile import profile_causal_lm
 from memtrain.profile.scopes import Clock, LayerScopes, TrackedMemory
 from memtrain.profile.tracker import OpTracker
+from tests.tiny_models import tiny_config
 
 UNDER = 0.05  # a measured block moment may exceed its prediction by at most this share
 OVER = 0.30  # a backward block moment may fall short of its prediction by at most this share
 
-CONFIG = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "vocab_size": 311,
-    "tie_word_embeddings": True,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-}
+CONFIG = tiny_config("llama", intermediate_size=256, num_hidden_layers=4)
 
 # Per-block decisions (the planner's LayerDecision fields), block 0 first.
 PATTERNS: dict[str, list[dict[str, Any]]] = {

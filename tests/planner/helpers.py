@@ -2,37 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 from memtrain.hardware.devices import get_device
 from memtrain.hardware.tiers import HardwareModel, MemoryTier
 from memtrain.planner.problem import LayerCosts, PlanProblem
+from tests.tiny_models import tiny_config, write_tiny_config
 
 GB = 10**9
 # A two-layer Llama config (untied head) for planner tests that profile a real model.
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 160,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "vocab_size": 311,
-    "tie_word_embeddings": False,
-    "rms_norm_eps": 1e-5,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-}
+TINY_LLAMA = tiny_config("llama", tie_word_embeddings=False)
 
 
 def write_tiny_llama(directory: Path) -> str:
     """TINY_LLAMA as a config.json in ``directory``; its path (what load_config reads)."""
-    path = Path(directory) / "config.json"
-    path.write_text(json.dumps(TINY_LLAMA))
-    return str(path)
+    return write_tiny_config(directory, "llama", tie_word_embeddings=False)
 
 
 def block(

@@ -281,8 +281,8 @@ def test_export_deepspeed_offload_raises_the_stage(tmp_path, whole):
 
 def test_recipe_dry_run_keys():
     recipe = validate({"dry_run": {"model": "gpt2", "only": True, "world_size": 2}})
-    assert recipe["dry_run"]["world_size"] == 2 and recipe["dry_run"]["zero_stage"] == 0
-    assert recipe["dry_run"]["sequence_parallel"] == 1
+    assert recipe.dry_run.world_size == 2 and recipe.dry_run.zero_stage == 0
+    assert recipe.dry_run.sequence_parallel == 1
     with pytest.raises(ConfigError, match="exactly one of preset"):
         validate({"dry_run": {"model": "gpt2"}})  # training needs a model unless dry-run only
     with pytest.raises(ConfigError, match="dry_run.world_size must be positive"):

@@ -18,3 +18,15 @@ class UnknownModelError(MemtrainError):
 
 class ConfigError(MemtrainError):
     """A config file or recipe that cannot be read or has invalid values."""
+
+
+def check_schema(data: dict, schema: str, version: int, what: str, remedy: str) -> None:
+    """Refuse a file that is not ``schema`` at ``version`` (``what``: "plan", "profile", ...;
+    ``remedy``: the command that writes a current one)."""
+    if not isinstance(data, dict) or data.get("schema") != schema:
+        raise ConfigError(f"not a memtrain {what} (missing schema {schema!r})")
+    if data.get("schema_version") != version:
+        raise ConfigError(
+            f"{what} schema version {data.get('schema_version')} is not supported "
+            f"(this memtrain reads version {version}); re-run {remedy}"
+        )

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from memtrain.errors import ConfigError, MemtrainError
+from memtrain.errors import ConfigError, MemtrainError, check_schema
 from memtrain.hardware.devices import GB, DeviceSpec, get_device
 from memtrain.units import GiB, parse_bytes
 
@@ -117,13 +117,7 @@ class HardwareModel:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HardwareModel:
-        if data.get("schema") != SCHEMA:
-            raise ConfigError("not a memtrain hardware file (missing schema 'memtrain.hardware')")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise ConfigError(
-                f"hardware schema version {data.get('schema_version')} is not supported "
-                f"(this memtrain reads version {SCHEMA_VERSION}); re-run memtrain calibrate"
-            )
+        check_schema(data, SCHEMA, SCHEMA_VERSION, "hardware file", "memtrain calibrate")
         try:
             device_data = data["device"]
             device = (

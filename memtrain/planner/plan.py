@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memtrain.errors import ConfigError, MemtrainError
+from memtrain.errors import ConfigError, MemtrainError, check_schema
 from memtrain.hardware.tiers import HOST_TIERS, HardwareModel
 from memtrain.planner.costmodel import STATE_MODES, available_modes, available_tiers
 from memtrain.planner.evaluate import (
@@ -110,13 +110,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        if data.get("schema") != SCHEMA:
-            raise ConfigError("not a memtrain plan (missing schema 'memtrain.plan')")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise ConfigError(
-                f"plan schema version {data.get('schema_version')} is not supported "
-                f"(this memtrain reads version {SCHEMA_VERSION}); re-run memtrain plan"
-            )
+        check_schema(data, SCHEMA, SCHEMA_VERSION, "plan", "memtrain plan")
         fields = {k: v for k, v in data.items() if k not in ("schema", "schema_version")}
         try:
             return cls(**fields)

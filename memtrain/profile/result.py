@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memtrain.errors import ConfigError
+from memtrain.errors import ConfigError, check_schema
 
 SCHEMA = "memtrain.profile"
 SCHEMA_VERSION = 1
@@ -131,13 +131,7 @@ class ProfileResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProfileResult:
-        if data.get("schema") != SCHEMA:
-            raise ConfigError("not a memtrain profile (missing schema 'memtrain.profile')")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise ConfigError(
-                f"profile schema version {data.get('schema_version')} is not supported "
-                f"(this memtrain reads version {SCHEMA_VERSION}); re-run memtrain profile"
-            )
+        check_schema(data, SCHEMA, SCHEMA_VERSION, "profile", "memtrain profile")
         data = dict(data)
         data["layers"] = [
             LayerProfile(

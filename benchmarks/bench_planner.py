@@ -105,7 +105,7 @@ def plan_case(case: str) -> dict[str, Any]:
             "minimum_gpu_bytes": exc.minimum_bytes,
         }
     p = plan.predicted
-    blocks = [layer for layer in plan.layers if layer["kind"] == "block"]
+    blocks = [layer for layer in plan.layers if layer.kind == "block"]
     return {
         **row,
         "feasible": True,
@@ -124,10 +124,10 @@ def plan_case(case: str) -> dict[str, Any]:
             for name, b in plan.baselines.items()
         },
         "mean_block": {
-            "keep": round(sum(b["keep"] for b in blocks) / len(blocks), 3),
-            "swap_cpu": round(sum(b["swap"]["cpu"] for b in blocks) / len(blocks), 3),
-            "recompute": round(sum(b["recompute"] for b in blocks) / len(blocks), 3),
-            "states_offloaded": sum(b["optimizer"] != "gpu" for b in blocks),
+            "keep": round(sum(b.keep for b in blocks) / len(blocks), 3),
+            "swap_cpu": round(sum(b.swap["cpu"] for b in blocks) / len(blocks), 3),
+            "recompute": round(sum(b.recompute for b in blocks) / len(blocks), 3),
+            "states_offloaded": sum(b.optimizer != "gpu" for b in blocks),
         },
     }
 

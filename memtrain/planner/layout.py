@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pulp
 
 from memtrain.errors import MemtrainError
+from memtrain.planner.layer_plan import LayerPlan
 from memtrain.planner.pulp_compat import cbc_solver, new_var
 
 
@@ -163,33 +164,31 @@ def _valid(buffers: Sequence[Buffer], offsets: dict[str, int], alignment: int) -
     return True
 
 
-def host_pool_buffers(plan_layers: Sequence[dict], tier: str) -> list[Buffer]:
+def host_pool_buffers(plan_layers: Sequence[LayerPlan], tier: str) -> list[Buffer]:
     """One buffer per layer for its bytes swapped to ``tier``: alive from its forward to its
     backward (moment ``j`` to ``2n - j``), the lifetimes the pinned host pool must hold."""
     n = len(plan_layers)
     out = []
     for j, layer in enumerate(plan_layers):
-        size = int(
-            layer["swap"].get(tier, 0.0) * layer["token_saved_bytes"]
-            + layer["input_checkpoint"].get(tier, 0.0) * layer["input_checkpoint_bytes"]
-        )
+        swapped = layer.swap.get(tier, 0.0) * layer.token_saved_bytes
+        size = int(swapped + layer.input_checkpoint.get(tier, 0.0) * layer.input_checkpoint_bytes)
         if size > 0:
-            out.append(Buffer(f"{layer['name']}:{tier}", size, j, 2 * n - j))
+            out.append(Buffer(f"{layer.name}:{tier}", size, j, 2 * n - j))
     return out
 
 
-def staging_buffers(plan_layers: Sequence[dict], index: int) -> list[Buffer]:
+def staging_buffers(plan_layers: Sequence[LayerPlan], index: int) -> list[Buffer]:
     """GPU staging buffers around backward of layer ``index``: the prefetch of the previous
     layer's swapped bytes overlaps the layer's own restored bytes (chunk by chunk when tiled),
     and the next prefetch starts while this layer's chunks are still in use."""
     layer = plan_layers[index]
-    chunks = max(1, int(layer.get("chunks", 1)))
-    swapped = sum(layer["swap"].values()) * layer["token_saved_bytes"]
-    restored = (swapped + layer["recompute"] * layer["token_saved_bytes"]) / chunks
+    chunks = max(1, layer.chunks)
+    swapped = sum(layer.swap.values()) * layer.token_saved_bytes
+    restored = (swapped + layer.recompute * layer.token_saved_bytes) / chunks
     buffers = []
     if index > 0:
         prev = plan_layers[index - 1]
-        prefetch = int(sum(prev["swap"].values()) * prev["token_saved_bytes"])
+        prefetch = int(sum(prev.swap.values()) * prev.token_saved_bytes)
         if prefetch:
             buffers.append(Buffer("prefetch_previous", prefetch, 0, 2 * chunks + 1))
     for c in range(chunks):

@@ -16,13 +16,8 @@ from typing import Any
 from memtrain.errors import ConfigError, MemtrainError, check_schema
 from memtrain.hardware.tiers import HOST_TIERS, HardwareModel
 from memtrain.planner.costmodel import STATE_MODES, available_modes, available_tiers
-from memtrain.planner.evaluate import (
-    Evaluation,
-    LayerDecision,
-    evaluate,
-    keep_all,
-    recompute_all,
-)
+from memtrain.planner.evaluate import LayerDecision, evaluate, keep_all, recompute_all
+from memtrain.planner.layer_plan import LayerPlan
 from memtrain.planner.layout import assign_offsets, host_pool_buffers, staging_buffers
 from memtrain.planner.problem import PlanProblem, build_problem, has_logits
 from memtrain.planner.solve import SolveResult, solve
@@ -74,7 +69,7 @@ class Plan:
     fused_loss: bool
     chunks: int
     hardware: dict[str, Any]
-    layers: list[dict[str, Any]]
+    layers: list[LayerPlan]
     predicted: dict[str, Any]
     baselines: dict[str, dict[str, Any]]
     solver: dict[str, Any]
@@ -99,7 +94,7 @@ class Plan:
             "fused_loss": self.fused_loss,
             "chunks": self.chunks,
             "hardware": self.hardware,
-            "layers": self.layers,
+            "layers": [layer.to_dict() for layer in self.layers],
             "predicted": self.predicted,
             "baselines": self.baselines,
             "solver": self.solver,
@@ -113,6 +108,8 @@ class Plan:
         check_schema(data, SCHEMA, SCHEMA_VERSION, "plan", "memtrain plan")
         fields = {k: v for k, v in data.items() if k not in ("schema", "schema_version")}
         try:
+            if "layers" in fields:
+                fields["layers"] = [LayerPlan.from_dict(entry) for entry in fields["layers"]]
             return cls(**fields)
         except TypeError as exc:
             raise ConfigError(f"plan has missing or unknown fields ({exc})") from None
@@ -163,7 +160,7 @@ def baseline_decisions(
     return out
 
 
-def _layer_entry(layer, decision: LayerDecision, chunks: int) -> dict[str, Any]:
+def _layer_entry(layer, decision: LayerDecision, chunks: int) -> LayerPlan:
     token = layer.anchor_bytes + layer.recomputable_bytes
     shares: dict[str, float] = {"gpu": 0.0, "rec": 0.0, **{t: 0.0 for t in HOST_TIERS}}
     if token > 0:
@@ -180,25 +177,21 @@ def _layer_entry(layer, decision: LayerDecision, chunks: int) -> dict[str, Any]:
     checkpoint = decision.checkpoint
     if checkpoint is None:
         checkpoint = {"gpu": rec} if rec > 0 and layer.checkpoint_bytes > 0 else {}
-    return {
-        "name": layer.name,
-        "kind": layer.kind,
-        "keep": round(shares["gpu"], 6),
-        "swap": {t: round(shares[t], 6) for t in HOST_TIERS},
-        "recompute": round(shares["rec"], 6),
-        "full_recompute": layer.recomputable_bytes > 0 and rec >= 1 - 1e-6,
-        "input_checkpoint": {t: round(v, 6) for t, v in checkpoint.items() if v > 0},
-        "chunks": chunks if layer.tileable else 1,
-        "params": states["params"],
-        "grads": states["grads"],
-        "optimizer": states["optimizer"],
-        "token_saved_bytes": int(token),
-        "input_checkpoint_bytes": int(layer.checkpoint_bytes),
-    }
-
-
-def _predicted(evaluation: Evaluation) -> dict[str, Any]:
-    return evaluation.to_dict()
+    return LayerPlan(
+        name=layer.name,
+        kind=layer.kind,
+        keep=round(shares["gpu"], 6),
+        swap={t: round(shares[t], 6) for t in HOST_TIERS},
+        recompute=round(shares["rec"], 6),
+        full_recompute=layer.recomputable_bytes > 0 and rec >= 1 - 1e-6,
+        input_checkpoint={t: round(v, 6) for t, v in checkpoint.items() if v > 0},
+        chunks=chunks if layer.tileable else 1,
+        params=states["params"],
+        grads=states["grads"],
+        optimizer=states["optimizer"],
+        token_saved_bytes=int(token),
+        input_checkpoint_bytes=int(layer.checkpoint_bytes),
+    )
 
 
 def _gpu_resident(problem: PlanProblem, decisions: list[LayerDecision]) -> dict[str, int]:
@@ -279,7 +272,7 @@ def _infeasible(
     return PlanInfeasible(message, "gpu", need)
 
 
-def plan_layout(layers: list[dict[str, Any]], time_limit: float = 2.0) -> dict[str, Any]:
+def plan_layout(layers: list[LayerPlan], time_limit: float = 2.0) -> dict[str, Any]:
     """Offsets in the pinned host pool (per tier) and in the GPU staging pool (per layer, solved
     once per distinct layer)."""
     host = {}
@@ -296,7 +289,7 @@ def plan_layout(layers: list[dict[str, Any]], time_limit: float = 2.0) -> dict[s
         key = tuple((b.size, b.start, b.end) for b in buffers)
         if key not in solved:
             solved[key] = assign_offsets(buffers, time_limit=time_limit).to_dict()
-        staging[layer["name"]] = solved[key]
+        staging[layer.name] = solved[key]
     return {"host_pool": host, "gpu_staging": staging}
 
 
@@ -332,7 +325,7 @@ def make_plan(
         decisions = baseline_decisions(problem, hardware, name)
         if decisions is None or (options.step_in_backward and name.endswith("zero_offload")):
             continue  # ZeRO-Offload steps on the host after backward
-        baselines[name] = _predicted(evaluate(problem, hardware, decisions))
+        baselines[name] = evaluate(problem, hardware, decisions).to_dict()
     layers = [
         _layer_entry(layer, decision, result.chunks)
         for layer, decision in zip(problem.layers, result.decisions, strict=True)
@@ -355,7 +348,7 @@ def make_plan(
         hardware=_hardware_summary(hardware),
         layers=layers,
         predicted={
-            **_predicted(result.evaluation),
+            **result.evaluation.to_dict(),
             "gpu_resident_bytes": _gpu_resident(problem, result.decisions),
             "gpu_moments": [[m, int(v)] for m, v in result.evaluation.gpu_moments],
         },

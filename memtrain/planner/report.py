@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
+from itertools import groupby
 from typing import Any
 
 from memtrain.planner.plan import Plan
 from memtrain.units import format_bytes
-
-
-def _row_key(layer: dict) -> tuple:
-    return tuple(
-        json.dumps(layer[k], sort_keys=True)
-        for k in (
-            "kind",
-            "keep",
-            "swap",
-            "recompute",
-            "input_checkpoint",
-            "chunks",
-            "params",
-            "optimizer",
-        )
-    )
 
 
 def print_plan(plan: Plan, console=None) -> None:
@@ -57,29 +42,17 @@ def plan_report(plan: Plan) -> list[Any]:
     )
     for column in ("layers", "keep", "swap", "recompute", "input kept at", "states"):
         table.add_column(column)
-    rows: list[tuple[list[dict], tuple]] = []
-    for layer in plan.layers:
-        key = _row_key(layer)
-        if rows and rows[-1][1] == key:
-            rows[-1][0].append(layer)
-        else:
-            rows.append(([layer], key))
-    for group, _ in rows:
-        first = group[0]
-        name = (
-            first["name"]
-            if len(group) == 1
-            else f"{first['name']} .. {group[-1]['name']} (x{len(group)})"
-        )
-        swap = ", ".join(f"{t} {v:.0%}" for t, v in first["swap"].items() if v > 5e-4) or "-"
-        recompute = f"{first['recompute']:.0%}" + (" (full)" if first["full_recompute"] else "")
-        checkpoint = ", ".join(f"{t} {v:.0%}" for t, v in first["input_checkpoint"].items()) or "-"
-        states = (
-            "gpu"
-            if first["optimizer"] == "gpu"
-            else (f"params {first['params']}, optimizer {first['optimizer']}")
-        )
-        table.add_row(name, f"{first['keep']:.0%}", swap, recompute, checkpoint, states)
+    # neighbours that differ only in name, gradients and byte counts share a row
+    blank = {"name": "", "grads": "", "token_saved_bytes": 0, "input_checkpoint_bytes": 0}
+    for _, rows in groupby(plan.layers, key=lambda layer: replace(layer, **blank)):
+        first, *rest = rows
+        name = first.name + (f" .. {rest[-1].name} (x{1 + len(rest)})" if rest else "")
+        swap = ", ".join(f"{t} {v:.0%}" for t, v in first.swap.items() if v > 5e-4) or "-"
+        recompute = f"{first.recompute:.0%}" + (" (full)" if first.full_recompute else "")
+        checkpoint = ", ".join(f"{t} {v:.0%}" for t, v in first.input_checkpoint.items()) or "-"
+        moved = first.optimizer != "gpu"
+        states = f"params {first.params}, optimizer {first.optimizer}" if moved else "gpu"
+        table.add_row(name, f"{first.keep:.0%}", swap, recompute, checkpoint, states)
     parts.append(table)
 
     table = Table(title="Predicted step (this plan vs baselines priced by the same model)")

@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from memtrain.errors import MemtrainError
+from memtrain.planner.layer_plan import LayerPlan
 from memtrain.planner.problem import apply_fused_loss, build_problem
 from memtrain.profile.result import ProfileResult
 
@@ -99,12 +100,8 @@ def check_step_in_backward(plan: Any) -> None:
     runs per parameter inside backward. So every layer's parameters, gradients and states must
     be planned on the GPU.
     """
-    layers = plan.layers if hasattr(plan, "layers") else plan["layers"]
-    moved = [
-        layer["name"]
-        for layer in layers
-        if any(layer.get(what, "gpu") != "gpu" for what in ("params", "grads", "optimizer"))
-    ]
+    layers = plan.layers if hasattr(plan, "layers") else map(LayerPlan.from_dict, plan["layers"])
+    moved = [x.name for x in layers if {x.params, x.grads, x.optimizer} != {"gpu"}]
     if moved:
         raise MemtrainError(
             f"the plan puts parameters, gradients or optimizer states of {', '.join(moved[:3])}"

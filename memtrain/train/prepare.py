@@ -43,7 +43,7 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        predicted = self.plan.predicted if self.plan is not None else {}
+        predicted, layers = (self.plan.predicted, self.plan.layers) if self.plan else ({}, [])
         return {
             "optimizer": type(self.optimizer).__name__
             if self.optimizer is not None
@@ -51,16 +51,8 @@ class Prepared:
             "fused_loss": self.fused_loss,
             "predicted_peak_bytes": predicted.get("peak_bytes", {}),
             "predicted_step_time_s": predicted.get("step_time_s"),
-            "layers_swapped": [
-                layer["name"]
-                for layer in (self.plan.layers if self.plan is not None else [])
-                if any(v > 0 for v in layer["swap"].values())
-            ],
-            "layers_recomputed": [
-                layer["name"]
-                for layer in (self.plan.layers if self.plan is not None else [])
-                if layer["recompute"] > 0
-            ],
+            "layers_swapped": [x.name for x in layers if any(v > 0 for v in x.swap.values())],
+            "layers_recomputed": [x.name for x in layers if x.recompute > 0],
             "notes": list(self.notes),
         }
 

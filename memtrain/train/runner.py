@@ -326,7 +326,7 @@ def gpu_peak(device: torch.device) -> int | None:
 def plan_digest(prepared) -> str | None:
     if prepared.plan is None:
         return None
-    text = json.dumps(prepared.plan.layers, sort_keys=True, default=str)
+    text = json.dumps([x.to_dict() for x in prepared.plan.layers], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

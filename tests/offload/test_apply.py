@@ -84,7 +84,6 @@ def _plan_dict(names, **layer) -> dict:
         "token_saved_bytes": 200_000,
         "input_checkpoint_bytes": 0,
     }
-    entry.update(layer)
     return {
         "schema": "memtrain.plan",
         "schema_version": 1,
@@ -98,7 +97,7 @@ def _plan_dict(names, **layer) -> dict:
         "baselines": {},
         "solver": {},
         "hardware": {"nvme_path": None},
-        "layers": [{"name": n, "kind": "block", **entry} for n in names],
+        "layers": [{"name": n, "kind": "block", **entry, **layer} for n in names],
     }
 
 
@@ -138,7 +137,7 @@ def test_plan_from_the_planner_runs_exactly(fused, llama_reference, tmp_path):
     budget = int(tight.value.minimum_bytes + 0.01 * profile.predicted_peak_bytes)
     hardware = load_hardware("h100-sxm-80g", gpu_budget=str(budget), cpu="1GiB")
     plan = make_plan(profile, hardware, options)
-    moved = [e for e in plan.layers if any(v > 0 for v in e["swap"].values())]
+    moved = [e for e in plan.layers if any(v > 0 for v in e.swap.values())]
     assert moved, "at its minimum budget the planner must swap something"
     model = make_model("llama")
     reference = llama_reference
@@ -148,17 +147,13 @@ def test_plan_from_the_planner_runs_exactly(fused, llama_reference, tmp_path):
     with apply(model, plan) as handle:
         trace = train(model, batch("llama"))
         stats = handle.stats()
-    if all(e["recompute"] == 0 for e in plan.layers):
+    if all(e.recompute == 0 for e in plan.layers):
         assert_identical(reference, trace)
     planned = sum(v for v in policy_from_plan(plan).host_bytes.values())
     swapped = sum(v for k, v in stats["totals"].items() if k != "gpu") / len(trace.losses)
     # Shares become whole tokens: each cut range of each chunk of a moving layer may round by
     # up to one token's bytes, which at 24 tokens is a large share.
-    rounding = sum(
-        2 * entry["chunks"] * entry["token_saved_bytes"] / SEQ
-        for entry in plan.layers
-        if any(v > 0 for v in entry["swap"].values())
-    )
+    rounding = sum(2 * entry.chunks * entry.token_saved_bytes / SEQ for entry in moved)
     assert rounding < planned
     assert abs(swapped - planned) <= max(0.25 * planned, rounding)
 

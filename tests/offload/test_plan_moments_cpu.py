@@ -80,7 +80,7 @@ def compare(pattern: str, seq: int, chunks: int) -> dict[str, Any]:
         "seq": seq,
         "micro_batch": 1,
         "layers": [
-            _layer_entry(layer, decision, chunks)
+            _layer_entry(layer, decision, chunks).to_dict()
             for layer, decision in zip(problem.layers, decisions, strict=True)
         ],
     }

@@ -272,8 +272,8 @@ def test_export_deepspeed_offload_raises_the_stage(tmp_path, whole):
         Parallelism(world_size=2, zero_stage=1),
     )
     for layer in plan.layers:
-        if layer["params"] == "gpu" and layer["optimizer"] == "gpu":
-            layer.update(grads="cpu", optimizer="cpu")
+        if layer.params == "gpu" and layer.optimizer == "gpu":
+            layer.grads = layer.optimizer = "cpu"
     config = deepspeed_config(plan)
     assert config["zero_optimization"]["stage"] == 2
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"

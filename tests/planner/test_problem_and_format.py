@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from memtrain.errors import MemtrainError
+from memtrain.errors import ConfigError, MemtrainError
 from memtrain.hardware.tiers import build_hardware
 from memtrain.planner import Plan, make_plan
 from memtrain.planner.evaluate import evaluate
-from memtrain.planner.plan import baseline_decisions
+from memtrain.planner.plan import LayerPlan, baseline_decisions
 from memtrain.planner.problem import apply_fused_loss, build_problem, layer_costs
 from memtrain.planner.synthetic import synthetic_profile
 from memtrain.profile.result import ProfileResult
@@ -79,8 +80,10 @@ def test_plan_round_trips_through_yaml_and_json(profile, tmp_path):
         path = tmp_path / f"plan{suffix}"
         plan.save(path)
         again = Plan.load(path)
-        assert again.to_dict() == json.loads(json.dumps(plan.to_dict()))
+        assert json.dumps(again.to_dict()) == json.dumps(plan.to_dict())  # keys in order too
     data = plan.to_dict()
+    assert all(isinstance(layer, LayerPlan) for layer in Plan.from_dict(data).layers)
+    assert json.dumps(Plan.from_dict(data).to_dict()) == json.dumps(data)
     assert data["schema"] == "memtrain.plan" and data["schema_version"] == 1
     for layer in data["layers"]:
         total = layer["keep"] + sum(layer["swap"].values()) + layer["recompute"]
@@ -126,14 +129,24 @@ def test_baselines_price_known_layouts(profile):
     assert offload.peaks["cpu"] >= states
 
 
+def test_a_plan_file_written_by_earlier_versions_loads_and_saves_unchanged(tmp_path):
+    stored = Path(__file__).parents[2] / "benchmarks" / "data" / "offload_plans.json"
+    data = json.loads(stored.read_text())["plans"]["65536"]["plan"]
+    Plan.from_dict(data).save(tmp_path / "plan.json")
+    assert (tmp_path / "plan.json").read_text() == json.dumps(data, indent=1)
+    del data["layers"][1]["grads"]
+    with pytest.raises(ConfigError, match="plan layer 'block.0': missing or unknown fields"):
+        Plan.from_dict(data)
+
+
 def test_plan_lists_every_gpu_moment_and_its_peak_is_the_largest(profile):
     hardware = build_hardware("h100-sxm-80g", gpu_budget="5GiB", cpu="32GiB")
     plan = make_plan(profile, hardware)
     moments = plan.predicted["gpu_moments"]
     names = [name for name, _ in moments]
     for layer in plan.layers:
-        assert f"forward {layer['name']}" in names
-        assert f"backward {layer['name']}" in names
+        assert f"forward {layer.name}" in names
+        assert f"backward {layer.name}" in names
     top = max(moments, key=lambda m: m[1])
     assert top[1] == plan.predicted["peak_bytes"]["gpu"]
     assert top[0] == plan.predicted["peak_at"]["gpu"]

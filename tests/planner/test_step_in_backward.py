@@ -147,7 +147,7 @@ def test_states_stay_on_the_gpu_and_the_plan_says_so(profile, step_bytes):
     )
     squeezed = _plan(profile, tight * 1.2, step_in_backward=True, step_bytes=step_bytes)
     for plan in (inside, squeezed):
-        assert all(layer["optimizer"] == layer["grads"] == "gpu" for layer in plan.layers)
+        assert all(layer.optimizer == layer.grads == "gpu" for layer in plan.layers)
         data = plan.to_dict()
         assert data["step_in_backward"] is True
         assert Plan.from_dict(json.loads(json.dumps(data))).step_in_backward

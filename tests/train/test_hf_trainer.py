@@ -71,7 +71,7 @@ def test_trainer_trains_under_a_plan_and_restores_the_model(tmp_path):
         plan_options={"gpu_budget_fraction": 0.7},
     )
     plan = trainer.memtrain.plan
-    assert any(layer["recompute"] > 0 or any(layer["swap"].values()) for layer in plan.layers)
+    assert any(layer.recompute > 0 or any(layer.swap.values()) for layer in plan.layers)
     assert type(trainer.optimizer).__name__ == "GaLoreAdamW"
     result = trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

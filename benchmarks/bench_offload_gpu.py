@@ -71,12 +71,19 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def plan_for(seq: int, host_gib: float, layers: int | None = None, gpu_budget: str | None = None):
-    """Profile (on meta tensors) and plan the model, or a copy with ``layers`` blocks."""
-    from memtrain.hardware.tiers import load_hardware
-    from memtrain.planner.plan import PlanOptions, make_plan
-    from memtrain.profile import profile_causal_lm
+    """Plan the model, or a copy with ``layers`` blocks, through the pipeline ``prepare()`` uses
+    (parameters stay on the GPU: memtrain's executor moves activations and optimizer states)."""
+    from memtrain.hardware import HardwareRequest
+    from memtrain.planner import PlanOptions
+    from memtrain.planner.pipeline import PlanRequest, plan_model
 
-    hardware = load_hardware("h100-sxm-80g", cpu=f"{host_gib}GiB", gpu_budget=gpu_budget)
+    request = PlanRequest(
+        seq=seq,
+        optimizers=("adamw:fused=true",),
+        hardware=HardwareRequest("h100-sxm-80g", gpu_budget=gpu_budget, cpu=f"{host_gib}GiB"),
+        # MEMO stores attention output
+        options=PlanOptions(allow_param_offload=False, always_store_ops=("flash",)),
+    )
     with tempfile.TemporaryDirectory() as folder:
         model = MODEL
         if layers is not None:
@@ -84,12 +91,8 @@ def plan_for(seq: int, host_gib: float, layers: int | None = None, gpu_budget: s
             config.num_hidden_layers = layers
             config.save_pretrained(folder)
             model = str(Path(folder, "config.json"))
-        profile = profile_causal_lm(
-            model, seq=seq, dtype="bf16", device="meta", target="h100-sxm-80g",
-            optimizer="adamw:fused=true",
-        )  # fmt: skip
-    options = PlanOptions(always_store_ops=("flash",))  # MEMO stores attention output
-    return make_plan(profile, hardware, options).to_dict(), profile
+        planned = plan_model(model, request)
+    return planned.plan.to_dict(), planned.profile
 
 
 def make_plans(host_gib: float) -> dict[str, Any]:

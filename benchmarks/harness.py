@@ -43,7 +43,11 @@ def command() -> str:
 
 
 def commit() -> str | None:
-    """The checked-out commit (short hash, ``+`` when the tree has changes), or None."""
+    """The checked-out commit (short hash, ``+`` when the tree has changes), or None.
+
+    ``BENCH_COMMIT`` overrides it, for a copy of a tree whose git metadata lags its files."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True

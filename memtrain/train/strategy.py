@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memtrain.dtypes import short_name
 from memtrain.errors import ConfigError, MemtrainError
 from memtrain.train.checkpoint import CHECKPOINT, DS_CHECKPOINTS, save_checkpoint
 from memtrain.train.launch import DEEPSPEED_OPTIMIZERS, World
@@ -213,9 +214,7 @@ def build_deepspeed_config(prepared, recipe: Recipe, world: World) -> dict[str, 
     """The DeepSpeed config for this run: the plan's placements, the recipe's ZeRO stage."""
     from memtrain.offload.deepspeed import deepspeed_config
 
-    dtype = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}.get(
-        recipe.model.dtype, "fp16"
-    )
+    dtype = short_name(recipe.model.dtype)
     opt = recipe.optimizer
     lr, weight_decay = float(opt.lr), float(opt.weight_decay)
     if prepared.plan is not None:

@@ -137,6 +137,9 @@ def prepare(
     ``model`` may already be wrapped for data parallelism (DDP, ``accelerator.prepare``): the
     plan is installed on the wrapped model, so the wrapper runs it.
 
+    ``weight_decay`` applies wherever the plan puts the optimizer states, unless the optimizer
+    spec names its own (``adamw:weight_decay=0.05``).
+
     ``step_in_backward``: the caller steps the optimizer inside backward
     (:func:`memtrain.optim.register_step_in_backward`), so the plan counts no resident
     gradients, only each layer's largest parameter step, and keeps optimizer states on the GPU.
@@ -145,6 +148,8 @@ def prepare(
 
     model = unwrap_model(model)
     spec = parse_optimizer_spec(optimizer)
+    # The spec's own weight_decay option wins; otherwise the keyword, wherever the states live.
+    decay = float(spec.options.get("weight_decay", weight_decay))
     notes: list[str] = []
     if step_in_backward and state_offload:
         raise MemtrainError(
@@ -209,16 +214,15 @@ def prepare(
         elif handle is not None and handle.needs_optimizer_offload:
             from memtrain.offload import offload_optimizer
 
-            options_ = {"lr": lr, "weight_decay": weight_decay}
+            options_ = {"lr": lr, "weight_decay": decay}
             if spec.name == "sgd":
                 options_["momentum"] = float(spec.options.get("momentum", 0.9))
             built = offload_optimizer(handle, TORCH_OPTIMIZERS[spec.name], **options_)
             notes.append("optimizer states live where the plan puts them (host step)")
         else:
             built = build_torch_optimizer(model, spec, lr=lr)
-            if weight_decay:
-                for group in built.param_groups:
-                    group["weight_decay"] = weight_decay
+            for group in built.param_groups:
+                group["weight_decay"] = decay
     except Exception:
         if handle is not None:
             handle.remove()

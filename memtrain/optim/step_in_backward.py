@@ -32,8 +32,10 @@ class StepInBackward:
         self._handles.clear()
 
 
-def _step_one(optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict) -> None:
-    view = dict(group)
+def _step_one(optimizer: torch.optim.Optimizer, param: torch.Tensor, index: int) -> None:
+    # The group is looked up at step time: load_state_dict (a resume) replaces the group dicts,
+    # and a schedule sets the learning rate on the current ones.
+    view = dict(optimizer.param_groups[index])
     view["params"] = [param]
     groups = optimizer.param_groups
     optimizer.param_groups = [view]
@@ -57,20 +59,20 @@ def register_step_in_backward(
         if isinstance(model_or_params, nn.Module)
         else list(model_or_params)
     )
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     handles = []
     for p in params:
         if not p.requires_grad:
             continue
-        group = group_of.get(id(p))
-        if group is None:
+        index = group_of.get(id(p))
+        if index is None:
             raise MemtrainError(
                 f"parameter of shape {tuple(p.shape)} is not in the optimizer; "
                 "build the optimizer over the same parameters"
             )
 
-        def hook(param: torch.Tensor, group: dict = group) -> None:
-            _step_one(optimizer, param, group)
+        def hook(param: torch.Tensor, index: int = index) -> None:
+            _step_one(optimizer, param, index)
 
         handles.append(p.register_post_accumulate_grad_hook(hook))
     return StepInBackward(optimizer, handles)

@@ -79,3 +79,22 @@ def test_parameters_outside_the_optimizer_are_a_clear_error() -> None:
     opt = torch.optim.SGD([model[0].weight], lr=1e-3)
     with pytest.raises(MemtrainError, match="not in the optimizer"):
         register_step_in_backward(model, opt)
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_learning_rate_of_the_current_groups_reaches_the_step_after_a_resume(name: str) -> None:
+    """A resume replaces the optimizer's groups (load_state_dict); the schedule sets the
+    learning rate on the new ones, and the in-backward step must take it from there."""
+    model = mlp()
+    optimizer = MAKERS[name](model)
+    handle = register_step_in_backward(model, optimizer)
+    _loss(model, 0).backward()
+    optimizer.load_state_dict(optimizer.state_dict())
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        group["weight_decay"] = 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    _loss(model, 1).backward()
+    handle.remove()
+    for a, b in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -164,3 +164,21 @@ def test_quickstart_recipe_runs(tmp_path):
     for layer in plan["layers"]:
         if layer["kind"] != "block":
             assert layer["recompute"] == 0, layer["name"]  # only blocks recompute token-wise
+
+
+def test_resume_stepping_in_backward_equals_uninterrupted(tmp_path):
+    """The in-backward step takes the learning rate the schedule sets after a resume."""
+    common = [
+        "schedule.grad_clip=0",
+        "train.step_in_backward=true",
+        "train.checkpoint_every=3",
+        "plan.gpu_budget_fraction=null",
+        "plan.gpu_budget=1GiB",
+    ]
+    run_recipe(load_recipe(_write(tmp_path, "w"), [*common, "schedule.steps=6"]), progress=False)
+    run_recipe(load_recipe(_write(tmp_path, "p"), [*common, "schedule.steps=3"]), progress=False)
+    rest = load_recipe(_write(tmp_path, "p"), [*common, "schedule.steps=6"])
+    assert run_recipe(rest, progress=False)["train"]["steps_run"] == 3
+    a, b = _final_state(tmp_path / "w"), _final_state(tmp_path / "p")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

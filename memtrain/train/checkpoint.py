@@ -2,20 +2,58 @@
 
 Every kind of run stores the same client state: the step, the data position, every rank's RNG
 state, the plan and the recipe (plain data, so the file loads without memtrain's classes).
+
+Single process and DDP (rank 0 writes), in ``train.out_dir``::
+
+    checkpoint-<step>.pt          the last KEEP checkpoints (torch.save of the client state,
+    checkpoint-<step>.pt.sha256   the model and the optimizer) and the SHA-256 of each file
+    checkpoint.pt                 the newest again (a hard link; a copy where links fail)
+    checkpoint.pt.sha256
+
+Each payload is written to a temporary file, its hash (taken while writing) goes beside it, then
+it is renamed into place: a crash leaves the previous checkpoints intact. On resume the newest
+checkpoint whose bytes match its hash is loaded; a damaged newer one is named and skipped.
+The stored recipe and plan are compared with this run's: a change that breaks the run (data,
+model, optimizer, where optimizer states live, world size) is refused, others are noted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from memtrain.errors import MemtrainError
+
 CHECKPOINT = "checkpoint.pt"  # single process and DDP: the unwrapped model, in train.out_dir
 DS_CHECKPOINTS = "deepspeed"  # DeepSpeed: engine.save_checkpoint's folder under train.out_dir
+DS_CLIENT = "memtrain.json"  # DeepSpeed: step, world size, recipe and plan beside each tag
+KEEP = 2  # numbered checkpoints kept (stands for train.keep_checkpoints; the recipe has no key)
+_NUMBERED = re.compile(r"checkpoint-(\d+)\.pt")
+_CHUNK = 1 << 24
+
+# Recipe keys (dotted, or a section's prefix) whose change breaks a resumed run: other data,
+# another model or optimizer state layout, another world size. Every other change is noted.
+BREAKING = (
+    "model.",
+    "data.",
+    "optimizer.name",
+    "optimizer.options",
+    "launcher.nproc",
+    "launcher.zero_stage",
+)
+
+
+class CheckpointDamaged(MemtrainError):
+    """A checkpoint file that is empty, truncated, altered or not a checkpoint at all."""
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -35,11 +73,210 @@ def restore_rng(state: dict[str, Any], device: torch.device, rank: int, world_si
         torch.cuda.set_rng_state(mine["cuda"], device)
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
+def hash_file(path: Path) -> Path:
+    """The file that holds ``path``'s SHA-256 (``sha256sum`` format)."""
+    return path.with_name(path.name + ".sha256")
+
+
+def numbered(out_dir: Path) -> list[tuple[int, Path]]:
+    """``checkpoint-<step>.pt`` files in ``out_dir``, newest first."""
+    found = []
+    for path in out_dir.glob("checkpoint-*.pt"):
+        match = _NUMBERED.fullmatch(path.name)
+        if match:
+            found.append((int(match[1]), path))
+    return sorted(found, reverse=True)
+
+
+class _Hashing:
+    """A file that hashes what is written to it."""
+
+    def __init__(self, file) -> None:
+        self.file, self.sha = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any], keep: int = KEEP) -> Path:
+    """Write ``checkpoint-<step>.pt`` and its hash beside ``path`` atomically, make ``path`` the
+    newest, keep the ``keep`` newest numbered ones (and none past this step: a run restarted
+    from an older checkpoint drops the future it left). Returns the numbered file."""
+    out_dir, step = path.parent, int(payload["step"])
+    target = out_dir / f"checkpoint-{step}.pt"
+    tmp = target.with_name(target.name + ".tmp")
+    with open(tmp, "wb") as file:
+        writer = _Hashing(file)
+        torch.save(payload, writer)
+        file.flush()
+        os.fsync(file.fileno())
+    digest = writer.sha.hexdigest()
+    _write_text(hash_file(target), f"{digest}  {target.name}\n")
+    os.replace(tmp, target)
+    link = path.with_name(path.name + ".tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(target, link)
+    except OSError:
+        shutil.copyfile(target, link)
+    _write_text(hash_file(path), f"{digest}  {path.name}\n")
+    os.replace(link, path)
+    older = [p for s, p in numbered(out_dir) if s <= step]
+    for s, old in numbered(out_dir):
+        if s > step or old not in older[: max(1, keep)]:
+            old.unlink(missing_ok=True)
+            hash_file(old).unlink(missing_ok=True)
+    return target
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The checkpoints a resume may read, newest first: the numbered ones, and ``path`` where it
+    is not one of them (a checkpoint from before numbering, or a copy of the newest)."""
+    files = [p for _, p in numbered(path.parent)]
+    if path.exists() and not any(_same(path, p) for p in files):
+        files.insert(min(1, len(files)), path)
+    return files
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def read_checkpoint(path: Path, device: torch.device) -> tuple[dict[str, Any], bool]:
+    """The client state in ``path`` after checking its bytes against its hash; returns it and
+    whether a hash was there to check (checkpoints written before hashes have none)."""
+    side = hash_file(path)
+    if path.stat().st_size == 0:
+        raise CheckpointDamaged(f"checkpoint {path} is empty")
+    verified = side.exists()
+    if verified:
+        words = side.read_text(errors="replace").split()
+        if not words or _sha256(path) != words[0]:
+            raise CheckpointDamaged(
+                f"checkpoint {path} is damaged: its SHA-256 differs from {side.name}"
+            )
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - anything torch.load raises means unreadable
+        raise CheckpointDamaged(f"checkpoint {path} is not readable ({_first_line(exc)})") from None
+    missing = [
+        k for k in ("step", "model", "optimizer") if not isinstance(state, dict) or k not in state
+    ]
+    if missing:
+        raise CheckpointDamaged(f"checkpoint {path} is not a memtrain checkpoint (no {missing[0]})")
+    return state, verified
+
+
+def newest_good(
+    path: Path, device: torch.device, note: Callable[[str], None]
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of ``path``'s run that reads back intact (None: there is none
+    at all). A damaged newer one is named in a note; when all are damaged, one line says so."""
+    files = checkpoint_files(path)
+    damaged: list[CheckpointDamaged] = []
+    for candidate in files:
+        try:
+            state, verified = read_checkpoint(candidate, device)
+        except CheckpointDamaged as exc:
+            damaged.append(exc)
+            continue
+        if damaged:
+            note(f"{damaged[0]}; resuming from the newest good one, {candidate}")
+        if not verified:
+            note(f"checkpoint {candidate} has no {hash_file(candidate).name}: loaded unverified")
+        return candidate, state
+    if not damaged:
+        return None
+    more = f" ({len(damaged) - 1} older ones damaged too)" if len(damaged) > 1 else ""
+    raise CheckpointDamaged(
+        f"{damaged[0]}{more}; no good checkpoint to resume from: delete it or set "
+        "train.resume=false"
+    )
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of ``value`` (tuples are lists), as a DeepSpeed checkpoint stores it."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _keys(recipe: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for section, value in recipe.items():
+        if isinstance(value, dict):
+            for key, item in value.items():
+                out[f"{section}.{key}"] = item
+        else:
+            out[section] = value
+    return out
+
+
+def _difference(key: str, old: Any, new: Any) -> tuple[str, Any, Any]:
+    """The first differing entry of two values (a dict's own key named)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for sub in [*old, *(k for k in new if k not in old)]:
+            if old.get(sub, "unset") != new.get(sub, "unset"):
+                return _difference(f"{key}.{sub}", old.get(sub, "unset"), new.get(sub, "unset"))
+    return key, old, new
+
+
+def _state_places(plan: dict[str, Any] | None) -> dict[str, str]:
+    layers = (plan or {}).get("layers") or []
+    return {layer["name"]: layer.get("optimizer", "gpu") for layer in layers}
+
+
+def compare_resume(
+    stored: dict[str, Any], recipe: dict[str, Any], plan: dict[str, Any] | None, world_size: int
+) -> tuple[str | None, list[str]]:
+    """What stops a run from resuming ``stored`` (one line, or None) and notes on the changes
+    that do not. ``recipe`` is ``dataclasses.asdict`` of this run's, ``plan`` its plan's dict."""
+    notes: list[str] = []
+    if stored.get("recipe") is None:
+        notes.append("the checkpoint stores no recipe: nothing compared")
+    else:
+        old, new = _keys(_plain(stored["recipe"])), _keys(_plain(recipe))
+        for key, value in new.items():
+            if key not in old or old[key] == value:
+                continue
+            name, was, now = _difference(key, old[key], value)
+            if key.startswith(BREAKING):
+                return f"{name} was {was!r}, now {now!r}", notes
+            notes.append(f"{name} changed since the checkpoint: {was!r} -> {now!r}")
+    if "plan" in stored:
+        before, after = _state_places(stored["plan"]), _state_places(plan)
+        for name in [*before, *(k for k in after if k not in before)]:
+            was, now = before.get(name, "gpu"), after.get(name, "gpu")
+            if was != now:
+                return f"the plan keeps {name}'s optimizer states on {now}, not {was}", notes
+    saved = stored.get("world_size", 1)
+    if saved != world_size:
+        return f"world size was {saved}, now {world_size}", notes
+    return None, notes
 
 
 def trim_metrics(path: Path, last_step: int) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from memtrain.errors import ConfigError, MemtrainError
-from memtrain.train.checkpoint import restore_rng, rng_state, trim_metrics
+from memtrain.train.checkpoint import compare_resume, restore_rng, rng_state, trim_metrics
 from memtrain.train.data import TokenStream
 from memtrain.train.launch import World, check_launcher, needs_launch, world_from_env
 from memtrain.train.recipe import ModelSection, PlanSection, Recipe, ScheduleSection
@@ -280,15 +280,35 @@ class Runner:
             prepared.remove()
 
     def resume(self, strategy: SingleProcess, device: torch.device) -> int:
-        """Load the newest checkpoint, if any and asked to; returns the step to start from."""
-        state = strategy.load() if self.recipe.train.resume else None
+        """Load the newest good checkpoint, if any and asked to, once its recipe and plan agree
+        with this run's; returns the step to start from."""
+        if not self.recipe.train.resume:
+            return 0
+        state = strategy.load(self.check_resume, self.note)
         if state is None:
             return 0
         self.stream.load_state_dict(state["data"])
         restore_rng(state, device, self.world.rank, self.world.world_size)
         ranks = f" on {self.world.world_size} ranks" if self.world.distributed else ""
-        self.console.print(f"resumed from {strategy.path} at step {state['step']}{ranks}")
+        self.note(f"resumed from {strategy.loaded} at step {state['step']}{ranks}")
         return int(state["step"])
+
+    def note(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False)
+
+    def check_resume(self, stored: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint this run cannot continue (one line); note the allowed changes."""
+        plan = self.prepared.plan
+        problem, notes = compare_resume(
+            stored, asdict(self.recipe), plan.to_dict() if plan else None, self.world.world_size
+        )
+        if problem:
+            raise MemtrainError(
+                f"cannot resume from {path}: {problem} (a change that breaks the run; use "
+                "another train.out_dir or train.resume=false)"
+            )
+        for text in notes:
+            self.note(f"resume: {text}")
 
     def checkpoint(self, strategy: SingleProcess, device: torch.device, step: int) -> None:
         """What every kind of run stores besides the model and optimizer (plain data)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +20,31 @@ from torch import nn
 
 from memtrain.dtypes import short_name
 from memtrain.errors import ConfigError, MemtrainError
-from memtrain.train.checkpoint import CHECKPOINT, DS_CHECKPOINTS, save_checkpoint
+from memtrain.train.checkpoint import (
+    CHECKPOINT,
+    DS_CHECKPOINTS,
+    DS_CLIENT,
+    KEEP,
+    newest_good,
+    save_checkpoint,
+)
 from memtrain.train.launch import DEEPSPEED_OPTIMIZERS, World
 from memtrain.train.recipe import Recipe
 
+# check(client state, where it came from): raises MemtrainError where this run cannot resume it
+Check = Callable[[dict[str, Any], Path], None]
+
 
 class SingleProcess:
-    """The prepared model and optimizer as they are; ``checkpoint.pt`` holds the model."""
+    """The prepared model and optimizer as they are; ``checkpoint-<step>.pt`` (the newest also
+    as ``checkpoint.pt``) holds the model, its optimizer state and the client state."""
 
     prepare_options: dict[str, Any] = {}
 
     def __init__(self, world: World, device: torch.device):
         self.world, self.device = world, device
         self.in_backward, self.started = None, False
+        self.loaded: Path | None = None  # the checkpoint a resume read
 
     def start(self) -> str | None:
         """Start the process group; returns its backend (None for a single process)."""
@@ -83,13 +96,22 @@ class SingleProcess:
     def barrier(self) -> None:
         pass
 
-    def load(self) -> dict[str, Any] | None:
-        """Load the newest checkpoint's model and optimizer; returns its client state."""
-        if not self.path.exists():
+    def load(self, check: Check, note: Callable[[str], None]) -> dict[str, Any] | None:
+        """Load the model and optimizer of the newest checkpoint that reads back intact, once
+        ``check`` accepts its client state; returns that state (None: no checkpoint)."""
+        found = newest_good(self.path, self.device, note)
+        if found is None:
             return None
-        state = torch.load(self.path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])  # in place: a DDP replica follows
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.loaded, state = found
+        check(state, self.loaded)
+        try:
+            self.model.load_state_dict(state["model"])  # in place: a DDP replica follows
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise MemtrainError(
+                f"checkpoint {self.loaded} does not fit this model and optimizer ({first})"
+            ) from None
         return state
 
     def save(self, state: dict[str, Any]) -> None:
@@ -97,7 +119,7 @@ class SingleProcess:
         which stands for all as DDP keeps them equal."""
         if self.world.main:
             state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
-            save_checkpoint(self.path, state)
+            save_checkpoint(self.path, state, keep=KEEP)
         self.barrier()
 
 
@@ -188,19 +210,47 @@ class DeepSpeedStrategy(DDPStrategy):
         norm = self.engine.get_global_grad_norm()
         return loss, None if norm is None else float(norm)
 
-    def load(self) -> dict[str, Any] | None:
-        if not (self.path / "latest").exists():
+    def load(self, check: Check, note: Callable[[str], None]) -> dict[str, Any] | None:
+        """The tag ``latest`` names, once ``check`` accepts its ``memtrain.json`` (read before
+        the engine loads anything; checkpoints without one are checked after loading)."""
+        latest = self.path / "latest"
+        if not latest.exists():
             return None
-        path, client = self.engine.load_checkpoint(str(self.path))
-        if path is None:
-            raise MemtrainError(f"DeepSpeed could not load the checkpoint in {self.path}")
-        return client
+        tag = latest.read_text(errors="replace").strip()
+        self.loaded = folder = self.path / tag
+        if not tag or not folder.is_dir():
+            raise MemtrainError(f"{latest} names {tag!r}, but there is no {folder}")
+        client = folder / DS_CLIENT
+        if client.exists():
+            try:
+                stored = json.loads(client.read_text())
+            except ValueError:
+                raise MemtrainError(f"{client} is damaged: not JSON") from None
+            check(stored, folder)
+        try:
+            path, state = self.engine.load_checkpoint(str(self.path), tag=tag)
+        except MemtrainError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure inside DeepSpeed, on one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise MemtrainError(
+                f"DeepSpeed could not load the checkpoint {folder} ({type(exc).__name__}: {first})"
+            ) from None
+        if path is None or state is None:
+            raise MemtrainError(f"DeepSpeed could not load the checkpoint {folder}")
+        if not client.exists():
+            check(state, folder)
+        return state
 
     def save(self, state: dict[str, Any]) -> None:
         tag = f"step{state['step']}"
         self.engine.save_checkpoint(str(self.path), tag=tag, client_state=state)
         self.barrier()
-        if self.world.main:  # keep the newest only; "latest" already names it
+        if self.world.main:  # what a resume compares before loading the shards
+            keys = ("step", "world_size", "recipe", "plan")
+            client = json.dumps({k: state.get(k) for k in keys}, default=str)
+            (self.path / tag / DS_CLIENT).write_text(client)
+            # keep the newest only; "latest" already names it
             for old in self.path.glob("step*"):
                 if old.is_dir() and old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)

@@ -23,8 +23,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memtrain.errors import MemtrainError
+from memtrain.models.blocks import TOKENWISE_BLOCKS, tokenwise_problem
 
-SUPPORTED = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
+SUPPORTED = TOKENWISE_BLOCKS
 
 
 def chunk_ranges(start: int, end: int, chunks: int) -> list[tuple[int, int]]:
@@ -131,21 +132,10 @@ class LlamaBlockParts:
     """The pieces of one decoder layer, called as token-local functions of token ranges."""
 
     def __init__(self, layer: nn.Module, name: str) -> None:
-        kind = type(layer).__name__
-        attn = getattr(layer, "self_attn", None)
-        needed = ("input_layernorm", "post_attention_layernorm", "mlp")
-        if (
-            kind not in SUPPORTED
-            or attn is None
-            or any(not hasattr(layer, n) for n in needed)
-            or any(not hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        ):
-            raise MemtrainError(
-                f"layer {name}: token-wise recompute supports {', '.join(SUPPORTED)} "
-                f"(got {kind}); plan whole-layer recompute for it instead"
-            )
-        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-            raise MemtrainError(f"layer {name}: attention with q/k norms is not supported")
+        problem = tokenwise_problem(layer, name)  # the block's type and parts
+        if problem:
+            raise MemtrainError(problem)
+        attn = layer.self_attn
         window = getattr(getattr(attn, "config", None), "sliding_window", None)
         use_window = getattr(getattr(attn, "config", None), "use_sliding_window", True)
         self.window = window if use_window else None

@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memtrain.errors import MemtrainError
-from memtrain.offload.memo import LlamaBlockParts, chunk_ranges, tokenwise_forward
+from memtrain.models.blocks import tiling_problem, tokenwise_modules_problem
+from memtrain.offload.memo import chunk_ranges, tokenwise_forward
 from memtrain.offload.swap import LayerState, SwapEngine, in_backward
 
 TOLERANCE = 1e-3  # shares up to this count as nothing
@@ -40,12 +41,7 @@ class ActivationMode:
     def problem(cls, modules: Sequence[nn.Module], chunks: int = 1, name: str = "") -> str | None:
         """Why this mode cannot run layer ``name``, made of ``modules``, in ``chunks`` sequence
         chunks (None: it can)."""
-        if chunks > 1 and not any(isinstance(getattr(m, "mlp", None), nn.Module) for m in modules):
-            return (
-                f"layer {name}: the plan tiles it into {chunks} chunks but it has no .mlp "
-                "submodule to tile"
-            )
-        return None
+        return tiling_problem(modules, chunks, name)
 
     @classmethod
     def supports(cls, modules: Sequence[nn.Module], chunks: int = 1) -> bool:
@@ -138,13 +134,7 @@ class TokenwiseRecompute(ActivationMode):
 
     @classmethod
     def problem(cls, modules: Sequence[nn.Module], chunks: int = 1, name: str = "") -> str | None:
-        if len(modules) != 1:
-            return f"layer {name}: token-wise recompute needs one module"
-        try:
-            LlamaBlockParts(modules[0], name)  # checks the block's type and parts
-        except MemtrainError as exc:
-            return str(exc)
-        return None
+        return tokenwise_modules_problem(modules, name)  # the block's type and parts
 
     def placements(self, token_bytes=0.0, attention_bytes=0.0, input_bytes=0.0) -> Placements:
         policy, rho = self.policy, self.policy.token_fraction

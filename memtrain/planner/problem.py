@@ -49,6 +49,9 @@ class LayerCosts:
     # The anchor is only the stored attention output (the input is a checkpoint): the layer may
     # instead drop it and recompute attention too (whole-layer checkpointing).
     droppable_anchor: bool = False
+    # The executor runs a share of the tokens recomputed (token-wise recompute) for this layer;
+    # where it does not, a block's recompute share is 0 or 1 (whole-layer recompute).
+    tokenwise: bool = True
 
     @property
     def token_bytes(self) -> float:
@@ -126,7 +129,8 @@ def layer_costs(layer: LayerProfile, always_store_ops: Sequence[str] = ()) -> La
     token = anchor + recomputable
     tileable = 0.0
     untiled_backward = 0.0
-    if layer.kind in TILEABLE_KINDS and token > 0:
+    # Sequence chunks only where the executor tiles the layer (memtrain.models.blocks).
+    if layer.kind in TILEABLE_KINDS and token > 0 and layer.tiling:
         tileable = max(0.0, (token - attention) / token)
         untiled_backward = min(float(layer.backward_transient_bytes), attention + 2 * attention_out)
     return LayerCosts(
@@ -156,6 +160,7 @@ def layer_costs(layer: LayerProfile, always_store_ops: Sequence[str] = ()) -> La
         param_bytes=float(layer.param_bytes),
         grad_bytes=float(layer.grad_bytes),
         state_bytes=float(layer.optimizer_state_bytes),
+        tokenwise=layer.tokenwise,
     )
 
 

@@ -118,9 +118,17 @@ class _Model:
                 self.binaries.append(full)
                 self.vars[("set", s, "f", "full")] = full
                 self.lp += pulp.lpSum(a.values()) == 1 - full, f"anchor_{s}"
-                self.lp += x["rec"] >= full, f"full_recompute_{s}"
+                if layer.tokenwise:
+                    self.lp += x["rec"] >= full, f"full_recompute_{s}"
+                else:  # a checkpoint around the whole layer: it stores only the input
+                    self.lp += x["rec"] == full, f"full_recompute_{s}"
             else:
                 self.lp += pulp.lpSum(a.values()) == 1, f"anchor_{s}"
+                if can_recompute and not layer.tokenwise:
+                    # No token-wise recompute for this block: recompute all of it or none.
+                    whole = new_var(self.lp, f"whole_{s}", 0, 1, pulp.LpBinary)
+                    self.binaries.append(whole)
+                    self.lp += x["rec"] == whole, f"whole_recompute_{s}"
             self.lp += pulp.lpSum(x.values()) == 1, f"rest_{s}"
             if layer.checkpoint_bytes > 0:
                 c = {t: new_var(self.lp, f"c_{s}_{t}", 0, 1, cat) for t in self.tiers}

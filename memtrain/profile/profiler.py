@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten
 
 from memtrain.errors import MemtrainError
 from memtrain.hardware.devices import DeviceSpec, get_device
+from memtrain.models.blocks import block_capabilities
 from memtrain.models.build import LayerSpec
 from memtrain.optim.factory import build_optimizer
 from memtrain.optim.memory import (
@@ -338,6 +339,8 @@ def profile_model(
         layer_grads = sum(grad_per_param.get(id(o.param), 0) for o in mine)
         if index >= len(layer_specs) and not mine and not layer_saved and not stats.forward_flops:
             continue  # an empty pseudo-layer
+        modules = layer_specs[index].modules if index < len(layer_specs) else []
+        capabilities = block_capabilities(modules)
         layer_profiles.append(
             LayerProfile(
                 name=stats.name,
@@ -371,6 +374,8 @@ def profile_model(
                 ),
                 param_count=sum(o.param.numel() for o in mine),
                 attention_forward_time_s=_attention_share(stats, dry),
+                tokenwise=capabilities.tokenwise,
+                tiling=capabilities.tiling,
             )
         )
     total_saved = sum(layer.saved_bytes for layer in layer_profiles)

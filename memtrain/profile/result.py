@@ -70,6 +70,13 @@ class LayerProfile:
     # Forward seconds of the layer's attention kernels (part of forward_time_s): what a
     # token-wise recompute that keeps the attention output does not run again.
     attention_forward_time_s: float = 0.0
+    # What the executor can run for this layer beyond keep, swap and whole-layer recompute
+    # (memtrain.models.blocks): a recompute share strictly between 0 and 1 (token-wise
+    # recompute), and sequence chunks (tiling). Profiles saved before these fields existed
+    # read as True, which is what the planner assumed for every layer then, so their plans stay
+    # as they were; the planner uses them only for "block" layers.
+    tokenwise: bool = True
+    tiling: bool = True
 
     @property
     def token_scaled_saved_bytes(self) -> int:

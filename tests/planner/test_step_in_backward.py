@@ -173,7 +173,7 @@ def _measured_transient(param: torch.nn.Parameter, optimizer, steps: int = 3) ->
         param.grad = torch.randn(param.shape, dtype=param.dtype)
         tracker = OpTracker(None, True, lambda *a: None, block=1)
         with tracker:
-            sib_module._step_one(optimizer, param, optimizer.param_groups[0])
+            sib_module._step_one(optimizer, param, 0)  # the first parameter group
         worst = max(worst, tracker.peak_bytes - tracker.live_bytes)
     return worst
 
@@ -260,11 +260,11 @@ def test_live_gradients_of_a_real_run_never_exceed_the_plan(tiny_path, profile, 
     step_peak: dict[str, int] = {}
     plain_step = sib_module._step_one
 
-    def measured_step(opt, param, group):
+    def measured_step(opt, param, index):
         grad = param.grad.numel() * param.grad.element_size()
         tracker = OpTracker(None, True, lambda *a: None, block=1)
         with tracker:
-            plain_step(opt, param, group)
+            plain_step(opt, param, index)
         name = layer_of[id(param)]
         used = grad + tracker.peak_bytes - tracker.live_bytes
         step_peak[name] = max(step_peak.get(name, 0), used)

@@ -7,6 +7,9 @@ so bad input never ends in a traceback from deep inside PyTorch.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class MemtrainError(Exception):
     """An error caused by the user's input, with a message that says what to do about it."""
@@ -30,3 +33,18 @@ def check_schema(data: dict, schema: str, version: int, what: str, remedy: str) 
             f"{what} schema version {data.get('schema_version')} is not supported "
             f"(this memtrain reads version {version}); re-run {remedy}"
         )
+
+
+def check_output_path(path: str | os.PathLike, flag: str) -> Path:
+    """Refuse an output file that cannot be written (a folder, a missing or read-only folder,
+    a read-only file) before any work is done; ``flag`` names it in the message (``--out``)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise MemtrainError(f"{flag}: {path} is a folder; give a file name, e.g. {path / 'out'}")
+    if not parent.is_dir():
+        raise MemtrainError(f"{flag}: folder {parent} does not exist; create it or pick another")
+    writable = os.access(path, os.W_OK) if path.exists() else os.access(parent, os.W_OK | os.X_OK)
+    if not writable:
+        raise MemtrainError(f"{flag}: cannot write {path} (permission denied); pick another file")
+    return path

@@ -7,7 +7,7 @@ import base64
 import io
 from pathlib import Path
 
-from memtrain.errors import MemtrainError
+from memtrain.errors import MemtrainError, check_output_path
 
 
 def plot_path(path: str | Path) -> Path:
@@ -18,7 +18,7 @@ def plot_path(path: str | Path) -> Path:
         raise MemtrainError(f"--plot writes .png or .html files, not {path.name!r}")
     if not path.parent.exists():
         raise MemtrainError(f"--plot: folder {path.parent} does not exist")
-    return path
+    return check_output_path(path, "--plot")
 
 
 def save_figure(fig, path: str | Path, title: str, extra_html: str = "") -> Path:

@@ -33,9 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from memtrain.errors import check_output_path
     from memtrain.hardware.calibrate import calibrate
     from memtrain.units import format_bytes
 
+    check_output_path(args.out, "--out")  # before the measurements, not after them
     model = calibrate(
         device=args.device,
         nvme_path=args.nvme,

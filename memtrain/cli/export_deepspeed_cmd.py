@@ -32,11 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memtrain.errors import MemtrainError
+    from memtrain.errors import MemtrainError, check_output_path
     from memtrain.offload import deepspeed_config
 
     if not Path(args.plan).exists():
         raise MemtrainError(f"{args.plan}: no such plan file")
+    if args.gradient_accumulation_steps < 1:
+        raise MemtrainError(
+            "--gradient-accumulation-steps must be a positive integer, e.g. 1, got "
+            f"{args.gradient_accumulation_steps}"
+        )
+    if args.lr is not None and not 0 < args.lr < float("inf"):
+        raise MemtrainError(f"--lr must be a positive number, e.g. 1e-4, got {args.lr}")
+    if args.out:
+        check_output_path(args.out, "--out")
     config = deepspeed_config(
         args.plan,
         dtype=args.dtype,

@@ -154,6 +154,10 @@ def plan_request(args: argparse.Namespace):
     from memtrain.planner.pipeline import PlanRequest
 
     batches = _parse_batches(args.batch)
+    if not 0 < args.time_limit < float("inf"):
+        raise MemtrainError(
+            f"--time-limit must be a positive number of seconds, e.g. 10, got {args.time_limit}"
+        )
     if args.profile and (len(batches) > 1 or len(args.optimizer) > 1):
         raise MemtrainError("--profile fixes batch and optimizer; use --model to compare several")
     if args.step_in_backward and len(args.optimizer) > 1:
@@ -196,7 +200,7 @@ def parallelism_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from memtrain.errors import MemtrainError
+    from memtrain.errors import MemtrainError, check_output_path
     from memtrain.planner.pipeline import plan_model
     from memtrain.planner.report import print_plan
 
@@ -204,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
     measured = None
     if args.measured and not args.plot:
         raise MemtrainError("--measured is drawn by --plot; name a .png or .html file")
+    if args.out:
+        check_output_path(args.out, "--out")
     if args.plot:
         from memtrain.figures import plot_path
         from memtrain.planner.plot import measured_moments

@@ -62,10 +62,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from memtrain.errors import check_output_path
+    from memtrain.figures import plot_path
     from memtrain.hardware import get_device
     from memtrain.profile import profile_causal_lm
     from memtrain.profile.report import print_report, wide_console, write_plot
 
+    # Unwritable outputs fail before the profiling work, not after it.
+    if args.json not in (None, "-"):
+        check_output_path(args.json, "--json")
+    if args.plot:
+        plot_path(args.plot)
     quiet = args.json == "-"
     console = wide_console(stderr=quiet)
     with console.status(f"profiling {args.model} at {args.batch}x{args.seq} on {args.device} ..."):

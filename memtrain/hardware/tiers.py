@@ -8,7 +8,10 @@ directions, so its duplex rate is part of the model too.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import difflib
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,53 +121,59 @@ class HardwareModel:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HardwareModel:
         check_schema(data, SCHEMA, SCHEMA_VERSION, "hardware file", "memtrain calibrate")
-        try:
-            device_data = data["device"]
-            device = (
-                get_device(device_data)
-                if isinstance(device_data, str)
-                else DeviceSpec(**device_data)
+        top = _checked_fields(
+            cls, {k: v for k, v in data.items() if k not in ("schema", "schema_version")}, ""
+        )
+        device_data = top["device"]
+        if isinstance(device_data, str):
+            device = get_device(device_data)
+        elif isinstance(device_data, dict):
+            device = DeviceSpec(**_checked_fields(DeviceSpec, device_data, "device."))
+        else:
+            raise ConfigError(
+                f"'device' must be a preset name or a mapping of device fields, got {device_data!r}"
             )
-            tiers = {name: MemoryTier(**spec) for name, spec in data["tiers"].items()}
-            kwargs = {
-                key: data[key]
-                for key in (
-                    "cpu_optimizer_bandwidth",
-                    "allocator_margin",
-                    "gpu_reserved_bytes",
-                    "tile_overhead_s",
-                    "source",
-                    "notes",
-                )
-                if key in data
-            }
-            model = cls(
-                device=device,
-                tiers=tiers,
-                host_to_device=float(data["host_to_device"]),
-                device_to_host=float(data["device_to_host"]),
-                host_link_duplex=float(data["host_link_duplex"]),
-                **kwargs,
+        if not isinstance(top["tiers"], dict):
+            raise ConfigError(
+                f"'tiers' must be a mapping of tier name ({', '.join(TIERS)}) to its fields, "
+                f"got {type(top['tiers']).__name__}"
             )
-        except (KeyError, TypeError) as exc:
-            raise ConfigError(f"hardware file is missing or has a bad field ({exc})") from None
+        tiers = {}
+        for name, spec in top["tiers"].items():
+            if not isinstance(spec, dict):
+                raise ConfigError(f"'tiers.{name}' must be a mapping of tier fields, got {spec!r}")
+            tiers[name] = MemoryTier(**_checked_fields(MemoryTier, spec, f"tiers.{name}."))
+        model = cls(**{**top, "device": device, "tiers": tiers})
         model.validate()
         return model
 
     def validate(self) -> None:
+        for spec in fields(DeviceSpec):
+            value = getattr(self.device, spec.name)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            if not (value >= 0 if spec.name == "memory_bytes" else _positive(value)):
+                raise ConfigError(f"'device.{spec.name}' must be a positive number, got {value!r}")
         if "gpu" not in self.tiers:
             raise ConfigError("hardware model has no 'gpu' tier")
         for name, tier in self.tiers.items():
             if name not in TIERS:
                 raise ConfigError(f"unknown memory tier {name!r}; tiers are {', '.join(TIERS)}")
-            if tier.capacity_bytes < 0 or tier.read_bandwidth <= 0 or tier.write_bandwidth <= 0:
+            bandwidths = (tier.read_bandwidth, tier.write_bandwidth)
+            if tier.capacity_bytes < 0 or not all(_positive(b) for b in bandwidths):
                 raise ConfigError(
                     f"tier {name!r} needs a non-negative capacity and positive bandwidths"
                 )
-        if min(self.host_to_device, self.device_to_host, self.host_link_duplex) <= 0:
-            raise ConfigError("host link bandwidths must be positive")
+        links = (self.host_to_device, self.device_to_host, self.host_link_duplex)
+        if not all(_positive(b) for b in (*links, self.cpu_optimizer_bandwidth)):
+            raise ConfigError(
+                "host_to_device, device_to_host, host_link_duplex and cpu_optimizer_bandwidth "
+                "must be positive numbers of bytes/s"
+            )
         if not 0 <= self.allocator_margin < 1:
             raise ConfigError("allocator_margin must be in [0, 1)")
+        if self.gpu_reserved_bytes < 0 or not self.tile_overhead_s >= 0:
+            raise ConfigError("gpu_reserved_bytes and tile_overhead_s must not be negative")
 
     def save_yaml(self, path: str | Path) -> None:
         import yaml
@@ -180,10 +189,81 @@ class HardwareModel:
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read hardware file ({exc.strerror})") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: hardware file is not valid YAML ({exc})") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+            raise ConfigError(
+                f"{path}: hardware file is not valid YAML ({problem}{where})"
+            ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: hardware file must be a YAML mapping")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except MemtrainError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+def _positive(value: float) -> bool:
+    return value > 0  # NaN is not; infinite rates (the CPU preset's host link) are
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether a YAML value fits a field annotation (``float`` takes ints; bools are not
+    numbers)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint) or hint
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_accepts(item, v) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(value, bool) and origin is not bool:
+        return False
+    if origin is float:
+        return isinstance(value, int | float)
+    return isinstance(value, origin)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    names = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is list:
+        return "a list"
+    if hint in (dict, DeviceSpec) or typing.get_origin(hint) is dict:
+        return "a mapping"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _checked_fields(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``data`` with every key a field of dataclass ``cls`` and every value of its type; each
+    unknown key, missing field or wrong type is a one-line error naming ``prefix + key``."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}" if close else "known: " + ", ".join(known)
+            raise ConfigError(f"unknown field '{prefix}{key}' ({hint})")
+        if key in ("device", "tiers") and cls is HardwareModel:
+            continue  # checked by from_dict, which knows their shapes
+        if not _accepts(hints[key], value):
+            raise ConfigError(f"'{prefix}{key}' must be {_type_name(hints[key])}, got {value!r}")
+    missing = [
+        name
+        for name, spec in known.items()
+        if name not in data and spec.default is MISSING and spec.default_factory is MISSING  # type: ignore[misc]
+    ]
+    if missing:
+        raise ConfigError(f"missing field(s) {', '.join(prefix + m for m in missing)}")
+    return dict(data)
 
 
 def _default_tier(name: str, capacity: int, path: str | None = None) -> MemoryTier:

@@ -68,7 +68,8 @@ def _betas(options: dict[str, Any]) -> tuple[float, float]:
     return float(options.get("beta1", 0.9)), float(options.get("beta2", 0.999))
 
 
-def _check_options(spec: OptimizerSpec) -> None:
+def check_options(spec: OptimizerSpec) -> None:
+    """Refuse an optimizer this factory cannot build, or an option it does not take."""
     allowed = ALLOWED_OPTIONS.get(spec.name)
     if allowed is None:
         raise MemtrainError(
@@ -105,7 +106,7 @@ def build_optimizer(
     parameters, every 2-D one; given parameter groups (dicts), the groups are used as they are.
     """
     spec = parse_optimizer_spec(spec)
-    _check_options(spec)
+    check_options(spec)
     opts = dict(spec.options)
     name = spec.name
     if name in ("adamw", "adam", "sgd", "adafactor"):

@@ -240,6 +240,58 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+# Numeric and boolean options the built-in optimizers read: (accepted types, test, what is
+# accepted). parse_optimizer_spec refuses any other value for them in one line that names the
+# option; text options (proj_type, targets, ...) are checked where they are used.
+_INT, _NUMBER, _BOOL = (int,), (int, float), (bool,)
+OPTION_CHECKS: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] = {
+    "rank": (_INT, lambda v: v > 0, "a positive integer, e.g. rank=128"),
+    "update_proj_gap": (_INT, lambda v: v > 0, "a positive integer, e.g. update_proj_gap=200"),
+    "seed": (_INT, lambda v: True, "an integer"),
+    "proj_iters": (_INT, lambda v: v >= 0, "an integer >= 0"),
+    "proj_cold_iters": (_INT, lambda v: v >= 0, "an integer >= 0"),
+    "proj_oversample": (_INT, lambda v: v >= 0, "an integer >= 0"),
+    "density": (_NUMBER, lambda v: 0 < v <= 1, "a number in (0, 1], e.g. density=0.25"),
+    "scale": (_NUMBER, lambda v: v >= 0, "a number >= 0, e.g. scale=0.25"),
+    "free_lr_scale": (_NUMBER, lambda v: v >= 0, "a number >= 0"),
+    "clip_threshold": (_NUMBER, lambda v: v > 0, "a positive number"),
+    "eps": (_NUMBER, lambda v: v >= 0, "a number >= 0, e.g. eps=1e-8"),
+    "weight_decay": (_NUMBER, lambda v: v >= 0, "a number >= 0, e.g. weight_decay=0.01"),
+    "momentum": (_NUMBER, lambda v: v >= 0, "a number >= 0, e.g. momentum=0.9"),
+    "dampening": (_NUMBER, lambda v: v >= 0, "a number >= 0"),
+    "beta2": (_NUMBER, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. beta2=0.999"),
+    "decay_rate": (_NUMBER, lambda v: math.isfinite(v), "a number, e.g. decay_rate=-0.8"),
+    "beta2_decay": (_NUMBER, lambda v: math.isfinite(v), "a number, e.g. beta2_decay=-0.8"),
+    "d": (_NUMBER, lambda v: math.isfinite(v), "a number, e.g. d=1.0"),
+    **{
+        flag: (_BOOL, lambda v: True, "true or false")
+        for flag in (
+            "amsgrad",
+            "fused",
+            "foreach",
+            "nesterov",
+            "correct_bias",
+            "scale_parameter",
+        )
+    },
+}
+
+
+def _check_option(name: str, key: str, value: Any) -> None:
+    if key == "beta1":  # GaLore-Adafactor takes beta1=none for no first moment
+        if isinstance(value, str) and value.lower() == "none":
+            return
+        check = (_NUMBER, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. beta1=0.9")
+    elif key in OPTION_CHECKS:
+        check = OPTION_CHECKS[key]
+    else:
+        return
+    types, test, accepted = check
+    wrong_type = isinstance(value, bool) != (types == _BOOL) or not isinstance(value, types)
+    if wrong_type or not test(value):
+        raise MemtrainError(f"optimizer option {name}:{key} must be {accepted}, got {value!r}")
+
+
 def parse_optimizer_spec(text: str | OptimizerSpec) -> OptimizerSpec:
     """Parse ``name[:key=value,...]``; the name must be in :data:`OPTIMIZERS`."""
     if isinstance(text, OptimizerSpec):
@@ -257,6 +309,8 @@ def parse_optimizer_spec(text: str | OptimizerSpec) -> OptimizerSpec:
         raise MemtrainError(
             f"unknown optimizer {spec.name!r}; known: {', '.join(sorted(OPTIMIZERS))}"
         )
+    for key, value in spec.options.items():
+        _check_option(spec.name, key, value)
     return spec
 
 

@@ -26,7 +26,7 @@ def _files(paths: str | list[str]) -> list[Path]:
     items = [paths] if isinstance(paths, str) else list(paths)
     found: list[Path] = []
     for item in items:
-        path = Path(item).expanduser()
+        path = Path(str(item)).expanduser()
         if path.is_dir():
             found.extend(sorted(p for p in path.rglob("*") if p.is_file()))
         elif path.is_file():
@@ -48,8 +48,13 @@ def _read_corpus(source: str, path: Any, text_field: str, limit_bytes: int) -> b
     total = 0
     files = _stdlib_files() if source == "stdlib" else _files(path)
     for file in files:
+        try:
+            content = file.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"data.path {str(file)!r}: cannot read ({exc.strerror})") from None
         if source == "jsonl":
-            for number, line in enumerate(file.read_text(errors="replace").splitlines(), 1):
+            text = content.decode(errors="replace")
+            for number, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -61,7 +66,7 @@ def _read_corpus(source: str, path: Any, text_field: str, limit_bytes: int) -> b
                 chunks.append(str(record[text_field]).encode() + b"\n")
                 total += len(chunks[-1])
         else:
-            chunks.append(file.read_bytes())
+            chunks.append(content)
             total += len(chunks[-1])
         if total >= limit_bytes:
             break

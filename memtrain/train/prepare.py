@@ -14,6 +14,7 @@ costs seconds whatever its size.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +23,14 @@ from torch import nn
 
 from memtrain.errors import MemtrainError
 from memtrain.hardware.request import HardwareRequest
+from memtrain.optim.factory import ALLOWED_OPTIONS, check_options
 from memtrain.optim.memory import parse_optimizer_spec
 from memtrain.planner import PlanOptions
 from memtrain.planner.pipeline import PlanRequest, plan_model
 from memtrain.units import format_bytes
+
+# Each model a prepare() result is installed on, with that result's id (until its remove()).
+_INSTALLED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 
 TORCH_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -71,6 +76,8 @@ class Prepared:
         return "\n".join(lines)
 
     def remove(self) -> None:
+        if _INSTALLED.get(self.model) == id(self):
+            del _INSTALLED[self.model]
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
@@ -147,7 +154,14 @@ def prepare(
     from memtrain.optim import build_optimizer as build_torch_optimizer
 
     model = unwrap_model(model)
+    if model in _INSTALLED:
+        raise MemtrainError(
+            f"this {type(model).__name__} is already prepared; call .remove() on the first "
+            "memtrain.prepare() result (or leave its with block) before preparing it again"
+        )
     spec = parse_optimizer_spec(optimizer)
+    if spec.name in ALLOWED_OPTIONS:  # a registered optimizer of the caller's takes its own
+        check_options(spec)
     # The spec's own weight_decay option wins; otherwise the keyword, wherever the states live.
     decay = float(spec.options.get("weight_decay", weight_decay))
     notes: list[str] = []
@@ -231,4 +245,7 @@ def prepare(
 
             unpatch_causal_lm_loss(model)
         raise
-    return Prepared(model, built, plan_obj, profile, handle, fused_loss, notes)
+    prepared = Prepared(model, built, plan_obj, profile, handle, fused_loss, notes)
+    if handle is not None or fused_loss:
+        _INSTALLED[model] = id(prepared)  # a second prepare() would stack its hooks on these
+    return prepared

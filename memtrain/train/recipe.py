@@ -167,6 +167,12 @@ def _section(cls: type, name: str, given: dict[str, Any], source: str):
         if isinstance(value, str) and float in accepted:
             with contextlib.suppress(ValueError):
                 value = float(value)  # YAML reads 3e-4 as text
+        if value is None and known[key].default_factory is dict:
+            value = {}  # ``overrides:`` with nothing under it
+        nullable = type(None) in typing.get_args(hints[key]) or hints[key] is Any
+        if value is None and not nullable:
+            names = " or ".join(t.__name__ for t in accepted)
+            raise ConfigError(f"{source}: {name}.{key} must be {names}, got null")
         if value is not None and not isinstance(value, accepted):
             names = " or ".join(t.__name__ for t in accepted)
             raise ConfigError(f"{source}: {name}.{key} must be {names}, got {value!r}")
@@ -204,6 +210,7 @@ def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
             raise ConfigError(f"{source}: section {name!r} must be a mapping")
         values[name] = _section(cls, name, given or {}, source)
     recipe = Recipe(**values)
+    recipe = dataclasses.replace(recipe, model=_check_model_overrides(recipe.model, source))
     model, data, dry = recipe.model, recipe.data, recipe.dry_run
     sources = [k for k in ("preset", "config", "checkpoint") if getattr(model, k)]
     if len(sources) != 1 and not (dry is not None and dry.only and not sources):
@@ -215,10 +222,91 @@ def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: data.source {data.source} needs data.path")
     if dry is not None and not dry.model:
         raise ConfigError(f"{source}: dry_run needs a model (a preset name or config path)")
+    _check_optimizer(recipe.optimizer, source)
     fraction = recipe.plan.gpu_budget_fraction
     if fraction is not None and not 0 < fraction <= 1:
         raise ConfigError(f"{source}: plan.gpu_budget_fraction must be in (0, 1], got {fraction}")
     return recipe
+
+
+# Config sizes a model override must give as a positive integer (null where the config itself
+# may leave one unset); Hugging Face and GPT-2 spellings.
+POSITIVE_SIZES = {
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "head_dim",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_positions",
+    "n_inner",
+}
+NULLABLE_SIZES = {"num_key_value_heads", "head_dim", "n_inner", "intermediate_size"}
+
+
+def _check_model_overrides(model: ModelSection, source: str) -> ModelSection:
+    """Each ``model.overrides`` key a field of the model's config, each size a positive integer
+    and each value of the type the config takes (a number for a float field becomes a float)."""
+    overrides = dict(model.overrides)
+    for key, value in overrides.items():
+        where = f"{source}: model.overrides.{key}"
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigError(f"{source}: model.overrides key {key!r} is not a config field name")
+        if key in POSITIVE_SIZES and not (value is None and key in NULLABLE_SIZES):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{where} must be a positive integer, got {value!r}")
+    if not overrides or not (model.preset or model.config):
+        return model
+    from memtrain.errors import MemtrainError
+    from memtrain.models.configs import load_config
+
+    try:
+        config = load_config(model.preset or model.config)
+    except MemtrainError:
+        return model  # a bad model is reported where it is built
+    for key, value in overrides.items():
+        where = f"{source}: model.overrides.{key}"
+        if not hasattr(config, key):
+            raise ConfigError(f"{where}: {config.model_type} configs have no {key!r}")
+        current = getattr(config, key)
+        if isinstance(current, float) and not isinstance(value, bool):
+            with contextlib.suppress(TypeError, ValueError, OverflowError):
+                value = overrides[key] = float(value)  # YAML reads 1e-5 as text, 1 as an int
+        try:
+            setattr(config, key, value)
+        except Exception as exc:  # transformers checks field types on assignment
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = lines[-1] if lines else type(exc).__name__
+            if current is None:
+                raise ConfigError(f"{where}: cannot set {value!r} ({reason})") from None
+            short = len(repr(current)) <= 40 and not isinstance(current, bool)
+            example = f" like {current!r}" if short else ""
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+            accepted = kind.get(type(current), f"a {type(current).__name__}")
+            raise ConfigError(f"{where} must be {accepted}{example}, got {value!r}") from None
+    return dataclasses.replace(model, overrides=overrides)
+
+
+def _check_optimizer(section: OptimizerSection, source: str) -> None:
+    """The optimizer's name and options, checked before anything is built or trained."""
+    from memtrain.errors import MemtrainError
+    from memtrain.optim.factory import ALLOWED_OPTIONS, check_options
+    from memtrain.optim.memory import parse_optimizer_spec
+
+    for key in section.options:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigError(f"{source}: optimizer.options key {key!r} is not an option name")
+    try:
+        spec = parse_optimizer_spec(section.spec)
+        if spec.name in ALLOWED_OPTIONS:
+            check_options(spec)
+    except MemtrainError as exc:
+        raise ConfigError(f"{source}: optimizer: {exc}") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -251,8 +339,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         bundled = Path(__file__).resolve().parents[2] / "recipes" / path.name
         hint = f" (there is {bundled})" if bundled.exists() and bundled != path else ""
         raise ConfigError(f"{path}: no such recipe{hint}")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give a recipe file, e.g. recipes/quickstart.yaml")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the recipe ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; a recipe is YAML") from None
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML ({first})") from None

@@ -16,8 +16,6 @@ def plot_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in (".png", ".html"):
         raise MemtrainError(f"--plot writes .png or .html files, not {path.name!r}")
-    if not path.parent.exists():
-        raise MemtrainError(f"--plot: folder {path.parent} does not exist")
     return check_output_path(path, "--plot")
 
 

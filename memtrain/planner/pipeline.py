@@ -97,6 +97,9 @@ def _check_request(model: Any, request: PlanRequest) -> None:
         raise MemtrainError("micro-batch sizes must be positive, e.g. 1 or 1,2,4")
     if not request.optimizers:
         raise MemtrainError("name at least one optimizer, e.g. adamw")
+    fraction = request.gpu_budget_fraction
+    if fraction is not None and not 0 < fraction <= 1:
+        raise MemtrainError(f"gpu_budget_fraction must be in (0, 1], got {fraction}")
     several = len(request.batches) > 1 or len(request.optimizers) > 1
     if isinstance(model, ProfileResult) and several:
         raise MemtrainError("a profile fixes batch and optimizer; plan a model to compare several")
@@ -162,8 +165,6 @@ def _meta_twin_profile(model, seq: int, batch: int, optimizer: str, hardware: Ha
 
 
 def _fraction_of_peak(hardware: HardwareModel, profile: ProfileResult, fraction: float):
-    if not 0 < fraction <= 1:
-        raise MemtrainError(f"gpu_budget_fraction must be in (0, 1], got {fraction}")
     peak = profile.simulated_peak_bytes
     budget = (hardware.gpu_reserved_bytes + fraction * peak) / (1 - hardware.allocator_margin)
     return hardware.with_capacity("gpu", int(budget))

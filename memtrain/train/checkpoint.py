@@ -131,9 +131,10 @@ def save_checkpoint(path: Path, payload: dict[str, Any], keep: int = KEEP) -> Pa
         shutil.copyfile(target, link)
     _write_text(hash_file(path), f"{digest}  {path.name}\n")
     os.replace(link, path)
-    older = [p for s, p in numbered(out_dir) if s <= step]
-    for s, old in numbered(out_dir):
-        if s > step or old not in older[: max(1, keep)]:
+    found = numbered(out_dir)
+    kept = [p for s, p in found if s <= step][: max(1, keep)]
+    for _, old in found:
+        if old not in kept:
             old.unlink(missing_ok=True)
             hash_file(old).unlink(missing_ok=True)
     return target

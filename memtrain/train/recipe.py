@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from memtrain.errors import ConfigError
+from memtrain.errors import ConfigError, MemtrainError
 from memtrain.hardware.request import HardwareRequest
 
 
@@ -262,7 +262,6 @@ def _check_model_overrides(model: ModelSection, source: str) -> ModelSection:
                 raise ConfigError(f"{where} must be a positive integer, got {value!r}")
     if not overrides or not (model.preset or model.config):
         return model
-    from memtrain.errors import MemtrainError
     from memtrain.models.configs import load_config
 
     try:
@@ -294,7 +293,6 @@ def _check_model_overrides(model: ModelSection, source: str) -> ModelSection:
 
 def _check_optimizer(section: OptimizerSection, source: str) -> None:
     """The optimizer's name and options, checked before anything is built or trained."""
-    from memtrain.errors import MemtrainError
     from memtrain.optim.factory import ALLOWED_OPTIONS, check_options
     from memtrain.optim.memory import parse_optimizer_spec
 

@@ -4,9 +4,16 @@ On the meta device PyTorch picks the "math" attention, which keeps the full S x 
 matrix for backward; on a GPU (and on the CPU) fused kernels keep only the output and a
 log-sum-exp per row. A dry run therefore routes ``scaled_dot_product_attention`` to the fused
 op the target device would choose, so saved bytes and FLOPs match a real run.
+
+The route also prepares the mask as SDPA does before a fused kernel: a boolean mask becomes an
+additive one in the query's dtype (a new S x S buffer per call, which the kernel saves for
+backward), and the memory-efficient kernel gets a bias padded to aligned rows.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +21,40 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 MATH, FLASH, EFFICIENT = 0, 1, 2
+BIAS_ALIGNMENT = 8  # elements; the memory-efficient kernel's bias rows start on this boundary
+
+_SDPA = F.scaled_dot_product_attention
+# torch.nn.functional code that calls SDPA by its module-global name (nn.MultiheadAttention and
+# so nn.Transformer*): a function mode is off while its handler runs, so such nested calls would
+# reach the meta "math" kernel unless the name itself is routed for the call.
+_CALLS_SDPA_INSIDE = (F.multi_head_attention_forward,)
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """SDPA's own conversion of a boolean mask (``where(mask, 0, -inf)`` in the query's dtype).
+
+    Every fused kernel gets (and saves) this new buffer, one per call, so a boolean mask shared
+    by all layers still costs each layer a float copy; an additive mask passes through.
+    """
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    neg_inf = torch.scalar_tensor(float("-inf"), dtype=dtype, device=mask.device)
+    return torch.where(mask, 0.0, neg_inf)
+
+
+def _is_aligned(bias: torch.Tensor) -> bool:
+    strides = bias.stride()
+    return strides[-1] == 1 and all(s % BIAS_ALIGNMENT == 0 for s in strides[:-1])
+
+
+def efficient_bias(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The bias SDPA hands the memory-efficient kernel: rows padded into a new buffer when they
+    do not start on aligned addresses, then broadcast to (batch, heads, queries, keys)."""
+    if not _is_aligned(mask):
+        size = mask.shape[-1]
+        pad = BIAS_ALIGNMENT - size % BIAS_ALIGNMENT
+        mask = F.pad(mask, (0, pad))[..., :size]
+    return mask.expand(*query.shape[:-1], key.shape[-2])
 
 
 def cpu_backend(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> int:
@@ -56,9 +97,12 @@ class TargetAttention(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        return self._attention(*args, **kwargs)
+        if func is _SDPA:
+            return self._attention(*args, **kwargs)
+        if func in _CALLS_SDPA_INSIDE:
+            with _functional_sdpa_as(self._attention):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
 
     def _attention(
         self,
@@ -87,6 +131,8 @@ class TargetAttention(TorchFunctionMode):
                 backend = chooser(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
             self._cache[key_] = backend
         self.choices.append(backend)
+        if backend != MATH:
+            attn_mask = additive_mask(attn_mask, query.dtype)
         if backend == FLASH:
             # The CPU flash op keeps q, k, v, out and lse, as the CUDA flash kernel does (plus
             # two 8-byte RNG scalars there); both take grouped k/v heads as they are.
@@ -95,11 +141,13 @@ class TargetAttention(TorchFunctionMode):
             )
             return out
         if backend == EFFICIENT:
+            if attn_mask is not None:
+                attn_mask = efficient_bias(attn_mask, query, key)
             out = torch.ops.aten._scaled_dot_product_efficient_attention(
                 query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale
             )
             return out[0]
-        return F.scaled_dot_product_attention(
+        return _SDPA(
             query,
             key,
             value,
@@ -109,6 +157,16 @@ class TargetAttention(TorchFunctionMode):
             scale=scale,
             enable_gqa=enable_gqa,
         )
+
+
+@contextlib.contextmanager
+def _functional_sdpa_as(route: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """Point torch.nn.functional's global SDPA name at ``route`` for one call."""
+    F.scaled_dot_product_attention = route
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = _SDPA
 
 
 class CpuKernelOutputs(TorchDispatchMode):

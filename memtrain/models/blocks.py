@@ -1,10 +1,11 @@
 """What the executor can run for a decoder block: the one place both sides read it.
 
 Token-wise (MEMO) recompute and tiled whole-layer recompute call a block's parts as token-local
-functions (memtrain.offload.memo), so they run only on decoder layers whose parts they know: the
-Llama family (Llama, Qwen2, Mistral) without q/k norms. The profiler records these answers per
-layer and the planner offers those modes only where they are true; the executor checks the same
-functions before it installs them, so a plan never asks for what its executor refuses.
+functions (memtrain.offload.memo), so they run only on decoder layers a block adapter describes
+(memtrain.models.adapters). The profiler records these answers per layer and the planner offers
+those modes only where they are true; the executor checks the same functions before it installs
+them, so a plan never asks for what its executor refuses. Any other block still gets keep,
+swap and whole-layer recompute (the generic path).
 """
 
 from __future__ import annotations
@@ -14,27 +15,17 @@ from dataclasses import dataclass
 
 from torch import nn
 
-TOKENWISE_BLOCKS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
-BLOCK_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp")
-ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+from memtrain.models.adapters import adapter_problem, token_local_module
 
 
 def tokenwise_problem(layer: nn.Module, name: str = "") -> str | None:
     """Why token-wise recompute cannot run decoder layer ``layer`` (None: it can)."""
-    kind = type(layer).__name__
-    attn = getattr(layer, "self_attn", None)
-    if (
-        kind not in TOKENWISE_BLOCKS
-        or attn is None
-        or any(not hasattr(layer, n) for n in BLOCK_PARTS)
-        or any(not hasattr(attn, n) for n in ATTENTION_PARTS)
-    ):
+    problem = adapter_problem(layer)
+    if problem:
         return (
-            f"layer {name}: token-wise recompute supports {', '.join(TOKENWISE_BLOCKS)} "
-            f"(got {kind}); plan whole-layer recompute for it instead"
+            f"layer {name}: token-wise recompute cannot run {type(layer).__name__} ({problem}); "
+            "plan whole-layer recompute for it instead"
         )
-    if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-        return f"layer {name}: attention with q/k norms is not supported"
     return None
 
 
@@ -47,10 +38,10 @@ def tokenwise_modules_problem(modules: Sequence[nn.Module], name: str = "") -> s
 
 def tiling_problem(modules: Sequence[nn.Module], chunks: int, name: str = "") -> str | None:
     """Why a layer made of ``modules`` cannot run its token-local work in ``chunks`` sequence
-    chunks (None: it can): chunks cut the ``.mlp`` submodule."""
-    if chunks > 1 and not any(isinstance(getattr(m, "mlp", None), nn.Module) for m in modules):
+    chunks (None: it can): chunks cut the block's MLP (or mixture of experts)."""
+    if chunks > 1 and not any(token_local_module(m) is not None for m in modules):
         return (
-            f"layer {name}: the plan tiles it into {chunks} chunks but it has no .mlp "
+            f"layer {name}: the plan tiles it into {chunks} chunks but it has no MLP "
             "submodule to tile"
         )
     return None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from memtrain.errors import MemtrainError
-from memtrain.offload.memo import LlamaBlockParts
+from memtrain.offload.memo import BlockParts
 from memtrain.offload.modes import ActivationMode, resolve
 from memtrain.offload.nvme import NvmeStore
 from memtrain.offload.policy import OffloadPolicy, executed_host_bytes, policy_from_plan
@@ -121,7 +121,7 @@ class OffloadHandle:
         self._hooks: list[Any] = []
         self._forwards: list[tuple[nn.Module, Any, bool]] = []  # module, old forward, had one
         self._states: dict[str, LayerState] = {}
-        self._attention_parts: list[LlamaBlockParts] = []  # token-wise layers' attention calls
+        self._attention_parts: list[BlockParts] = []  # token-wise layers' attention calls
         # memtrain.kernels.patch_causal_lm_loss leaves this attribute on the model
         self.fused_loss = hasattr(model, "_memtrain_stock_forward")
         self.optimizer_attached = False
@@ -243,9 +243,9 @@ class OffloadHandle:
                 module.register_forward_hook(lambda m, a, o: opener(m, a), always_call=True)
             )
 
-    def block_parts(self, module: nn.Module, name: str) -> LlamaBlockParts:
+    def block_parts(self, module: nn.Module, name: str) -> BlockParts:
         """A Llama-family block's parts, whose attention kernel :meth:`stats` reports."""
-        parts = LlamaBlockParts(module, name)
+        parts = BlockParts(module, name)
         self._attention_parts.append(parts)
         return parts
 
@@ -355,9 +355,7 @@ class OffloadHandle:
             },
             "nvme_files": len(self.engine.nvme.files()) if self.engine.nvme else 0,
             # fused attention kernel of token-wise layers (cudnn | flash on CUDA; None: unused)
-            "attention_kernels": sorted(
-                {p.flash.backend for p in self._attention_parts if p.flash.backend}
-            ),
+            "attention_kernels": sorted({p.backend for p in self._attention_parts if p.backend}),
         }
 
     def attach_cleanup(self, callback) -> None:

@@ -14,7 +14,7 @@ so the transient working set of a layer does not grow with the sequence.
 
 from __future__ import annotations
 
-import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -23,9 +23,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memtrain.errors import MemtrainError
-from memtrain.models.blocks import TOKENWISE_BLOCKS, tokenwise_problem
-
-SUPPORTED = TOKENWISE_BLOCKS
+from memtrain.models.adapters import adapt
+from memtrain.models.blocks import tokenwise_problem
+from memtrain.offload.attention import ChunkedAttention, FlashAttention
+from memtrain.offload.router import whole_router_outputs
 
 
 def chunk_ranges(start: int, end: int, chunks: int) -> list[tuple[int, int]]:
@@ -38,137 +39,58 @@ def chunk_ranges(start: int, end: int, chunks: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
-class FlashAttention:
-    """The fused causal attention kernel and its backward, called directly so that the output
-    and log-sum-exp are all backward needs (no attention recompute).
-
-    On a GPU it uses the kernel stock SDPA prefers where it works for these shapes: cuDNN's
-    fused attention (about 1.45x faster than flash attention 2 on an H100, see
-    docs/benchmarks.md), checked once against flash attention on a small probe; flash otherwise.
-    """
-
-    def __init__(self, scale: float) -> None:
-        self.scale = scale
-        self.backend: str | None = None  # "cudnn" | "flash", decided on the first CUDA call
-
-    # -- the two CUDA kernels ----------------------------------------------------------------
-    def cudnn_forward(self, q, k, v):
-        result = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, k, v, None, True, 0.0, True, False, scale=self.scale
-        )
-        return result[0], result[1], ("cudnn", *result[2:8])
-
-    def flash_forward(self, q, k, v):
-        result = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, True, False, scale=self.scale
-        )
-        return result[0], result[1], ("flash", *result[2:8])
-
-    def cuda_backward(self, grad_out, q, k, v, out, lse, extra):
-        kind, cum_q, cum_k, max_q, max_k, seed, offset = extra
-        if kind == "cudnn":
-            return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-                grad_out, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k,
-                0.0, True, scale=self.scale,
-            )  # fmt: skip
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset,
-            scale=self.scale,
-        )  # fmt: skip
-
-    def _probe(self, q, k, v) -> str:
-        """cuDNN if its forward and backward run on these head shapes and agree with flash."""
-        tokens = 256
-        gen = torch.Generator(device=q.device).manual_seed(0)
-
-        def make(like):
-            shape = (1, like.shape[1], tokens, like.shape[3])
-            return torch.randn(shape, generator=gen, device=q.device, dtype=q.dtype)
-
-        pq, pk, pv = make(q), make(k), make(v)
-        grad = make(q)
-        try:
-            results = []
-            for forward in (self.cudnn_forward, self.flash_forward):
-                out, lse, extra = forward(pq, pk, pv)
-                grads = self.cuda_backward(grad, pq, pk, pv, out, lse, extra)[:3]
-                results.append((out, *grads))
-        except (RuntimeError, TypeError):
-            return "flash"
-        for a, b in zip(*results, strict=True):
-            if a.shape != b.shape:
-                return "flash"
-            scale = b.float().abs().max().clamp_min(1e-6)
-            if ((a.float() - b.float()).abs().max() / scale).item() > 0.05:
-                return "flash"
-        return "cudnn"
-
-    # -- what the block calls -----------------------------------------------------------------
-    def forward(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-        if q.device.type == "cuda":
-            if q.dtype not in (torch.float16, torch.bfloat16):
-                raise MemtrainError(
-                    "token-wise recompute on a GPU needs a bf16 or fp16 model (flash attention)"
-                )
-            if self.backend is None:
-                self.backend = self._probe(q, k, v)
-            if self.backend == "cudnn":
-                return self.cudnn_forward(q, k, v)
-            return self.flash_forward(q, k, v)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, True, scale=self.scale
-        )
-        return out, lse, ()
-
-    def backward(self, grad_out, q, k, v, out, lse, extra: tuple):
-        if q.device.type == "cuda":
-            return self.cuda_backward(grad_out, q, k, v, out, lse, extra)
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse, 0.0, True, scale=self.scale
-        )
-
-
-class LlamaBlockParts:
-    """The pieces of one decoder layer, called as token-local functions of token ranges."""
+class BlockParts:
+    """The pieces of one decoder layer, called as token-local functions of token ranges, and
+    the attention kernel between them (its block adapter says which pieces and which kernel)."""
 
     def __init__(self, layer: nn.Module, name: str) -> None:
         problem = tokenwise_problem(layer, name)  # the block's type and parts
         if problem:
             raise MemtrainError(problem)
-        attn = layer.self_attn
-        window = getattr(getattr(attn, "config", None), "sliding_window", None)
-        use_window = getattr(getattr(attn, "config", None), "use_sliding_window", True)
-        self.window = window if use_window else None
+        self.adapter = adapt(layer)
         self.layer = layer
-        self.attn = attn
         self.name = name
-        self.head_dim = attn.head_dim
-        self.groups = attn.num_key_value_groups
-        self.flash = FlashAttention(attn.scaling)
+        spec = self.adapter.spec
+        self.spec = spec
+        self.head_dim = spec.head_dim
+        self.groups = spec.groups
+        self.flash = FlashAttention(spec.scale, spec.window)
         # Fused kernels take fewer k/v heads than q heads directly (grouped-query attention);
         # where one does not, k and v are repeated per group. Decided on the first call.
         self.native_gqa: bool | None = None if self.groups > 1 else True
-        module = sys.modules[type(attn).__module__]
-        self.rope: Callable = module.apply_rotary_pos_emb
+        self._mask_seen: tuple | None = None  # (the mask, weakly; its version) last checked
+        self._mask_kept: torch.Tensor | None = None
+        self.used: str | None = None
 
     def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        batch, tokens, _ = h.shape
-        x = self.layer.input_layernorm(h)
-        shape = (batch, tokens, -1, self.head_dim)
-        q = self.attn.q_proj(x).view(shape).transpose(1, 2)
-        k = self.attn.k_proj(x).view(shape).transpose(1, 2)
-        v = self.attn.v_proj(x).view(shape).transpose(1, 2)
-        q, k = self.rope(q, k, cos, sin)
-        return q, k, v
+        return self.adapter.qkv(h, cos, sin)
 
     def post(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        h2 = h + self.attn.o_proj(a)
-        return h2 + self.layer.mlp(self.layer.post_attention_layernorm(h2))
+        return self.adapter.post(h, a)
 
-    def expand(self, kv: torch.Tensor) -> torch.Tensor:
-        return kv if self.groups == 1 else kv.repeat_interleave(self.groups, dim=1)
+    # -- masks -----------------------------------------------------------------------------
+    def explicit_mask(self, mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+        """The boolean mask attention must apply beyond causality and the layer's window (None
+        when ``mask`` is exactly that pattern, as for unpadded batches)."""
+        if mask is None:
+            return None
+        if self._mask_seen is not None:
+            seen, version = self._mask_seen
+            if seen() is mask and version == mask._version:
+                return self._mask_kept
+        allowed = _allowed(mask, tokens)
+        kept = None if _is_pattern(allowed, tokens, self.spec.window) else allowed
+        self._mask_seen, self._mask_kept = (weakref.ref(mask), mask._version), kept
+        return kept
 
-    def attention(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    # -- attention -------------------------------------------------------------------------
+    def attention(self, q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        spec = self.spec
+        if mask is not None or not FlashAttention.runs(q.device, spec.window, spec.softcap):
+            engine = ChunkedAttention(spec.scale, spec.window, spec.softcap, mask)
+            self.used = engine.backend
+            out, lse, extra = engine.forward(q, k, v)
+            return out, lse, (engine, extra)
         if self.native_gqa is None:
             try:
                 result = self.flash.forward(q, k, v)
@@ -176,24 +98,63 @@ class LlamaBlockParts:
                 self.native_gqa = False
             else:
                 self.native_gqa = True
-                return result
-        if self.native_gqa:
-            return self.flash.forward(q, k, v)
-        return self.flash.forward(q, self.expand(k), self.expand(v))
+                self.used = self.flash.backend
+                return result[0], result[1], (self.flash, result[2])
+        if not self.native_gqa:
+            k, v = self.expand(k), self.expand(v)
+        out, lse, extra = self.flash.forward(q, k, v)
+        self.used = self.flash.backend
+        return out, lse, (self.flash, extra)
 
     def attention_backward(self, grad_out, q, k, v, out, lse, extra):
-        if self.native_gqa:
-            return self.flash.backward(grad_out, q, k, v, out, lse, extra)[:3]
-        dq, dk, dv = self.flash.backward(
-            grad_out, q, self.expand(k), self.expand(v), out, lse, extra
-        )[:3]
+        engine, extra = extra
+        if engine is not self.flash or self.native_gqa:
+            return engine.backward(grad_out, q, k, v, out, lse, extra)[:3]
+        dq, dk, dv = engine.backward(grad_out, q, self.expand(k), self.expand(v), out, lse, extra)[
+            :3
+        ]
         return dq, self.reduce(dk), self.reduce(dv)
+
+    @property
+    def backend(self) -> str | None:
+        """The kernel the last attention call ran (None: on the CPU's flash kernel, or none)."""
+        return self.used
+
+    def expand(self, kv: torch.Tensor) -> torch.Tensor:
+        return kv if self.groups == 1 else kv.repeat_interleave(self.groups, dim=1)
 
     def reduce(self, grad: torch.Tensor) -> torch.Tensor:
         if self.groups == 1:
             return grad
         b, heads, s, d = grad.shape
         return grad.view(b, heads // self.groups, self.groups, s, d).sum(dim=2)
+
+
+def _allowed(mask: torch.Tensor, tokens: int) -> torch.Tensor:
+    """A Hugging Face attention mask as booleans (True = attend), broadcastable to (batch,
+    heads, tokens, tokens): 4-D boolean or additive float masks, or 2-D padding masks."""
+    if mask.dim() == 2:  # (batch, tokens) padding mask: keys only
+        return mask.bool()[:, None, None, :].expand(-1, 1, tokens, -1)
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _is_pattern(allowed: torch.Tensor, tokens: int, window: int | None, rows: int = 1024) -> bool:
+    """Whether ``allowed`` is the causal (sliding-window) pattern for every batch row; checked in
+    row blocks so no second tokens x tokens tensor is built."""
+    if allowed.dim() != 4 or allowed.shape[-1] != tokens or allowed.shape[-2] != tokens:
+        return False
+    cols = torch.arange(tokens, device=allowed.device).view(1, -1)
+    for start in range(0, tokens, rows):
+        end = min(tokens, start + rows)
+        r = torch.arange(start, end, device=allowed.device).view(-1, 1)
+        expected = cols <= r
+        if window is not None:
+            expected = expected & (cols > r - window)
+        if not bool((allowed[..., start:end, :] == expected).all()):
+            return False
+    return True
 
 
 class _StoredAttention(torch.autograd.Function):
@@ -204,9 +165,9 @@ class _StoredAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_s, k_s, v_s, q_r, k_r, v_r, h_r, cos, sin, parts, layout):
+    def forward(ctx, q_s, k_s, v_s, q_r, k_r, v_r, h_r, cos, sin, parts, layout, mask):
         q, k, v = _join(q_s, q_r), _join(k_s, k_r), _join(v_s, v_r)
-        out, lse, extra = parts.attention(q, k, v)
+        out, lse, extra = parts.attention(q, k, v, mask)
         batch, heads, tokens, dim = out.shape
         a = out.transpose(1, 2).reshape(batch, tokens, heads * dim)
         ctx.parts = parts
@@ -220,7 +181,7 @@ class _StoredAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_a):
         q_s, k_s, v_s, h_r, cos, sin, a, lse = ctx.saved_tensors
-        parts: LlamaBlockParts = ctx.parts
+        parts: BlockParts = ctx.parts
         ns = ctx.ns
         with torch.no_grad():
             q_r, k_r, v_r = _regenerate(parts, h_r, cos, sin, ns, ctx.chunks)
@@ -244,10 +205,11 @@ class _StoredAttention(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
-def _region_qkv(parts: LlamaBlockParts, h_r, cos, sin, start: int, end: int, ns: int):
+def _region_qkv(parts: BlockParts, h_r, cos, sin, start: int, end: int, ns: int):
     return parts.qkv(h_r[:, start - ns : end - ns], cos[:, start:end], sin[:, start:end])
 
 
@@ -260,7 +222,7 @@ def _join(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return torch.cat([first, second], dim=2)
 
 
-def _regenerate(parts: LlamaBlockParts, h_r, cos, sin, ns: int, chunks: int) -> tuple:
+def _regenerate(parts: BlockParts, h_r, cos, sin, ns: int, chunks: int) -> tuple:
     """q, k, v of the recomputed tokens, chunk by chunk into preallocated tensors."""
     ranges = chunk_ranges(ns, ns + h_r.shape[1], chunks)
     if len(ranges) <= 1:
@@ -284,7 +246,7 @@ def _gather(pre: list) -> tuple:
 
 
 def tokenwise_forward(
-    parts: LlamaBlockParts,
+    parts: BlockParts,
     stored_fraction: float,
     chunks: int,
     scope: Callable[[Callable[[torch.Tensor], str]], Any],
@@ -307,19 +269,8 @@ def tokenwise_forward(
             raise MemtrainError(
                 f"layer {parts.name}: token-wise recompute needs position_embeddings from the model"
             )
-        if mask is not None and not (
-            isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and _is_causal(mask)
-        ):
-            raise MemtrainError(
-                f"layer {parts.name}: token-wise recompute supports causal attention without "
-                "padding masks; pass unpadded batches"
-            )
         seq = hidden_states.shape[1]
-        if parts.window is not None and parts.window < seq:
-            raise MemtrainError(
-                f"layer {parts.name}: sliding-window attention ({parts.window} < {seq} tokens) is "
-                "not supported by token-wise recompute; plan whole-layer recompute"
-            )
+        mask = parts.explicit_mask(mask if isinstance(mask, torch.Tensor) else None, seq)
         cos, sin = embeddings
         h = hidden_states
         ns = min(seq, max(0, round(stored_fraction * seq)))
@@ -335,7 +286,7 @@ def tokenwise_forward(
                 return "input"
             return "stored" if key in stored_keys else "attention"
 
-        with lengths(sizes):
+        with lengths(sizes), whole_router_outputs(h.shape[0]):
             with scope(stored):
                 pre_s = [parts.qkv(h[:, a:b], cos[:, a:b], sin[:, a:b]) for a, b in ranges_s]
             h_r = h[:, ns:]
@@ -356,7 +307,7 @@ def tokenwise_forward(
                     q_r, k_r, v_r = q_s[:, :, :0], k_s[:, :, :0], v_s[:, :, :0]
                 del pre_s, pre_r
                 a = _StoredAttention.apply(
-                    q_s, k_s, v_s, q_r, k_r, v_r, h_r, cos, sin, parts, (chunks, ns)
+                    q_s, k_s, v_s, q_r, k_r, v_r, h_r, cos, sin, parts, (chunks, ns), mask
                 )
                 del q_s, k_s, v_s, q_r, k_r, v_r
                 outs = []
@@ -372,14 +323,5 @@ def tokenwise_forward(
     return forward
 
 
-def _region_post(parts: LlamaBlockParts, h_r, a, start: int, end: int, ns: int):
+def _region_post(parts: BlockParts, h_r, a, start: int, end: int, ns: int):
     return parts.post(h_r[:, start - ns : end - ns], a[:, start:end])
-
-
-def _is_causal(mask: torch.Tensor) -> bool:
-    """Whether a boolean mask (True = attend) is exactly the causal mask for every row."""
-    if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
-        return False
-    size = mask.shape[-1]
-    causal = torch.ones(size, size, dtype=torch.bool, device=mask.device).tril()
-    return bool((mask == causal).all())

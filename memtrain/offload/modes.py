@@ -18,8 +18,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memtrain.errors import MemtrainError
+from memtrain.models.adapters import token_local_module
 from memtrain.models.blocks import tiling_problem, tokenwise_modules_problem
 from memtrain.offload.memo import chunk_ranges, tokenwise_forward
+from memtrain.offload.router import whole_router_outputs
 from memtrain.offload.swap import LayerState, SwapEngine, in_backward
 
 TOLERANCE = 1e-3  # shares up to this count as nothing
@@ -200,7 +202,7 @@ def resolve(
 
 
 def _tile_mlp(handle: Any, modules: list[nn.Module], chunks: int, checkpoint_each=False) -> None:
-    for mlp in (m.mlp for m in modules if isinstance(getattr(m, "mlp", None), nn.Module)):
+    for mlp in (token_local_module(m) for m in modules if token_local_module(m) is not None):
         handle.replace_forward(mlp, _chunked(mlp.forward, chunks, handle.engine, checkpoint_each))
 
 
@@ -238,7 +240,8 @@ def _chunked(forward, chunks: int, engine: SwapEngine, checkpoint_each: bool = F
         if x.dim() < 2 or x.shape[1] < 2:
             return forward(x, *args, **kwargs)
         ranges = chunk_ranges(0, x.shape[1], chunks)
-        with engine.token_lengths_added(sorted({b - a for a, b in ranges})):
+        sizes = sorted({b - a for a, b in ranges})
+        with engine.token_lengths_added(sizes), whole_router_outputs(x.shape[0]):
             outs = [run(x[:, a:b], *args, **kwargs) for a, b in ranges]
         return torch.cat(outs, dim=1)
 

@@ -36,6 +36,7 @@ from memtrain.optim.memory import (
     state_bytes_for,
 )
 from memtrain.profile.attention import CpuKernelOutputs, TargetAttention
+from memtrain.profile.meta_ops import shape_only_meta_kernels
 from memtrain.profile.params import assign_params, storage_key
 from memtrain.profile.result import LayerProfile, ProfileResult, TimelinePoint
 from memtrain.profile.saved import SavedTensorRecorder, infer_token_dims, to_saved_tensors
@@ -267,8 +268,9 @@ def profile_model(
     recorder = SavedTensorRecorder(scopes, excluded, producer=tracker.producer)
     attention = TargetAttention(semantics) if dry else contextlib.nullcontext()
     quirks = CpuKernelOutputs() if dry and semantics == "cpu" else contextlib.nullcontext()
+    shapes = shape_only_meta_kernels() if dry else contextlib.nullcontext()
     try:
-        with recorder.hooks(), attention, quirks, tracker:
+        with recorder.hooks(), attention, quirks, shapes, tracker:
             scopes.begin("forward")
             output = _run_model(model, inputs)
             loss = loss_fn(output, inputs)

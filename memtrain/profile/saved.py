@@ -85,7 +85,9 @@ def infer_token_dims(
 
     With ``perturbed`` (the same step's shapes at a slightly longer sequence) the answer is exact:
     the first dimension whose size changed. Otherwise a dimension of size ``seq`` (or
-    ``batch * seq`` for flattened tokens) is taken, the first one when several match.
+    ``batch * seq`` for flattened tokens) is taken, the first one when several match; failing
+    that, the rows of a 1-D or 2-D tensor with a small multiple of the tokens (a mixture of
+    experts' routed copies: tokens x experts per token).
     """
     if perturbed is not None and len(perturbed) == len(shapes):
         result: list[int | None] = []
@@ -98,8 +100,17 @@ def infer_token_dims(
         dim = next((i for i, size in enumerate(shape) if size == seq), None)
         if dim is None and batch > 1:
             dim = next((i for i, size in enumerate(shape) if size == batch * seq), None)
+        if dim is None and 1 <= len(shape) <= 2 and _routed_rows(shape[0], batch * seq):
+            dim = 0
         result.append(dim)
     return result
+
+
+ROUTED_COPIES = range(2, 17)  # experts per token a mixture of experts sends each token to
+
+
+def _routed_rows(rows: int, tokens: int) -> bool:
+    return tokens > 0 and rows % tokens == 0 and rows // tokens in ROUTED_COPIES
 
 
 def to_saved_tensors(records: list[SavedRecord], token_dims: list[int | None]) -> list[SavedTensor]:

@@ -27,6 +27,7 @@ from memtrain.optim.factory import ALLOWED_OPTIONS, check_options
 from memtrain.optim.memory import parse_optimizer_spec
 from memtrain.planner import PlanOptions
 from memtrain.planner.pipeline import PlanRequest, plan_model
+from memtrain.train.allocator import use_expandable_segments
 from memtrain.units import format_bytes
 
 # Each model a prepare() result is installed on, with that result's id (until its remove()).
@@ -184,6 +185,9 @@ def prepare(
     plan_obj = None
     profile = None
     if plan:
+        allocator = use_expandable_segments()
+        if allocator:
+            notes.append(allocator)
         # memtrain's own executor runs optimizer-state offload for torch optimizers; parameters
         # off the GPU need DeepSpeed ZeRO-3, so plans made here keep them on the GPU.
         request = PlanRequest(

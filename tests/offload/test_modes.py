@@ -65,9 +65,9 @@ def test_resolver_maps_plan_entries_to_modes(entry, module, mode):
 @pytest.mark.parametrize(
     ("entry", "modules", "message"),
     [
-        ({"keep": 0.5, "recompute": 0.5}, [LINEAR], "token-wise recompute supports Llama"),
+        ({"keep": 0.5, "recompute": 0.5}, [LINEAR], "no block adapter knows Linear"),
         ({"keep": 0.5, "recompute": 0.5}, [LLAMA, LLAMA], "token-wise recompute needs one module"),
-        ({"keep": 0.0, "swap": {"cpu": 1.0}, "chunks": 2}, [LINEAR], "no .mlp submodule to tile"),
+        ({"keep": 0.0, "swap": {"cpu": 1.0}, "chunks": 2}, [LINEAR], "no MLP submodule to tile"),
     ],
 )
 def test_a_mode_that_cannot_run_the_layer_is_refused(entry, modules, message):

@@ -1,0 +1,163 @@
+"""Decoder families other than Llama through memtrain.prepare(), beside their strongest stock
+recipe, on one GPU.
+
+A run is KIND@PRESET@TOKENS; each runs in a fresh process (allocator state, expandable segments
+and compile caches start clean):
+
+  stock     Hugging Face non-reentrant checkpointing of every decoder layer, the fused linear
+            cross-entropy (memtrain.kernels.patch_causal_lm_loss), fused AdamW; expandable
+            segments on (PYTORCH_CUDA_ALLOC_CONF)
+  memtrain  exactly what the README shows: prepared = memtrain.prepare(model, seq=TOKENS,
+            hardware="h100-sxm-80g"), then loss.backward() and prepared.optimizer.step();
+            nothing set beforehand (prepare handles the allocator)
+
+bf16, batch 1, random tokens, AdamW lr 1e-5. Each row: peak torch.cuda.max_memory_allocated
+over the last step, step time and tokens/s; memtrain rows add the plan's predicted GPU peak and
+step time, and the activation modes the plan installed. --overrides KEY=VALUE change the preset
+(for example dropout off: attention with dropout runs only whole-layer modes).
+
+Examples:
+  python -m benchmarks.bench_families_gpu --gpu-cap-gib 79.2 \\
+      --runs stock@qwen3-1.7b@65536 memtrain@qwen3-1.7b@65536
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from benchmarks.harness import GiB, cap_gpu_memory, parser, release_memory, results_for
+
+STEPS = 3  # the last one is measured
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    values = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        values[key] = json.loads(raw) if raw not in ("", None) else None
+    return values
+
+
+def run_one(spec: str, cap_gib: float | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """One run in this process; returns its row."""
+    kind, preset, tokens = spec.split("@")
+    seq = int(tokens)
+    if kind == "stock":
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    import memtrain
+    from memtrain.kernels import patch_causal_lm_loss
+    from memtrain.models import build_causal_lm, load_config
+
+    row: dict[str, Any] = {"run": spec, "kind": kind, "model": preset, "seq": seq}
+    row.update(cap_gpu_memory(cap_gib))
+    config = load_config(preset)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    row["overrides"] = overrides
+    model = build_causal_lm(config, "bf16", "cuda")
+    model.train()
+    prepared = None
+    try:
+        if kind == "stock":
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+            patch_causal_lm_loss(model)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        else:
+            started = time.perf_counter()
+            prepared = memtrain.prepare(model, seq=seq, hardware="h100-sxm-80g", lr=1e-5)
+            row["prepare_s"] = round(time.perf_counter() - started, 1)
+            optimizer = prepared.optimizer
+            predicted = prepared.plan.predicted
+            row["predicted_gpu_peak_gib"] = predicted["peak_bytes"]["gpu"] / GiB
+            row["predicted_host_peak_gib"] = predicted["peak_bytes"].get("cpu", 0) / GiB
+            row["predicted_step_s"] = predicted["step_time_s"]
+            row["notes"] = list(prepared.notes)
+        ids = torch.randint(0, config.vocab_size, (1, seq), device="cuda")
+        for step in range(STEPS):
+            torch.cuda.synchronize()
+            if step == STEPS - 1:
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            row["loss"] = loss.item()
+            del loss
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            print(f"  {spec} step {step}: {seconds:.2f} s", file=sys.stderr, flush=True)
+        row.update(status="ok", step_s=seconds, tokens_per_s=seq / seconds)
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+        row["reserved_peak_gib"] = torch.cuda.max_memory_reserved() / GiB
+        if prepared is not None:
+            stats = prepared.handle.stats() if prepared.handle is not None else {}
+            modes = stats.get("modes", {})
+            row["modes"] = {
+                m: sum(1 for v in modes.values() if v == m) for m in set(modes.values())
+            }
+            row["attention_kernels"] = stats.get("attention_kernels")
+            row["peak_vs_plan"] = row["peak_gib"] / row["predicted_gpu_peak_gib"] - 1
+    except torch.OutOfMemoryError as exc:
+        row["status"] = "out of memory"
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+        row["error"] = str(exc).split("\n")[0][:300]
+    except Exception as exc:  # report it and go on with the other runs
+        row["status"] = f"error: {type(exc).__name__}: {exc}"[:500]
+        row["traceback"] = traceback.format_exc(limit=10)
+    finally:
+        if prepared is not None:
+            prepared.remove()
+        del model
+        release_memory()
+    return row
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--runs", nargs="+", required=True, help="KIND@PRESET@TOKENS ...")
+    p.add_argument("--gpu-cap-gib", type=float, help="allocate at most this (79.2: an H100)")
+    p.add_argument("--overrides", nargs="*", default=[], help="KEY=JSON config overrides")
+    p.add_argument("--one", action="store_true", help=argparse_hidden())
+    args = p.parse_args()
+    overrides = _parse_overrides(args.overrides)
+    if args.one:
+        print(json.dumps(run_one(args.runs[0], args.gpu_cap_gib, overrides), default=str))
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    results = results_for("bench_families_gpu", args)
+    for spec in args.runs:
+        command = [sys.executable, "-m", "benchmarks.bench_families_gpu", "--one", "--runs", spec]
+        if args.gpu_cap_gib:
+            command += ["--gpu-cap-gib", str(args.gpu_cap_gib)]
+        if args.overrides:
+            command += ["--overrides", *args.overrides]
+        done = subprocess.run(command, capture_output=True, text=True)
+        sys.stderr.write(done.stderr[-3000:])
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        row = json.loads(lines[-1]) if lines else {"run": spec, "status": f"exit {done.returncode}"}
+        key = spec + ("|" + ",".join(args.overrides) if args.overrides else "")
+        results.write(key, **row)
+        print(json.dumps({k: v for k, v in row.items() if k != "traceback"}, default=str))
+        if "traceback" in row:
+            print(row["traceback"])
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

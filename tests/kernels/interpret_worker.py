@@ -47,13 +47,19 @@ CASES = {
     "fp16_large_vocab_scaled": 1e-2,
     "fp32_filter_tiny_eps_is_exact": 2e-5,
     "fp32_filter_matches_block_dropping": 2e-5,
-    "fp32_filter_off_with_smoothing": 2e-5,
+    # The z-loss (c * lse^2) alone and with label smoothing, softcap and bias, on every kernel.
+    "fp32_zloss_many_chunks": 2e-5,
+    "fp32_zloss_smoothing_softcap_bias_none": 2e-5,
+    "bf16_zloss_smoothing_softcap": 2e-2,
+    "fp32_filter_zloss_tiny_eps_is_exact": 2e-5,
+    "fp32_filter_zloss_matches_block_dropping": 2e-5,
     "fp32_filter_bias_tiny_eps_is_exact": 2e-5,
     "matches_torch_path_bf16": 2e-2,
     # The vocabulary order (accumulator in the gradients' storage, tail recomputed for dW).
     "vocab_order_bf16_tail": 2e-2,
     "vocab_order_fp16_softcap_bias": 1e-2,
     "vocab_order_fp32_smoothing": 2e-5,
+    "vocab_order_fp16_zloss_smoothing_softcap": 1e-2,
     # The tensor-descriptor (TMA) kernels, forward and backward.
     "tma_bf16_vocab_order": 2e-2,
     "tma_fp16_softcap_bias_smoothing": 1e-2,
@@ -61,6 +67,7 @@ CASES = {
     "tma_bf16_persistent_descriptor_store": 2e-2,
     "tma_fp16_persistent_flattened_vocab_order": 1e-2,
     "tma_bf16_flat_loop_softcap_bias": 2e-2,
+    "tma_bf16_zloss_smoothing_softcap_bias": 2e-2,
     # impl="cublas": emulated products, Triton elementwise kernels in the interpreter
     "cublas_fp32_none": 2e-5,
     "cublas_fp32_softcap_smoothing_bias": 2e-5,
@@ -68,6 +75,8 @@ CASES = {
     "cublas_fp16_softcap_sum": 1e-2,
     "cublas_kernels_match_torch_ops_fp32": 1e-5,
     "cublas_after_triton_forward_bf16_smoothing": 2e-2,
+    "cublas_fp32_zloss_smoothing_softcap_bias": 2e-5,
+    "cublas_bf16_shifted_zloss_smoothing": 2e-2,
 }
 
 # Filtered backward with and without the pre-skip: name -> (tolerance against float64, least
@@ -80,6 +89,7 @@ PRESKIP_CASES = {
     "bf16_peaked_fwd_tall_bwd_wide_bias": (2e-2, 0.5),
     "bf16_peaked_softcap_cells": (2e-2, 0.5),
     "fp16_peaked_sum": (1e-2, 0.5),
+    "fp32_peaked_zloss_softcap_bias": (2e-5, 0.5),
 }
 
 
@@ -151,10 +161,13 @@ def _blocks(torch, probs, labels, block_m, block_v):
             yield rows, c, hit, top
 
 
-def _block_dropping_reference(torch, hidden, weight, labels, block_m, block_v):
+def _block_dropping_reference(torch, hidden, weight, labels, block_m, block_v, z_loss=0.0):
     """An eps that drops some target-free blocks and keeps others, and float64 gradients with
-    the filter's rule applied by hand (reduction='sum')."""
-    probs = torch.softmax(hidden.double() @ weight.double().t(), -1)
+    the filter's rule applied by hand (reduction='sum'). With the z-loss the rule compares each
+    probability times ``|1 + 2c * lse|`` (its share of the logits gradient) with eps."""
+    logits64 = hidden.double() @ weight.double().t()
+    probs = torch.softmax(logits64, -1)
+    probs = probs * (1.0 + 2.0 * z_loss * torch.logsumexp(logits64, -1, keepdim=True)).abs()
     tops = sorted(top for _, _, hit, top in _blocks(torch, probs, labels, block_m, block_v)
                   if not hit)  # fmt: skip
     mid = len(tops) // 2
@@ -167,8 +180,8 @@ def _block_dropping_reference(torch, hidden, weight, labels, block_m, block_v):
         lse = torch.logsumexp(z, -1)
         valid = labels != -100
         safe = labels.clamp(min=0)
-        loss = ((lse - z.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
-        dz = torch.softmax(z, -1).detach()
+        loss = ((lse - z.gather(1, safe[:, None]).squeeze(1) + z_loss * lse**2) * valid).sum()
+        dz = torch.softmax(z, -1).detach() * (1.0 + 2.0 * z_loss * lse.detach())[:, None]
         dz[torch.arange(len(labels)), safe] -= 1.0
         dz *= (valid.double() * upstream)[:, None]
         for rows, c, hit, top in _blocks(torch, probs, labels, block_m, block_v):
@@ -205,6 +218,13 @@ def _cublas_cases(torch, lce, ref_fn, run):
     case("cublas_after_triton_forward_bf16_smoothing", *_inputs(torch, 40, 150, 16, bf16, 26),
          label_smoothing=0.1)  # fmt: skip
     blas.FORWARD = "cublas"
+    h, w, y = _inputs(torch, 40, 150, 16, f32, 27)
+    case(
+        "cublas_fp32_zloss_smoothing_softcap_bias", h, w, y, bias=torch.randn(150), softcap=3.0,
+        label_smoothing=0.1, z_loss=0.05, reduction="none",
+    )  # fmt: skip
+    case("cublas_bf16_shifted_zloss_smoothing", *_inputs(torch, 40, 150, 16, bf16, 28),
+         label_smoothing=0.1, z_loss=1e-2)  # fmt: skip
 
     h, w, y = _inputs(torch, 40, 150, 16, f32, 25)
     b = torch.randn(150)
@@ -349,6 +369,11 @@ def preskip_main() -> int:
     case("bf16_peaked_softcap_cells", h, w, y, softcap=50.0, blocks=blocks, **many)
     h, w, y = _peaked(torch, 40, 2000, 32, f16, 37, scale=40.0)
     case("fp16_peaked_sum", h, w, y, reduction="sum")
+    h, w, y = _peaked(torch, 40, 1999, 32, f32, 38, scale=60.0)
+    case(
+        "fp32_peaked_zloss_softcap_bias", h, w, y, bias=torch.randn(1999) * 0.5, softcap=100.0,
+        z_loss=1e-2, **many,
+    )  # fmt: skip
     out = {}
     for name, (tol, share) in PRESKIP_CASES.items():
         out[name] = dict(run[name], tol=tol, min_share=share)
@@ -396,10 +421,29 @@ def main() -> int:
         "fp32_filter_matches_block_dropping", h, w, y, reduction="sum", grad_filter=True,
         grad_filter_eps=eps, ref_override=dropping, **many,
     )  # fmt: skip
-    h, w, y = _inputs(torch, 50, 120, 24, f32, 14)
+    case("fp32_zloss_many_chunks", *_inputs(torch, 70, 150, 24, f32, 40), z_loss=0.05, **many)
+    h, w, y = _inputs(torch, 45, 77, 20, f32, 41)
     case(
-        "fp32_filter_off_with_smoothing", h, w, y, label_smoothing=0.1, grad_filter=True,
-        grad_filter_eps=0.5,
+        "fp32_zloss_smoothing_softcap_bias_none", h, w, y, bias=torch.randn(77), softcap=4.0,
+        label_smoothing=0.15, z_loss=0.1, reduction="none",
+    )  # fmt: skip
+    h, w, y = _inputs(torch, 70, 150, 40, bf16, 42)
+    case(
+        "bf16_zloss_smoothing_softcap", h, w, y, softcap=5.0, label_smoothing=0.1, z_loss=1e-2,
+        **many,
+    )  # fmt: skip
+    h, w, y = _inputs(torch, 50, 120, 24, f32, 43)
+    case(
+        "fp32_filter_zloss_tiny_eps_is_exact", h, w, y, bias=torch.randn(120), softcap=6.0,
+        z_loss=0.05, grad_filter=True, grad_filter_eps=1e-30, **many,
+    )  # fmt: skip
+    h, w, y = _inputs(torch, 70, 600, 24, f32, 44)
+    eps, dropping = _block_dropping_reference(
+        torch, h, w, y, cfg["BLOCK_M"], cfg["BLOCK_V"], z_loss=0.2
+    )
+    case(
+        "fp32_filter_zloss_matches_block_dropping", h, w, y, reduction="sum", grad_filter=True,
+        grad_filter_eps=eps, z_loss=0.2, ref_override=dropping, **many,
     )  # fmt: skip
 
     h, w, y = _inputs(torch, 50, 120, 24, f32, 16)
@@ -426,6 +470,11 @@ def main() -> int:
     )  # fmt: skip
     h, w, y = _inputs(torch, 33, 900, 24, f32, 19)
     set_case("vocab_order_fp32_smoothing", h, w, y, plan=(16, 32), label_smoothing=0.1)
+    h, w, y = _inputs(torch, 37, 2000, 24, f16, 45)
+    set_case(
+        "vocab_order_fp16_zloss_smoothing_softcap", h, w, y, plan=(32, 96), softcap=20.0,
+        label_smoothing=0.1, z_loss=1e-2,
+    )  # fmt: skip
 
     h, w, y = _inputs(torch, 40, 3000, 32, bf16, 20)
     set_case("tma_bf16_vocab_order", h, w, y, plan=(16, 64), tma={})
@@ -452,6 +501,13 @@ def main() -> int:
     set_case(
         "tma_bf16_flat_loop_softcap_bias", h, w, y, plan=(32, 96), tma=variant,
         bias=torch.randn(700).to(bf16), softcap=25.0,
+    )  # fmt: skip
+
+    h, w, y = _inputs(torch, 37, 1001, 24, bf16, 46)
+    variant = {"flat": True, "programs": 4}
+    set_case(
+        "tma_bf16_zloss_smoothing_softcap_bias", h, w, y, plan=(32, 96), tma=variant,
+        bias=torch.randn(1001).to(bf16), softcap=25.0, label_smoothing=0.1, z_loss=1e-2,
     )  # fmt: skip
 
     # The interpreted Triton path and the chunked torch path agree with each other.

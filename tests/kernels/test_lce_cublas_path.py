@@ -97,6 +97,10 @@ def test_shapes_and_reductions_fp32(n, v, d, reduction):
         {"ignore_index": 5},
         {"shift": True},
         {"shift": True, "reduction": "none", "softcap": 4.0},
+        {"z_loss": 1e-2},
+        {"z_loss": 0.1, "label_smoothing": 0.1, "reduction": "sum"},
+        {"z_loss": 0.05, "softcap": 3.0, "label_smoothing": 0.2, "reduction": "none"},
+        {"z_loss": 0.05, "softcap": 3.0, "shift": True, "ignore_index": 5},
     ],
 )
 @pytest.mark.parametrize("bias", [False, True])
@@ -108,7 +112,13 @@ def test_options_fp32(opts, bias):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize(
     "opts",
-    [{}, {"softcap": 20.0, "reduction": "sum"}, {"label_smoothing": 0.05, "bias": True}],
+    [
+        {},
+        {"softcap": 20.0, "reduction": "sum"},
+        {"label_smoothing": 0.05, "bias": True},
+        {"z_loss": 1e-3, "label_smoothing": 0.05},
+        {"z_loss": 1e-3, "softcap": 20.0, "bias": True, "reduction": "none"},
+    ],
 )
 def test_dtypes(dtype, opts):
     opts = dict(opts)
@@ -255,7 +265,10 @@ def test_auto_keeps_the_torch_path_on_the_cpu(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("opts", [{}, {"softcap": 20.0, "label_smoothing": 0.1, "bias": True}])
+@pytest.mark.parametrize(
+    "opts",
+    [{}, {"softcap": 20.0, "label_smoothing": 0.1, "bias": True}, {"z_loss": 1e-3}],
+)
 def test_cuda_products_and_kernels(dtype, opts):
     """cuBLAS products (float32 output, shifted epilogue, float32 accumulation) and the Triton
     elementwise kernels on the GPU; float32 tolerance looser for TF32-free fp32 BLAS rounding."""

@@ -79,6 +79,10 @@ def test_shapes_and_reductions_fp32(n, v, d, reduction):
         {"ignore_index": 5},
         {"shift": True},
         {"shift": True, "reduction": "none", "softcap": 4.0},
+        {"z_loss": 1e-2},
+        {"z_loss": 0.1, "label_smoothing": 0.1, "reduction": "sum"},
+        {"z_loss": 0.05, "softcap": 3.0, "label_smoothing": 0.2, "reduction": "none"},
+        {"z_loss": 0.05, "softcap": 3.0, "shift": True, "ignore_index": 5},
     ],
 )
 @pytest.mark.parametrize("bias", [False, True])
@@ -91,6 +95,51 @@ def test_options_fp32(opts, bias):
 def test_dtypes(dtype):
     hidden, weight, labels, b = make(50, 300, 32, dtype, seed=3, bias=True)
     check(hidden, weight, labels, bias=b, softcap=20.0, label_smoothing=0.05)
+    check(hidden, weight, labels, bias=b, softcap=20.0, label_smoothing=0.05, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cublas"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("eps", [0.1, 0.5])
+def test_smoothing_matches_torch_cross_entropy(impl, reduction, eps):
+    """Label smoothing as torch.nn.functional.cross_entropy defines it, on explicit float64
+    logits: (1 - eps) * CE + eps * mean over the vocabulary of -log p, ignored rows excluded
+    (also from the mean's count)."""
+    hidden, weight, labels, b = make(40, 90, 16, torch.float64, seed=11, bias=True, ignore_frac=0.3)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    got = linear_cross_entropy(
+        *leaves[:2], labels, bias=leaves[2], label_smoothing=eps, reduction=reduction, impl=impl
+    )
+    ref_leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    logits = ref_leaves[0] @ ref_leaves[1].t() + ref_leaves[2]
+    want = torch.nn.functional.cross_entropy(
+        logits, labels, label_smoothing=eps, reduction=reduction
+    )
+    assert rel(got, want) < 1e-10
+    upstream = torch.randn(
+        want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    )
+    grads = torch.autograd.grad(got, leaves, upstream)
+    ref_grads = torch.autograd.grad(want, ref_leaves, upstream)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert rel(g, r) < 1e-10
+
+
+def test_zloss_is_the_squared_log_normaliser():
+    """z_loss * lse^2 per valid row, averaged like the loss: the difference of two calls is
+    exactly that term, computed independently here."""
+    hidden, weight, labels, _ = make(30, 50, 8, torch.float64, seed=12, ignore_frac=0.3)
+    base = linear_cross_entropy(hidden, weight, labels, impl="torch")
+    with_z = linear_cross_entropy(hidden, weight, labels, impl="torch", z_loss=0.25)
+    lse = torch.logsumexp(hidden @ weight.t(), -1)
+    valid = labels != -100
+    assert torch.allclose(with_z - base, 0.25 * (lse[valid] ** 2).mean(), rtol=1e-12)
+
+
+def test_filter_with_label_smoothing_is_refused():
+    hidden, weight, labels, _ = make(8, 20, 4, torch.float32, seed=0)
+    with pytest.raises(MemtrainError, match="grad_filter=True cannot be combined"):
+        linear_cross_entropy(hidden, weight, labels, label_smoothing=0.1, grad_filter=True)
 
 
 def test_leading_dims_and_shift_match_reference():
@@ -141,6 +190,8 @@ def test_public_exports():
         (lambda a: a.update(weight=a["weight"].half()), "share one dtype"),
         (lambda a: a.update(label_smoothing=1.0), "label_smoothing"),
         (lambda a: a.update(softcap=0.0), "softcap"),
+        (lambda a: a.update(z_loss=-1e-4), "z_loss"),
+        (lambda a: a.update(z_loss=float("inf")), "z_loss"),
         (lambda a: a.update(bias=torch.zeros(3)), "bias must have shape"),
     ],
 )

@@ -11,6 +11,8 @@ logits to a few rows at a time.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from memtrain.errors import MemtrainError
@@ -52,7 +54,9 @@ def default_filter_eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 32
 
 
-def _validate(hidden, weight, labels, bias, reduction, label_smoothing, softcap, impl) -> None:
+def _validate(
+    hidden, weight, labels, bias, reduction, label_smoothing, z_loss, softcap, impl
+) -> None:
     if not all(isinstance(t, torch.Tensor) for t in (hidden, weight, labels)):
         raise MemtrainError("hidden, weight and labels must be torch tensors")
     if reduction not in _REDUCTIONS:
@@ -83,6 +87,8 @@ def _validate(hidden, weight, labels, bias, reduction, label_smoothing, softcap,
         raise MemtrainError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     if not 0.0 <= label_smoothing < 1.0:
         raise MemtrainError(f"label_smoothing={label_smoothing}; use a value in [0, 1)")
+    if not (isinstance(z_loss, (int, float)) and 0.0 <= z_loss < math.inf):
+        raise MemtrainError(f"z_loss={z_loss}; use a finite number >= 0")
     if softcap is not None and not softcap > 0:
         raise MemtrainError(f"softcap={softcap}; use a positive number or None")
 
@@ -139,6 +145,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
     shift: bool = False,
     grad_filter: bool = False,
     grad_filter_eps: float | None = None,
@@ -156,9 +163,11 @@ def linear_cross_entropy(
     accumulated in float32; rounding it to bf16 would cost up to 0.4% of its value.
 
     ``grad_filter=True`` lets the Triton backward skip blocks of the logits gradient in which
-    no target lies and every softmax probability is below ``grad_filter_eps`` (default
-    :func:`default_filter_eps`): faster on peaked softmaxes, not exact. It is off by default, is
-    ignored with label smoothing (whose gradient is dense), and the torch path is always exact.
+    no target lies and every softmax probability (times ``1 + 2 * z_loss * lse`` with the
+    z-loss) is below ``grad_filter_eps`` (default :func:`default_filter_eps`): faster on peaked
+    softmaxes, not exact. It is off by default and refused with label smoothing (which puts
+    ``label_smoothing / V`` into every entry, so no block is negligible); the torch path is
+    always exact.
     ``impl`` picks the implementation:
 
     - "cublas": the four large products (forward logits, recomputed logits, dH = G·W,
@@ -180,9 +189,15 @@ def linear_cross_entropy(
     workspace is small (14 MiB: 15.1 MiB extra, 4-8% slower than 64 MiB on an H200 at N=8192,
     V=256000), see docs/benchmarks.md.
     """
-    _validate(hidden, weight, labels, bias, reduction, label_smoothing, softcap, impl)
+    _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss, softcap, impl)
+    if grad_filter and label_smoothing > 0.0:
+        raise MemtrainError(
+            "grad_filter=True cannot be combined with label_smoothing > 0: smoothing puts "
+            "label_smoothing / V into every logit's gradient, so no block is negligible"
+        )
     runnable = triton_available(hidden.device) and hidden.dtype in _TRITON_DTYPES
-    filtering = grad_filter and label_smoothing == 0.0
+    filtering = grad_filter
+    z_loss = float(z_loss)
     if impl == "auto":
         impl = _auto_impl(hidden, runnable, filtering)
     if impl == "triton" and not runnable:
@@ -226,7 +241,7 @@ def linear_cross_entropy(
             shifted=shifted_backward(bias, softcap),
         )  # fmt: skip
         losses = BlasLinearCrossEntropy.apply(
-            flat_hidden, weight, bias, targets, softcap, float(label_smoothing), plan
+            flat_hidden, weight, bias, targets, softcap, float(label_smoothing), plan, z_loss
         )
     elif impl == "triton":
         from memtrain.kernels.cross_entropy.triton_function import (
@@ -244,11 +259,12 @@ def linear_cross_entropy(
             flat_hidden, weight, bias, targets, softcap, float(label_smoothing), eps,
             workspace_bytes
             or (DEFAULT_WORKSPACE_BYTES if eps is None else DEFAULT_FILTER_WORKSPACE_BYTES),
+            z_loss,
         )  # fmt: skip
     else:
         losses = ChunkedLinearCrossEntropy.apply(
             flat_hidden, weight, bias, targets, softcap, float(label_smoothing),
-            chunk_rows_for(vocab),
+            chunk_rows_for(vocab), z_loss,
         )  # fmt: skip
     if reduction == "none":
         return losses.reshape(labels.shape)

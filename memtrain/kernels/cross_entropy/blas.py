@@ -62,7 +62,12 @@ from typing import NamedTuple
 import torch
 
 from memtrain.kernels.cross_entropy.availability import triton_available
-from memtrain.kernels.cross_entropy.chunked import fp16_grad_scale, row_losses, undo_grad_scale
+from memtrain.kernels.cross_entropy.chunked import (
+    fp16_grad_scale,
+    prob_scale,
+    row_losses,
+    undo_grad_scale,
+)
 from memtrain.kernels.cross_entropy.reductions import full_precision_reductions
 
 MiB = 1024 * 1024
@@ -293,7 +298,7 @@ def _row_stats_torch(logits, bias, targets, col_start, stats, softcap) -> None:
 
 def _grad_logits_torch(
     src, dst, col_start, shift, target_prob, targets, grad_rows, bias, softcap, smoothing, inv_vocab,
-    grad_bias, shifted,
+    grad_bias, shifted, prob_scale=None,
 ) -> None:  # fmt: skip
     """PyTorch twin of ``blas_kernels.grad_logits``."""
     n_vocab = src.shape[0]
@@ -310,7 +315,10 @@ def _grad_logits_torch(
         dz = torch.exp(x - shift[None, :])
     local = targets.long() - col_start
     hit = ((local >= 0) & (local < n_vocab)).nonzero().squeeze(1)
-    dz[local[hit], hit] = target_prob[hit] - (1.0 - smoothing)
+    dz[local[hit], hit] = target_prob[hit]
+    if prob_scale is not None:
+        dz *= prob_scale[None, :]
+    dz[local[hit], hit] -= 1.0 - smoothing
     if smoothing > 0.0:
         dz -= smoothing * inv_vocab
     dz *= grad_rows[None, :]
@@ -383,7 +391,7 @@ class BlasLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, label_smoothing, plan):
+    def forward(ctx, hidden, weight, bias, targets, softcap, label_smoothing, plan, z_loss=0.0):
         vocab = weight.shape[0]
         if FORWARD == "triton" and _elementwise_triton(hidden.device, hidden.dtype):
             lse, target_logit, logit_sum = _triton_forward(
@@ -394,23 +402,25 @@ class BlasLinearCrossEntropy(torch.autograd.Function):
                 lse, target_logit, logit_sum = blas_forward(
                     hidden, weight, bias, targets, softcap, label_smoothing > 0.0, plan
                 )
-        losses = row_losses(lse, target_logit, logit_sum, targets >= 0, label_smoothing, vocab)
+        losses = row_losses(
+            lse, target_logit, logit_sum, targets >= 0, label_smoothing, vocab, z_loss
+        )
         target_prob = torch.exp(target_logit - lse)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, target_prob)
-        ctx.settings = (softcap, label_smoothing, plan)
+        ctx.settings = (softcap, label_smoothing, plan, z_loss)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
         hidden, weight, bias, targets, lse, target_prob = ctx.saved_tensors
-        softcap, smoothing, plan = ctx.settings
+        softcap, smoothing, plan, z_loss = ctx.settings
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         with full_precision_reductions():
             grads = blas_backward(
                 hidden, weight, bias, targets, lse, target_prob, grad_losses, softcap, smoothing,
-                plan, (need_h, need_w, need_b),
+                plan, (need_h, need_w, need_b), z_loss,
             )  # fmt: skip
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def blas_backward(
@@ -425,6 +435,7 @@ def blas_backward(
     smoothing: float,
     plan: BlasPlan,
     needs: tuple[bool, bool, bool],
+    z_loss: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum(grad_losses * row_losses)`` w.r.t. hidden, weight and bias.
 
@@ -475,6 +486,7 @@ def blas_backward(
     if need_h and not in_place:
         acc_buf = torch.empty((rows, dim), dtype=acc, device=device)
     inv_vocab = 1.0 / vocab
+    scale = prob_scale(lse, z_loss).contiguous() if z_loss > 0.0 else None
 
     thin_buf = None  # float32 logits of a one-row block in a shifted backward
     for r0 in range(0, n_rows, rows):
@@ -492,6 +504,7 @@ def blas_backward(
             thin_buf = torch.empty(cols, dtype=acc, device=device)
         row_targets, row_grad = targets[r0:r1], grad_rows[r0:r1]
         row_target_prob = target_prob[r0:r1]
+        row_scale = scale[r0:r1] if scale is not None else None
         dh = None
         if need_h:
             dh = grad_hidden[r0:r1] if in_place else acc_buf[:nr]
@@ -508,7 +521,7 @@ def blas_backward(
                 products.to_acc(w, h_t, src)
             grad_logits(
                 src, grad, c0, row_shift, row_target_prob, row_targets, row_grad, bias, softcap, smoothing,
-                inv_vocab, grad_bias, block_shifted,
+                inv_vocab, grad_bias, block_shifted, row_scale,
             )  # fmt: skip
             if need_w:
                 if r0 == 0:

@@ -84,6 +84,7 @@ def _grad_logits_kernel(
     shift_ptr,
     target_prob_ptr,
     grad_rows_ptr,
+    prob_scale_ptr,
     n_vocab,
     n_tokens,
     col_start,
@@ -96,6 +97,7 @@ def _grad_logits_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
+    PROB_SCALE: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -127,6 +129,8 @@ def _grad_logits_kernel(
     hit = (col_start + vs)[:, None] == targets[None, :]
     # The target's probability comes from the forward in float32: p - 1 cancels when p ~ 1.
     prob = tl.where(hit, target_prob[None, :], tl.exp(log_prob))
+    if PROB_SCALE:  # the z-loss: 2c * lse * softmax on top of the cross-entropy's softmax
+        prob = prob * tl.load(prob_scale_ptr + ns, mask=n_mask, other=1.0)[None, :]
     dz = prob - tl.where(hit, 1.0 - smoothing, 0.0) - smoothing * inv_vocab
     dz = dz * grad_rows[None, :]
     if not SHIFTED and HAS_SOFTCAP:
@@ -175,16 +179,20 @@ def grad_logits(
     inv_vocab: float,
     grad_bias: torch.Tensor | None,
     shifted: bool,
+    prob_scale: torch.Tensor | None = None,
 ) -> None:
-    """``dst`` ([vocab chunk, tokens]) = logits gradient from ``src`` (see blas.py)."""
+    """``dst`` ([vocab chunk, tokens]) = logits gradient from ``src`` (see blas.py);
+    ``prob_scale`` (per token, the z-loss's ``1 + 2c * lse``) multiplies each probability."""
     n_vocab, n_tokens = src.shape
     block_v, block_n, warps = (32, 16, 1) if _interpreting() else (16, 256, 4)
     grid = (triton.cdiv(n_vocab, block_v), triton.cdiv(n_tokens, block_n))
     _grad_logits_kernel[grid](
         src, dst, bias if bias is not None else src,
         grad_bias if grad_bias is not None else shift,
-        targets, shift, target_prob, grad_rows, n_vocab, n_tokens, col_start, src.stride(0), dst.stride(0),
+        targets, shift, target_prob, grad_rows,
+        prob_scale if prob_scale is not None else grad_rows,
+        n_vocab, n_tokens, col_start, src.stride(0), dst.stride(0),
         float(softcap) if softcap is not None else 1.0, float(smoothing), float(inv_vocab),
         SHIFTED=shifted, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        BIAS_GRAD=grad_bias is not None, BLOCK_V=block_v, BLOCK_N=block_n, num_warps=warps,
+        BIAS_GRAD=grad_bias is not None, PROB_SCALE=prob_scale is not None, BLOCK_V=block_v, BLOCK_N=block_n, num_warps=warps,
     )  # fmt: skip

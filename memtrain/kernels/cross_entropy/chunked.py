@@ -3,6 +3,8 @@
 Rows are processed in chunks, so at most ``chunk_rows x V`` float32 logits exist at a time.
 Forward keeps only the log-sum-exp of each row; backward recomputes each chunk's logits, turns
 them into the softmax gradient and multiplies it straight into the two input gradients. The
+z-loss ``c * lse^2`` needs nothing more: its logits gradient is ``2c * lse * softmax``, so each
+row's softmax is scaled by ``1 + 2c * lse`` (:func:`prob_scale`). The
 weight gradient is accumulated in float32 (one buffer the size of the weight) so that summing
 many chunks does not lose precision in bf16/fp16.
 """
@@ -49,13 +51,26 @@ def row_losses(
     valid: torch.Tensor,
     label_smoothing: float,
     vocab: int,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
-    """Per-row loss from the row statistics; ignored rows get exactly 0."""
+    """Per-row loss from the row statistics; ignored rows get exactly 0.
+
+    Label smoothing mixes in the mean of ``-log p`` over the vocabulary (``lse - mean logit``),
+    as ``torch.nn.functional.cross_entropy`` does; the z-loss adds ``z_loss * lse^2``.
+    """
     loss = lse - target_logit
     if label_smoothing > 0.0:
         smooth = lse - logit_sum / vocab
         loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+    if z_loss > 0.0:
+        loss = loss + z_loss * lse * lse
     return torch.where(valid, loss, torch.zeros_like(loss))
+
+
+def prob_scale(lse: torch.Tensor, z_loss: float) -> torch.Tensor:
+    """``1 + 2 * z_loss * lse`` per row: the factor the z-loss puts on each softmax
+    probability in the logits gradient (d(c * lse^2)/dz = 2c * lse * softmax)."""
+    return 1.0 + 2.0 * z_loss * lse
 
 
 def fp16_grad_scale(grad_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +99,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Per-row losses of ``softcap(hidden @ weight.T + bias)`` against ``targets`` (-1 = ignore)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, label_smoothing, chunk_rows):
+    def forward(ctx, hidden, weight, bias, targets, softcap, label_smoothing, chunk_rows, z_loss):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         acc_dtype = _acc_dtype(hidden.dtype)
         losses = torch.empty(n_rows, dtype=acc_dtype, device=hidden.device)
@@ -99,13 +114,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             target_logit = logits.gather(1, safe[:, None]).squeeze(1)
             logit_sum = logits.sum(-1) if label_smoothing > 0.0 else None
             losses[start:stop] = row_losses(
-                lse, target_logit, logit_sum, valid, label_smoothing, vocab
+                lse, target_logit, logit_sum, valid, label_smoothing, vocab, z_loss
             )
             lse_all[start:stop] = lse
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
         ctx.softcap = softcap
         ctx.label_smoothing = label_smoothing
         ctx.chunk_rows = chunk_rows
+        ctx.z_loss = z_loss
         return losses
 
     @staticmethod
@@ -123,7 +139,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             stop = min(start + chunk_rows, n_rows)
             h = hidden[start:stop]
             logits, tanh = _chunk_logits(h, weight, bias, softcap)
-            grad = torch.exp(logits - lse_all[start:stop, None])
+            lse = lse_all[start:stop, None]
+            grad = torch.exp(logits - lse)
+            if ctx.z_loss > 0.0:
+                grad *= prob_scale(lse, ctx.z_loss)
             if smoothing > 0.0:
                 grad -= smoothing / vocab
             rows = torch.arange(stop - start, device=h.device)
@@ -143,6 +162,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden,
             grad_weight.to(weight.dtype) if need_w else None,
             grad_bias.to(bias.dtype) if need_b and bias is not None else None,
+            None,
             None,
             None,
             None,

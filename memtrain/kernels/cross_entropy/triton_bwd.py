@@ -76,6 +76,7 @@ def preskip_keep(
     targets: torch.Tensor,
     grad_rows: torch.Tensor,
     eps: float,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """uint8 ``[row blocks, vocabulary blocks]`` of ``block``-shaped blocks: 0 where the block
     is provably negligible (no live target, every probability below ``eps``), else 1.
@@ -84,7 +85,9 @@ def preskip_keep(
     an ignored target left out; any cell shape works, blocks made of whole cells get the
     tightest bound). A live row ``r`` (``grad_rows != 0``) has probability
     ``exp(z - lse_r) <= exp(bound - min live lse)`` at every column of the block; a block
-    without live rows is negligible. Small torch ops on the device, no sync.
+    without live rows is negligible. With the z-loss each row's probabilities count times
+    ``|1 + 2c * lse_r|`` (as in the kernel's own check), i.e. ``lse_r`` less its log.
+    Small torch ops on the device, no sync.
     """
     n_rows = lse.shape[0]
     (fm, fv), (bm, bv) = cell, block
@@ -92,7 +95,10 @@ def preskip_keep(
     bound = _regrid_max(cell_max, 0, fm, bm, row_blocks)
     bound = _regrid_max(bound, 1, fv, bv, col_blocks)
     live = grad_rows != 0
-    low = torch.where(live, lse, float("inf"))
+    low = lse
+    if z_loss > 0.0:
+        low = lse - torch.log(torch.abs(1.0 + 2.0 * z_loss * lse))
+    low = torch.where(live, low, float("inf"))
     low = torch.cat([low, low.new_full((row_blocks * bm - n_rows,), float("inf"))])
     low = low.view(row_blocks, bm).amin(1)
     slack = BOUND_SLACK * (1.0 + bound.abs().nan_to_num(posinf=0.0))  # -inf bounds: no slack
@@ -132,6 +138,7 @@ def _grad_logits_kernel(
     softcap,
     smoothing,
     inv_vocab,
+    z_loss,
     eps,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -172,13 +179,14 @@ def _grad_logits_kernel(
         targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
         grad_rows = tl.load(grad_rows_ptr + rows, mask=row_mask, other=0.0)
         dz = logits_grad(
-            logits, tanh, cols, lse, targets, grad_rows, smoothing, inv_vocab, HAS_SOFTCAP
+            logits, tanh, cols, lse, targets, grad_rows, smoothing, inv_vocab, z_loss, HAS_SOFTCAP
         )
         if FILTER:
             # Per-row reductions only: clamped out-of-range rows and columns repeat valid ones,
-            # so they cannot raise a maximum; rows without gradient (ignored) do not count.
+            # so they cannot raise a maximum; rows without gradient (ignored) do not count. The
+            # z-loss scales each row's probabilities by 1 + 2c * lse: the bound is on |dZ / g|.
             live_rows = row_mask & (grad_rows != 0.0)
-            row_top = tl.exp(tl.max(logits, axis=1) - lse)
+            row_top = tl.exp(tl.max(logits, axis=1) - lse) * tl.abs(1.0 + 2.0 * z_loss * lse)
             tile_top = tl.max(tl.where(live_rows, row_top, 0.0))
             first_col = col_start + pid_v * BLOCK_V
             in_tile = live_rows & (targets >= first_col) & (targets < first_col + BLOCK_V)
@@ -251,6 +259,7 @@ def launch_grad_logits(
     smoothing: float,
     filter_eps: float | None,
     keep: torch.Tensor | None = None,
+    z_loss: float = 0.0,
 ) -> None:
     """Write the logits gradient of ``rows x cols`` into ``dz`` (and block marks into flags).
 
@@ -267,7 +276,7 @@ def launch_grad_logits(
         hidden.stride(0), weight.stride(0), dz.stride(0), flags.stride(0),
         r0 // block_m, c0 // block_v, keep.stride(0) if keep is not None else 0,
         float(softcap) if softcap is not None else 1.0,
-        float(smoothing), 1.0 / weight.shape[0], float(filter_eps or 0.0),
+        float(smoothing), 1.0 / weight.shape[0], float(z_loss), float(filter_eps or 0.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         FILTER=filter_eps is not None, PRESKIP=keep is not None,
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, EVEN_D=dim % block_d == 0,
@@ -291,6 +300,7 @@ def backward_grads(
     pick_config,
     workspace_bytes: int,
     bound: tuple[torch.Tensor, tuple[int, int]] | None = None,
+    z_loss: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum(grad_rows * row_losses)`` w.r.t. hidden, weight and bias.
 
@@ -305,7 +315,7 @@ def backward_grads(
     if filter_eps is None:
         return _exact_grads(
             hidden, weight, bias, targets, lse, grad_rows, softcap, smoothing, needs,
-            pick_config, workspace_bytes,
+            pick_config, workspace_bytes, z_loss,
         )  # fmt: skip
     rows_per_block, cols_per_chunk = plan_chunks(
         n_rows,
@@ -328,10 +338,10 @@ def backward_grads(
     )
     stats = (hidden, weight, bias, targets, lse, grad_rows, dz, flags)
     options = (softcap, smoothing, filter_eps)
-    keep_for = _keep_lookup(bound, vocab, lse, targets, grad_rows, filter_eps)
+    keep_for = _keep_lookup(bound, vocab, lse, targets, grad_rows, filter_eps, z_loss)
     first = ((0, min(rows_per_block, n_rows)), (0, min(cols_per_chunk, vocab)))
     config = pick_config(
-        lambda cfg: launch_grad_logits(cfg, *stats, *first, *options, keep_for(cfg))
+        lambda cfg: launch_grad_logits(cfg, *stats, *first, *options, keep_for(cfg), z_loss)
     )
     keep = keep_for(config)
     counts = {"tiles": 0, "pre_skipped": 0, "skipped": 0}
@@ -353,7 +363,7 @@ def backward_grads(
             acc.zero_()
         for c0 in range(0, vocab, cols_per_chunk):
             c1 = min(c0 + cols_per_chunk, vocab)
-            launch_grad_logits(config, *stats, (r0, r1), (c0, c1), *options, keep)
+            launch_grad_logits(config, *stats, (r0, r1), (c0, c1), *options, keep, z_loss)
             chunk = dz[:nr, : c1 - c0]
             if need_b:
                 grad_bias[c0:c1] += chunk.sum(0, dtype=torch.float32)
@@ -378,7 +388,7 @@ def backward_grads(
 
 def _exact_grads(
     hidden, weight, bias, targets, lse, grad_rows, softcap, smoothing, needs, pick_config,
-    workspace_bytes,
+    workspace_bytes, z_loss=0.0,
 ):  # fmt: skip
     """The exact backward (nothing skipped): dense products over a chunk schedule."""
     need_h, need_w, need_b = needs
@@ -401,14 +411,14 @@ def _exact_grads(
 
     def run_kernel(cfg, rows, cols, dz):
         if not cfg.get("tma"):
-            launch_grad_logits(cfg, *stats, dz, flags, rows, cols, *options)
+            launch_grad_logits(cfg, *stats, dz, flags, rows, cols, *options, None, z_loss)
             return
         shape = (cfg["BLOCK_M"], cfg["BLOCK_V"], cfg["BLOCK_D"])
         if shape not in descriptors:
             descriptors[shape] = Descriptors(hidden, weight, cfg)
         grad_logits_tma(
             cfg, descriptors[shape], hidden, weight, bias, targets, lse, grad_rows, dz, rows,
-            cols, softcap, smoothing,
+            cols, softcap, smoothing, z_loss,
         )  # fmt: skip
 
     tuning: list[torch.Tensor] = []
@@ -447,6 +457,7 @@ def _keep_lookup(
     targets: torch.Tensor,
     grad_rows: torch.Tensor,
     eps: float | None,
+    z_loss: float = 0.0,
 ) -> Callable[[dict], torch.Tensor | None]:
     """config -> the pre-skip table of its block shape (None without a bound), built once per
     shape: the tuning run tries candidates of several shapes."""
@@ -457,7 +468,7 @@ def _keep_lookup(
             return None
         block = (cfg["BLOCK_M"], cfg["BLOCK_V"])
         if block not in tables:
-            tables[block] = preskip_keep(*bound, block, vocab, lse, targets, grad_rows, eps)
+            tables[block] = preskip_keep(*bound, block, vocab, lse, targets, grad_rows, eps, z_loss)
         return tables[block]
 
     return keep_for

@@ -202,8 +202,9 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, targets, softcap, label_smoothing, filter_eps, workspace_bytes
-    ):
+        ctx, hidden, weight, bias, targets, softcap, label_smoothing, filter_eps, workspace_bytes,
+        z_loss=0.0,
+    ):  # fmt: skip
         need_sum = label_smoothing > 0.0
         flags = (bias is not None, softcap is not None, need_sum)
         n_rows, dim = hidden.shape
@@ -223,15 +224,17 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
 
         cfg = picker(run)
         (lse, target_logit, logit_sum), cell_max = run(cfg)
-        losses = row_losses(lse, target_logit, logit_sum, targets >= 0, label_smoothing, vocab)
+        losses = row_losses(
+            lse, target_logit, logit_sum, targets >= 0, label_smoothing, vocab, z_loss
+        )
         ctx.save_for_backward(hidden, weight, bias, targets, lse, cell_max)
-        ctx.settings = (softcap, label_smoothing, filter_eps, workspace_bytes, cell)
+        ctx.settings = (softcap, label_smoothing, filter_eps, workspace_bytes, cell, z_loss)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
         hidden, weight, bias, targets, lse, cell_max = ctx.saved_tensors
-        softcap, smoothing, filter_eps, workspace_bytes, cell = ctx.settings
+        softcap, smoothing, filter_eps, workspace_bytes, cell, z_loss = ctx.settings
         grad_rows = (grad_losses.float() * (targets >= 0)).contiguous()
         n_rows, dim = hidden.shape
         # With the pre-skip, skipped blocks cost next to nothing: its own best shape.
@@ -244,6 +247,6 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
             grads = backward_grads(
                 hidden, weight, bias, targets, lse, grad_rows, softcap, smoothing, filter_eps,
                 tuple(ctx.needs_input_grad[:3]), picker, workspace_bytes,
-                (cell_max, cell) if cell_max is not None else None,
+                (cell_max, cell) if cell_max is not None else None, z_loss,
             )  # fmt: skip
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)

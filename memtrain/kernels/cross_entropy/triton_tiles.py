@@ -113,11 +113,14 @@ def store_row_stats(
 
 @triton.jit
 def logits_grad(
-    logits, tanh, cols, lse, targets, grad_rows, smoothing, inv_vocab, HAS_SOFTCAP: tl.constexpr
-):
+    logits, tanh, cols, lse, targets, grad_rows, smoothing, inv_vocab, z_loss,
+    HAS_SOFTCAP: tl.constexpr,
+):  # fmt: skip
     """The loss's gradient w.r.t. a tile of logits (softmax minus the smoothed one-hot, times
-    each row's upstream gradient), through the softcap's derivative when there is one."""
-    prob = tl.exp(logits - lse[:, None])
+    each row's upstream gradient), through the softcap's derivative when there is one. The
+    z-loss ``c * lse^2`` adds ``2c * lse * softmax``: each row's softmax is scaled by
+    ``1 + 2c * lse`` (exactly 1 without it)."""
+    prob = tl.exp(logits - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None]
     hit = cols[None, :] == targets[:, None]
     dz = prob - tl.where(hit, 1.0 - smoothing, 0.0) - smoothing * inv_vocab
     dz = dz * grad_rows[:, None]

@@ -118,7 +118,7 @@ def _forward_tma_kernel(
 def _store_grad_tile(
     acc, local_r0, local_c0, dz_desc, dz_ptr, bias_ptr, targets_ptr, lse_ptr, grad_rows_ptr,
     row_start, row_stop, col_start, col_stop, vocab, stride_dz, softcap, smoothing, inv_vocab,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+    z_loss, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr, TMA_STORE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Turn one tile of raw products into its logits gradient and store it in the chunk.
@@ -138,7 +138,9 @@ def _store_grad_tile(
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
     grad_rows = tl.load(grad_rows_ptr + rows, mask=row_mask, other=0.0)
-    dz = logits_grad(logits, tanh, cols, lse, targets, grad_rows, smoothing, inv_vocab, HAS_SOFTCAP)
+    dz = logits_grad(
+        logits, tanh, cols, lse, targets, grad_rows, smoothing, inv_vocab, z_loss, HAS_SOFTCAP
+    )
     if TMA_STORE:
         dz_desc.store([local_r0, local_c0], dz.to(dz_desc.dtype))
     else:
@@ -169,6 +171,7 @@ def _grad_logits_tma_kernel(
     softcap,
     smoothing,
     inv_vocab,
+    z_loss,
     programs,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -210,7 +213,7 @@ def _grad_logits_tma_kernel(
                 _store_grad_tile(
                     acc, local_r0, local_c0, dz_desc, dz_ptr, bias_ptr, targets_ptr, lse_ptr,
                     grad_rows_ptr, row_start, row_stop, col_start, col_stop, vocab, stride_dz,
-                    softcap, smoothing, inv_vocab, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V,
+                    softcap, smoothing, inv_vocab, z_loss, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V,
                     TMA_STORE, PDL,
                 )  # fmt: skip
                 acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
@@ -230,7 +233,7 @@ def _grad_logits_tma_kernel(
             _store_grad_tile(
                 acc, local_r0, local_c0, dz_desc, dz_ptr, bias_ptr, targets_ptr, lse_ptr,
                 grad_rows_ptr, row_start, row_stop, col_start, col_stop, vocab, stride_dz,
-                softcap, smoothing, inv_vocab, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, TMA_STORE,
+                softcap, smoothing, inv_vocab, z_loss, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, TMA_STORE,
                 PDL,
             )  # fmt: skip
 
@@ -316,6 +319,7 @@ def grad_logits_tma(
     cols: tuple[int, int],
     softcap: float | None,
     smoothing: float,
+    z_loss: float = 0.0,
 ) -> None:
     """Write the exact logits gradient of ``rows x cols`` into ``dz`` (the chunk's top left)."""
     (r0, r1), (c0, c1) = rows, cols
@@ -334,6 +338,6 @@ def grad_logits_tma(
         desc.hidden, desc.weight, dz_desc, dz, bias if bias is not None else hidden, targets,
         lse, grad_rows, r0, r1, c0, c1, weight.shape[0], hidden.shape[1], dz.stride(0),
         float(softcap) if softcap is not None else 1.0, float(smoothing), 1.0 / weight.shape[0],
-        programs, *constexprs,
+        float(z_loss), programs, *constexprs,
     )  # fmt: skip
     desc.launch(key, (programs, 1, 1), args, options)

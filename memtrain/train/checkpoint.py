@@ -10,8 +10,10 @@ Single process and DDP (rank 0 writes), in ``train.out_dir``::
     checkpoint.pt                 the newest again (a hard link; a copy where links fail)
     checkpoint.pt.sha256
 
-Each payload is written to a temporary file, its hash (taken while writing) goes beside it, then
-it is renamed into place: a crash leaves the previous checkpoints intact. On resume the newest
+Each payload is written to a temporary file and fsynced, its hash (taken while writing) goes
+beside it, then it is renamed into place, and only then are older ones pruned: a crash at any
+point (``kill -9`` included) leaves the previous checkpoints intact, and a resume removes the
+temporary file it left. On resume the newest
 checkpoint whose bytes match its hash is loaded; a damaged newer one is named and skipped.
 The stored recipe and plan are compared with this run's: a change that breaks the run (data,
 model, optimizer, where optimizer states live, world size) is refused, others are noted.
@@ -25,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,9 +39,11 @@ from memtrain.errors import MemtrainError
 CHECKPOINT = "checkpoint.pt"  # single process and DDP: the unwrapped model, in train.out_dir
 DS_CHECKPOINTS = "deepspeed"  # DeepSpeed: engine.save_checkpoint's folder under train.out_dir
 DS_CLIENT = "memtrain.json"  # DeepSpeed: step, world size, recipe and plan beside each tag
-KEEP = 2  # numbered checkpoints kept (stands for train.keep_checkpoints; the recipe has no key)
+KEEP = 2  # numbered checkpoints kept unless train.keep_checkpoints says otherwise
 _NUMBERED = re.compile(r"checkpoint-(\d+)\.pt")
 _CHUNK = 1 << 24
+# Test hook: seconds to pause at each stage of a write, so a fault trial's kill lands inside it.
+PAUSE_ENV = "MEMTRAIN_CHECKPOINT_PAUSE_S"
 
 # Recipe keys (dotted, or a section's prefix) whose change breaks a resumed run: other data,
 # another model or optimizer state layout, another world size. Every other change is noted.
@@ -88,15 +93,27 @@ def numbered(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def _pause() -> None:
+    seconds = float(os.environ.get(PAUSE_ENV) or 0)
+    if seconds > 0:
+        time.sleep(seconds)
+
+
 class _Hashing:
-    """A file that hashes what is written to it."""
+    """A file that hashes what is written to it (pausing after its first bytes, under the
+    fault-trial hook, so a kill can tear the temporary file)."""
 
     def __init__(self, file) -> None:
-        self.file, self.sha = file, hashlib.sha256()
+        self.file, self.sha, self.written = file, hashlib.sha256(), 0
 
     def write(self, data) -> int:
         self.sha.update(data)
-        return self.file.write(data)
+        count = self.file.write(data)
+        if not self.written:
+            self.file.flush()
+            _pause()
+        self.written += count
+        return count
 
     def flush(self) -> None:
         self.file.flush()
@@ -104,8 +121,25 @@ class _Hashing:
 
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(tmp, path)
+
+
+def _sync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable (a power cut, not only a killed process)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any], keep: int = KEEP) -> Path:
@@ -115,14 +149,21 @@ def save_checkpoint(path: Path, payload: dict[str, Any], keep: int = KEEP) -> Pa
     out_dir, step = path.parent, int(payload["step"])
     target = out_dir / f"checkpoint-{step}.pt"
     tmp = target.with_name(target.name + ".tmp")
-    with open(tmp, "wb") as file:
-        writer = _Hashing(file)
-        torch.save(payload, writer)
-        file.flush()
-        os.fsync(file.fileno())
+    try:
+        with open(tmp, "wb") as file:
+            writer = _Hashing(file)
+            torch.save(payload, writer)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half file behind
+        raise
     digest = writer.sha.hexdigest()
     _write_text(hash_file(target), f"{digest}  {target.name}\n")
+    _pause()
     os.replace(tmp, target)
+    _sync_dir(out_dir)
+    _pause()
     link = path.with_name(path.name + ".tmp")
     link.unlink(missing_ok=True)
     try:
@@ -131,6 +172,8 @@ def save_checkpoint(path: Path, payload: dict[str, Any], keep: int = KEEP) -> Pa
         shutil.copyfile(target, link)
     _write_text(hash_file(path), f"{digest}  {path.name}\n")
     os.replace(link, path)
+    _sync_dir(out_dir)
+    _pause()
     found = numbered(out_dir)
     kept = [p for s, p in found if s <= step][: max(1, keep)]
     for _, old in found:
@@ -147,6 +190,15 @@ def checkpoint_files(path: Path) -> list[Path]:
     if path.exists() and not any(_same(path, p) for p in files):
         files.insert(min(1, len(files)), path)
     return files
+
+
+def clear_partial(out_dir: Path, note: Callable[[str], None]) -> None:
+    """Remove temporary files a run killed inside a checkpoint write left behind (never read:
+    only a complete, fsynced file is renamed into place). Called before any writer starts."""
+    for tmp in sorted(out_dir.glob("checkpoint*.tmp")):
+        tmp.unlink(missing_ok=True)
+        if tmp.name.endswith(".pt.tmp"):
+            note(f"removed {tmp.name}, a checkpoint write the previous run did not finish")
 
 
 def _same(a: Path, b: Path) -> bool:

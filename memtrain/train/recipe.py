@@ -104,6 +104,11 @@ class TrainSection:
     seed: int = 0
     log_every: int = _key(1, positive=True)
     checkpoint_every: int = 0
+    # Numbered checkpoints kept (DeepSpeed tags too); older ones are deleted after each write.
+    keep_checkpoints: int = _key(2, positive=True)
+    # Copy the state to host memory and write the file in a background thread while training
+    # goes on (synchronous where that is not safe: DeepSpeed, too little free host memory).
+    async_checkpoints: bool = True
     out_dir: str = "runs/memtrain"
     resume: bool = True
     step_in_backward: bool = False

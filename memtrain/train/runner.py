@@ -26,6 +26,7 @@ from memtrain.errors import ConfigError, MemtrainError
 from memtrain.train.checkpoint import compare_resume, restore_rng, rng_state, trim_metrics
 from memtrain.train.data import TokenStream
 from memtrain.train.launch import World, check_launcher, needs_launch, world_from_env
+from memtrain.train.memory_errors import PREPARE_ADVICE, STEP_ADVICE, out_of_memory
 from memtrain.train.recipe import ModelSection, PlanSection, Recipe, ScheduleSection
 from memtrain.train.strategy import STRATEGIES, SingleProcess
 
@@ -196,8 +197,18 @@ class Runner:
             **asdict(recipe.data), vocab_size=vocab, rank=world.rank, world_size=world.world_size
         )
         options = {"step_in_backward": train.step_in_backward, **strategy.prepare_options}
-        self.prepared = prepared = prepare_recipe(model, recipe, limit, **options)
-        metrics = None
+        try:
+            self.prepared = prepared = prepare_recipe(model, recipe, limit, **options)
+        except (RuntimeError, OSError, MemoryError) as exc:
+            error = out_of_memory(exc, "preparing the model", PREPARE_ADVICE, device)
+            if error is None:
+                raise
+        else:
+            error = None
+        if error is not None:
+            raise error  # outside the handler: the failed allocation's frames are freed
+        metrics, interrupted = None, False
+        strategy.note = self.note
         try:
             if len(set(strategy.gather(plan_digest(prepared)))) > 1:
                 raise MemtrainError("the ranks made different plans; they must train the same way")
@@ -229,7 +240,7 @@ class Runner:
                     ids = next(self.stream)
                     digest.update(ids.numpy().tobytes())
                     t0 = time.perf_counter()
-                    loss, grad_norm = strategy.step(ids.to(device))
+                    loss, grad_norm = self.step(strategy, ids.to(device), step + 1)
                     value = strategy.mean(loss)
                     if not math.isfinite(value):
                         raise MemtrainError(f"the loss became {value} at step {step + 1}; stopping")
@@ -253,6 +264,7 @@ class Runner:
                     if every and ((step + 1) % every == 0 or last):
                         self.checkpoint(strategy, device, step + 1)
                     advance(value)
+            strategy.finish_writes()  # the last checkpoint is on disk before the summary
             wall = time.perf_counter() - started
             memory = memory_summary(prepared, device, limit["bytes"], limit["enforced"])
             result = {
@@ -264,6 +276,12 @@ class Runner:
                 "tokens_per_s": tokens_per_step * len(losses) / wall if losses else None,
                 "memory": memory,
             }
+            if strategy.writer is not None and strategy.writer.written:
+                result["checkpoints"] = {
+                    "written": strategy.writer.written,
+                    "background": strategy.writer.background,
+                    "waited_s": strategy.writer.waited_s,
+                }
             if world.distributed:
                 mine = {
                     "rank": world.rank,
@@ -273,11 +291,24 @@ class Runner:
                 }
                 result["ranks"] = self.per_rank(strategy, memory, mine)
             return result
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
             if metrics is not None:
                 metrics.close()
-            strategy.teardown()
+            strategy.teardown(interrupted)
             prepared.remove()
+
+    def step(self, strategy: SingleProcess, ids: torch.Tensor, number: int):
+        """One step; running out of memory inside it is one line with the numbers."""
+        try:
+            return strategy.step(ids)
+        except (RuntimeError, MemoryError) as exc:
+            error = out_of_memory(exc, f"step {number}", STEP_ADVICE, ids.device)
+            if error is None:
+                raise
+        raise error  # outside the handler: the step's tensors are freed with its frames
 
     def resume(self, strategy: SingleProcess, device: torch.device) -> int:
         """Load the newest good checkpoint, if any and asked to, once its recipe and plan agree

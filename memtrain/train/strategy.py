@@ -20,13 +20,14 @@ from torch import nn
 
 from memtrain.dtypes import short_name
 from memtrain.errors import ConfigError, MemtrainError
+from memtrain.train.async_checkpoint import CheckpointWriter
 from memtrain.train.checkpoint import (
     CHECKPOINT,
     DS_CHECKPOINTS,
     DS_CLIENT,
     KEEP,
+    clear_partial,
     newest_good,
-    save_checkpoint,
 )
 from memtrain.train.launch import DEEPSPEED_OPTIMIZERS, World
 from memtrain.train.recipe import Recipe
@@ -41,10 +42,15 @@ class SingleProcess:
 
     prepare_options: dict[str, Any] = {}
 
+    # Whether checkpoints may be written in the background (DeepSpeed's engine writes its own).
+    background_checkpoints = True
+
     def __init__(self, world: World, device: torch.device):
         self.world, self.device = world, device
         self.in_backward, self.started = None, False
         self.loaded: Path | None = None  # the checkpoint a resume read
+        self.keep, self.writer = KEEP, None
+        self.note: Callable[[str], None] = print
 
     def start(self) -> str | None:
         """Start the process group; returns its backend (None for a single process)."""
@@ -57,12 +63,26 @@ class SingleProcess:
         self.model = self.forward = prepared.model
         self.optimizer, self.clip = prepared.optimizer, recipe.schedule.grad_clip
         self.path = out_dir / CHECKPOINT
+        self.start_writer(recipe)
         if recipe.train.step_in_backward:
             from memtrain.optim import register_step_in_backward
 
             self.in_backward = register_step_in_backward(self.model, self.optimizer)
 
-    def teardown(self) -> None:
+    def start_writer(self, recipe: Recipe) -> None:
+        self.keep = recipe.train.keep_checkpoints
+        if self.world.main:
+            background = recipe.train.async_checkpoints and self.background_checkpoints
+            self.writer = CheckpointWriter(self.keep, background, self.note)
+
+    def finish_writes(self) -> None:
+        """Wait for the checkpoint write in flight (the end of a run); raises its failure."""
+        if self.writer is not None:
+            self.writer.wait()
+
+    def teardown(self, interrupted: bool = False) -> None:
+        if self.writer is not None:
+            self.writer.close(interrupted)
         if self.in_backward is not None:
             self.in_backward.remove()
 
@@ -99,6 +119,9 @@ class SingleProcess:
     def load(self, check: Check, note: Callable[[str], None]) -> dict[str, Any] | None:
         """Load the model and optimizer of the newest checkpoint that reads back intact, once
         ``check`` accepts its client state; returns that state (None: no checkpoint)."""
+        if self.world.main:
+            clear_partial(self.path.parent, note)
+        self.barrier()  # no rank reads while rank 0 clears
         found = newest_good(self.path, self.device, note)
         if found is None:
             return None
@@ -119,7 +142,7 @@ class SingleProcess:
         which stands for all as DDP keeps them equal."""
         if self.world.main:
             state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
-            save_checkpoint(self.path, state, keep=KEEP)
+            self.writer.write(self.path, state)
         self.barrier()
 
 
@@ -177,6 +200,7 @@ class DeepSpeedStrategy(DDPStrategy):
     shard through ``engine.save_checkpoint`` under ``out_dir/deepspeed``."""
 
     prepare_options = {"build_optimizer": False, "state_offload": True}
+    background_checkpoints = False  # every rank writes its shard inside engine.save_checkpoint
 
     def init_process_group(self, backend: str) -> None:
         import deepspeed
@@ -187,6 +211,7 @@ class DeepSpeedStrategy(DDPStrategy):
         import deepspeed
 
         self.model, self.path = prepared.model, out_dir / DS_CHECKPOINTS
+        self.keep = recipe.train.keep_checkpoints  # the engine writes synchronously
         config = build_deepspeed_config(prepared, recipe, self.world)
         if self.world.main:
             (out_dir / "deepspeed_config.json").write_text(json.dumps(config, indent=1))
@@ -250,11 +275,22 @@ class DeepSpeedStrategy(DDPStrategy):
             keys = ("step", "world_size", "recipe", "plan")
             client = json.dumps({k: state.get(k) for k in keys}, default=str)
             (self.path / tag / DS_CLIENT).write_text(client)
-            # keep the newest only; "latest" already names it
-            for old in self.path.glob("step*"):
-                if old.is_dir() and old.name != tag:
-                    shutil.rmtree(old, ignore_errors=True)
+            # "latest" already names this tag: keep it and the keep - 1 before it
+            for old in stale_tags(self.path, int(state["step"]), self.keep):
+                shutil.rmtree(old, ignore_errors=True)
         self.barrier()
+
+
+def stale_tags(folder: Path, step: int, keep: int) -> list[Path]:
+    """DeepSpeed tag folders (``step<n>``) past the ``keep`` newest up to ``step``, and any past
+    ``step`` (a run resumed from an older tag drops the future it left)."""
+    tags = []
+    for path in folder.glob("step*"):
+        if path.is_dir() and path.name[4:].isdigit():
+            tags.append((int(path.name[4:]), path))
+    tags.sort(reverse=True)
+    kept = [p for n, p in tags if n <= step][: max(1, keep)]
+    return [p for _, p in tags if p not in kept]
 
 
 STRATEGIES = {"single": SingleProcess, "torchrun": DDPStrategy, "deepspeed": DeepSpeedStrategy}

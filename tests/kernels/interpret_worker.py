@@ -4,7 +4,8 @@ Started in a subprocess by ``test_lce_triton_interpreter.py`` with ``TRITON_INTE
 variable must be set before Triton is imported, so it cannot share the test process). Prints one
 JSON object: case name -> relative errors against a float64 reference and the allowed tolerance.
 With the argument ``preskip`` (``test_lce_skip_bound.py``) it runs the filtered backward with
-and without the forward's bound instead (see :func:`preskip_main`).
+and without the forward's bound instead (see :func:`preskip_main`); with ``offsets``
+(``test_lce_offsets.py``) it checks the kernels' 64-bit offsets (see :func:`offsets_main`).
 """
 
 from __future__ import annotations
@@ -381,6 +382,27 @@ def preskip_main() -> int:
     return 0
 
 
+def offsets_main() -> int:
+    """Row-strided offsets past 2^31 from a tiny launch: rows from 70,000 at a stride of
+    40,000 (both int32 arguments) reach 2.8e9. Prints the largest error of the kernels' helper
+    and of plain int32 arithmetic against exact integers."""
+    import torch
+
+    from tests.kernels.offset_probe import offsets_probe_kernel
+
+    block, row_start, stride = 16, 70_000, 40_000
+    rows = torch.arange(row_start, row_start + block, dtype=torch.int64)
+    want = rows[:, None] * stride + torch.arange(block)[None, :]
+    out = {}
+    for wide in (True, False):
+        got = torch.zeros((block, block), dtype=torch.int64)
+        offsets_probe_kernel[(1,)](got, row_start, stride, WIDE=wide, BLOCK=block)
+        out["wide" if wide else "int32"] = int((got - want).abs().max())
+    out["largest"] = int(want.max())
+    json.dump(out, sys.stdout)
+    return 0
+
+
 def main() -> int:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
@@ -527,4 +549,5 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "1"
-    sys.exit(preskip_main() if sys.argv[1:] == ["preskip"] else main())
+    modes = {"preskip": preskip_main, "offsets": offsets_main}
+    sys.exit(modes[sys.argv[1]]() if sys.argv[1:] else main())

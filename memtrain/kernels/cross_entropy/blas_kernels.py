@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memtrain.kernels.cross_entropy.triton_tiles import fold_row_stats, tanh_f32
+from memtrain.kernels.cross_entropy.triton_tiles import fold_row_stats, grid_offsets, tanh_f32
 
 
 @triton.jit
@@ -40,7 +40,6 @@ def _row_stats_kernel(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     local_target = tl.load(targets_ptr + rows, mask=row_mask, other=-1) - col_start
-    base = logits_ptr + rows[:, None].to(tl.int64) * stride
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -49,7 +48,8 @@ def _row_stats_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < n_cols
         mask = row_mask[:, None] & col_mask[None, :]
-        z = tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(logits_ptr + grid_offsets(rows, cols, stride), mask=mask, other=0.0)
+        z = z.to(tl.float32)
         if HAS_BIAS:
             b = tl.load(bias_ptr + col_start + cols, mask=col_mask, other=0.0).to(tl.float32)
             z = z + b[None, :]
@@ -108,8 +108,7 @@ def _grad_logits_kernel(
     v_mask = vs < n_vocab
     n_mask = ns < n_tokens
     mask = v_mask[:, None] & n_mask[None, :]
-    offs_v = vs[:, None].to(tl.int64)
-    x = tl.load(src_ptr + offs_v * stride_src + ns[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(src_ptr + grid_offsets(vs, ns, stride_src), mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + ns, mask=n_mask, other=0.0)
     targets = tl.load(targets_ptr + ns, mask=n_mask, other=-1)
     grad_rows = tl.load(grad_rows_ptr + ns, mask=n_mask, other=0.0)
@@ -135,9 +134,7 @@ def _grad_logits_kernel(
     dz = dz * grad_rows[None, :]
     if not SHIFTED and HAS_SOFTCAP:
         dz = dz * (1.0 - th * th)
-    tl.store(
-        dst_ptr + offs_v * stride_dst + ns[None, :], dz.to(dst_ptr.dtype.element_ty), mask=mask
-    )
+    tl.store(dst_ptr + grid_offsets(vs, ns, stride_dst), dz.to(dst_ptr.dtype.element_ty), mask=mask)
     if BIAS_GRAD:
         partial = tl.sum(tl.where(mask, dz, 0.0), axis=1)
         tl.atomic_add(grad_bias_ptr + col_start + vs, partial, mask=v_mask)

@@ -38,7 +38,7 @@ import triton.language as tl
 from memtrain.kernels.cross_entropy import triton_schedule
 from memtrain.kernels.cross_entropy.chunked import fp16_grad_scale, undo_grad_scale
 from memtrain.kernels.cross_entropy.triton_sparse import sparse_products
-from memtrain.kernels.cross_entropy.triton_tiles import logits_grad, logits_tile
+from memtrain.kernels.cross_entropy.triton_tiles import grid_offsets, logits_grad, logits_tile
 from memtrain.kernels.cross_entropy.triton_tma import Descriptors, grad_logits_tma
 
 # Use the forward's cell maxima to skip negligible blocks without recomputing them. Off gives
@@ -158,12 +158,10 @@ def _grad_logits_kernel(
     row_mask = rows < row_stop
     col_mask = cols < col_stop
     mask = row_mask[:, None] & col_mask[None, :]
-    local_rows = (rows - row_start).to(tl.int64)
-    local_cols = cols - col_start
-    dz_ptrs = dz_ptr + local_rows[:, None] * stride_dz + local_cols[None, :]
+    dz_ptrs = dz_ptr + grid_offsets(rows - row_start, cols - col_start, stride_dz)
     pre_skipped = False
     if PRESKIP:  # the forward's bound proved this block negligible: no logits to recompute
-        keep_at = (keep_row0 + pid_m) * keep_cols + keep_col0 + pid_v
+        keep_at = (keep_row0 + pid_m).to(tl.int64) * keep_cols + keep_col0 + pid_v
         pre_skipped = tl.load(keep_ptr + keep_at) == 0
     if pre_skipped:
         tl.store(flags_ptr + pid_m * flag_cols + pid_v, 1)

@@ -98,7 +98,7 @@ def _forward_kernel(
             )  # fmt: skip
 
     store_row_stats(
-        pid_s * n_rows + rows, row_mask, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr,
+        pid_s.to(tl.int64) * n_rows + rows, row_mask, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr,
         run_max, run_sum, target_logit, logit_sum, NEED_SUM,
     )  # fmt: skip
 
@@ -136,7 +136,7 @@ def _store_cell_maxima(
             top = tl.max(tl.where(counted & (offs_m == i), cell_top, float("-inf")), axis=0)
             row = pid_m * (BLOCK_M // CELL_M) + i
             tl.store(
-                cell_max_ptr + row * cell_cols + col,
+                cell_max_ptr + row.to(tl.int64) * cell_cols + col,
                 top,
                 mask=(row < cell_rows) & (col < cell_cols),
             )

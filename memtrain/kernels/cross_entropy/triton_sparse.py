@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from memtrain.kernels.cross_entropy.triton_tiles import grid_offsets
+
 
 @triton.jit
 def _sparse_dz_weight_kernel(
@@ -56,12 +58,12 @@ def _sparse_dz_weight_kernel(
             cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
             col_mask = cols < n_cols
             a = tl.load(
-                dz_ptr + rows[:, None].to(tl.int64) * stride_dz + cols[None, :],
+                dz_ptr + grid_offsets(rows, cols, stride_dz),
                 mask=row_mask[:, None] & col_mask[None, :],
                 other=0.0,
             )
             b = tl.load(
-                weight_ptr + cols[:, None].to(tl.int64) * stride_w + offs_d[None, :],
+                weight_ptr + grid_offsets(cols, offs_d, stride_w),
                 mask=col_mask[:, None] & d_mask[None, :],
                 other=0.0,
             )
@@ -69,7 +71,7 @@ def _sparse_dz_weight_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc)
-        out_ptrs = acc_ptr + rows[:, None].to(tl.int64) * stride_acc + offs_d[None, :]
+        out_ptrs = acc_ptr + grid_offsets(rows, offs_d, stride_acc)
         out_mask = row_mask[:, None] & d_mask[None, :]
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0)
         tl.store(out_ptrs, acc, mask=out_mask)
@@ -118,12 +120,12 @@ def _sparse_dz_hidden_kernel(
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
         a = tl.load(
-            dz_ptr + rows[:, None].to(tl.int64) * stride_dz + cols[None, :],
+            dz_ptr + grid_offsets(rows, cols, stride_dz),
             mask=row_mask[:, None] & col_mask[None, :],
             other=0.0,
         )
         b = tl.load(
-            hidden_ptr + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
+            hidden_ptr + grid_offsets(rows, offs_d, stride_h),
             mask=row_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
@@ -131,7 +133,7 @@ def _sparse_dz_hidden_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(tl.trans(a), b, acc)
-    out_ptrs = out_ptr + cols[:, None].to(tl.int64) * stride_out + offs_d[None, :]
+    out_ptrs = out_ptr + grid_offsets(cols, offs_d, stride_out)
     out_mask = col_mask[:, None] & d_mask[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)

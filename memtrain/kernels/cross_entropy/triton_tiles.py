@@ -14,6 +14,14 @@ import triton.language as tl
 
 
 @triton.jit
+def grid_offsets(rows, cols, stride):
+    """``rows[:, None] * stride + cols[None, :]`` in int64: ``row * D`` and ``row * V`` pass
+    2^31 on large problems (131,072 rows of a 256,000 vocabulary), where int32 would wrap and
+    address the wrong memory. Every row-strided pointer of the kernels goes through here."""
+    return rows.to(tl.int64)[:, None] * stride + cols[None, :]
+
+
+@triton.jit
 def tanh_f32(x):
     """tanh through exp, so it runs on every Triton backend (the interpreter included)."""
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
@@ -45,8 +53,8 @@ def logits_tile(
     safe_rows = tl.minimum(rows, n_rows - 1).to(tl.int64)
     safe_cols = tl.minimum(cols, vocab - 1).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    h_ptrs = hidden_ptr + safe_rows[:, None] * stride_h + offs_d[None, :]
-    w_ptrs = weight_ptr + safe_cols[:, None] * stride_w + offs_d[None, :]
+    h_ptrs = hidden_ptr + grid_offsets(safe_rows, offs_d, stride_h)
+    w_ptrs = weight_ptr + grid_offsets(safe_cols, offs_d, stride_w)
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         if EVEN_D:
@@ -103,7 +111,7 @@ def store_row_stats(
     out, mask, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr,
     run_max, run_sum, target_logit, logit_sum, NEED_SUM: tl.constexpr,
 ):  # fmt: skip
-    """Store one program's row statistics at offsets ``out``."""
+    """Store one program's row statistics at offsets ``out`` (int64: slice x N)."""
     tl.store(max_ptr + out, run_max, mask=mask)
     tl.store(sumexp_ptr + out, run_sum, mask=mask)
     tl.store(target_logit_ptr + out, target_logit, mask=mask)

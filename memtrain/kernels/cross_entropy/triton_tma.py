@@ -28,6 +28,7 @@ from memtrain.kernels.cross_entropy.triton_launch import RepeatLaunch
 from memtrain.kernels.cross_entropy.triton_tiles import (
     bias_softcap,
     fold_row_stats,
+    grid_offsets,
     logits_grad,
     store_row_stats,
 )
@@ -109,7 +110,7 @@ def _forward_tma_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
 
     store_row_stats(
-        pid_s * n_rows + rows, row_mask, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr,
+        pid_s.to(tl.int64) * n_rows + rows, row_mask, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr,
         run_max, run_sum, target_logit, logit_sum, NEED_SUM,
     )  # fmt: skip
 
@@ -144,10 +145,10 @@ def _store_grad_tile(
     if TMA_STORE:
         dz_desc.store([local_r0, local_c0], dz.to(dz_desc.dtype))
     else:
-        local_rows = (local_r0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        local_rows = local_r0 + tl.arange(0, BLOCK_M)
         local_cols = local_c0 + tl.arange(0, BLOCK_V)
         mask = row_mask[:, None] & (cols < col_stop)[None, :]
-        ptrs = dz_ptr + local_rows[:, None] * stride_dz + local_cols[None, :]
+        ptrs = dz_ptr + grid_offsets(local_rows, local_cols, stride_dz)
         tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 

@@ -243,6 +243,8 @@ CASES = (
     {"reduction": "none", "shift": True},
     {"grad_filter": True, "grad_filter_eps": 1e-30, "bias": True},
     {"peaked": True},
+    {"z_loss": 1e-4, "label_smoothing": 0.1, "softcap": 30.0, "bias": True},
+    {"z_loss": 1e-4, "grad_filter": True, "grad_filter_eps": 1e-30, "peaked": True},
 )
 TOLERANCES = ((torch.bfloat16, 2e-2), (torch.float16, 1e-2), (torch.float32, 1e-3))
 
@@ -338,7 +340,15 @@ def main() -> int:
     p.add_argument("--max-ref-rows", type=int, default=32768)
     p.add_argument("--correctness", action="store_true")
     p.add_argument("--e2e-tokens", type=int, default=0, help="0: no end-to-end step")
+    p.add_argument(
+        "--no-tuning-cache", action="store_true",
+        help="time the launch settings again instead of reading the on-disk choices",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.no_tuning_cache:
+        from memtrain.kernels.cross_entropy import tuning_cache
+
+        tuning_cache.ENABLED = False
     for name in ("workspaces", "filter_workspaces", "cublas_workspaces"):
         setattr(args, name, [int(x) for x in getattr(args, name).split(",") if x])
     args.only = [x for x in args.only.split(",") if x]

@@ -2,7 +2,8 @@
 
 Block shapes are picked per GPU on first use: each candidate runs once to compile and is then
 timed on the caller's own tensors (CUDA events, best of two), and the fastest is kept for that
-kernel, dtype and hidden size. ``TUNING_LOG`` records what was measured. With the gradient
+kernel, dtype and hidden size, in memory and on disk (``tuning_cache``: a later process on the
+same GPU and versions reuses it without timing). ``TUNING_LOG`` records what was measured. With the gradient
 filter the forward also records the largest logit per cell for the backward's bound (see
 ``triton_bwd``; ``triton_bwd.PRESKIP = False`` turns that off).
 """
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from memtrain.kernels.cross_entropy import triton_bwd
+from memtrain.kernels.cross_entropy import triton_bwd, tuning_cache
 from memtrain.kernels.cross_entropy.chunked import row_losses
 from memtrain.kernels.cross_entropy.reductions import full_precision_reductions
 from memtrain.kernels.cross_entropy.triton_bwd import backward_grads
@@ -149,6 +150,11 @@ class ConfigPicker:
             return _CHOSEN[self.key]
         if len(self.candidates) == 1 or self.size < TUNE_MIN_LOGITS:
             return self.candidates[0]
+        cached = tuning_cache.lookup(self.key, self.candidates)
+        if cached is not None:
+            _CHOSEN[self.key] = cached
+            TUNING_LOG[self.key] = {"chosen": _name(cached), "ms": "from the disk cache"}
+            return cached
         timings: dict[str, float | str] = {}
         ready = []
         for cfg in self.candidates:
@@ -174,6 +180,7 @@ class ConfigPicker:
         chosen = next(c for c in self.candidates if _name(c) == min(measured, key=measured.get))
         _CHOSEN[self.key] = chosen
         TUNING_LOG[self.key] = {"chosen": _name(chosen), "ms": timings}
+        tuning_cache.store(self.key, chosen, timings)
         return chosen
 
 

@@ -181,7 +181,7 @@ def test_killed_and_resumed_runs_end_bit_identical(tmp_path, case, trials):
 
     path = _recipe(tmp_path, "killed", steps, overrides)
     out_dir = tmp_path / "killed"
-    best, expect, damaged, timings = 0, None, None, []
+    best, expect, damaged, timings, flips = 0, None, None, [], 0
     for trial in range(trials):
         mode = "write" if trial % 2 else "step"
         log = tmp_path / f"trial-{trial}.log"
@@ -203,6 +203,7 @@ def test_killed_and_resumed_runs_end_bit_identical(tmp_path, case, trials):
         if trial % 3 == 0 and len(good) > 1:  # a torn or altered newest file
             _flip(out_dir / f"checkpoint-{good[0]}.pt")
             best, expect, damaged = good[1], good[1], good[0]
+            flips += 1
         timings.append((mode, round(seconds, 2), newest))
 
     text = io.StringIO()
@@ -215,4 +216,4 @@ def test_killed_and_resumed_runs_end_bit_identical(tmp_path, case, trials):
     whole, resumed = _final(tmp_path / "whole"), _final(out_dir)
     assert whole["step"] == resumed["step"] == steps
     _assert_same(whole, resumed)
-    print(f"{case}: {trials} kill trials (mode, seconds, newest good step): {timings}")
+    print(f"{case}: {trials} kills, {flips} flipped bytes; (mode, s, newest good): {timings}")

@@ -1,5 +1,5 @@
-"""Memory-lean optimizers: GaLore (low-rank projected Adam/Adafactor) and FRUGAL (gradient
-splitting), stepping inside backward, a factory that builds any optimizer from a spec, and
+"""Memory-lean optimizers: GaLore (low-rank projected Adam/Adafactor), Natural GaLore, APOLLO,
+COSMOS, FRUGAL (gradient splitting) and 8-bit AdamW, stepping inside backward, a factory that builds any optimizer from a spec, and
 :mod:`memtrain.optim.memory`, the bytes every optimizer keeps and allocates.
 
 Public names are imported on first use, so the profiler and planner read
@@ -13,7 +13,11 @@ from typing import Any
 
 # public name -> submodule that defines it
 _EXPORTS: dict[str, str] = {
+    "APOLLO": "apollo",
+    "AdamW8bit": "adamw8bit",
+    "COSMOS": "cosmos",
     "FRUGAL": "frugal",
+    "NaturalGaLore": "natural_galore",
     "GaLoreAdafactor": "galore_adafactor",
     "GaLoreAdamW": "galore_adamw",
     "StepInBackward": "step_in_backward",

@@ -15,16 +15,23 @@ import torch
 from torch import nn
 
 from memtrain.errors import MemtrainError
+from memtrain.optim.adamw8bit import AdamW8bit
+from memtrain.optim.apollo import APOLLO
+from memtrain.optim.cosmos import COSMOS
 from memtrain.optim.frugal import FRUGAL
 from memtrain.optim.galore_adafactor import GaLoreAdafactor
 from memtrain.optim.galore_adamw import GaLoreAdamW
 from memtrain.optim.lowrank import lowrank_targets
 from memtrain.optim.memory import (
+    APOLLO_MINI_DEFAULTS,
+    COSMOS_RANK,
     FRUGAL_DEFAULTS,
     GALORE_DEFAULTS,
+    NATURAL_GALORE_DEFAULTS,
     OptimizerSpec,
     parse_optimizer_spec,
 )
+from memtrain.optim.natural_galore import NaturalGaLore
 
 _COMMON = {"weight_decay", "eps", "beta1", "beta2", "seed", "targets"}
 _LOWRANK = {
@@ -40,12 +47,22 @@ ALLOWED_OPTIONS: dict[str, set[str]] = {
     "adam": {"weight_decay", "eps", "beta1", "beta2", "amsgrad", "fused", "foreach"},
     "sgd": {"momentum", "weight_decay", "nesterov", "dampening", "foreach"},
     "adafactor": {"weight_decay", "eps", "beta2_decay", "d", "foreach"},
-    "galore": _COMMON | _LOWRANK | {"rank", "scale", "proj_type", "correct_bias"},
+    "adamw8bit": {"weight_decay", "eps", "beta1", "beta2"},
+    "galore": _COMMON | _LOWRANK | {"rank", "scale", "proj_type", "correct_bias", "bits"},
     "galore-adafactor": {"weight_decay", "seed", "targets", "beta1", "clip_threshold"}
     | {"decay_rate", "scale_parameter", "rank", "scale", "proj_type"}
     | _LOWRANK,
-    "frugal": _COMMON | _LOWRANK | {"density", "rank", "proj_type", "free_update", "free_lr_scale"},
+    "frugal": _COMMON
+    | _LOWRANK
+    | {"density", "rank", "proj_type", "free_update", "free_lr_scale", "bits", "moment_transfer"},
+    "apollo": _COMMON
+    | {"update_proj_gap", "rank", "scale", "proj_type", "scale_type", "norm_growth"},
+    "natural-galore": _COMMON
+    | _LOWRANK
+    | {"rank", "scale", "proj_type", "correct_bias", "history", "damping"},
+    "cosmos": _COMMON | {"rank", "scale", "gamma", "ns_steps", "step_rms"},
 }
+ALLOWED_OPTIONS["apollo-mini"] = ALLOWED_OPTIONS["apollo"]
 ALLOWED_OPTIONS["galore-adamw"] = ALLOWED_OPTIONS["galore"]
 
 
@@ -109,6 +126,19 @@ def build_optimizer(
     check_options(spec)
     opts = dict(spec.options)
     name = spec.name
+    if name == "adamw8bit":
+        params = (
+            model_or_params.parameters()
+            if isinstance(model_or_params, nn.Module)
+            else model_or_params
+        )
+        return AdamW8bit(
+            params,
+            lr=lr,
+            betas=_betas(opts),
+            eps=float(opts.get("eps", 1e-8)),
+            weight_decay=float(opts.get("weight_decay", 0.01)),
+        )
     if name in ("adamw", "adam", "sgd", "adafactor"):
         params = (
             model_or_params.parameters()
@@ -118,6 +148,8 @@ def build_optimizer(
         return _build_torch(name, params, lr, opts)
     split = _split_params(model_or_params, opts.pop("targets", None))
     keys = {k: opts.pop(k) for k in list(opts) if k in _LOWRANK}
+    if name in ("apollo", "apollo-mini", "natural-galore", "cosmos"):
+        return _build_projected_adam(name, split, keys, opts, lr)
     if name in ("galore", "galore-adamw"):
         for key in ("rank", "scale", "proj_type"):
             keys[key] = opts.pop(key, GALORE_DEFAULTS[key])
@@ -129,6 +161,7 @@ def build_optimizer(
             weight_decay=float(opts.get("weight_decay", 0.0)),
             correct_bias=bool(opts.get("correct_bias", True)),
             seed=int(opts.get("seed", 0)),
+            bits=int(opts.get("bits", 32)),
         )
     if name == "galore-adafactor":
         for key in ("rank", "scale", "proj_type"):
@@ -145,7 +178,7 @@ def build_optimizer(
             weight_decay=float(opts.get("weight_decay", 0.0)),
             seed=int(opts.get("seed", 0)),
         )
-    for key in ("proj_type", "free_update", "free_lr_scale"):
+    for key in ("proj_type", "free_update", "free_lr_scale", "moment_transfer"):
         if key in opts:
             keys[key] = opts.pop(key)
     keys.setdefault("proj_type", FRUGAL_DEFAULTS["proj_type"])
@@ -160,6 +193,52 @@ def build_optimizer(
         eps=float(opts.get("eps", 1e-8)),
         weight_decay=float(opts.get("weight_decay", 0.0)),
         seed=int(opts.get("seed", 0)),
+        bits=int(opts.get("bits", 32)),
+    )
+
+
+# group keys of the GaLoreAdamW family: name -> {key: default}
+_FAMILY_KEYS: dict[str, dict[str, Any]] = {
+    "apollo": {
+        "rank": GALORE_DEFAULTS["rank"],
+        "scale": 1.0,
+        "proj_type": "std",
+        "scale_type": "channel",
+        "norm_growth": 1.01,
+    },
+    "apollo-mini": {"proj_type": "std", "norm_growth": 1.01, **APOLLO_MINI_DEFAULTS},
+    "natural-galore": {
+        **{k: GALORE_DEFAULTS[k] for k in ("rank", "scale", "proj_type")},
+        **NATURAL_GALORE_DEFAULTS,
+    },
+    "cosmos": {"rank": COSMOS_RANK, "scale": 1.0, "gamma": 0.2, "ns_steps": 5, "step_rms": "unit"},
+}
+_FAMILY_CLASSES = {
+    "apollo": APOLLO,
+    "apollo-mini": APOLLO,
+    "natural-galore": NaturalGaLore,
+    "cosmos": COSMOS,
+}
+
+
+def _build_projected_adam(
+    name: str, split: Any, keys: dict[str, Any], opts: dict[str, Any], lr: float
+) -> torch.optim.Optimizer:
+    """APOLLO, APOLLO-Mini, Natural GaLore and COSMOS: GaLoreAdamW's constructor and dense
+    AdamW, their own rule on the projected group."""
+    for key, default in _FAMILY_KEYS[name].items():
+        keys[key] = opts.pop(key, default)
+    kwargs: dict[str, Any] = {}
+    if "correct_bias" in opts:
+        kwargs["correct_bias"] = bool(opts["correct_bias"])
+    return _FAMILY_CLASSES[name](
+        _groups(split, keys),
+        lr=lr,
+        betas=_betas(opts),
+        eps=float(opts.get("eps", 1e-6)),
+        weight_decay=float(opts.get("weight_decay", 0.0)),
+        seed=int(opts.get("seed", 0)),
+        **kwargs,
     )
 
 

@@ -11,9 +11,12 @@ is chosen per weight every ``update_proj_gap`` steps by ``proj_type``:
 - ``blocks``: a random contiguous band of rows (cheapest: a view, no gather).
 
 Its size is ``density`` (fraction of the smaller side for projections, of columns or rows for
-coordinates) or an explicit ``rank``. When the subspace changes the AdamW moments are reset
-to zero and the bias correction restarts, as FRUGAL does. Groups without ``density`` or
-``rank`` are plain AdamW (embeddings, norms and the head stay state-full, as in FRUGAL).
+coordinates) or an explicit ``rank``. When the subspace changes the AdamW moments are carried
+into the new subspace (``moment_transfer='project'``, see :mod:`memtrain.optim.subspace_transfer`)
+and the bias correction keeps counting; ``'reset'`` zeroes them and restarts the bias correction,
+as FRUGAL's own code does. ``bits=8`` keeps the moments as blockwise 8-bit codes. Groups without
+``density`` or ``rank`` are plain AdamW (embeddings, norms and the head stay state-full, as in
+FRUGAL).
 """
 
 from __future__ import annotations
@@ -40,15 +43,29 @@ from memtrain.optim.lowrank import (
     refresh_projections,
     subspace_size,
 )
+from memtrain.optim.moments import (
+    check_bits,
+    drop_moments,
+    has_moments,
+    read_moments,
+    write_moments,
+)
 from memtrain.optim.subspace import random_subspace, seeded_generator
+from memtrain.optim.subspace_transfer import (
+    transfer_columns,
+    transfer_projected,
+    transfer_rows,
+)
 
 FRUGAL_PROJ_TYPES = ("svd", "random", "columns", "blocks")
 FREE_RULES = ("signsgd", "sgd")
+MOMENT_TRANSFERS = ("project", "reset")
 SPLIT_DEFAULTS: dict[str, Any] = {
     "update_proj_gap": 200,
     "proj_type": "svd",
     "free_update": "signsgd",
     "free_lr_scale": 1.0,
+    "moment_transfer": "project",
     "proj_iters": 2,
     "proj_cold_iters": 4,
     "proj_oversample": 0,
@@ -71,6 +88,11 @@ def fill_split_group(group: dict[str, Any]) -> None:
     if group["free_update"] not in FREE_RULES:
         raise MemtrainError(
             f"FRUGAL: unknown free_update {group['free_update']!r}; use one of {FREE_RULES}"
+        )
+    if group["moment_transfer"] not in MOMENT_TRANSFERS:
+        raise MemtrainError(
+            f"FRUGAL: unknown moment_transfer {group['moment_transfer']!r}; "
+            f"use one of {', '.join(MOMENT_TRANSFERS)}"
         )
     if int(group["update_proj_gap"]) < 1:
         raise MemtrainError(f"update_proj_gap must be >= 1, got {group['update_proj_gap']!r}")
@@ -98,6 +120,7 @@ class FRUGAL(MemtrainOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         seed: int = 0,
+        bits: int = 32,
     ):
         check_positive("lr", lr)
         check_unit_interval("betas[0]", betas[0])
@@ -108,6 +131,7 @@ class FRUGAL(MemtrainOptimizer):
             "eps": eps,
             "weight_decay": weight_decay,
             "seed": seed,
+            "bits": check_bits(bits),
         }
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -142,7 +166,7 @@ class FRUGAL(MemtrainOptimizer):
         for p in params:
             state = self.state[p]
             step = init_step(state)
-            if step % gap == 0 or "exp_avg" not in state:
+            if step % gap == 0 or not has_moments(state):
                 due.append((p, step))
         if not due:
             return
@@ -170,13 +194,36 @@ class FRUGAL(MemtrainOptimizer):
                 cpu_gen = seeded_generator(torch.device("cpu"), seed, self.param_index(p), step)
                 new = torch.randint(0, p.shape[0] - size + 1, (), generator=cpu_gen)
             key = {"columns": "indices", "blocks": "block_start"}.get(kind, "projection")
-            if key in state:
-                state[key].copy_(new)
-            else:
+            if key not in state:
                 state[key] = new.contiguous().clone()
-            if "exp_avg" in state:
-                state["exp_avg"].zero_()
-                state["exp_avg_sq"].zero_()
+                continue
+            old = state[key].clone()
+            state[key].copy_(new)
+            if has_moments(state):
+                if group["moment_transfer"] == "reset":
+                    drop_moments(state)
+                else:
+                    self._transfer(group, p, old, state[key])
+
+    def _transfer(
+        self, group: dict[str, Any], p: torch.Tensor, old: torch.Tensor, new: torch.Tensor
+    ) -> None:
+        """Carry the moments of subspace ``old`` into subspace ``new``."""
+        state = self.state[p]
+        bits = int(group.get("bits", 32))
+        first, second = read_moments(state, state.get("exp_avg", p), bits)
+        kind = group["proj_type"]
+        if kind == "columns":
+            first, second = transfer_columns(first, second, old, new)
+        elif kind == "blocks":
+            first, second = transfer_rows(first, second, int(old), int(new))
+        else:
+            side = projection_side(p.shape, "std")
+            first, second = transfer_projected(first, second, old, new, side)
+        if bits == 8:
+            write_moments(state, first, second, bits)
+        else:
+            state["exp_avg"], state["exp_avg_sq"] = first.contiguous(), second.contiguous()
 
     def _svd_projections(self, group: dict[str, Any], items: list) -> dict[int, torch.Tensor]:
         """Top singular subspaces (warm-started iteration), one batched call per rank."""
@@ -208,14 +255,16 @@ class FRUGAL(MemtrainOptimizer):
         """AdamW's normalised step for ``grad`` (already lr-scaled), ``since`` steps into the
         current moments."""
         beta1, beta2 = group["betas"]
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
-        avg, sq = state["exp_avg"], state["exp_avg_sq"]
+        bits = int(group.get("bits", 32))
+        out_dtype = grad.dtype
+        if bits == 8:
+            grad = grad.float()
+        avg, sq = read_moments(state, grad, bits)
         avg.lerp_(grad, 1.0 - beta1)
         sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        write_moments(state, avg, sq, bits)
         denom = (sq.sqrt() / math.sqrt(1.0 - beta2**since)).add_(group["eps"])
-        return (avg / denom).mul_(group["lr"] / (1.0 - beta1**since))
+        return (avg / denom).mul_(group["lr"] / (1.0 - beta1**since)).to(out_dtype)
 
     def _dense_update(self, group: dict[str, Any], p: torch.Tensor) -> None:
         state = self.state[p]
@@ -232,7 +281,9 @@ class FRUGAL(MemtrainOptimizer):
     def _split_update(self, group: dict[str, Any], p: torch.Tensor) -> None:
         state = self.state[p]
         step = init_step(state)
-        since = step % int(group["update_proj_gap"]) + 1
+        since = step + 1
+        if group["moment_transfer"] == "reset":
+            since = step % int(group["update_proj_gap"]) + 1
         state["step"] += 1
         grad = p.grad
         kind = group["proj_type"]

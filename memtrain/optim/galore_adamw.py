@@ -32,6 +32,7 @@ from memtrain.optim.lowrank import (
     projection_side,
     refresh_projections,
 )
+from memtrain.optim.moments import check_bits, read_moments, write_moments
 
 # Keys a projected group may set; the values are what galore-torch users get by default.
 LOWRANK_DEFAULTS: dict[str, Any] = {
@@ -118,6 +119,7 @@ class GaLoreAdamW(MemtrainOptimizer):
         correct_bias: bool = True,
         seed: int = 0,
         no_deprecation_warning: bool = True,
+        bits: int = 32,
     ):
         check_positive("lr", lr)
         check_unit_interval("betas[0]", betas[0])
@@ -131,6 +133,7 @@ class GaLoreAdamW(MemtrainOptimizer):
             "weight_decay": weight_decay,
             "correct_bias": correct_bias,
             "seed": seed,
+            "bits": check_bits(bits),
         }
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -159,17 +162,19 @@ class GaLoreAdamW(MemtrainOptimizer):
             if lowrank:
                 side = projection_side(p.shape, group["proj_type"])
                 grad = project(grad, state["projection"], side)
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
-                state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
+            if int(group.get("bits", 32)) != 8:
+                read_moments(state, grad, bits=32)
             state["step"] += 1
             size = group["lr"]
             if group["correct_bias"]:
                 size = size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
             grads.append(grad)
-            avgs.append(state["exp_avg"])
-            sqs.append(state["exp_avg_sq"])
+            avgs.append(state.get("exp_avg"))
+            sqs.append(state.get("exp_avg_sq"))
             sizes.append(size)
+        if int(group.get("bits", 32)) == 8:
+            self._quantized_update(group, params, grads, sizes)
+            return
         torch._foreach_mul_(avgs, beta1)
         torch._foreach_add_(avgs, grads, alpha=1.0 - beta1)
         torch._foreach_mul_(sqs, beta2)
@@ -186,5 +191,32 @@ class GaLoreAdamW(MemtrainOptimizer):
                 add_projected_back(p, n, proj, side, alpha=-size * float(group["scale"]))
         else:
             torch._foreach_addcdiv_(params, avgs, denoms, [-s for s in sizes])
+        if group["weight_decay"] > 0.0:
+            torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
+
+    def _quantized_update(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        sizes: list[float],
+    ) -> None:
+        """The same step with 8-bit moments: dequantise, update in float32, re-quantise."""
+        beta1, beta2 = group["betas"]
+        lowrank = "rank" in group
+        for p, grad, size in zip(params, grads, sizes, strict=True):
+            state = self.state[p]
+            grad = grad.float()
+            avg, sq = read_moments(state, grad, bits=8)
+            avg.lerp_(grad, 1.0 - beta1)
+            sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            write_moments(state, avg, sq, bits=8)
+            normed = avg.div_(sq.sqrt_().add_(group["eps"])).to(p.dtype)
+            if lowrank:
+                side = projection_side(p.shape, group["proj_type"])
+                alpha = -size * float(group["scale"])
+                add_projected_back(p, normed, state["projection"], side, alpha=alpha)
+            else:
+                p.add_(normed, alpha=-size)
         if group["weight_decay"] > 0.0:
             torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])

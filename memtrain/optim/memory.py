@@ -27,6 +27,7 @@ from memtrain.optim.lowrank import (
     projection_side,
     subspace_size,
 )
+from memtrain.optim.quant8 import quantized_bytes
 
 # shape, dtype, options -> bytes
 StateFormula = Callable[[tuple[int, ...], torch.dtype, dict[str, Any]], int]
@@ -42,6 +43,9 @@ FALLBACK_FLOAT32_COPIES = 4
 GALORE_DEFAULTS: dict[str, Any] = {"rank": 128, "update_proj_gap": 200, "scale": 1.0}
 GALORE_DEFAULTS["proj_type"] = "std"
 FRUGAL_DEFAULTS: dict[str, Any] = {"density": 0.25, "update_proj_gap": 200, "proj_type": "svd"}
+APOLLO_MINI_DEFAULTS: dict[str, Any] = {"rank": 1, "scale_type": "tensor", "scale": 128**0.5}
+NATURAL_GALORE_DEFAULTS: dict[str, Any] = {"history": 10, "damping": 1e-3}
+COSMOS_RANK = 64  # COSMOS's default leading-subspace rank
 
 
 @dataclass(frozen=True)
@@ -92,14 +96,66 @@ def _galore_side(shape: tuple[int, ...], options: dict[str, Any]) -> tuple[int, 
     return rank, projection_side(shape, options.get("proj_type", GALORE_DEFAULTS["proj_type"]))
 
 
+def _moments(numel: int, dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """Two Adam moments of ``numel`` values: in ``dtype``, or 8-bit codes plus block scales."""
+    if int(options.get("bits", 32)) == 8:
+        return 2 * quantized_bytes(numel)
+    return 2 * numel * dtype.itemsize
+
+
+def adamw8bit_state(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """AdamW8bit: both moments as uint8 codes plus a float32 absmax per 256 values."""
+    return 2 * quantized_bytes(math.prod(shape)) + STEP_BYTES
+
+
 def galore_state(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
-    """GaLoreAdamW: moments of the low-rank gradient and the projection, in the weight's dtype."""
+    """GaLoreAdamW: moments of the low-rank gradient (8-bit with ``bits=8``) and the projection,
+    in the weight's dtype."""
+    if not _projected(shape, options):
+        return _moments(math.prod(shape), dtype, options) + STEP_BYTES
+    rank, side = _galore_side(shape, options)
+    low = math.prod(low_rank_shape(shape, rank, side))
+    proj = math.prod(projection_shape(shape, rank, side))
+    return _moments(low, dtype, options) + proj * dtype.itemsize + STEP_BYTES
+
+
+def natural_galore_state(
+    shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]
+) -> int:
+    """Natural GaLore: GaLore's state plus ``history`` low-rank gradients per weight."""
+    base = galore_state(shape, dtype, options)
+    if not _projected(shape, options):
+        return base
+    rank, side = _galore_side(shape, options)
+    history = int(options.get("history", NATURAL_GALORE_DEFAULTS["history"]))
+    return base + history * math.prod(low_rank_shape(shape, rank, side)) * dtype.itemsize
+
+
+def apollo_state(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """APOLLO: moments of the rank-r random projection of the gradient (the projection itself
+    is regenerated from its seed) and the limiter's previous norm (float32 scalar)."""
     if not _projected(shape, options):
         return adam_state(shape, dtype, {})
     rank, side = _galore_side(shape, options)
     low = math.prod(low_rank_shape(shape, rank, side))
-    proj = math.prod(projection_shape(shape, rank, side))
-    return (2 * low + proj) * dtype.itemsize + STEP_BYTES
+    limiter = FLOAT32_BYTES if float(options.get("norm_growth", 1.01)) > 0 else 0
+    return 2 * low * dtype.itemsize + limiter + STEP_BYTES
+
+
+def apollo_mini_state(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    return apollo_state(shape, dtype, {**APOLLO_MINI_DEFAULTS, **options})
+
+
+def cosmos_state(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """COSMOS: the full first moment in the weight's dtype; the ``n x r`` basis, its ``r x r``
+    second moment and the ``m x r`` projected second moment in float32 (``n`` the smaller
+    side; float64 for float64 weights)."""
+    if not _projected(shape, options):
+        return adam_state(shape, dtype, {})
+    m, n = max(shape), min(shape)
+    r = effective_rank(shape, int(options.get("rank", COSMOS_RANK)))
+    stat = 8 if dtype == torch.float64 else FLOAT32_BYTES
+    return m * n * dtype.itemsize + (n * r + r * r + m * r) * stat + STEP_BYTES
 
 
 def _factored_bytes(shape: tuple[int, ...], beta1: bool) -> int:
@@ -127,20 +183,20 @@ def frugal_state(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, 
     """FRUGAL: AdamW moments of the state-full part plus what identifies the subspace."""
     elem = dtype.itemsize
     if not _projected(shape, options):
-        return adam_state(shape, dtype, {})
+        return _moments(math.prod(shape), dtype, options) + STEP_BYTES
     group = dict(FRUGAL_DEFAULTS)
     group.update({k: v for k, v in options.items() if k in ("density", "rank", "proj_type")})
     if "rank" in options:
         group["density"] = None
     size = subspace_size(shape, group)
     if group["proj_type"] == "columns":
-        return 2 * shape[0] * size * elem + size * INDEX_BYTES + STEP_BYTES
+        return _moments(shape[0] * size, dtype, options) + size * INDEX_BYTES + STEP_BYTES
     if group["proj_type"] == "blocks":
-        return 2 * size * shape[1] * elem + INDEX_BYTES + STEP_BYTES
+        return _moments(size * shape[1], dtype, options) + INDEX_BYTES + STEP_BYTES
     side = projection_side(shape, "std")
     low = math.prod(low_rank_shape(shape, size, side))
     proj = math.prod(projection_shape(shape, size, side))
-    return (2 * low + proj) * elem + STEP_BYTES
+    return _moments(low, dtype, options) + proj * elem + STEP_BYTES
 
 
 # -- step transients: bytes above the states while one parameter steps (gradient excluded) ----
@@ -213,6 +269,11 @@ OPTIMIZERS: dict[str, OptimizerMemory] = {
     "galore-adamw": _GALORE,
     "galore-adafactor": OptimizerMemory(galore_adafactor_state, projects=True),
     "frugal": OptimizerMemory(frugal_state, projects=True),
+    "adamw8bit": OptimizerMemory(adamw8bit_state),
+    "apollo": OptimizerMemory(apollo_state, projects=True),
+    "apollo-mini": OptimizerMemory(apollo_mini_state, projects=True),
+    "natural-galore": OptimizerMemory(natural_galore_state, projects=True),
+    "cosmos": OptimizerMemory(cosmos_state, projects=True),
 }
 
 
@@ -252,6 +313,12 @@ OPTION_CHECKS: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] = 
     "proj_cold_iters": (_INT, lambda v: v >= 0, "an integer >= 0"),
     "proj_oversample": (_INT, lambda v: v >= 0, "an integer >= 0"),
     "density": (_NUMBER, lambda v: 0 < v <= 1, "a number in (0, 1], e.g. density=0.25"),
+    "bits": (_INT, lambda v: v in (8, 32), "8 or 32 (optimizer-state precision)"),
+    "history": (_INT, lambda v: v > 0, "a positive integer, e.g. history=10"),
+    "damping": (_NUMBER, lambda v: v > 0, "a positive number, e.g. damping=1e-3"),
+    "gamma": (_NUMBER, lambda v: v >= 0, "a number >= 0, e.g. gamma=0.2"),
+    "ns_steps": (_INT, lambda v: v >= 0, "an integer >= 0, e.g. ns_steps=5"),
+    "norm_growth": (_NUMBER, lambda v: v >= 0, "a number >= 0 (0: no limiter), e.g. 1.01"),
     "scale": (_NUMBER, lambda v: v >= 0, "a number >= 0, e.g. scale=0.25"),
     "free_lr_scale": (_NUMBER, lambda v: v >= 0, "a number >= 0"),
     "clip_threshold": (_NUMBER, lambda v: v > 0, "a positive number"),

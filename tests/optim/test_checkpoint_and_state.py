@@ -7,7 +7,16 @@ import io
 import pytest
 import torch
 
-from memtrain.optim import FRUGAL, GaLoreAdafactor, GaLoreAdamW, build_optimizer
+from memtrain.optim import (
+    APOLLO,
+    COSMOS,
+    FRUGAL,
+    AdamW8bit,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    NaturalGaLore,
+    build_optimizer,
+)
 from memtrain.optim.memory import (
     measured_state_bytes,
     parse_optimizer_spec,
@@ -37,6 +46,27 @@ MAKERS = {
         split_groups(m, rank=3, proj_type="blocks", free_update="sgd", update_proj_gap=3),
         lr=1e-2,
     ),
+    "frugal-svd-8bit": lambda m: FRUGAL(
+        split_groups(m, density=0.25, update_proj_gap=3), lr=1e-2, bits=8
+    ),
+    "frugal-columns-reset": lambda m: FRUGAL(
+        split_groups(
+            m, density=0.25, proj_type="columns", update_proj_gap=3, moment_transfer="reset"
+        ),
+        lr=1e-2,
+    ),
+    "galore-8bit": lambda m: GaLoreAdamW(
+        split_groups(m, rank=4, update_proj_gap=3), lr=1e-2, weight_decay=0.1, bits=8
+    ),
+    "adamw8bit": lambda m: AdamW8bit(m.parameters(), lr=1e-2),
+    "apollo": lambda m: APOLLO(split_groups(m, rank=4, update_proj_gap=3), lr=1e-2),
+    "apollo-mini": lambda m: APOLLO(
+        split_groups(m, rank=1, scale_type="tensor", update_proj_gap=3), lr=1e-2
+    ),
+    "natural-galore": lambda m: NaturalGaLore(
+        split_groups(m, rank=4, update_proj_gap=3, history=2), lr=1e-2, weight_decay=0.1
+    ),
+    "cosmos": lambda m: COSMOS(split_groups(m, rank=4), lr=1e-2, weight_decay=0.1),
 }
 
 
@@ -82,6 +112,15 @@ SPECS = [
     "frugal:rank=5,proj_type=random",
     "frugal:density=0.5,proj_type=columns",
     "frugal:rank=3,proj_type=blocks",
+    "frugal:density=0.25,bits=8",
+    "frugal:density=0.5,proj_type=columns,bits=8",
+    "galore:rank=8,bits=8",
+    "adamw8bit",
+    "apollo:rank=8",
+    "apollo:rank=8,norm_growth=0",
+    "apollo-mini",
+    "natural-galore:rank=8,history=3",
+    "cosmos:rank=8",
 ]
 
 

@@ -7,9 +7,13 @@ import torch
 
 from memtrain.errors import MemtrainError
 from memtrain.optim import (
+    APOLLO,
+    COSMOS,
     FRUGAL,
+    AdamW8bit,
     GaLoreAdafactor,
     GaLoreAdamW,
+    NaturalGaLore,
     build_optimizer,
     lowrank_targets,
 )
@@ -41,13 +45,19 @@ def test_targets_regex_selects_by_name() -> None:
         ("galore:rank=8,scale=0.25,update_proj_gap=50", GaLoreAdamW),
         ("galore-adafactor:rank=8", GaLoreAdafactor),
         ("frugal:density=0.25,proj_type=columns", FRUGAL),
+        ("frugal:density=0.25,bits=8,moment_transfer=reset", FRUGAL),
+        ("adamw8bit", AdamW8bit),
+        ("apollo:rank=8,scale_type=tensor,norm_growth=0", APOLLO),
+        ("apollo-mini:update_proj_gap=50", APOLLO),
+        ("natural-galore:rank=8,history=4,damping=0.01", NaturalGaLore),
+        ("cosmos:rank=8,gamma=0.5,step_rms=paper", COSMOS),
     ],
 )
 def test_specs_build_the_right_optimizer(spec: str, cls: type) -> None:
     model = tiny_llama()
     opt = build_optimizer(model, spec, lr=1e-3)
     assert type(opt) is cls
-    if cls in (GaLoreAdamW, GaLoreAdafactor, FRUGAL):
+    if cls in (GaLoreAdamW, GaLoreAdafactor, FRUGAL, APOLLO, NaturalGaLore, COSMOS):
         split = [g for g in opt.param_groups if "rank" in g or "density" in g]
         assert len(split) == 1 and len(split[0]["params"]) == 14
         options = parse_optimizer_spec(spec).options
@@ -76,8 +86,28 @@ def test_a_parameter_list_projects_its_2d_tensors() -> None:
         ("frugal:density=2", "density"),
         ("galore:targets=(", "regular expression"),
         ("galore:targets=nomatch", "no 2-D weights"),
+        ("galore:rank=8,bits=4", "bits must be 8 or 32"),
+        ("adamw8bit:rank=8", "unknown option"),
+        ("apollo:scale_type=row", "scale_type"),
+        ("apollo-mini:norm_growth=-1", "norm_growth"),
+        ("natural-galore:history=0", "history"),
+        ("natural-galore:damping=0", "damping"),
+        ("cosmos:step_rms=big", "step_rms"),
+        ("cosmos:gamma=-1", "gamma"),
+        ("cosmos:update_proj_gap=5", "unknown option"),
+        ("frugal:moment_transfer=keep", "moment_transfer"),
     ],
 )
 def test_bad_specs_are_clear_errors(spec: str, message: str) -> None:
     with pytest.raises(MemtrainError, match=message):
         build_optimizer(tiny_llama(), spec)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["apollo:scale_type=row", "cosmos:gamma=-1", "galore:bits=4", "frugal:moment_transfer=x"],
+)
+def test_bad_options_are_one_line_errors(spec: str) -> None:
+    with pytest.raises(MemtrainError) as info:
+        build_optimizer(tiny_llama(), spec)
+    assert "\n" not in str(info.value)

@@ -35,7 +35,7 @@ def _reference_step(
         part = g[data]
     else:  # right projection of a tall weight
         part = g @ data.T
-    if since == 1:
+    if "m" not in state:
         state["m"] = torch.zeros_like(part)
         state["v"] = torch.zeros_like(part)
     state["m"] = b1 * state["m"] + (1 - b1) * part
@@ -69,25 +69,70 @@ def _subspace_of(state: dict, kind: str, shape: tuple[int, int], group: dict):
     return kind, state["projection"].double()
 
 
+def _reference_transfer(state: dict, old, new, transfer: str) -> None:
+    """Moments carried from subspace ``old`` to ``new`` in float64, written out per kind."""
+    if "m" not in state:
+        return
+    if transfer == "reset":
+        del state["m"], state["v"]
+        return
+    kind, before = old
+    _, after = new
+    m, v = state["m"], state["v"]
+    if kind == "columns":
+        cols = before.tolist()
+        keep = [cols.index(j) if j in cols else None for j in after.tolist()]
+        state["m"] = torch.stack([m[:, k] if k is not None else 0 * m[:, 0] for k in keep], 1)
+        state["v"] = torch.stack([v[:, k] if k is not None else 0 * v[:, 0] for k in keep], 1)
+    elif kind == "blocks":
+        rows = range(before.start, before.stop)
+        pick = [i - before.start if i in rows else None for i in range(after.start, after.stop)]
+        state["m"] = torch.stack([m[k] if k is not None else 0 * m[0] for k in pick])
+        state["v"] = torch.stack([v[k] if k is not None else 0 * v[0] for k in pick])
+    else:  # right projection: low = G P^T
+        c = before @ after.T
+        state["m"], state["v"] = m @ c, v @ (c * c)
+
+
+@pytest.mark.parametrize("transfer", ["project", "reset"])
 @pytest.mark.parametrize("kind", ["svd", "random", "columns", "blocks"])
 @pytest.mark.parametrize("free", ["signsgd", "sgd"])
-def test_frugal_matches_a_float64_reference(kind: str, free: str) -> None:
+def test_frugal_matches_a_float64_reference(kind: str, free: str, transfer: str) -> None:
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(20, 8, dtype=torch.float64))
     group = {"params": [weight], "density": 0.25, "proj_type": kind, "free_update": free}
     group["update_proj_gap"] = 3
+    group["moment_transfer"] = transfer
     opt = FRUGAL([group], lr=0.01, weight_decay=0.1)
     expected = weight.detach().clone()
     ref_state: dict = {}
-    for t in range(7):
+    previous = None
+    for t in range(10):
         grad = torch.randn(20, 8, dtype=torch.float64)
         weight.grad = grad.clone()
         opt.step()
         sub = _subspace_of(opt.state[weight], kind, (20, 8), opt.param_groups[0])
-        expected = _reference_step(expected, grad, ref_state, sub, t % 3 + 1, 0.01, 0.1, free)
+        if previous is not None and t % 3 == 0:
+            _reference_transfer(ref_state, previous, sub, transfer)
+        previous = (kind, sub[1].clone() if isinstance(sub[1], torch.Tensor) else sub[1])
+        since = t % 3 + 1 if transfer == "reset" else t + 1
+        expected = _reference_step(expected, grad, ref_state, sub, since, 0.01, 0.1, free)
         # float64: relative error below 1e-12 after every step
         err = (weight.detach() - expected).norm() / expected.norm()
         assert float(err) < 1e-12, (t, float(err))
+
+
+def test_projected_moments_follow_the_subspace() -> None:
+    """The first moment moved into the new subspace equals the old one seen from it."""
+    model = mlp()
+    opt = FRUGAL(split_groups(model, density=0.25, proj_type="random", update_proj_gap=2), lr=1e-2)
+    train(model, opt, 2)
+    state = opt.state[model[0].weight]
+    old_proj, old_avg = state["projection"].clone(), state["exp_avg"].clone()
+    opt.step()  # step 2 (same gradient): new projection, moments carried before the update
+    full = old_avg @ old_proj  # the old first moment in weight space (right projection)
+    carried = (state["exp_avg"] - 0.1 * (model[0].weight.grad @ state["projection"].T)) / 0.9
+    torch.testing.assert_close(carried, full @ state["projection"].T, rtol=1e-4, atol=1e-6)
 
 
 def test_frugal_update_is_full_rank() -> None:
@@ -101,7 +146,8 @@ def test_frugal_update_is_full_rank() -> None:
 
 def test_moments_reset_when_the_subspace_changes() -> None:
     model = mlp()
-    opt = FRUGAL(split_groups(model, density=0.25, proj_type="columns", update_proj_gap=2), lr=1e-2)
+    keys = {"density": 0.25, "proj_type": "columns", "update_proj_gap": 2}
+    opt = FRUGAL(split_groups(model, moment_transfer="reset", **keys), lr=1e-2)
     train(model, opt, 2)
     state = opt.state[model[0].weight]
     old = state["indices"].clone()
@@ -126,6 +172,7 @@ def test_subspace_sizes() -> None:
         ({"density": 0.2, "rank": 3}, "either"),
         ({"density": 0.2, "proj_type": "std"}, "proj_type"),
         ({"density": 0.2, "free_update": "adam"}, "free_update"),
+        ({"density": 0.2, "moment_transfer": "keep"}, "moment_transfer"),
     ],
 )
 def test_bad_group_keys_are_clear_errors(keys: dict, message: str) -> None:

@@ -80,6 +80,10 @@ def test_every_buildable_optimizer_is_in_the_table():
         "galore-adamw",
         "galore-adafactor",
         "frugal",
+        "apollo",
+        "apollo-mini",
+        "natural-galore",
+        "cosmos",
     }
 
 

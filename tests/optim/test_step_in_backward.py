@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from memtrain.errors import MemtrainError
-from memtrain.optim import FRUGAL, GaLoreAdamW, register_step_in_backward
+from memtrain.optim import (
+    APOLLO,
+    COSMOS,
+    FRUGAL,
+    AdamW8bit,
+    GaLoreAdamW,
+    NaturalGaLore,
+    register_step_in_backward,
+)
 from tests.optim.reference import batch, mlp, split_groups
 
 MAKERS = {
@@ -17,6 +25,19 @@ MAKERS = {
     ),
     "galore-iter": lambda m: GaLoreAdamW(split_groups(m, rank=4, update_proj_gap=2), lr=1e-2),
     "frugal": lambda m: FRUGAL(split_groups(m, density=0.25, update_proj_gap=2), lr=1e-2),
+    "frugal-8bit": lambda m: FRUGAL(
+        split_groups(m, density=0.25, update_proj_gap=2), lr=1e-2, bits=8
+    ),
+    "galore-8bit": lambda m: GaLoreAdamW(
+        split_groups(m, rank=4, update_proj_gap=2, proj_method="svd"), lr=1e-2, bits=8
+    ),
+    "adamw8bit": lambda m: AdamW8bit(m.parameters(), lr=1e-2),
+    "apollo": lambda m: APOLLO(split_groups(m, rank=4, update_proj_gap=2), lr=1e-2),
+    "apollo-mini": lambda m: APOLLO(split_groups(m, rank=1, scale_type="tensor"), lr=1e-2),
+    "natural-galore": lambda m: NaturalGaLore(
+        split_groups(m, rank=4, update_proj_gap=2, history=2, proj_method="svd"), lr=1e-2
+    ),
+    "cosmos": lambda m: COSMOS(split_groups(m, rank=4), lr=1e-2, weight_decay=0.1),
 }
 
 

@@ -1,0 +1,66 @@
+"""Adam moments kept either as plain tensors or as blockwise 8-bit codes.
+
+Optimizers read the moments, update them in place and write them back; with 32-bit states
+:func:`read_moments` hands out the state tensors themselves and :func:`write_moments` does
+nothing, so the full-precision path costs no copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from memtrain.errors import MemtrainError
+from memtrain.optim.quant8 import dequantize, quantize
+
+STATE_BITS = (32, 8)
+_QUANT_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+
+
+def check_bits(bits: int) -> int:
+    if bits not in STATE_BITS:
+        raise MemtrainError(f"bits must be 32 or 8 (optimizer-state precision), got {bits!r}")
+    return int(bits)
+
+
+def has_moments(state: dict[str, Any]) -> bool:
+    return "exp_avg" in state or "exp_avg_codes" in state
+
+
+def read_moments(
+    state: dict[str, Any], like: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, second) moment for a gradient shaped like ``like``: zeros on first use; float32
+    copies of 8-bit states, the state tensors themselves otherwise."""
+    if bits == 8:
+        if "exp_avg_codes" not in state:
+            zeros = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+            return zeros, zeros.clone()
+        first = dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True)
+        second = dequantize(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False)
+        return first, second
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
+    return state["exp_avg"], state["exp_avg_sq"]
+
+
+def write_moments(
+    state: dict[str, Any], first: torch.Tensor, second: torch.Tensor, bits: int
+) -> None:
+    """Store updated moments (8-bit: re-quantised; 32-bit: they already are the state)."""
+    if bits != 8:
+        if first is not state.get("exp_avg"):
+            state["exp_avg"], state["exp_avg_sq"] = first, second
+        return
+    state["exp_avg_codes"], state["exp_avg_absmax"] = quantize(first, signed=True)
+    state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = quantize(
+        second.clamp(min=0), signed=False
+    )
+
+
+def drop_moments(state: dict[str, Any]) -> None:
+    """Forget the moments (the next read starts from zeros)."""
+    for key in ("exp_avg", "exp_avg_sq", *_QUANT_KEYS):
+        state.pop(key, None)

@@ -1,0 +1,66 @@
+"""Blockwise 8-bit quantisation of optimizer moments (Dettmers et al.'s dynamic code).
+
+Each block of :data:`BLOCK` values keeps one float32 absmax and one byte per value: the index
+of the nearest entry of a 256-value code. The code is *dynamic* (a few exponent levels with a
+linear fraction inside each) so small moments keep relative precision that a linear code loses;
+the first moment uses a signed code, the second an unsigned one with twice the resolution.
+A state of ``n`` values therefore costs ``n + 4 * ceil(n / 256)`` bytes (:func:`quantized_bytes`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+BLOCK = 256
+EXPONENT_LEVELS = 7  # codes span 1e-6 .. 1 of the block's absmax
+
+
+@functools.cache
+def _code(signed: bool) -> torch.Tensor:
+    """The 256 sorted float32 code values in [-1, 1] (signed) or [0, 1] (unsigned)."""
+    values: list[float] = [0.0, 1.0]
+    for level in range(EXPONENT_LEVELS):
+        count = 2**level if signed else 2 ** (level + 1)
+        edges = torch.linspace(0.1, 1.0, count + 1, dtype=torch.float64)
+        mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (level - EXPONENT_LEVELS + 1)
+        values += mids.tolist()
+        if signed:
+            values += (-mids).tolist()
+    code = torch.tensor(sorted(values), dtype=torch.float32)
+    assert code.numel() == 256, code.numel()
+    return code
+
+
+@functools.cache
+def _code_on(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    code = _code(signed).to(device)
+    return code, (code[1:] + code[:-1]) / 2
+
+
+def quantized_bytes(numel: int) -> int:
+    """Bytes of one quantised state of ``numel`` values: the codes plus a float32 per block."""
+    return numel + math.ceil(numel / BLOCK) * 4
+
+
+def quantize(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes shaped like ``values``, float32 absmax per block of :data:`BLOCK`)."""
+    flat = values.detach().reshape(-1).float()
+    pad = (-flat.numel()) % BLOCK
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
+    _, mids = _code_on(signed, flat.device)
+    codes = torch.bucketize(scaled, mids).to(torch.uint8)
+    return codes.view(-1)[: flat.numel()].view(values.shape).clone(), absmax
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Float32 values of a quantised state, shaped like ``codes``."""
+    code, _ = _code_on(signed, codes.device)
+    flat = code[codes.reshape(-1).long()]
+    pad = (-flat.numel()) % BLOCK
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK) * absmax.unsqueeze(1)
+    return blocks.view(-1)[: flat.numel()].view(codes.shape)

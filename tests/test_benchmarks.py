@@ -102,3 +102,15 @@ def test_planner_benchmark_on_a_tiny_model(tiny_config, tmp_path, monkeypatch):
     assert all(RECORD_FIELDS <= set(r) for r in rows.values())
     plan = rows[f"plan/{case}"]
     assert plan["feasible"] and plan["peak_gib"]["gpu"] > 0 and plan["tokens_per_s"] > 0
+
+
+def test_families_benchmark_on_one_family(tmp_path, monkeypatch, capsys):
+    module = load_benchmark("bench_families_cpu")
+    run_main(module, monkeypatch, "--families", "mistral", "--results-dir", str(tmp_path))
+    (row,) = records(tmp_path, "bench_families_cpu")
+    assert RECORD_FIELDS <= set(row)
+    assert abs(row["dry_run"]["256"]["peak_error"]) < 1e-3
+    for fraction in ("0.5", "0.25"):
+        plan = row["plans"][fraction]
+        assert plan["status"] == "ok" and plan["loss_error"] < 1e-5
+    assert "| mistral |" in capsys.readouterr().out

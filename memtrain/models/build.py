@@ -92,3 +92,20 @@ def causal_lm_layers(model: nn.Module) -> list[LayerSpec]:
         layers.append(norm)
     layers.append(LayerSpec("lm_head", "head", [head]))
     return layers
+
+
+def meta_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on ``meta``: the same modules (custom
+    blocks, adapters such as LoRA, frozen weights) at no memory cost, for a dry run of exactly
+    what will train. Tied weights stay tied."""
+    import copy
+
+    memo: dict[int, object] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in memo:
+            continue
+        twin = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            twin = nn.Parameter(twin, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = twin
+    return copy.deepcopy(model, memo)

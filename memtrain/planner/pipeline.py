@@ -128,12 +128,14 @@ def _profile(
 
 
 def _meta_twin_profile(model, seq: int, batch: int, optimizer: str, hardware: HardwareModel):
-    """A dry run of a live Hugging Face causal LM, on a meta-device copy built from its config."""
+    """A dry run of a live Hugging Face causal LM on a meta-device copy: the model itself copied
+    with meta tensors (its blocks as they are, custom or adapted), else rebuilt from its config."""
     import copy
 
     import torch
 
     from memtrain.models import build_causal_lm
+    from memtrain.models.build import meta_twin
     from memtrain.profile import profile_model
     from memtrain.profile.profiler import default_loss
 
@@ -150,7 +152,12 @@ def _meta_twin_profile(model, seq: int, batch: int, optimizer: str, hardware: Ha
         # as it would before (the plan turns the cache off in training steps either way).
         config = copy.deepcopy(config)
         config.use_cache = True
-    twin = build_causal_lm(config, dtype, "meta", config._attn_implementation)
+    try:
+        twin = meta_twin(model)
+    except (TypeError, RuntimeError, copy.Error):  # state deepcopy cannot copy: from the config
+        twin = build_causal_lm(config, dtype, "meta", config._attn_implementation)
+    else:
+        twin.config.use_cache = config.use_cache  # the copy's one config object, shared inside
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     return profile_model(
         twin,

@@ -14,7 +14,6 @@ from torch import nn
 import memtrain
 from memtrain.models.blocks import block_capabilities
 from memtrain.offload.modes import TiledRecompute, TokenwiseRecompute
-from memtrain.planner.plan import PlanInfeasible
 from memtrain.profile.result import LayerProfile
 from tests.families import FAMILIES, family_ids, family_model
 from tests.offload.conftest import Trace, train
@@ -65,44 +64,45 @@ def assert_close(want: Trace, got: Trace, rel: float = 1e-5, later: float = 1e-4
             assert _relative(ga[name], gb[name]) <= (rel if step == 0 else later), name
 
 
-@pytest.mark.parametrize("fraction", [0.5, 0.25])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_budget_plan_trains_exactly(family, fraction):
+def test_half_budget_plan_trains_exactly(family):
     ids = family_ids(SEQ)
     reference = train(_model(family), ids, steps=2)
     model = _model(family)
-    try:
-        prepared = _prepare(model, fraction, offload=False)
-    except PlanInfeasible as exc:  # the planner's answer, in one line, never the executor's
-        assert fraction < 0.5 and "\n" not in str(exc) and str(exc).startswith("no plan fits")
-        pytest.xfail(str(exc))
-    with prepared:
+    with _prepare(model, 0.5, offload=False) as prepared:
         blocks = [layer for layer in prepared.plan.layers if layer.kind == "block"]
         assert any(layer.full_recompute or layer.keep < 1 for layer in blocks)
         assert_close(reference, train(model, ids, steps=2))
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma2", "mixtral"])
-def test_quarter_budget_with_host_optimizer_step(family):
-    """Gradients and SGD states on the host: the updates equal the unwrapped model's."""
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_quarter_budget_plan_trains_exactly(family):
+    """A quarter of the peak: at these sizes weights and gradients alone come near it (a tiny
+    mixture of experts holds 23% of its peak in them), so gradients and SGD states go to the
+    host, whose step consumes them; losses and updates equal the unwrapped model's."""
+    ids = family_ids(SEQ)
     reference = _model(family)
     before = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    expected = train(reference, family_ids(SEQ), steps=2)
+    expected = train(reference, ids, steps=2)
     model = _model(family)
     losses = []
     with _prepare(model, 0.25, offload=True) as prepared:
+        blocks = [layer for layer in prepared.plan.layers if layer.kind == "block"]
+        assert all(layer.keep < 1 or layer.full_recompute for layer in blocks)
         for _ in range(2):
-            loss = model(input_ids=family_ids(SEQ), labels=family_ids(SEQ)).loss
+            loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             losses.append(loss.detach().clone())
             prepared.optimizer.step()
             prepared.optimizer.zero_grad(set_to_none=True)
-    for a, b in zip(expected.losses, losses, strict=True):
-        assert abs(a.item() - b.item()) <= 1e-5 * abs(a.item())
+    for a, b in zip(losses, expected.losses, strict=True):
+        assert _relative(a, b) <= 1e-5
     for name, param in model.named_parameters():
         want = reference.get_parameter(name).detach() - before[name]
         got = param.detach() - before[name]
-        bound = 1e-5 * want.abs().max().item() + 1e-7 * before[name].abs().max().item()
+        # two updates, the second from parameters the first rounded (see assert_close), plus
+        # the rounding of the parameters themselves, an ulp per step (the host updates a copy)
+        bound = 1e-4 * want.abs().max().item() + 2.5e-7 * before[name].abs().max().item()
         assert (got - want).abs().max().item() <= bound, name
 
 
@@ -220,3 +220,39 @@ def test_old_profiles_read_as_capable():
     }  # fmt: skip
     layer = LayerProfile(**fields)
     assert layer.tokenwise and layer.tiling
+
+
+class Wrapped(nn.Module):
+    """A user's own decoder block around a stock one: no adapter knows its class."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.gate = nn.Parameter(torch.ones(()))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.inner(hidden_states * self.gate, *args, **kwargs)
+
+
+def _wrapped_llama() -> nn.Module:
+    model = _model("llama")
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = Wrapped(layer)
+    return model
+
+
+def test_prepare_plans_the_model_as_it_is_with_custom_blocks():
+    """prepare() dry-runs a meta copy of the live model (not one rebuilt from its config), so
+    blocks the user changed are planned, and run, through the generic whole-layer modes."""
+    ids = family_ids(SEQ)
+    reference = train(_wrapped_llama(), ids, steps=2)
+    model = _wrapped_llama()
+    with _prepare(model, 0.5, offload=False) as prepared:
+        names = {p for p, _ in model.named_parameters()}
+        assert any(name.endswith("gate") for name in names)
+        blocks = [layer for layer in prepared.plan.layers if layer.kind == "block"]
+        assert any(layer.full_recompute or layer.keep < 1 for layer in blocks)
+        assert all(layer.chunks == 1 and (layer.full_recompute or layer.recompute <= 1e-6)
+                   for layer in blocks)  # fmt: skip
+        assert_close(reference, train(model, ids, steps=2))

@@ -83,7 +83,8 @@ class BlockAdapter:
         ]
         if attn is None or missing:
             return f"its {cls.family} block lacks {', '.join(missing) or cls.attention_name}"
-        if getattr(attn, "attention_dropout", 0.0) and layer.training:
+        if getattr(attn, "attention_dropout", 0.0):  # a config value: in eval mode too, since
+            # the block may be planned before model.train()
             return "attention dropout is on"
         if getattr(attn, "is_causal", True) is False:
             return "its attention is bidirectional"

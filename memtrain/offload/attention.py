@@ -16,8 +16,6 @@ import math
 
 import torch
 
-from memtrain.errors import MemtrainError
-
 CHUNK_SCORE_BYTES = 128 * 2**20  # float32 scores one ChunkedAttention chunk holds
 
 
@@ -110,10 +108,6 @@ class FlashAttention:
     # -- what the block calls -----------------------------------------------------------------
     def forward(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         if q.device.type == "cuda":
-            if q.dtype not in (torch.float16, torch.bfloat16):
-                raise MemtrainError(
-                    "token-wise recompute on a GPU needs a bf16 or fp16 model (flash attention)"
-                )
             if self.window is not None and self.window < q.shape[2]:
                 self.backend = "flash"
                 return self.window_forward(q, k, v)
@@ -135,9 +129,14 @@ class FlashAttention:
         )
 
     @staticmethod
-    def runs(device: torch.device, window: int | None, softcap: float | None) -> bool:
-        """Whether the fused kernels compute this attention on ``device``."""
-        return softcap is None and (window is None or device.type == "cuda")
+    def runs(q: torch.Tensor, window: int | None, softcap: float | None) -> bool:
+        """Whether the fused kernels compute this attention for queries ``q``: no softcap, a
+        window only on the GPU, and there half precision with heads of at most 256."""
+        if softcap is not None:
+            return False
+        if q.device.type != "cuda":
+            return window is None
+        return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
 
 
 class ChunkedAttention:

@@ -61,6 +61,8 @@ class BlockParts:
         self._mask_seen: tuple | None = None  # (the mask, weakly; its version) last checked
         self._mask_kept: torch.Tensor | None = None
         self.used: str | None = None
+        self.fused_failed = False  # the fused kernels refused this layer's shapes
+        self.fused_ran = False
 
     def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         return self.adapter.qkv(h, cos, sin)
@@ -86,24 +88,41 @@ class BlockParts:
     # -- attention -------------------------------------------------------------------------
     def attention(self, q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         spec = self.spec
-        if mask is not None or not FlashAttention.runs(q.device, spec.window, spec.softcap):
-            engine = ChunkedAttention(spec.scale, spec.window, spec.softcap, mask)
-            self.used = engine.backend
-            out, lse, extra = engine.forward(q, k, v)
-            return out, lse, (engine, extra)
+        if (
+            mask is None
+            and not self.fused_failed
+            and FlashAttention.runs(q, spec.window, spec.softcap)
+        ):
+            try:
+                return self._fused(q, k, v)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError:
+                if self.fused_ran:  # the kernels ran these shapes before: a real error
+                    raise
+                self.fused_failed = True  # they refuse this layer's shapes: exact chunks
+        engine = ChunkedAttention(spec.scale, spec.window, spec.softcap, mask)
+        self.used = engine.backend
+        out, lse, extra = engine.forward(q, k, v)
+        return out, lse, (engine, extra)
+
+    def _fused(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         if self.native_gqa is None:
             try:
-                result = self.flash.forward(q, k, v)
+                out, lse, extra = self.flash.forward(q, k, v)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError:
+                out, lse, extra = self.flash.forward(q, self.expand(k), self.expand(v))
                 self.native_gqa = False
             else:
                 self.native_gqa = True
-                self.used = self.flash.backend
-                return result[0], result[1], (self.flash, result[2])
-        if not self.native_gqa:
-            k, v = self.expand(k), self.expand(v)
-        out, lse, extra = self.flash.forward(q, k, v)
+        elif self.native_gqa:
+            out, lse, extra = self.flash.forward(q, k, v)
+        else:
+            out, lse, extra = self.flash.forward(q, self.expand(k), self.expand(v))
         self.used = self.flash.backend
+        self.fused_ran = True
         return out, lse, (self.flash, extra)
 
     def attention_backward(self, grad_out, q, k, v, out, lse, extra):

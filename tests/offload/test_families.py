@@ -75,3 +75,47 @@ def test_padded_batches_match(family, mode):
     assert abs(got - want) <= REL * abs(want)
     for a, b in zip(got_grads, want_grads, strict=True):
         assert (a - b).abs().max() <= REL * b.abs().max() + 1e-12
+
+
+def test_a_fused_kernel_that_refuses_the_shapes_falls_back_to_exact_chunks(monkeypatch):
+    """Head sizes or dtypes a fused kernel does not take never stop a planned layer: the first
+    refusal switches that layer to the chunked exact attention (out-of-memory errors are not
+    refusals and still raise)."""
+    from memtrain.offload.attention import FlashAttention
+
+    calls = []
+
+    def refuse(self, q, k, v):
+        calls.append(q.shape)
+        raise RuntimeError("no kernel for these shapes")
+
+    monkeypatch.setattr(FlashAttention, "forward", refuse)
+    ids = family_ids()
+    reference = train(family_model("qwen3"), ids, steps=2)
+    model = family_model("qwen3")
+    with apply(model, _policy(POLICIES["tokenwise"]), host_pool_bytes=POOL) as handle:
+        trace = train(model, ids, steps=2)
+        assert handle.stats()["attention_kernels"] == ["chunked"]
+    assert_close(reference, trace, REL)
+    assert len(calls) == 2 * LAYERS  # each layer asked once (native, then repeated k/v heads)
+
+
+def test_out_of_memory_in_a_fused_kernel_is_not_a_refusal(monkeypatch):
+    from memtrain.offload.attention import FlashAttention
+
+    def out_of_memory(self, q, k, v):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(FlashAttention, "forward", out_of_memory)
+    model = family_model("llama")
+    with apply(model, _policy(POLICIES["tokenwise"]), host_pool_bytes=POOL):
+        with pytest.raises(torch.OutOfMemoryError):
+            model(input_ids=family_ids(), labels=family_ids())
+
+
+def test_attention_dropout_means_the_generic_path_in_any_mode():
+    """A block with attention dropout is planned and run whole-layer even if it is in eval mode
+    when planned (from_pretrained returns models in eval mode; training turns dropout on)."""
+    model = family_model("starcoder2", attention_dropout=0.1, num_hidden_layers=1).eval()
+    capabilities = block_capabilities(_blocks(model))
+    assert not capabilities.tokenwise and not capabilities.tiling

@@ -113,6 +113,23 @@ def _several_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _fused_loss_choice(model: nn.Module, asked: bool | None, notes: list[str]) -> bool:
+    """Whether the run uses the fused loss: where the model's stock loss can be fused unless
+    asked otherwise; asked for on a model whose loss cannot be fused, a one-line error before
+    anything is planned (a plan counts the loss it will run)."""
+    if asked is False:
+        return False
+    from memtrain.kernels import fused_loss_problem
+
+    problem = fused_loss_problem(model)
+    if problem is None:
+        return True
+    if asked:
+        raise MemtrainError(f"{problem}; pass fused_loss=False to train with the stock loss")
+    notes.append(f"fused loss off: {problem}")
+    return False
+
+
 def prepare(
     model: nn.Module,
     *,
@@ -127,13 +144,16 @@ def prepare(
     optimizer: str = "adamw",
     lr: float = 1e-3,
     weight_decay: float = 0.0,
-    fused_loss: bool = True,
+    fused_loss: bool | None = None,
     plan: bool = True,
     build_optimizer: bool = True,
     state_offload: bool | None = None,
     step_in_backward: bool = False,
 ) -> Prepared:
     """Profile ``model`` at ``batch x seq``, plan it for ``hardware``, and install the plan.
+
+    ``fused_loss``: the fused linear cross-entropy (no logits stored) where the model's stock
+    loss can be fused, unless False; True insists (a one-line error for a model it cannot fuse).
 
     ``gpu_budget_fraction`` plans for that share of the unplanned step's simulated peak (handy to
     exercise a plan on a small model). ``plan=False`` only swaps the loss and builds the optimizer.
@@ -160,12 +180,13 @@ def prepare(
             f"this {type(model).__name__} is already prepared; call .remove() on the first "
             "memtrain.prepare() result (or leave its with block) before preparing it again"
         )
+    notes: list[str] = []
+    fused_loss = _fused_loss_choice(model, fused_loss, notes)
     spec = parse_optimizer_spec(optimizer)
     if spec.name in ALLOWED_OPTIONS:  # a registered optimizer of the caller's takes its own
         check_options(spec)
     # The spec's own weight_decay option wins; otherwise the keyword, wherever the states live.
     decay = float(spec.options.get("weight_decay", weight_decay))
-    notes: list[str] = []
     if step_in_backward and state_offload:
         raise MemtrainError(
             "step_in_backward steps every parameter on the GPU as its gradient arrives; "

@@ -256,3 +256,20 @@ def test_prepare_plans_the_model_as_it_is_with_custom_blocks():
         assert all(layer.chunks == 1 and (layer.full_recompute or layer.recompute <= 1e-6)
                    for layer in blocks)  # fmt: skip
         assert_close(reference, train(model, ids, steps=2))
+
+
+def test_fused_loss_where_the_model_allows_it():
+    """By default prepare() fuses the loss where the stock one can be reproduced, and plans the
+    stock loss (with a note) where it cannot; insisting on it there is a one-line error."""
+    from memtrain.errors import MemtrainError
+    from tests.offload.conftest import make_model
+
+    gpt2 = make_model("gpt2")
+    with memtrain.prepare(gpt2, seq=32, gpu_budget_fraction=0.8, optimizer="sgd") as prepared:
+        assert not prepared.fused_loss
+        assert any(note.startswith("fused loss off:") for note in prepared.notes)
+    with pytest.raises(MemtrainError) as raised:
+        memtrain.prepare(make_model("gpt2"), seq=32, fused_loss=True, optimizer="sgd")
+    assert "\n" not in str(raised.value) and "fused_loss=False" in str(raised.value)
+    with memtrain.prepare(_model("phi3"), seq=64, gpu_budget_fraction=0.8, optimizer="sgd") as p:
+        assert p.fused_loss

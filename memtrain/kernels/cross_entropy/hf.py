@@ -302,6 +302,15 @@ def _recipe(model: torch.nn.Module) -> _Recipe:
     return recipe
 
 
+def fused_loss_problem(model: torch.nn.Module) -> str | None:
+    """Why :func:`patch_causal_lm_loss` cannot fuse ``model``'s loss (None: it can)."""
+    try:
+        _recipe(model)
+    except MemtrainError as exc:
+        return str(exc)
+    return None
+
+
 def _decoder_outputs(
     model: torch.nn.Module, recipe: _Recipe, values: dict[str, Any], extra: dict[str, Any]
 ) -> Any:

@@ -5,7 +5,7 @@ state, the plan and the recipe (plain data, so the file loads without memtrain's
 
 Single process and DDP (rank 0 writes), in ``train.out_dir``::
 
-    checkpoint-<step>.pt          the last KEEP checkpoints (torch.save of the client state,
+    checkpoint-<step>.pt          the last train.keep_checkpoints (torch.save of the client state,
     checkpoint-<step>.pt.sha256   the model and the optimizer) and the SHA-256 of each file
     checkpoint.pt                 the newest again (a hard link; a copy where links fail)
     checkpoint.pt.sha256
@@ -13,8 +13,9 @@ Single process and DDP (rank 0 writes), in ``train.out_dir``::
 Each payload is written to a temporary file and fsynced, its hash (taken while writing) goes
 beside it, then it is renamed into place, and only then are older ones pruned: a crash at any
 point (``kill -9`` included) leaves the previous checkpoints intact, and a resume removes the
-temporary file it left. On resume the newest
-checkpoint whose bytes match its hash is loaded; a damaged newer one is named and skipped.
+temporary file it left. :mod:`memtrain.train.async_checkpoint` runs the same write in a
+background thread. On resume the newest checkpoint whose bytes match its hash is loaded; a
+damaged newer one is named and skipped.
 The stored recipe and plan are compared with this run's: a change that breaks the run (data,
 model, optimizer, where optimizer states live, world size) is refused, others are noted.
 """

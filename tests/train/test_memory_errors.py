@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 
 import pytest
 import torch
@@ -67,6 +68,6 @@ def test_a_host_pool_that_cannot_be_mapped_is_one_line(tmp_path, monkeypatch):
     recipe = load_recipe(_write(tmp_path, "pool"), ["schedule.steps=1"])
     with pytest.raises(MemtrainError) as info:
         run_recipe(recipe, progress=False)
-    message = str(info.value)
-    assert message.startswith("preparing the model ran out of host memory (mapping the cpu pool")
-    assert "plan.cpu" in message and "\n" not in message
+    message = str(info.value)  # the pool's own line, or the runner's where the pool has none
+    assert "host memory" in message and "cpu pool" in message and "\n" not in message
+    assert re.search(r"\d+\.\d+ [KMG]iB", message)

@@ -19,6 +19,7 @@ from memtrain.errors import MemtrainError
 from memtrain.offload.memo import BlockParts
 from memtrain.offload.modes import ActivationMode, resolve
 from memtrain.offload.nvme import NvmeStore
+from memtrain.offload.params import ParameterStreamer
 from memtrain.offload.policy import OffloadPolicy, executed_host_bytes, policy_from_plan
 from memtrain.offload.pool import HostPool
 from memtrain.offload.swap import LayerState, SwapEngine, in_backward
@@ -129,7 +130,7 @@ class OffloadHandle:
         self.steps = 0
         params = list(model.parameters())
         self.device = params[0].device if params else torch.device("cpu")
-        self._reject_param_offload()
+        streamed = self._check_param_offload()
         self._modes: dict[str, ActivationMode] = {  # how each layer is executed
             name: resolve(policy.layers[name], modules, name)
             for name, modules in layers.items()
@@ -149,7 +150,18 @@ class OffloadHandle:
                 pool.close()
             raise
         self.engine = SwapEngine(self.device, pools, nvme)
+        self.params: ParameterStreamer | None = None
         try:
+            if streamed:
+                kept = {
+                    p
+                    for name, modules in layers.items()
+                    if (policy.layers.get(name) is None or policy.layers[name].params == "gpu")
+                    for m in modules
+                    for p in m.parameters()
+                }
+                self.params = ParameterStreamer(streamed, self.device, keep_on_device=kept)
+                self.params.install(in_backward)
             self._install()
         except BaseException:
             self.remove()
@@ -157,14 +169,33 @@ class OffloadHandle:
 
     # -- setup -------------------------------------------------------------------------
 
-    def _reject_param_offload(self) -> None:
-        for name, layer in self.policy.layers.items():
-            if layer.params != "gpu":
+    def _check_param_offload(self) -> list[tuple[str, list[nn.Module]]]:
+        """The layers whose parameters stream from host memory (memtrain.offload.params), in
+        forward order; a placement this executor cannot run is a one-line error."""
+        streamed = []
+        for name, modules in self.layers.items():
+            layer = self.policy.layers.get(name)
+            if layer is None or layer.params == "gpu":
+                continue
+            if layer.params != "cpu":
                 raise MemtrainError(
-                    f"layer {name}: the plan puts parameters on {layer.params}; that needs "
-                    "DeepSpeed ZeRO-3 offload: train through DeepSpeed with "
-                    "memtrain.offload.deepspeed_config(plan)"
+                    f"layer {name}: the plan puts parameters on {layer.params}; this executor "
+                    "streams them from host memory (cpu) only: re-plan, or train through "
+                    "DeepSpeed ZeRO-3 with memtrain.offload.deepspeed_config(plan)"
                 )
+            if layer.optimizer == "gpu" and layer.grads == "gpu":
+                raise MemtrainError(
+                    f"layer {name}: the plan streams its parameters from the host but keeps "
+                    "its gradients and optimizer states on the GPU; re-plan with them off it"
+                )
+            streamed.append((name, modules))
+        several = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if streamed and several and torch.distributed.get_world_size() > 1:
+            raise MemtrainError(
+                "this executor streams parameters from host memory in one process only; with "
+                "several, shard them with DeepSpeed ZeRO-3 (memtrain.offload.deepspeed_config)"
+            )
+        return streamed
 
     @property
     def needs_optimizer_offload(self) -> bool:
@@ -354,6 +385,7 @@ class OffloadHandle:
                 for tier, pool in self.engine.pools.items()
             },
             "nvme_files": len(self.engine.nvme.files()) if self.engine.nvme else 0,
+            "streamed_params": self.params.stats() if self.params is not None else None,
             # fused attention kernel of token-wise layers (cudnn | flash on CUDA; None: unused)
             "attention_kernels": sorted({p.backend for p in self._attention_parts if p.backend}),
         }
@@ -377,6 +409,8 @@ class OffloadHandle:
             else:
                 del module.forward
         self._hooks, self._forwards = [], []
+        if getattr(self, "params", None) is not None:
+            self.params.remove()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()

@@ -250,7 +250,10 @@ class SwapEngine:
             return tensor
         if tensor.device.type == "meta":
             return tensor
-        if tensor.untyped_storage().data_ptr() in self.excluded:
+        if (
+            isinstance(tensor, torch.nn.Parameter)
+            or tensor.untyped_storage().data_ptr() in self.excluded
+        ):
             return tensor
         dim = self.token_dim(tensor)
         if dim is None:

@@ -217,7 +217,7 @@ def test_cxl_pool_is_bound_to_its_node():
         (LayerPolicy(keep=0.5, swap={"cpu": 0.2}), "must be 1"),
         (LayerPolicy(keep=0.0, swap={"tape": 1.0}), "unknown swap tier"),
         (LayerPolicy(keep=1.0, chunks=0), "positive integer"),
-        (LayerPolicy(keep=1.0, params="cpu"), "ZeRO-3"),
+        (LayerPolicy(keep=1.0, params="cpu"), "gradients and optimizer states on the GPU"),
     ],
 )
 def test_bad_policies_are_refused(layer, message):

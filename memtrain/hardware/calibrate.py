@@ -98,6 +98,32 @@ def available_memory(meminfo: str | Path = "/proc/meminfo") -> int:
     return 0
 
 
+def locked_memory_limit() -> int | None:
+    """The soft locked-memory limit (RLIMIT_MEMLOCK, ``ulimit -l``) in bytes; None: unlimited
+    or unknown."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    except (ImportError, OSError, ValueError, AttributeError):
+        return None
+    return None if soft == resource.RLIM_INFINITY or soft < 0 else int(soft)
+
+
+def pinnable_memory(meminfo: str | Path = "/proc/meminfo") -> tuple[int, int | None, int]:
+    """(MemAvailable, the locked-memory limit or None, what can be pinned: the smaller)."""
+    available = available_memory(meminfo)
+    limit = locked_memory_limit()
+    return available, limit, available if limit is None else min(available, limit)
+
+
+def host_memory_line() -> str:
+    """One clause naming what this host has available and may lock, for error messages."""
+    available, limit, _ = pinnable_memory()
+    lockable = "unlimited" if limit is None else format_bytes(limit)
+    return f"{format_bytes(available)} available (MemAvailable), locked-memory limit {lockable}"
+
+
 @dataclass(frozen=True)
 class DiskRates:
     read: float
@@ -271,11 +297,23 @@ def calibrate(
     if cpu is not None:
         cpu_bytes = parse_bytes(cpu)
         notes.append(f"CPU memory {format_bytes(cpu_bytes)} as given")
+    mem_available, memlock, _ = pinnable_memory()
+    if cxl_nodes:  # MemAvailable counts CXL nodes too; take them out of the CPU tier
+        mem_available = max(0, mem_available - sum(n.mem_free for n in cxl_nodes))
+    pinnable = mem_available if memlock is None else min(mem_available, memlock)
+    lockable = "unlimited" if memlock is None else format_bytes(memlock)
+    if cpu is not None:
+        if cpu_bytes > pinnable:
+            notes.append(
+                f"CPU memory as given exceeds what this machine can pin now "
+                f"({format_bytes(mem_available)} available, locked-memory limit {lockable})"
+            )
     else:
-        cpu_bytes = available_memory()
-        if cxl_nodes:  # MemAvailable counts CXL nodes too; take them out of the CPU tier
-            cpu_bytes = max(0, cpu_bytes - sum(n.mem_free for n in cxl_nodes))
-        notes.append(f"CPU memory: {format_bytes(cpu_bytes)} available (measured)")
+        cpu_bytes = pinnable
+        notes.append(
+            f"CPU memory: {format_bytes(cpu_bytes)} pinnable (measured: "
+            f"{format_bytes(mem_available)} available, locked-memory limit {lockable})"
+        )
     model = build_hardware(spec, cpu=cpu_bytes)
     tiers = dict(model.tiers)
     if detected is not None and device is None:  # pragma: no cover - needs a GPU
@@ -338,6 +376,8 @@ def calibrate(
         cpu_optimizer_bandwidth=optimizer_bw,
         source="memtrain calibrate on this machine; " + spec.source,
         notes=notes,
+        host_mem_available=mem_available,
+        host_memlock_limit=memlock,
     )
     model.validate()
     return model

@@ -76,6 +76,19 @@ class HardwareModel:
     tile_overhead_s: float = 50e-6  # fixed cost of one extra sequence chunk in one layer pass
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    # What ``memtrain calibrate`` read on the machine (None: not measured): MemAvailable and the
+    # locked-memory limit (RLIMIT_MEMLOCK; None also where it is unlimited).
+    host_mem_available: int | None = None
+    host_memlock_limit: int | None = None
+
+    @property
+    def host_pinnable(self) -> int | None:
+        """Host bytes this machine can pin, where measured: MemAvailable capped by the
+        locked-memory limit."""
+        if self.host_mem_available is None:
+            return None
+        limit = self.host_memlock_limit
+        return self.host_mem_available if limit is None else min(self.host_mem_available, limit)
 
     @property
     def gpu_flops(self) -> float:
@@ -116,6 +129,14 @@ class HardwareModel:
             "tile_overhead_s": self.tile_overhead_s,
             "source": self.source,
             "notes": list(self.notes),
+            **{
+                k: v
+                for k, v in (
+                    ("host_mem_available", self.host_mem_available),
+                    ("host_memlock_limit", self.host_memlock_limit),
+                )
+                if v is not None
+            },
         }
 
     @classmethod

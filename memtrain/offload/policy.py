@@ -251,3 +251,72 @@ def executed_host_bytes(
             nbytes = (sum(t.nbytes for t in token), attention, layer.input_bytes)
             placements += mode.placements(*nbytes)
     return _host_bytes(placements)
+
+
+def optimizer_host_allocation(
+    policy: OffloadPolicy,
+    layers: Mapping[str, Iterable[Any]],
+    optimizer: str,
+) -> dict[str, int]:
+    """Host bytes per tier memtrain.offload.optimizer.OffloadedOptimizer allocates for
+    ``policy`` on a model made of ``layers`` (name -> modules, a meta-device model will do):
+    per parameter whose layer's optimizer is off the GPU, a float32 master and gradient buffer
+    on the CPU and its states on the float32 master (by formula, memtrain.optim.memory) where
+    the plan puts them (NVMe states are read into host memory for the step). Each parameter
+    counts in the first layer that holds it, as the executor places it."""
+    import torch
+
+    from memtrain.optim.memory import parse_optimizer_spec, state_bytes_for
+    from memtrain.planner.hostmem import optimizer_host_bytes
+
+    spec = parse_optimizer_spec(optimizer)
+    seen: set[int] = set()
+    out: dict[str, float] = {}
+    for name, modules in layers.items():
+        entry = policy.layers.get(name)
+        for module in modules:
+            for param in module.parameters():
+                if id(param) in seen or not param.requires_grad:
+                    continue
+                seen.add(id(param))
+                if entry is None or (entry.optimizer == "gpu" and entry.grads == "gpu"):
+                    continue
+                place = entry.optimizer if entry.optimizer != "gpu" else "cpu"
+                mode = {"params": entry.params, "grads": "cpu", "optimizer": place}
+                states = state_bytes_for(param.shape, torch.float32, spec)
+                nbytes = param.numel() * param.element_size()
+                for tier, value in optimizer_host_bytes(
+                    mode, states, param.numel(), nbytes
+                ).items():
+                    out[tier] = out.get(tier, 0.0) + value
+    return {t: int(v) for t, v in out.items() if v > 0}
+
+
+def host_allocation(
+    policy: OffloadPolicy,
+    profile: Any,
+    modes: Mapping[str, ActivationMode],
+    layers: Mapping[str, Iterable[Any]] | None = None,
+    optimizer: str | None = None,
+) -> dict[str, dict[str, int]]:
+    """What the executor allocates on each host tier for ``policy``: the activation pool as
+    memtrain.offload.apply sizes it (``pool``, from :func:`executed_host_bytes`), the host
+    optimizer's buffers and states (``optimizer``, with ``layers`` and ``optimizer``: by
+    formula per parameter), and their ``total``. The plan's predicted host peak is this total
+    (memtrain.planner.hostmem)."""
+    from memtrain.planner.hostmem import POOLED_TIERS, pool_bytes
+
+    activations = executed_host_bytes(policy, profile, modes)
+    states = (
+        optimizer_host_allocation(policy, layers, optimizer or profile.optimizer)
+        if layers is not None
+        else {}
+    )
+    out: dict[str, dict[str, int]] = {}
+    for tier in sorted(set(activations) | set(states)):
+        planned = activations.get(tier, 0)
+        pool = pool_bytes(planned) if tier in POOLED_TIERS else planned
+        row = {"activations": planned, "pool": pool, "optimizer": states.get(tier, 0)}
+        row["total"] = row["pool"] + row["optimizer"]
+        out[tier] = row
+    return out

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from memtrain.errors import MemtrainError
+from memtrain.hardware.calibrate import host_memory_line
 from memtrain.units import format_bytes
 
 ALIGNMENT = 512  # bytes; covers every dtype and keeps blocks cache-line and DMA friendly
@@ -54,7 +55,15 @@ class HostPool:
         self.name = name
         self.capacity = _round_up(int(nbytes), PAGE)
         self.numa_node = numa_node
-        self._mmap = mmap.mmap(-1, self.capacity)
+        try:
+            self._mmap = mmap.mmap(-1, self.capacity)
+        except (OSError, ValueError, OverflowError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise MemtrainError(
+                f"cannot map {format_bytes(self.capacity)} of host memory for the {name} pool "
+                f"({reason}); this host has {host_memory_line()}: re-plan with a smaller "
+                f"{name} budget (memtrain calibrate records what can be pinned)"
+            ) from None
         self._cbuf = (ctypes.c_char * self.capacity).from_buffer(self._mmap)
         self.address = ctypes.addressof(self._cbuf)
         if numa_node is not None:
@@ -83,8 +92,8 @@ class HostPool:
         if code != 0:
             raise MemtrainError(
                 f"cannot pin {format_bytes(self.capacity)} of host memory for the {self.name} "
-                f"pool (CUDA error {code}); lower the plan's host tier size or raise the "
-                "locked-memory limit (ulimit -l)"
+                f"pool (CUDA error {code}); this host has {host_memory_line()}: lower the "
+                "plan's host tier size or raise the locked-memory limit (ulimit -l)"
             )
         self.pinned = True
 

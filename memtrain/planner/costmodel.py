@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from memtrain.hardware.tiers import HOST_TIERS, HardwareModel
+from memtrain.planner.hostmem import POOL_MARGIN, POOL_SLACK, POOLED_TIERS, optimizer_host_bytes
 from memtrain.planner.linear import Lin, lin_sum
 from memtrain.planner.problem import LayerCosts, PlanProblem
 
@@ -100,6 +101,8 @@ class Terms:
     # Tie-break, not part of the step time: the seconds host tiers spend writing and reading
     # swapped bytes. Among equally fast plans it prefers fewer moved bytes and faster tiers.
     traffic: Lin = field(default_factory=Lin)
+    # Per pooled host tier: the activation bytes its pinned pool is sized from.
+    pools: dict[str, Lin] = field(default_factory=dict)
 
     def memory_values(self, values) -> list[tuple[str, str, float]]:
         """(tier, moment, bytes) of every memory term at concrete decisions."""
@@ -114,6 +117,17 @@ class Terms:
                 value += static + prefix[term.prefix]
             out.append((term.tier, term.moment, value))
         return out
+
+
+def pool_key(tier: str) -> tuple:
+    """Decision key: 1 if ``tier`` has an activation pool (the plan swaps anything to it)."""
+    return (-1, "pool", tier)
+
+
+def pool_values(terms: Terms, values: dict) -> None:
+    """Fill the pool keys from concrete decisions: a pool exists where bytes are swapped."""
+    for tier, form in terms.pools.items():
+        values[pool_key(tier)] = 1.0 if form.value(values) > 0.5 else 0.0
 
 
 def _frac(j: int, group: str, tier: str) -> Lin:
@@ -306,20 +320,38 @@ def build_terms(
             exposed.append(swapped[n - 1][t] * (1 / bw.write_bandwidth + 1 / bw.read_bandwidth))
         windows.append(Window("last layer round trip", Lin(), exposed))
 
-    # Host tiers hold every swapped byte at the start of backward, plus offloaded states.
+    # Host tiers hold what the executor allocates there (memtrain.planner.hostmem): the pinned
+    # activation pool sized from every swapped byte (with its margin, and its slack where the
+    # tier has a pool at all: ``(-1, "pool", tier)`` is 1 then), the host optimizer's float32
+    # masters, gradient buffers and states, and on the CPU the staging buffers of NVMe swaps.
+    # Pools and optimizer buffers live through the whole step, so one moment holds them all.
+    pools: dict[str, Lin] = {}
+    base: dict[str, list[Lin]] = {t: [] for t in host}
     for t in host:
-        parts = [swapped[j][t] for j in range(n)]
-        for j, layer in enumerate(layers):
-            for m in modes:
-                spec = STATE_MODES[m]
-                placed = 0.0
-                if spec["optimizer"] == t:
-                    placed += layer.state_bytes
-                if t == "cpu" and spec["grads"] == "cpu":
-                    placed += layer.grad_bytes + layer.param_bytes  # grads and the updated copy
-                if placed:
-                    parts.append(placed * _mode(j, m))
-        memory.append(MemoryTerm(t, "start of backward", lin_sum(parts)))
+        planned = lin_sum(swapped[j][t] for j in range(n))
+        if t in POOLED_TIERS:
+            pools[t] = planned
+            base[t] += [(1 + POOL_MARGIN) * planned, Lin.var(pool_key(t), POOL_SLACK)]
+        else:
+            base[t].append(planned)
+    for j, layer in enumerate(layers):
+        for m in modes:
+            placed = optimizer_host_bytes(
+                STATE_MODES[m], layer.host_state_bytes, layer.param_count, layer.param_bytes
+            )
+            for t, nbytes in placed.items():
+                if nbytes and t in base:
+                    base[t].append(nbytes * _mode(j, m))
+    for t in host:
+        memory.append(MemoryTerm(t, "start of backward", lin_sum(base[t])))
+    if "nvme" in host and "cpu" in host:
+        # NVMe swap files pass through host buffers: a layer's while it is written or read back,
+        # beside the one before it (the prefetch of backward).
+        cpu = lin_sum(base["cpu"])
+        for j in range(n):
+            staged = swapped[j]["nvme"] + (swapped[j - 1]["nvme"] if j > 0 else Lin())
+            if staged.coef:
+                memory.append(MemoryTerm("cpu", f"nvme staging {layers[j].name}", cpu + staged))
     memory.append(MemoryTerm("gpu", "optimizer step", Lin(), 0))
 
     # Optimizer step: on the GPU it streams params, grads and states through HBM; on the host
@@ -350,6 +382,7 @@ def build_terms(
         for t in host
     )
     return Terms(
+        pools=pools,
         compute=lin_sum(compute_parts),
         windows=windows,
         tail=[lin_sum(gpu_step), lin_sum(host_step)],

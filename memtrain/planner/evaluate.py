@@ -15,6 +15,7 @@ from memtrain.planner.costmodel import (
     Terms,
     available_tiers,
     build_terms,
+    pool_values,
     prefetch_values,
 )
 from memtrain.planner.linear import Key
@@ -105,6 +106,7 @@ def evaluate_terms(
 ) -> Evaluation:
     values = dict(values)
     prefetch_values(terms, values, len(terms.copying))
+    pool_values(terms, values)
     compute = terms.compute.value(values)
     exposed = {}
     for window in terms.windows:

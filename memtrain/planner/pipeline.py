@@ -81,11 +81,45 @@ def plan_model(model: Any, request: PlanRequest) -> PlannedModel:
     else:
         attention = attention_shape(model) if isinstance(model, str) else None
         plan, rows = plan_per_rank(candidates, hardware, request.parallelism, options, attention)
+    note = _pinnable_note(request, hardware)
+    if note:
+        plan.notes.append(note)
     chosen = next(
         (p for _, p in candidates if (p.batch, p.optimizer) == (plan.micro_batch, plan.optimizer)),
         candidates[0][1],
     )
     return PlannedModel(plan, chosen, hardware, rows, notes)
+
+
+def _runs_here() -> bool:
+    """Whether the plan is for this machine: it has the GPU a run needs."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch always imports here
+        return False
+
+
+def _pinnable_note(request: PlanRequest, hardware: HardwareModel) -> str | None:
+    """A note where an explicit ``cpu=`` exceeds what the machine can pin: as calibrated, or,
+    for a run on this machine, as read now (MemAvailable, RLIMIT_MEMLOCK)."""
+    if request.hardware.cpu is None or hardware.capacity("cpu") <= 0:
+        return None
+    pinnable, where = hardware.host_pinnable, "as calibrated"
+    if pinnable is None:
+        if not _runs_here():
+            return None
+        from memtrain.hardware.calibrate import pinnable_memory
+
+        pinnable, where = pinnable_memory()[2], "on this machine now"
+    if hardware.capacity("cpu") <= pinnable:
+        return None
+    return (
+        f"host memory: cpu={format_bytes(hardware.capacity('cpu'))} was given, but "
+        f"{format_bytes(pinnable)} can be pinned {where} (MemAvailable, locked-memory limit); "
+        "the executor's pools may fail to map or pin: re-plan with at most that much"
+    )
 
 
 def _label(batch: int, optimizer: str) -> str:

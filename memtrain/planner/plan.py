@@ -263,6 +263,24 @@ def _infeasible(
     need = minimum_gpu_budget(problem, hardware, options)
     need_unlimited_host = minimum_gpu_budget(problem, hardware, options, host_limited=False)
     have = hardware.capacity("gpu")
+    if need_unlimited_host <= have * (1 - 1e-6):
+        # The GPU budget would do with more host memory: the host binds. Name its tier with the
+        # least host memory (as the executor allocates it) any plan in this GPU budget needs.
+        overrides: dict[str, float | None] = {t: None for t in HOST_TIERS}
+        result = _solve(problem, hardware, options, objective="host", capacity_overrides=overrides)
+        if result.feasible and result.evaluation is not None:
+            peaks = result.evaluation.peaks
+            over = {t: peaks[t] - hardware.usable(t) for t in peaks if t != "gpu"}
+            tier = max(over, key=over.get) if over else "cpu"
+            needed = (peaks.get(tier, 0.0)) / (1 - hardware.allocator_margin)
+            return PlanInfeasible(
+                f"no plan fits: host memory binds, the {tier} tier needs at least "
+                f"{_size(needed)} (pool, host optimizer and staging buffers as the executor "
+                f"allocates them; available {_size(hardware.capacity(tier))}); "
+                f"or give the GPU {_size(need)}",
+                tier,
+                needed,
+            )
     message = f"no plan fits: the GPU binds, it needs at least {_size(need)} (budget {_size(have)})"
     if need_unlimited_host < need * 0.99:
         message += (

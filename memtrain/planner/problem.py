@@ -12,11 +12,13 @@ needs that share of the input stored somewhere (kept or swapped), as checkpointi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from memtrain.dtypes import dtype_bytes
 from memtrain.errors import MemtrainError
 from memtrain.kernels.cross_entropy.blas import DEFAULT_BLAS_WORKSPACE_BYTES
+from memtrain.planner.hostmem import host_state_estimate
 from memtrain.profile.result import LayerProfile, ProfileResult, SavedTensor, is_attention_op
 
 TILEABLE_KINDS = ("block",)
@@ -52,6 +54,10 @@ class LayerCosts:
     # The executor runs a share of the tokens recomputed (token-wise recompute) for this layer;
     # where it does not, a block's recompute share is 0 or 1 (whole-layer recompute).
     tokenwise: bool = True
+    # Host optimizer (memtrain.planner.hostmem): the layer's parameter count (float32 masters and
+    # gradient buffers) and its optimizer states on float32 masters.
+    param_count: float = 0.0
+    host_state_bytes: float = 0.0
 
     @property
     def token_bytes(self) -> float:
@@ -102,18 +108,39 @@ def _matches(op: str, patterns: Sequence[str]) -> bool:
     return any(p.lower() in lowered for p in patterns)
 
 
-def layer_costs(layer: LayerProfile, always_store_ops: Sequence[str] = ()) -> LayerCosts:
-    """Split one profiled layer's saved bytes into anchor / recomputable / fixed."""
+def layer_costs(
+    layer: LayerProfile,
+    always_store_ops: Sequence[str] = (),
+    *,
+    dtype_bytes: int = 2,
+    host_state_bytes: float | None = None,
+) -> LayerCosts:
+    """Split one profiled layer's saved bytes into anchor / recomputable / fixed.
+
+    ``dtype_bytes``: the parameters' element size, for a profile without parameter counts;
+    ``host_state_bytes``: the layer's optimizer states on float32 masters (None: estimated from
+    its states on the parameters' dtype, memtrain.planner.hostmem.host_state_estimate).
+    """
     anchor = recomputable = fixed = attention = attention_out = 0.0
     stores_attention = False
     input_saved = any(t.is_layer_input for t in layer.saved_tensors)
     # Work outside every layer (the profiler's "other": rotary tables, masks) has no layer hooks
     # an executor could use, so its saved bytes stay where they are.
     movable = layer.kind != "other"
+    # Token-wise recompute (memtrain.offload.modes.TokenwiseRecompute) stores the attention
+    # output and log-sum-exp of every token, recomputed or not: for a block it can run, those
+    # bytes are an anchor (stored, or dropped with the whole layer checkpointed), never a token
+    # share that is recomputed. Pricing them as recomputable under-counts the host bytes the
+    # executor places by the attention output of every recomputed token.
+    tokenwise_block = layer.kind in TILEABLE_KINDS and layer.tokenwise
     for tensor in layer.saved_tensors:
         if tensor.token_dim is None or not movable:
             fixed += tensor.nbytes
-        elif tensor.is_layer_input or _matches(tensor.op, always_store_ops):
+        elif (
+            tensor.is_layer_input
+            or _matches(tensor.op, always_store_ops)
+            or (tokenwise_block and is_attention_op(tensor.op))
+        ):
             anchor += tensor.nbytes
             stores_attention = stores_attention or is_attention_op(tensor.op)
         else:
@@ -127,6 +154,7 @@ def layer_costs(layer: LayerProfile, always_store_ops: Sequence[str] = ()) -> La
     if layer.saved_bytes > listed:
         fixed += layer.saved_bytes - listed
     token = anchor + recomputable
+    count = layer.param_count or layer.param_bytes / max(1, dtype_bytes)
     tileable = 0.0
     untiled_backward = 0.0
     # Sequence chunks only where the executor tiles the layer (memtrain.models.blocks).
@@ -161,6 +189,12 @@ def layer_costs(layer: LayerProfile, always_store_ops: Sequence[str] = ()) -> La
         grad_bytes=float(layer.grad_bytes),
         state_bytes=float(layer.optimizer_state_bytes),
         tokenwise=layer.tokenwise,
+        param_count=float(count),
+        host_state_bytes=float(
+            host_state_estimate(layer.optimizer_state_bytes, layer.param_bytes, count)
+            if host_state_bytes is None
+            else host_state_bytes
+        ),
     )
 
 
@@ -240,13 +274,29 @@ def build_problem(
     *,
     fused_loss: bool,
     always_store_ops: Sequence[str] = (),
+    host_state_bytes: Mapping[str, float] | None = None,
 ) -> PlanProblem:
-    """The planner's view of ``profile`` with the loss fused or not."""
+    """The planner's view of ``profile`` with the loss fused or not. ``host_state_bytes``:
+    per layer name, its optimizer states on float32 masters (exact, from the model; missing
+    layers are estimated)."""
     if not profile.layers:
         raise MemtrainError("the profile has no layers; re-run memtrain profile")
     source = apply_fused_loss(profile) if fused_loss else profile
+    try:
+        itemsize = dtype_bytes(profile.dtype)
+    except Exception:  # an unknown dtype name: parameter counts are in the profile anyway
+        itemsize = 2
+    states = dict(host_state_bytes or {})
     return PlanProblem(
-        layers=[layer_costs(layer, always_store_ops) for layer in source.layers],
+        layers=[
+            layer_costs(
+                layer,
+                always_store_ops,
+                dtype_bytes=itemsize,
+                host_state_bytes=states.get(layer.name),
+            )
+            for layer in source.layers
+        ],
         tokens=profile.batch * profile.seq,
         fused_loss=fused_loss,
         model=profile.model,

@@ -163,7 +163,9 @@ class _Model:
                     f"order_{j}",
                 )
 
+        self._pool_flags()
         self.peak = new_var(self.lp, "gpu_peak_gib", 0)
+        self.host_peaks: dict[str, pulp.LpVariable] = {}
         self.lp += self.peak >= gpu_lower_bound(problem, chunks) / GiB, "live_bytes_lower_bound"
         # Shared parts of the GPU terms as variables (GiB): static bytes and the running sum
         # of kept bytes, so each term has a handful of coefficients.
@@ -181,6 +183,10 @@ class _Model:
                 expr = expr + static + prefix[term.prefix]
             if tier == "gpu":
                 self.lp += self.peak >= expr, f"peak_{k}"
+            else:
+                if tier not in self.host_peaks:
+                    self.host_peaks[tier] = new_var(self.lp, f"{tier}_peak_gib", 0)
+                self.lp += self.host_peaks[tier] >= expr, f"host_peak_{k}"
             cap = capacity_overrides.get(tier, hardware.usable(tier))
             if cap is not None:
                 self.lp += expr <= solver_capacity(cap) / GiB, f"cap_{tier}_{k}"
@@ -203,6 +209,8 @@ class _Model:
                 + PEAK_WEIGHT_S_PER_GIB * self.peak
                 + self._expr(self.terms.traffic, TRAFFIC_WEIGHT)
             )
+        elif objective == "host":  # the least host memory, then the fastest
+            self.lp += pulp.lpSum(self.host_peaks.values()) + 1e-6 * self.step_time
         else:  # the smallest GPU peak, then the fastest
             self.lp += self.peak + 1e-6 * self.step_time
 
@@ -238,6 +246,19 @@ class _Model:
             self.lp += pref >= cut - (bound / PREFETCH_UNIT) * (1 - z), f"prefetch_{j}"
             self.layer_vars[(j, "pref", "gpu")] = pref
 
+    def _pool_flags(self) -> None:
+        """``pool_t`` (binary) is 1 where anything is swapped to pooled tier ``t``: the pool's
+        fixed slack is charged only then (big-M on the tier's swapped bytes)."""
+        for tier, form in self.terms.pools.items():
+            if not form.coef:
+                continue
+            bound = form.const + sum(max(0.0, c) for c in form.coef.values())
+            flag = new_var(self.lp, f"pool_{tier}", 0, 1, pulp.LpBinary)
+            self.binaries.append(flag)
+            self.vars[("pool", tier)] = flag
+            expr = self._expr(form, 1.0 / GiB)
+            self.lp += expr <= (bound / GiB) * flag, f"pool_{tier}"
+
     def _fraction_sets(self, tie: bool) -> list[int]:
         sets = list(range(len(self.problem.layers)))
         if not tie:
@@ -250,6 +271,8 @@ class _Model:
 
     def _lookup(self, key: Hashable):
         j, group, name = key
+        if group == "pool":
+            return self.vars.get(("pool", name), 0.0)
         if group == "pref":
             return self.layer_vars.get(key, 0.0)
         if group == "m":

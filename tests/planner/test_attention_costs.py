@@ -10,6 +10,7 @@ from memtrain.planner.costmodel import tile_factor, tiled_backward_transient
 from memtrain.planner.plan import PlanOptions, make_plan
 from memtrain.planner.problem import build_problem
 from memtrain.profile import profile_causal_lm
+from memtrain.profile.result import ProfileResult
 
 SEQ = 8192
 
@@ -35,8 +36,17 @@ def test_profile_records_attention_forward_time(profile):
 
 def test_recompute_skips_attention_only_when_its_output_is_stored(profile):
     stored = _block(build_problem(profile, fused_loss=True, always_store_ops=("flash",)))
-    plain = _block(build_problem(profile, fused_loss=True))
+    # A block the executor runs token-wise stores its attention output in any case (the
+    # executor keeps every token's): stored by default. One it cannot recomputes attention.
+    default = _block(build_problem(profile, fused_loss=True))
+    data = profile.to_dict()
+    for layer in data["layers"]:
+        layer["tokenwise"] = False
+    plain = _block(build_problem(ProfileResult.from_dict(data), fused_loss=True))
     block = next(layer for layer in profile.layers if layer.kind == "block")
+    assert default.recompute_time == pytest.approx(stored.recompute_time)
+    assert default.anchor_bytes == pytest.approx(stored.anchor_bytes)
+    assert default.droppable_anchor
     assert plain.recompute_time == pytest.approx(block.forward_time_s)
     assert stored.recompute_time == pytest.approx(
         block.forward_time_s - block.attention_forward_time_s

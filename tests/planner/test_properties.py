@@ -121,7 +121,11 @@ def test_host_memory_binding_is_named():
     from memtrain.planner.plan import _infeasible
 
     error = _infeasible(prob, with_gpu(hw, 12 * GB), PlanOptions())
-    assert "host memory binds too" in str(error)
+    message = str(error)
+    assert "\n" not in message
+    assert "host memory binds, the cpu tier needs at least" in message
+    assert "available 1,907 MiB" in message  # 2 GB
+    assert error.tier == "cpu" and error.minimum_bytes > 2 * GB
 
 
 def test_state_offload_when_states_do_not_fit():

@@ -1,0 +1,74 @@
+"""Host memory as the executor allocates it: the one source of truth for host-tier bytes.
+
+The planner's host-tier constraint and ``predicted['peak_bytes']`` for ``cpu``/``cxl``/``nvme``
+are built from these figures, and the executor (memtrain.offload) allocates by them:
+
+- **activation pools** (cpu, cxl): one pinned :class:`~memtrain.offload.pool.HostPool` per tier,
+  sized ``planned x (1 + POOL_MARGIN) + POOL_SLACK`` and rounded up to a page, where ``planned``
+  is the bytes the plan's layers place on the tier (token-wise recompute: the stored tokens'
+  saved tensors, the recomputed tokens' block input and every token's attention output, each at
+  its own shares; memtrain.offload.policy.executed_host_bytes);
+- **host optimizer** (memtrain.offload.optimizer.OffloadedOptimizer), per parameter whose layer
+  puts its optimizer off the GPU: a float32 master copy and a float32 gradient buffer in plain
+  host memory (``cpu``), and the optimizer's states on those float32 masters (``cpu``; ``cxl`` in
+  a pool bound to that node; ``nvme`` in files between steps, read into host memory for the
+  step);
+- **NVMe staging**: host buffers of the swap files being written and read back, at most the
+  NVMe bytes of two adjacent layers at once.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+
+FLOAT32_BYTES = 4
+# The activation pool's headroom over the planned bytes: alignment of pieces (512 bytes each) and
+# rounding of token cuts, plus fragmentation of the best-fit free list.
+# memtrain.offload.apply sizes its pools with exactly these numbers.
+POOL_MARGIN = 0.05
+POOL_SLACK = 4 << 20
+PAGE = mmap.PAGESIZE
+POOLED_TIERS = ("cpu", "cxl")  # tiers whose activations live in a pinned pool (NVMe: files)
+
+
+def pool_bytes(planned: float) -> int:
+    """Bytes of the pool the executor maps for ``planned`` activation bytes (0: no pool)."""
+    if planned <= 0:
+        return 0
+    size = int(math.ceil(planned) * (1 + POOL_MARGIN)) + POOL_SLACK
+    return (size + PAGE - 1) // PAGE * PAGE
+
+
+def master_bytes(param_count: float) -> float:
+    """One float32 copy of ``param_count`` parameters (the master weights, or the gradient
+    buffer the host optimizer accumulates into)."""
+    return FLOAT32_BYTES * float(param_count)
+
+
+def host_state_estimate(state_bytes: float, param_bytes: float, param_count: float) -> float:
+    """States of an optimizer stepping float32 masters, from its states on the parameters' own
+    dtype: moments scale with the element size (exact for every elementwise optimizer up to
+    their float32 ``step`` scalars). Plans made from a model use exact per-parameter formulas
+    instead (memtrain.planner.pipeline)."""
+    if param_count <= 0 or param_bytes <= 0:
+        return float(state_bytes)
+    itemsize = param_bytes / param_count
+    return float(state_bytes) * FLOAT32_BYTES / itemsize
+
+
+def optimizer_host_bytes(
+    mode: dict[str, str], host_state: float, param_count: float, param_bytes: float
+) -> dict[str, float]:
+    """Host bytes per tier of one layer whose parameters, gradients and states are placed as
+    ``mode`` says (a value of memtrain.planner.costmodel.STATE_MODES)."""
+    optimizer = mode["optimizer"]
+    if optimizer == "gpu":
+        return {}
+    out = {"cpu": 2 * master_bytes(param_count)}  # float32 masters and gradient buffers
+    out[optimizer] = out.get(optimizer, 0.0) + host_state
+    if optimizer == "nvme":
+        out["cpu"] += host_state  # read back into host memory for the step
+    if mode["params"] != "gpu":  # ZeRO-3: the parameters themselves live on the host too
+        out["cpu"] += param_bytes
+    return out

@@ -1,0 +1,162 @@
+"""The planner's predicted host peak against what the executor allocates on the host.
+
+One source of truth (memtrain.planner.hostmem): the activation pools as memtrain.offload.apply
+sizes them, the host optimizer's float32 masters, gradient buffers and states. A small Llama
+runs on the CPU under a plan that swaps and recomputes token-wise with host optimizer states,
+and every host byte the executor allocated is counted; the 8B plans at 131k tokens are checked
+dry (meta model) against the executor's sizing.
+"""
+
+from __future__ import annotations
+
+import mmap
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from memtrain.errors import MemtrainError
+from memtrain.hardware.tiers import load_hardware
+from memtrain.kernels import patch_causal_lm_loss
+from memtrain.models import build_causal_lm
+from memtrain.models.build import causal_lm_layers
+from memtrain.offload import apply
+from memtrain.offload.modes import TokenwiseRecompute
+from memtrain.offload.optimizer import offload_optimizer
+from memtrain.planner import hostmem
+from memtrain.planner.evaluate import LayerDecision, evaluate, keep_all
+from memtrain.planner.plan import _layer_entry
+from memtrain.planner.problem import build_problem
+from memtrain.profile import profile_causal_lm
+from tests.tiny_models import tiny_config
+
+TOLERANCE = 0.05
+GiB = 2**30
+CONFIG = tiny_config("llama", intermediate_size=256, num_hidden_layers=4)
+SEQ = 256
+
+# blocks: stored tokens swapped, the rest recomputed token-wise from an input on the host, the
+# attention output of every token on the host; optimizer states of two blocks on the host
+BLOCKS = [
+    {"anchor": {"cpu": 1.0}, "rest": {"cpu": 0.3, "rec": 0.7}, "checkpoint": {"cpu": 0.7},
+     "states": "opt:cpu"},
+    {"anchor": {"gpu": 0.5, "cpu": 0.5}, "rest": {"gpu": 0.2, "cpu": 0.4, "rec": 0.4},
+     "checkpoint": {"cpu": 0.4}, "states": "opt:cpu"},
+    {"anchor": {"cpu": 1.0}, "rest": {"rec": 1.0}, "checkpoint": {"cpu": 1.0}},
+    {"anchor": {"gpu": 1.0}, "rest": {"gpu": 0.5, "cpu": 0.5}},
+]  # fmt: skip
+
+
+def _profile():
+    with tempfile.TemporaryDirectory() as folder:
+        from transformers import AutoConfig
+
+        values = dict(CONFIG)
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+        config.save_pretrained(folder)
+        profile = profile_causal_lm(
+            str(Path(folder, "config.json")), seq=SEQ, dtype="bf16", device="meta",
+            target="cpu", optimizer="adamw",
+        )  # fmt: skip
+    return config, profile
+
+
+def test_pool_constants_are_the_executors():
+    import importlib
+
+    apply_module = importlib.import_module("memtrain.offload.apply")
+
+    assert apply_module.POOL_MARGIN == hostmem.POOL_MARGIN
+    assert apply_module.POOL_SLACK == hostmem.POOL_SLACK
+
+
+def test_cpu_run_allocates_the_predicted_host_bytes():
+    config, profile = _profile()
+    problem = build_problem(profile, fused_loss=True)
+    blocks = iter(LayerDecision(**d) for d in BLOCKS)
+    decisions = [next(blocks) if layer.kind == "block" else keep_all() for layer in problem.layers]
+    evaluation = evaluate(problem, load_hardware("h100-sxm-80g", cpu="1TiB"), decisions)
+    plan = {
+        "schema": "memtrain.plan",
+        "seq": SEQ,
+        "micro_batch": 1,
+        "layers": [
+            _layer_entry(layer, decision, 1).to_dict()
+            for layer, decision in zip(problem.layers, decisions, strict=True)
+        ],
+    }
+    model = build_causal_lm(config, "bf16", "cpu", seed=0)
+    model.train()
+    patch_causal_lm_loss(model)
+    handle = apply(model, plan, profile=profile)
+    try:
+        tokenwise = [n for n, m in handle._modes.items() if isinstance(m, TokenwiseRecompute)]
+        assert len(tokenwise) >= 2
+        optimizer = offload_optimizer(handle, torch.optim.AdamW, lr=1e-3)
+        ids = torch.randint(
+            2, config.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(0)
+        )
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pools = sum(pool.capacity for pool in handle.engine.pools.values())
+        high_water = max(pool.high_water for pool in handle.engine.pools.values())
+        host = optimizer.host_optimizer
+        states = sum(
+            v.numel() * v.element_size()
+            for s in host.state.values()
+            for v in s.values()
+            if isinstance(v, torch.Tensor)
+        )
+        masters = sum(2 * m.numel() * m.element_size() for m in optimizer.masters)
+    finally:
+        handle.remove()
+    allocated = pools + masters + states
+    predicted = evaluation.peaks["cpu"]
+    assert 0 < high_water <= pools
+    assert masters > 0 and states > 0
+    assert abs(allocated - predicted) <= TOLERANCE * predicted, (allocated, predicted)
+
+
+@pytest.mark.parametrize("cpu", ["56GiB", "84GiB", "128GiB"])
+def test_8b_at_131k_host_allocation_is_the_prediction(cpu):
+    from memtrain import HardwareRequest, PlanRequest, plan_model
+    from memtrain.models import load_config
+    from memtrain.offload.modes import resolve
+    from memtrain.offload.policy import host_allocation, policy_from_plan
+    from memtrain.planner import PlanOptions
+
+    request = PlanRequest(
+        seq=131072,
+        hardware=HardwareRequest("h100-sxm-80g", cpu=cpu),
+        options=PlanOptions(allow_param_offload=False),
+    )
+    planned = plan_model("llama-3.1-8b", request)
+    policy = policy_from_plan(planned.plan)
+    model = build_causal_lm(load_config("llama-3.1-8b"), "bf16", "meta")
+    layers = {s.name: list(s.modules) for s in causal_lm_layers(model)}
+    modes = {n: resolve(p, layers.get(n), n) for n, p in policy.layers.items() if n in layers}
+    allocation = host_allocation(policy, planned.profile, modes, layers, planned.profile.optimizer)
+    total = allocation["cpu"]["total"]
+    predicted = planned.plan.predicted["peak_bytes"]["cpu"]
+    budget = planned.plan.hardware["capacity_bytes"]["cpu"]
+    assert abs(total - predicted) <= TOLERANCE * predicted, (cpu, total / GiB, predicted / GiB)
+    assert total <= budget
+
+
+def test_pool_that_cannot_be_mapped_is_one_line(monkeypatch):
+    from memtrain.offload import pool as pool_module
+
+    def fail(*_args, **_kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(pool_module.mmap, "mmap", fail)
+    with pytest.raises(MemtrainError) as info:
+        pool_module.HostPool(3 * GiB, name="cpu")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "cpu pool" in message and "GiB" in message
+    assert "MemAvailable" in message and "locked-memory limit" in message
+    assert "Cannot allocate memory" in message
+    assert mmap.PAGESIZE > 0

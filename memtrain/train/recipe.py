@@ -95,7 +95,8 @@ class PlanSection(HardwareRequest):
 
     enabled: bool = True
     gpu_budget_fraction: float | None = None
-    fused_loss: bool = True
+    # None: the fused linear cross-entropy wherever the model's stock loss can be fused
+    fused_loss: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,7 @@ from memtrain.offload.params import ParameterStreamer
 from memtrain.offload.policy import OffloadPolicy, executed_host_bytes, policy_from_plan
 from memtrain.offload.pool import HostPool
 from memtrain.offload.swap import LayerState, SwapEngine, in_backward
-
-POOL_MARGIN = 0.05
-POOL_SLACK = 4 << 20  # alignment of pieces and rounding of token cuts
+from memtrain.planner.hostmem import pool_bytes
 
 
 def _resolve_layers(
@@ -215,7 +213,7 @@ class OffloadHandle:
                             f"the policy swaps to {tier} but gives no size for its pool; pass "
                             f"host_pool_bytes={{'{tier}': ...}} or apply a plan"
                         )
-                    size = int(planned * (1 + POOL_MARGIN)) + POOL_SLACK
+                    size = pool_bytes(planned)  # as the planner predicts it
                 node = self.policy.cxl_node if tier == "cxl" else None
                 pools[tier] = HostPool(size, name=tier, numa_node=node)
         except BaseException:

@@ -62,13 +62,17 @@ def _profile():
     return config, profile
 
 
-def test_pool_constants_are_the_executors():
-    import importlib
+def test_the_executor_sizes_pools_as_the_planner_predicts(monkeypatch):
+    """apply() maps each pool at hostmem.pool_bytes of its planned bytes: the number the
+    planner charges."""
+    from memtrain.offload import LayerPolicy, OffloadPolicy, apply
+    from tests.offload.conftest import make_model
 
-    apply_module = importlib.import_module("memtrain.offload.apply")
-
-    assert apply_module.POOL_MARGIN == hostmem.POOL_MARGIN
-    assert apply_module.POOL_SLACK == hostmem.POOL_SLACK
+    policy = OffloadPolicy(
+        {"block.0": LayerPolicy(keep=0.5, swap={"cpu": 0.5})}, host_bytes={"cpu": 123_457}
+    )
+    with apply(make_model("llama"), policy) as handle:
+        assert handle.stats()["pools"]["cpu"]["capacity"] == hostmem.pool_bytes(123_457)
 
 
 def test_cpu_run_allocates_the_predicted_host_bytes():

@@ -40,6 +40,10 @@ STATE_MODES: dict[str, dict[str, str]] = {
     "opt:nvme": {"params": "gpu", "grads": "cpu", "optimizer": "nvme"},
     "all:cpu": {"params": "cpu", "grads": "cpu", "optimizer": "cpu"},
 }
+# Layers whose parameters may leave the GPU: memtrain.offload.params streams a layer's weights
+# around its own forward and backward, which a decoder block has; embeddings, norms and heads
+# (tied to the embedding, or read by the fused loss outside their forward) keep theirs.
+STREAMED_KINDS = ("block",)
 
 
 def available_tiers(hardware: HardwareModel) -> list[str]:

@@ -44,7 +44,10 @@ class PlanOptions:
 
     fused_loss: bool | None = None  # None: on when the profile has a head or loss layer
     allow_state_offload: bool = True
-    allow_param_offload: bool = True  # parameters on the host need DeepSpeed ZeRO-3 to run
+    allow_param_offload: bool = True  # parameters on the host: DeepSpeed ZeRO-3 (any layer)
+    # Layer kinds whose parameters may leave the GPU (None: any, as ZeRO-3 offloads them all;
+    # memtrain's own executor streams blocks: memtrain.planner.costmodel.STREAMED_KINDS).
+    streamed_kinds: Sequence[str] | None = None
     chunk_options: Sequence[int] | None = None  # None: 1 for models without blocks, else 1..64
     always_store_ops: Sequence[str] = ()  # ops whose saved tensors are never recomputed
     method: str = "auto"
@@ -230,6 +233,7 @@ def _solve(
         method=options.method,
         gap_tolerance=options.gap_tolerance,
         time_limit=options.time_limit,
+        streamed_kinds=options.streamed_kinds,
         **kw,
     )
 

@@ -23,6 +23,7 @@ from memtrain.errors import MemtrainError
 from memtrain.hardware.tiers import HardwareModel
 from memtrain.planner.costmodel import (
     PREFETCH_UNIT,
+    STATE_MODES,
     available_tiers,
     build_terms,
     gpu_lower_bound,
@@ -90,6 +91,7 @@ class _Model:
         integer_fractions: bool,
         objective: str,
         capacity_overrides: dict[str, float | None],
+        streamed_kinds: Sequence[str] | None = None,
     ) -> None:
         self.problem = problem
         self.hardware = hardware
@@ -148,6 +150,10 @@ class _Model:
                     for m in modes
                 }
                 self.lp += pulp.lpSum(ys.values()) == 1, f"mode_{j}"
+                if streamed_kinds is not None and layer.kind not in streamed_kinds:
+                    for m, y in ys.items():  # an executor that cannot stream this layer
+                        if STATE_MODES[m]["params"] != "gpu":
+                            self.lp += y == 0, f"stream_{j}_{m.replace(':', '_')}"
                 self.mode_vars[j] = ys
         # Interchangeable interior layers: order their modes (symmetry breaking).
         for j in range(len(problem.layers) - 1):
@@ -439,6 +445,7 @@ def solve(
     mip_time_limit: float = 4.0,
     objective: str = "time",
     capacity_overrides: dict[str, float | None] | None = None,
+    streamed_kinds: Sequence[str] | None = None,
 ) -> SolveResult:
     """The fastest feasible decisions (``objective='time'``) or the smallest GPU peak ('gpu').
 
@@ -470,6 +477,7 @@ def solve(
             integer_fractions=integer_fractions,
             objective=objective,
             capacity_overrides=overrides,
+            streamed_kinds=streamed_kinds,
         )
         model.relax(True)
         calls += 1

@@ -26,6 +26,7 @@ from memtrain.hardware.request import HardwareRequest
 from memtrain.optim.factory import ALLOWED_OPTIONS, check_options
 from memtrain.optim.memory import parse_optimizer_spec
 from memtrain.planner import PlanOptions
+from memtrain.planner.costmodel import STREAMED_KINDS
 from memtrain.planner.pipeline import PlanRequest, plan_model
 from memtrain.train.allocator import use_expandable_segments
 from memtrain.units import format_bytes
@@ -209,8 +210,8 @@ def prepare(
         allocator = use_expandable_segments()
         if allocator:
             notes.append(allocator)
-        # memtrain's own executor runs optimizer-state offload for torch optimizers; parameters
-        # off the GPU need DeepSpeed ZeRO-3, so plans made here keep them on the GPU.
+        # memtrain's own executor runs optimizer-state offload for torch optimizers and streams
+        # the weights of blocks whose states it steps on the host (memtrain.offload.params).
         request = PlanRequest(
             seq=seq,
             batches=(batch,),
@@ -219,7 +220,8 @@ def prepare(
             options=PlanOptions(
                 fused_loss=fused_loss,
                 allow_state_offload=state_offload,
-                allow_param_offload=False,
+                allow_param_offload=state_offload,  # streamed with the states' host step
+                streamed_kinds=STREAMED_KINDS,
                 step_in_backward=step_in_backward,
             ),
             gpu_budget_fraction=gpu_budget_fraction,

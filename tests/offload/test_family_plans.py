@@ -88,7 +88,8 @@ def test_quarter_budget_plan_trains_exactly(family):
     losses = []
     with _prepare(model, 0.25, offload=True) as prepared:
         blocks = [layer for layer in prepared.plan.layers if layer.kind == "block"]
-        assert all(layer.keep < 1 or layer.full_recompute for layer in blocks)
+        assert all(layer.keep < 1 or layer.full_recompute or layer.params != "gpu"
+                   for layer in blocks)  # fmt: skip
         for _ in range(2):
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()

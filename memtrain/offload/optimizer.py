@@ -68,6 +68,27 @@ class _NvmeStates:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def host_options(optimizer_cls: type[torch.optim.Optimizer], options: dict[str, Any]) -> dict:
+    """The options of the host optimizer: GPU-only ones dropped, and torch's fused CPU kernel
+    where the class has one (one vectorised pass per tensor, about 5x torch's for-each AdamW on
+    two cores: benchmarks/bench_host_optimizer.py), unless the caller turned ``fused`` off."""
+    out = {k: v for k, v in options.items() if k not in _GPU_ONLY_OPTIONS}
+    if options.get("fused") is not False and _fused_on_cpu(optimizer_cls):
+        out["fused"] = True
+    return out
+
+
+def _fused_on_cpu(optimizer_cls: type[torch.optim.Optimizer]) -> bool:
+    """Whether ``optimizer_cls`` steps float32 CPU tensors with a fused kernel in this torch."""
+    probe = torch.nn.Parameter(torch.zeros(2))
+    probe.grad = torch.zeros(2)
+    try:
+        optimizer_cls([probe], lr=1e-3, fused=True).step()
+    except (TypeError, RuntimeError, ValueError):
+        return False
+    return True
+
+
 class OffloadedOptimizer:
     """A GPU optimizer for on-device parameters plus a CPU optimizer on host master weights."""
 
@@ -92,7 +113,7 @@ class OffloadedOptimizer:
         self.device_optimizer = (
             optimizer_cls(self.device_params, **options) if self.device_params else None
         )
-        cpu_options = {k: v for k, v in options.items() if k not in _GPU_ONLY_OPTIONS}
+        cpu_options = host_options(optimizer_cls, options)
         pin = any(p.is_cuda for p in self.host_params)
         self.masters = []
         for param in self.host_params:

@@ -17,7 +17,8 @@ STEPS = 3
 
 def _reference(ids, accumulate=1):
     model = make_model("llama")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    # fused: the kernel the host step uses (torch's fused CPU AdamW), so the runs match bit for bit
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
     losses = []
     for _ in range(STEPS):
         for _ in range(accumulate):
@@ -47,7 +48,9 @@ def test_host_optimizer_matches_plain_adamw(place, accumulate, tmp_path):
     ref_losses, ref_params = _reference(ids, accumulate)
     model = make_model("llama")
     with apply(model, _policy(place, tmp_path)) as handle:
-        optimizer = offload_optimizer(handle, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+        optimizer = offload_optimizer(
+            handle, torch.optim.AdamW, lr=1e-2, weight_decay=0.1, fused=True
+        )
         assert len(optimizer.host_params) == 2 * 9  # 9 tensors per Llama block
         losses, files = [], []
         for _ in range(STEPS):
@@ -91,3 +94,42 @@ def test_clip_grad_norm_covers_host_gradients(tmp_path):
         model(input_ids=ids, labels=ids).loss.backward()
         total = optimizer.clip_grad_norm_(1e-3)
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_host_step_uses_torchs_fused_cpu_kernel_where_there_is_one():
+    from memtrain.offload.optimizer import host_options
+
+    assert host_options(torch.optim.AdamW, {"lr": 1e-3, "fused": True}) == {
+        "lr": 1e-3,
+        "fused": True,
+    }
+    assert host_options(torch.optim.AdamW, {"lr": 1e-3})["fused"] is True
+    assert "fused" not in host_options(torch.optim.AdamW, {"lr": 1e-3, "fused": False})
+
+    class NoFused(torch.optim.SGD):
+        def __init__(self, params, lr, fused=None):
+            if fused:
+                raise RuntimeError("no fused kernel")
+            super().__init__(params, lr=lr)
+
+    assert "fused" not in host_options(NoFused, {"lr": 0.1})
+
+
+def test_fused_host_adamw_equals_the_reference_step():
+    """The fused kernel computes AdamW as torch's for-each one does (float32 rounding apart)."""
+    from memtrain.offload.optimizer import host_options
+
+    torch.manual_seed(0)
+    start = [torch.randn(257), torch.randn(16, 33)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(3)]
+    results = []
+    for options in (host_options(torch.optim.AdamW, {"lr": 1e-2}), {"lr": 1e-2, "foreach": True}):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = torch.optim.AdamW(params, **options)
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+        results.append([p.detach() for p in params])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

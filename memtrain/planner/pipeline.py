@@ -49,15 +49,25 @@ class PlannedModel:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_model(model: Any, request: PlanRequest) -> PlannedModel:
+def plan_model(model: Any, request: PlanRequest, reuse: Plan | None = None) -> PlannedModel:
     """Profile ``model`` (a preset name or config path, a live Hugging Face causal LM, or a
     :class:`ProfileResult`) for ``request`` and plan it.
 
     A live model is profiled through a meta-device twin, so nothing is allocated whatever its
     size. Raises :class:`~memtrain.planner.PlanInfeasible` with the smallest budget that fits.
+    ``reuse``: a plan made earlier for the same request (a resumed run's): only the profile is
+    made, so the run executes exactly the plan its checkpoints were written under.
     """
     hardware = request.hardware.load()
     _check_request(model, request)
+    if reuse is not None:
+        if reuse.seq != request.seq or reuse.micro_batch not in request.batches:
+            raise MemtrainError(
+                f"the stored plan is for {reuse.micro_batch} x {reuse.seq} tokens, not "
+                f"{request.batches[0]} x {request.seq}; plan again"
+            )
+        profile = _profile(model, request, reuse.micro_batch, request.optimizers[0], hardware)
+        return PlannedModel(reuse, profile, hardware, [], ["plan: the stored one, reused"])
     candidates = [
         (_label(batch, optimizer), _profile(model, request, batch, optimizer, hardware))
         for batch in request.batches

@@ -53,4 +53,6 @@ def use_expandable_segments() -> str | None:
             "covered only by the plan's allocator margin: set "
             f"PYTORCH_CUDA_ALLOC_CONF={SETTING} before CUDA starts"
         )
-    return "allocator: expandable segments on (set by prepare; memory freed between layers is reused)"
+    return (
+        "allocator: expandable segments on (set by prepare; memory freed between layers is reused)"
+    )

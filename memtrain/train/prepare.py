@@ -25,7 +25,7 @@ from memtrain.errors import MemtrainError
 from memtrain.hardware.request import HardwareRequest
 from memtrain.optim.factory import ALLOWED_OPTIONS, check_options
 from memtrain.optim.memory import parse_optimizer_spec
-from memtrain.planner import PlanOptions
+from memtrain.planner import Plan, PlanOptions
 from memtrain.planner.costmodel import STREAMED_KINDS
 from memtrain.planner.pipeline import PlanRequest, plan_model
 from memtrain.train.allocator import use_expandable_segments
@@ -146,7 +146,7 @@ def prepare(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     fused_loss: bool | None = None,
-    plan: bool = True,
+    plan: bool | Plan = True,
     build_optimizer: bool = True,
     state_offload: bool | None = None,
     step_in_backward: bool = False,
@@ -157,7 +157,9 @@ def prepare(
     loss can be fused, unless False; True insists (a one-line error for a model it cannot fuse).
 
     ``gpu_budget_fraction`` plans for that share of the unplanned step's simulated peak (handy to
-    exercise a plan on a small model). ``plan=False`` only swaps the loss and builds the optimizer.
+    exercise a plan on a small model). ``plan=False`` only swaps the loss and builds the optimizer;
+    a :class:`~memtrain.planner.Plan` made earlier for this model and request (a resumed run's)
+    is installed as it is, without planning again.
     ``build_optimizer=False`` leaves the optimizer to the caller (a Trainer's, DeepSpeed's):
     ``Prepared.optimizer`` is None. ``state_offload`` lets the plan put optimizer states off the
     GPU; by default it may when memtrain builds a torch optimizer in a single process (its host
@@ -220,13 +222,14 @@ def prepare(
             options=PlanOptions(
                 fused_loss=fused_loss,
                 allow_state_offload=state_offload,
-                allow_param_offload=state_offload,  # streamed with the states' host step
+                # streamed with the states' host step, by memtrain's executor in one process
+                allow_param_offload=state_offload and build_optimizer,
                 streamed_kinds=STREAMED_KINDS,
                 step_in_backward=step_in_backward,
             ),
             gpu_budget_fraction=gpu_budget_fraction,
         )
-        planned = plan_model(model, request)
+        planned = plan_model(model, request, plan if isinstance(plan, Plan) else None)
         plan_obj, profile = planned.plan, planned.profile
         notes.extend(planned.notes)
         if step_in_backward:

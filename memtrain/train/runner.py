@@ -97,8 +97,11 @@ def lr_factor(step: int, schedule: ScheduleSection) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def prepare_recipe(model, recipe: Recipe, limit: dict[str, Any], **options: Any):
-    """``prepare()`` with a recipe's data, plan and optimizer sections, plus ``options``."""
+def prepare_recipe(
+    model, recipe: Recipe, limit: dict[str, Any], stored: Any = None, **options: Any
+):
+    """``prepare()`` with a recipe's data, plan and optimizer sections, plus ``options``;
+    ``stored``: the plan a resumed run's checkpoints were written under, installed as it is."""
     from memtrain.train.prepare import prepare
 
     opt, plan = recipe.optimizer, recipe.plan
@@ -113,7 +116,7 @@ def prepare_recipe(model, recipe: Recipe, limit: dict[str, Any], **options: Any)
         lr=float(opt.lr),
         weight_decay=float(opt.weight_decay),
         fused_loss=plan.fused_loss,
-        plan=plan.enabled,
+        plan=stored if stored is not None and plan.enabled else plan.enabled,
         **options,
     )
     prepared.notes.extend(limit["notes"])
@@ -197,8 +200,9 @@ class Runner:
             **asdict(recipe.data), vocab_size=vocab, rank=world.rank, world_size=world.world_size
         )
         options = {"step_in_backward": train.step_in_backward, **strategy.prepare_options}
+        stored = self.stored_plan()
         try:
-            self.prepared = prepared = prepare_recipe(model, recipe, limit, **options)
+            self.prepared = prepared = prepare_recipe(model, recipe, limit, stored, **options)
         except (RuntimeError, OSError, MemoryError) as exc:
             error = out_of_memory(exc, "preparing the model", PREPARE_ADVICE, device)
             if error is None:
@@ -217,7 +221,8 @@ class Runner:
             console.print(f"[bold]training[/bold] {recipe.name} on {where}{launched}:")
             console.print(prepared.report())
             if prepared.plan is not None and world.main:
-                prepared.plan.save(out_dir / "plan.yaml")
+                prepared.plan.save(out_dir / PLAN_FILE)
+                (out_dir / PLAN_INPUTS).write_text(json.dumps(self.plan_inputs(), default=str))
             strategy.setup(prepared, recipe, out_dir)
             base_lrs = [group["lr"] for group in strategy.param_groups()]  # before a checkpoint's
             start = self.resume(strategy, device)
@@ -310,6 +315,38 @@ class Runner:
                 raise
         raise error  # outside the handler: the step's tensors are freed with its frames
 
+    def plan_inputs(self) -> dict[str, Any]:
+        """What a plan is made from: a stored plan is reused only while these are unchanged."""
+        recipe = asdict(self.recipe)
+        keys = ("model", "data", "optimizer", "plan", "launcher")
+        train = {k: recipe["train"][k] for k in ("step_in_backward", "gpu_memory_limit")}
+        return {**{k: recipe[k] for k in keys}, "train": train, "world": self.world.world_size}
+
+    def stored_plan(self):
+        """The plan this run's checkpoints were written under, when resuming a run whose plan
+        inputs are unchanged: the resumed run executes it as it was (a new solve could differ,
+        e.g. where the solver's time limit binds), so resumes stay bit-identical."""
+        out_dir = self.out_dir
+        path, inputs = out_dir / PLAN_FILE, out_dir / PLAN_INPUTS
+        if not (self.recipe.train.resume and path.exists() and inputs.exists()):
+            return None
+        if not any(out_dir.glob("checkpoint-*.pt")):
+            return None
+        try:
+            same = json.loads(inputs.read_text()) == json.loads(
+                json.dumps(self.plan_inputs(), default=str)
+            )
+            if not same:
+                return None
+            from memtrain.planner import Plan
+
+            plan = Plan.load(path)
+        except (OSError, ValueError, MemtrainError) as exc:
+            self.note(f"resume: the stored plan {path} is not usable ({exc}); planning again")
+            return None
+        self.note(f"resume: the plan the checkpoints were written under ({path})")
+        return plan
+
     def resume(self, strategy: SingleProcess, device: torch.device) -> int:
         """Load the newest good checkpoint, if any and asked to, once its recipe and plan agree
         with this run's; returns the step to start from."""
@@ -372,6 +409,10 @@ class Runner:
 
 def gpu_peak(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+PLAN_FILE = "plan.yaml"
+PLAN_INPUTS = "plan-inputs.json"  # the recipe sections plan.yaml was made from
 
 
 def plan_digest(prepared) -> str | None:

@@ -182,3 +182,29 @@ def test_resume_stepping_in_backward_equals_uninterrupted(tmp_path):
     a, b = _final_state(tmp_path / "w"), _final_state(tmp_path / "p")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_resume_runs_the_plan_its_checkpoints_were_written_under(tmp_path, monkeypatch):
+    """A resumed run installs the stored plan instead of solving again (a new solve could
+    differ where the solver's time limit binds); a changed plan input plans again."""
+    import memtrain.planner.pipeline as pipeline
+
+    common = ["train.checkpoint_every=3"]
+    run_recipe(load_recipe(_write(tmp_path, "p"), [*common, "schedule.steps=3"]), progress=False)
+    assert (tmp_path / "p" / "plan-inputs.json").exists()
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("planned again")
+
+    monkeypatch.setattr(pipeline, "best_of", no_solve)
+    rest = load_recipe(_write(tmp_path, "p"), [*common, "schedule.steps=6"])
+    assert run_recipe(rest, progress=False)["train"]["steps_run"] == 3
+    changed = load_recipe(
+        _write(tmp_path, "p"), [*common, "schedule.steps=9", "plan.gpu_budget_fraction=0.9"]
+    )
+    try:
+        run_recipe(changed, progress=False)
+    except AssertionError as exc:
+        assert "planned again" in str(exc)
+    else:
+        raise AssertionError("a changed plan input must plan again")

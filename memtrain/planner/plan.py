@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,9 @@ def baseline_decisions(
             decision = keep_all()
         else:
             decision = recompute_all()
+            if layer.droppable_anchor:  # stock checkpointing stores the block input alone: the
+                # attention output token-wise recompute would keep is recomputed with the rest
+                decision = replace(decision, anchor={})
         if name == "full_checkpointing_zero_offload":
             if hardware.capacity("cpu") <= 0:
                 return None

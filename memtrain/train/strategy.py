@@ -237,20 +237,35 @@ class DeepSpeedStrategy(DDPStrategy):
 
     def load(self, check: Check, note: Callable[[str], None]) -> dict[str, Any] | None:
         """The tag ``latest`` names, once ``check`` accepts its ``memtrain.json`` (read before
-        the engine loads anything; checkpoints without one are checked after loading)."""
+        the engine loads anything; checkpoints without one are checked after loading); a tag
+        that cannot be read falls back to the newest older kept one, with a note."""
         latest = self.path / "latest"
         if not latest.exists():
             return None
         tag = latest.read_text(errors="replace").strip()
-        self.loaded = folder = self.path / tag
+        candidates = [tag] + [
+            p.name for _, p in _step_tags(self.path) if p.name != tag and _step(p.name, tag)
+        ]
+        for index, name in enumerate(candidates):
+            folder = self.path / name
+            try:
+                return self._load_tag(name, folder, check)
+            except _Unreadable as exc:
+                if index + 1 == len(candidates):
+                    raise MemtrainError(str(exc)) from None
+                note(f"{exc}; resuming from the previous kept checkpoint instead")
+        return None
+
+    def _load_tag(self, tag: str, folder: Path, check: Check) -> dict[str, Any]:
+        self.loaded = folder
         if not tag or not folder.is_dir():
-            raise MemtrainError(f"{latest} names {tag!r}, but there is no {folder}")
+            raise _Unreadable(f"{self.path / 'latest'} names {tag!r}, but there is no {folder}")
         client = folder / DS_CLIENT
         if client.exists():
             try:
                 stored = json.loads(client.read_text())
             except ValueError:
-                raise MemtrainError(f"{client} is damaged: not JSON") from None
+                raise _Unreadable(f"{client} is damaged: not JSON") from None
             check(stored, folder)
         try:
             path, state = self.engine.load_checkpoint(str(self.path), tag=tag)
@@ -258,11 +273,11 @@ class DeepSpeedStrategy(DDPStrategy):
             raise
         except Exception as exc:  # noqa: BLE001 - any failure inside DeepSpeed, on one line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise MemtrainError(
+            raise _Unreadable(
                 f"DeepSpeed could not load the checkpoint {folder} ({type(exc).__name__}: {first})"
             ) from None
         if path is None or state is None:
-            raise MemtrainError(f"DeepSpeed could not load the checkpoint {folder}")
+            raise _Unreadable(f"DeepSpeed could not load the checkpoint {folder}")
         if not client.exists():
             check(state, folder)
         return state
@@ -281,14 +296,30 @@ class DeepSpeedStrategy(DDPStrategy):
         self.barrier()
 
 
+class _Unreadable(Exception):
+    """A DeepSpeed tag that cannot be read (a damaged or missing checkpoint, not a refusal)."""
+
+
+def _step_tags(folder: Path) -> list[tuple[int, Path]]:
+    """``step<n>`` tag folders, newest first."""
+    tags = [
+        (int(p.name[4:]), p) for p in folder.glob("step*") if p.is_dir() and p.name[4:].isdigit()
+    ]
+    return sorted(tags, reverse=True)
+
+
+def _step(name: str, latest: str) -> bool:
+    """Whether tag ``name`` is older than the ``latest`` one (tags after it are a future a
+    resumed run dropped)."""
+    if not latest.startswith("step") or not latest[4:].isdigit():
+        return True
+    return int(name[4:]) < int(latest[4:])
+
+
 def stale_tags(folder: Path, step: int, keep: int) -> list[Path]:
     """DeepSpeed tag folders (``step<n>``) past the ``keep`` newest up to ``step``, and any past
     ``step`` (a run resumed from an older tag drops the future it left)."""
-    tags = []
-    for path in folder.glob("step*"):
-        if path.is_dir() and path.name[4:].isdigit():
-            tags.append((int(path.name[4:]), path))
-    tags.sort(reverse=True)
+    tags = _step_tags(folder)
     kept = [p for n, p in tags if n <= step][: max(1, keep)]
     return [p for _, p in tags if p not in kept]
 

@@ -11,6 +11,7 @@ plain host memory (cpu), in a pool bound to the CXL NUMA node (cxl), or in files
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from memtrain.errors import MemtrainError
 from memtrain.offload.pool import HostPool
+from memtrain.optim.step_in_backward import step_one
 
 HOST_PLACES = ("cpu", "cxl", "nvme")
 _GPU_ONLY_OPTIONS = ("fused", "capturable", "differentiable")
@@ -100,6 +102,7 @@ class OffloadedOptimizer:
         *,
         nvme_path: str | None = None,
         cxl_node: int | None = None,
+        overlap: bool = False,
         **options: Any,
     ) -> None:
         self.device_params = [p for p, place in placements.items() if place == "gpu"]
@@ -128,6 +131,23 @@ class OffloadedOptimizer:
         self._stream = None
         if pin and torch.cuda.is_available():
             self._stream = torch.cuda.Stream(self.host_params[0].device)
+        # Overlapped host step: each parameter steps on the host in a worker thread as soon as
+        # its gradient has arrived, while backward goes on; step() waits and writes back.
+        self.overlap = overlap and self.host_optimizer is not None
+        self._worker: ThreadPoolExecutor | None = None
+        self._steps: list[Future] = []
+        if self.overlap:
+            if self.place != "cpu":
+                raise MemtrainError(
+                    "an overlapped host step keeps optimizer states in host memory (cpu); "
+                    f"these are planned on {self.place}: re-plan, or turn overlap off"
+                )
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="memtrain-host-step")
+            self._group_of = {
+                id(m): i
+                for i, g in enumerate(self.host_optimizer.param_groups)
+                for m in g["params"]
+            }
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._grad_hook(i))
             for i, p in enumerate(self.host_params)
@@ -152,7 +172,13 @@ class OffloadedOptimizer:
         def hook(param: torch.Tensor) -> None:
             grad = param.grad
             buffer = self.masters[index].grad
+            event = None
             if self._has_grad[index]:
+                if self.overlap:
+                    raise MemtrainError(
+                        "an overlapped host step takes one backward per optimizer step; with "
+                        "gradient accumulation turn overlap off"
+                    )
                 buffer.add_(grad.to("cpu", torch.float32))
             elif self._stream is not None:
                 self._stream.wait_stream(torch.cuda.current_stream(grad.device))
@@ -166,6 +192,8 @@ class OffloadedOptimizer:
                 buffer.copy_(grad)
             self._has_grad[index] = True
             param.grad = None
+            if self.overlap:
+                self._steps.append(self._worker.submit(self._step_master, index, event))
 
         return hook
 
@@ -174,10 +202,29 @@ class OffloadedOptimizer:
 
     # -- step -------------------------------------------------------------------------------
 
+    def _step_master(self, index: int, event: Any) -> None:
+        """One master's host step, in the worker, once its gradient has landed."""
+        if event is not None:
+            event.synchronize()
+        master = self.masters[index]
+        step_one(self.host_optimizer, master, self._group_of[id(master)])
+
+    def _finish_overlapped(self) -> None:
+        """Wait for every overlapped host step (their errors raise here)."""
+        steps, self._steps = self._steps, []
+        for future in steps:
+            future.result()
+
     def step(self) -> None:
         if self.device_optimizer is not None:
             self.device_optimizer.step()
         if self.host_optimizer is None:
+            return
+        if self.overlap:
+            self._finish_overlapped()
+            self._in_flight.clear()
+            self._write_back()
+            self._has_grad = [False] * len(self.masters)  # each step takes one backward
             return
         for event, _ in self._in_flight:
             event.synchronize()
@@ -195,6 +242,9 @@ class OffloadedOptimizer:
             self._states_to_cxl()
         if self.nvme is not None:
             self.nvme.store(self.host_optimizer, self.masters)
+        self._write_back()
+
+    def _write_back(self) -> None:
         with torch.no_grad():
             for param, master in zip(self.host_params, self.masters, strict=True):
                 param.copy_(master, non_blocking=param.is_cuda)
@@ -224,6 +274,11 @@ class OffloadedOptimizer:
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip every gradient (device and host) to a global norm; returns the norm."""
+        if self.overlap:
+            raise MemtrainError(
+                "global gradient clipping needs every gradient before any step; an overlapped "
+                "host step has taken them already: turn overlap off or clipping off"
+            )
         for event, _ in self._in_flight:
             event.synchronize()
         self._in_flight.clear()
@@ -251,6 +306,7 @@ class OffloadedOptimizer:
 
     def state_dict(self) -> dict[str, Any]:
         """Device and host optimizer states plus the float32 master weights (exact resume)."""
+        self._finish_overlapped()
         if self.nvme is not None:
             raise MemtrainError(
                 "saving optimizer states kept on NVMe is not supported; plan them on cpu to "
@@ -283,6 +339,9 @@ class OffloadedOptimizer:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
         if self.nvme is not None:
             self.nvme.close()
 
@@ -306,14 +365,23 @@ def placements_from_handle(handle: Any) -> dict[nn.Parameter, str]:
 
 
 def offload_optimizer(
-    handle: Any, optimizer_cls: type[torch.optim.Optimizer], **options: Any
+    handle: Any,
+    optimizer_cls: type[torch.optim.Optimizer],
+    *,
+    overlap: bool = False,
+    **options: Any,
 ) -> OffloadedOptimizer:
-    """The optimizer the plan asks for: states of each layer where its ``optimizer`` says."""
+    """The optimizer the plan asks for: states of each layer where its ``optimizer`` says.
+
+    ``overlap``: host-placed parameters step in a worker thread as their gradients arrive,
+    overlapping the host step with the rest of backward (one backward per step, no global
+    clipping); ``step()`` then waits for them and writes the weights back."""
     optimizer = OffloadedOptimizer(
         placements_from_handle(handle),
         optimizer_cls,
         nvme_path=handle.policy.nvme_path,
         cxl_node=handle.policy.cxl_node,
+        overlap=overlap,
         **options,
     )
     handle.optimizer_attached = True

@@ -32,7 +32,8 @@ class StepInBackward:
         self._handles.clear()
 
 
-def _step_one(optimizer: torch.optim.Optimizer, param: torch.Tensor, index: int) -> None:
+def step_one(optimizer: torch.optim.Optimizer, param: torch.Tensor, index: int) -> None:
+    """Step ``param`` alone, with the settings of its group ``index`` of ``optimizer``."""
     # The group is looked up at step time: load_state_dict (a resume) replaces the group dicts,
     # and a schedule sets the learning rate on the current ones.
     view = dict(optimizer.param_groups[index])
@@ -43,6 +44,10 @@ def _step_one(optimizer: torch.optim.Optimizer, param: torch.Tensor, index: int)
         optimizer.step()
     finally:
         optimizer.param_groups = groups
+
+
+def _step_one(optimizer: torch.optim.Optimizer, param: torch.Tensor, index: int) -> None:
+    step_one(optimizer, param, index)
     param.grad = None
 
 

@@ -133,3 +133,60 @@ def test_fused_host_adamw_equals_the_reference_step():
         results.append([p.detach() for p in params])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _overlap_run(overlap: bool, optimizer_cls, steps=3, **options):
+    model = make_model("llama")
+    policy = OffloadPolicy(
+        {f"block.{i}": LayerPolicy(optimizer="cpu", grads="cpu") for i in range(2)}
+    )
+    ids = batch("llama")
+    losses = []
+    with apply(model, policy) as handle:
+        optimizer = offload_optimizer(handle, optimizer_cls, overlap=overlap, **options)
+        for _ in range(steps):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+        state = optimizer.state_dict()
+        optimizer.close()
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, state
+
+
+@pytest.mark.parametrize(
+    ("optimizer_cls", "options"),
+    [
+        (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+        (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
+    ],
+    ids=["adamw", "sgd"],
+)
+def test_overlapped_host_step_equals_the_step_after_backward(optimizer_cls, options):
+    """Each host parameter steps in the worker as its gradient arrives: the same updates, bit
+    for bit, as the host step after backward, and the same optimizer state."""
+    want_losses, want, want_state = _overlap_run(False, optimizer_cls, **options)
+    got_losses, got, got_state = _overlap_run(True, optimizer_cls, **options)
+    for a, b in zip(want_losses, got_losses, strict=True):
+        assert torch.equal(a, b)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    for a, b in zip(want_state["masters"], got_state["masters"], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_overlapped_host_step_refuses_accumulation_and_clipping():
+    from memtrain.errors import MemtrainError
+
+    model = make_model("llama")
+    policy = OffloadPolicy({"block.0": LayerPolicy(optimizer="cpu", grads="cpu")})
+    ids = batch("llama")
+    with apply(model, policy) as handle:
+        optimizer = offload_optimizer(handle, torch.optim.SGD, overlap=True, lr=0.1)
+        model(input_ids=ids, labels=ids).loss.backward()
+        with pytest.raises(MemtrainError, match="clipping"):
+            optimizer.clip_grad_norm_(1.0)
+        with pytest.raises(MemtrainError, match="one backward per optimizer step"):
+            model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.close()

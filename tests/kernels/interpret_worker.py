@@ -547,7 +547,44 @@ def main() -> int:
     return 0
 
 
+def uninitialised_main() -> int:
+    """The Triton and torch paths with every fresh float buffer (``empty``, ``empty_like``,
+    ``new_empty``) filled with NaN: a kernel that reads memory it never wrote shows it at once,
+    where recycled device memory would show it only sometimes."""
+    import torch
+
+    from memtrain.kernels import linear_cross_entropy as lce
+
+    def poisoned(make):
+        def wrapper(*args, **kwargs):
+            out = make(*args, **kwargs)
+            if out.is_floating_point():
+                out.fill_(float("nan"))
+            return out
+
+        return wrapper
+
+    torch.empty, torch.empty_like = poisoned(torch.empty), poisoned(torch.empty_like)
+    torch.Tensor.new_empty = poisoned(torch.Tensor.new_empty)
+    results = {}
+    for name, dtype, (n, v, d) in (
+        ("bf16_padded_vocab", torch.bfloat16, (33, 200, 32)),
+        ("fp32_padded_vocab", torch.float32, (29, 203, 24)),
+    ):
+        h, w, y = _inputs(torch, n, v, d, dtype, 15)
+        hs = [h.clone().requires_grad_() for _ in range(2)]
+        outs = [lce(hs[0], w, y, impl="triton"), lce(hs[1], w, y, impl="torch")]
+        for out in outs:
+            out.backward()
+        results[name] = {
+            "finite": bool(torch.isfinite(hs[0].grad).all() and torch.isfinite(outs[0]).all()),
+            "grad_hidden": _rel(hs[0].grad, hs[1].grad),
+        }
+    json.dump(results, sys.stdout)
+    return 0
+
+
 if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "1"
-    modes = {"preskip": preskip_main, "offsets": offsets_main}
+    modes = {"preskip": preskip_main, "offsets": offsets_main, "uninitialised": uninitialised_main}
     sys.exit(modes[sys.argv[1]]() if sys.argv[1:] else main())

@@ -23,3 +23,12 @@ def test_case_within_tolerance(interpreted, name):
     result = interpreted[name]
     bad = {k: e for k, e in result["errors"].items() if not e < result["tol"]}
     assert not bad, f"{name}: {bad} (tolerance {result['tol']})"
+
+
+def test_no_kernel_reads_memory_it_never_wrote():
+    """Fresh buffers poisoned with NaN: gradients stay finite and match the torch path (the
+    logits-gradient buffer's padding columns are read by whole-tile products)."""
+    results = run_interpreted("uninitialised")
+    for name, result in results.items():
+        assert result["finite"], name
+        assert result["grad_hidden"] < 2e-2, (name, result)

@@ -150,8 +150,10 @@ def run_exact(
     of dH (the caller undoes it for the others).
     """
     # Rows of the buffer stay a multiple of 16 bytes (tensor-descriptor stores need that).
+    # Zeroed once: the padding columns past the vocabulary are read by whole-tile products
+    # against masked (zero) weight rows, and uninitialised memory there may hold NaN or inf.
     shape = (min(plan.rows, hidden.shape[0]), min(plan.cols, -(-weight.shape[0] // 16) * 16))
-    dz = torch.empty(shape, dtype=hidden.dtype, device=hidden.device)
+    dz = torch.zeros(shape, dtype=hidden.dtype, device=hidden.device)
     runner = _run_vocab_order if plan.order == "vocab" else _run_row_order
     runner(plan, hidden, weight, launch, accumulate, grads, inv_scale, dz)
 

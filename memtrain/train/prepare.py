@@ -150,6 +150,7 @@ def prepare(
     build_optimizer: bool = True,
     state_offload: bool | None = None,
     step_in_backward: bool = False,
+    overlap_host_step: bool = False,
 ) -> Prepared:
     """Profile ``model`` at ``batch x seq``, plan it for ``hardware``, and install the plan.
 
@@ -170,6 +171,10 @@ def prepare(
 
     ``weight_decay`` applies wherever the plan puts the optimizer states, unless the optimizer
     spec names its own (``adamw:weight_decay=0.05``).
+
+    ``overlap_host_step``: optimizer states the plan puts on the host step in a worker thread as
+    their gradients arrive, overlapping backward (one backward per step, no global clipping; the
+    plan still prices the host step after backward).
 
     ``step_in_backward``: the caller steps the optimizer inside backward
     (:func:`memtrain.optim.register_step_in_backward`), so the plan counts no resident
@@ -261,8 +266,13 @@ def prepare(
             options_ = {"lr": lr, "weight_decay": decay}
             if spec.name == "sgd":
                 options_["momentum"] = float(spec.options.get("momentum", 0.9))
-            built = offload_optimizer(handle, TORCH_OPTIMIZERS[spec.name], **options_)
-            notes.append("optimizer states live where the plan puts them (host step)")
+            built = offload_optimizer(
+                handle, TORCH_OPTIMIZERS[spec.name], overlap=overlap_host_step, **options_
+            )
+            notes.append(
+                "optimizer states live where the plan puts them (host step"
+                + (", overlapped with backward)" if built.overlap else ")")
+            )
         else:
             built = build_torch_optimizer(model, spec, lr=lr)
             for group in built.param_groups:

@@ -173,3 +173,29 @@ def test_prepare_streams_blocks_when_the_budget_needs_it():
         )
         bound = 1e-4 * expected.abs().max().item() + 2.5e-7 * before[name].abs().max().item()
         assert (update - expected).abs().max().item() <= bound, name
+
+
+def test_prepare_with_the_host_step_overlapped_equals_it_after_backward():
+    import memtrain
+    from tests.families import family_ids, family_model
+
+    shape = {
+        "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 1,
+        "num_key_value_heads": 1, "head_dim": 64,
+    }  # fmt: skip
+    ids = family_ids(512)
+    results = []
+    for overlap in (False, True):
+        model = family_model("llama", **shape)
+        with memtrain.prepare(
+            model, seq=512, gpu_budget_fraction=0.2, optimizer="adamw", lr=1e-3,
+            overlap_host_step=overlap,
+        ) as prepared:  # fmt: skip
+            assert prepared.optimizer.overlap == overlap
+            for _ in range(2):
+                model(input_ids=ids, labels=ids).loss.backward()
+                prepared.optimizer.step()
+                prepared.optimizer.zero_grad(set_to_none=True)
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), name

@@ -187,6 +187,30 @@ def _mode(j: int, mode: str) -> Lin:
     return Lin.var((j, "m", mode))
 
 
+def _host_step_of(
+    layer: LayerCosts, modes: list[str], hardware: HardwareModel
+) -> list[tuple[str, float]]:
+    """Seconds of ``layer``'s host optimizer step in each mode that puts its states off the
+    GPU: the CPU streams parameters, gradients and states through DRAM; CXL and NVMe states are
+    read and written back at their tier's rates."""
+    cpu_bw = hardware.cpu_optimizer_bandwidth
+    out = []
+    for m in modes:
+        where = STATE_MODES[m]["optimizer"]
+        if where == "gpu":
+            continue
+        if where == "cpu":
+            touched = 2 * layer.state_bytes + layer.grad_bytes + 2 * layer.param_bytes
+            out.append((m, touched / cpu_bw))
+        else:
+            tier = hardware.tiers[where]
+            seconds = (layer.grad_bytes + 2 * layer.param_bytes) / cpu_bw + layer.state_bytes * (
+                1 / tier.read_bandwidth + 1 / tier.write_bandwidth
+            )
+            out.append((m, seconds))
+    return out
+
+
 def build_terms(
     problem: PlanProblem, hardware: HardwareModel, chunks: int, modes: list[str]
 ) -> Terms:
@@ -362,34 +386,31 @@ def build_terms(
     # the CPU step streams them through DRAM, and CXL/NVMe states are read and written back.
     gpu_step, host_step = [], []
     hbm = hardware.device.achievable_hbm_bandwidth
-    cpu_bw = hardware.cpu_optimizer_bandwidth
     for j, layer in enumerate(layers):
         touched = 2 * layer.state_bytes + layer.grad_bytes + 2 * layer.param_bytes
         for m in modes:
-            where = STATE_MODES[m]["optimizer"]
-            if where == "gpu":
+            if STATE_MODES[m]["optimizer"] == "gpu":
                 gpu_step.append(_mode(j, m) * (touched / hbm))
-            elif where == "cpu":
-                host_step.append(_mode(j, m) * (touched / cpu_bw))
-            else:
-                tier = hardware.tiers[where]
-                seconds = (
-                    layer.grad_bytes + 2 * layer.param_bytes
-                ) / cpu_bw + layer.state_bytes * (
-                    1 / tier.read_bandwidth + 1 / tier.write_bandwidth
-                )
-                host_step.append(_mode(j, m) * seconds)
+        host_step += [_mode(j, m) * t for m, t in _host_step_of(layer, modes, hardware)]
     traffic = lin_sum(
         swapped[j][t]
         * (1 / hardware.tiers[t].write_bandwidth + 1 / hardware.tiers[t].read_bandwidth)
         for j in range(n)
         for t in host
     )
+    host_tail = [lin_sum(host_step)]
+    if problem.overlap_host_step and host_step:
+        # Each layer steps on the host once its gradients arrive, while backward goes on through
+        # the layers before it: backward hides up to its own length, and the first layer's step
+        # (its gradients arrive last) is never hidden.
+        hidden = sum(layer.backward_time for layer in layers)
+        first = lin_sum(_mode(0, m) * t for m, t in _host_step_of(layers[0], modes, hardware))
+        host_tail = [lin_sum(host_step) + Lin(const=-hidden), first]
     return Terms(
         pools=pools,
         compute=lin_sum(compute_parts),
         windows=windows,
-        tail=[lin_sum(gpu_step), lin_sum(host_step)],
+        tail=[lin_sum(gpu_step), *host_tail],
         memory=memory,
         gpu_static=gpu_static,
         kept=kept,

@@ -59,6 +59,9 @@ class PlanOptions:
     # on the GPU: no executor steps offloaded states inside backward.
     step_in_backward: bool = False
     step_bytes: Mapping[str, float] | None = None
+    # Host-placed states step as their gradients arrive, overlapping backward (prepare's
+    # overlap_host_step): the host step is priced as what backward cannot hide.
+    overlap_host_step: bool = False
 
 
 @dataclass
@@ -342,6 +345,8 @@ def make_plan(
         problem = build_problem(
             profile, fused_loss=fused, always_store_ops=options.always_store_ops
         )
+    if options.overlap_host_step:
+        problem = replace(problem, overlap_host_step=True)
     result = _solve(problem, hardware, options)
     if not result.feasible or result.evaluation is None:
         raise _infeasible(problem, hardware, options)

@@ -83,6 +83,9 @@ class PlanProblem:
     optimizer: str = ""
     micro_batch: int = 1
     seq: int = 0
+    # The host optimizer steps each layer as its gradients arrive, during the rest of backward
+    # (memtrain.offload.optimizer, overlap=True): only what backward cannot hide is a tail.
+    overlap_host_step: bool = False
 
     def runs(self) -> list[tuple[int, int]]:
         """Maximal runs ``[start, end)`` of consecutive layers with equal signatures."""

@@ -173,8 +173,8 @@ def prepare(
     spec names its own (``adamw:weight_decay=0.05``).
 
     ``overlap_host_step``: optimizer states the plan puts on the host step in a worker thread as
-    their gradients arrive, overlapping backward (one backward per step, no global clipping; the
-    plan still prices the host step after backward).
+    their gradients arrive, overlapping backward (one backward per step, no global clipping); the
+    plan prices only the part of the host step backward cannot hide.
 
     ``step_in_backward``: the caller steps the optimizer inside backward
     (:func:`memtrain.optim.register_step_in_backward`), so the plan counts no resident
@@ -231,6 +231,7 @@ def prepare(
                 allow_param_offload=state_offload and build_optimizer,
                 streamed_kinds=STREAMED_KINDS,
                 step_in_backward=step_in_backward,
+                overlap_host_step=overlap_host_step,
             ),
             gpu_budget_fraction=gpu_budget_fraction,
         )

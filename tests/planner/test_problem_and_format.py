@@ -157,3 +157,26 @@ def test_plan_lists_every_gpu_moment_and_its_peak_is_the_largest(profile):
     top = max(moments, key=lambda m: m[1])
     assert top[1] == plan.predicted["peak_bytes"]["gpu"]
     assert top[0] == plan.predicted["peak_at"]["gpu"]
+
+
+def test_an_overlapped_host_step_is_priced_as_what_backward_cannot_hide():
+    """With states on the host the step after backward is a tail of its whole length; stepping
+    as gradients arrive leaves only what exceeds backward, and never less than the first
+    layer's step (its gradients arrive last)."""
+    from dataclasses import replace
+
+    from memtrain.planner.evaluate import LayerDecision, evaluate
+    from tests.planner.helpers import GB, block, machine, problem
+
+    layers = [block(f"block.{i}", params=4 * GB, bwd=0.2) for i in range(4)]
+    hardware = replace(machine(gpu=1000 * GB), cpu_optimizer_bandwidth=100 * GB)
+    decisions = [LayerDecision({"gpu": 1.0}, {"gpu": 1.0}, states="opt:cpu") for _ in layers]
+    step_of_one = (2 * 8 + 4 + 2 * 4) * GB / (100 * GB)  # states, grads, params: 0.28 s
+    after = evaluate(problem(layers), hardware, decisions)
+    overlapped = evaluate(replace(problem(layers), overlap_host_step=True), hardware, decisions)
+    assert after.optimizer_tail_s == pytest.approx(4 * step_of_one)
+    # 1.12 s of host steps, 0.8 s of backward to hide them in; at least the first layer's
+    assert overlapped.optimizer_tail_s == pytest.approx(max(4 * step_of_one - 0.8, step_of_one))
+    slow = replace(hardware, cpu_optimizer_bandwidth=10 * GB)
+    long = evaluate(replace(problem(layers), overlap_host_step=True), slow, decisions)
+    assert long.optimizer_tail_s == pytest.approx(4 * 10 * step_of_one - 0.8)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from memtrain.planner import PlanOptions
+from memtrain.planner.costmodel import STREAMED_KINDS
 from memtrain.planner.distributed import Parallelism
 from memtrain.planner.pipeline import PlanRequest, plan_model
 from memtrain.planner.report import print_plan
@@ -27,7 +28,11 @@ def dry_run_plan(section, console, step_in_backward: bool = False) -> dict[str, 
         optimizers=(optimizer,),
         dtype=section.dtype,
         hardware=section.hardware_request(),
-        options=PlanOptions(step_in_backward=step_in_backward),
+        # one GPU: what memtrain's executor runs (it streams blocks' weights); several: ZeRO-3
+        options=PlanOptions(
+            step_in_backward=step_in_backward,
+            streamed_kinds=STREAMED_KINDS if parallelism.is_single else None,
+        ),
         parallelism=parallelism,
     )
     with console.status(f"dry run: profiling {section.model} at {section.seq:,} tokens"):

@@ -23,6 +23,7 @@ Examples:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -127,7 +128,7 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", required=True, help="KIND@PRESET@TOKENS ...")
     p.add_argument("--gpu-cap-gib", type=float, help="allocate at most this (79.2: an H100)")
     p.add_argument("--overrides", nargs="*", default=[], help="KEY=JSON config overrides")
-    p.add_argument("--one", action="store_true", help=argparse_hidden())
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     overrides = _parse_overrides(args.overrides)
     if args.one:
@@ -151,12 +152,6 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "traceback"}, default=str))
         if "traceback" in row:
             print(row["traceback"])
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def resolve(
 
 
 def _tile_mlp(handle: Any, modules: list[nn.Module], chunks: int, checkpoint_each=False) -> None:
-    for mlp in (token_local_module(m) for m in modules if token_local_module(m) is not None):
+    for mlp in filter(None, map(token_local_module, modules)):
         handle.replace_forward(mlp, _chunked(mlp.forward, chunks, handle.engine, checkpoint_each))
 
 

@@ -127,9 +127,8 @@ class ParameterStreamer:
     def install(self, in_backward) -> None:
         """Hook every streamed layer (``in_backward()`` tells a recompute from a forward)."""
         for layer in self.layers:
-            for module in self.modules[layer.name][:1]:
-                self._hooks.append(module.register_forward_pre_hook(self._pre(layer, in_backward)))
-            last = self.modules[layer.name][-1]
+            first, last = self.modules[layer.name][0], self.modules[layer.name][-1]
+            self._hooks.append(first.register_forward_pre_hook(self._pre(layer, in_backward)))
             self._hooks.append(last.register_forward_hook(self._post(layer, in_backward)))
 
     def _pre(self, layer: _Layer, in_backward):

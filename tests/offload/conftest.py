@@ -56,6 +56,14 @@ def train(model: torch.nn.Module, ids: torch.Tensor, steps: int = STEPS, after_s
     return trace
 
 
+def padded_step(model: torch.nn.Module, ids, mask, labels):
+    """One backward on a padded batch: the loss and every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+
 def assert_identical(a: Trace, b: Trace) -> None:
     """Bit-for-bit equality (pure moves of bytes)."""
     for la, lb in zip(a.losses, b.losses, strict=True):

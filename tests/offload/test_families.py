@@ -10,7 +10,7 @@ import torch
 from memtrain.models.blocks import block_capabilities
 from memtrain.offload import LayerPolicy, OffloadPolicy, apply
 from tests.families import FAMILIES, family_ids, family_model
-from tests.offload.conftest import assert_close, train
+from tests.offload.conftest import assert_close, padded_step, train
 
 REL = 1e-5
 POOL = {"cpu": 8 << 20}
@@ -62,16 +62,10 @@ def test_padded_batches_match(family, mode):
     labels[0, 5] = -100  # predicted from a padding position, whose attention sees no key: each
     # kernel fills such rows its own way (zeros here and in SDPA, a uniform mix in eager)
 
-    def step(model):
-        model.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
-
-    want, want_grads = step(family_model(family))
+    want, want_grads = padded_step(family_model(family), ids, mask, labels)
     model = family_model(family)
     with apply(model, _policy(POLICIES[mode]), host_pool_bytes=POOL):
-        got, got_grads = step(model)
+        got, got_grads = padded_step(model, ids, mask, labels)
     assert abs(got - want) <= REL * abs(want)
     for a, b in zip(got_grads, want_grads, strict=True):
         assert (a - b).abs().max() <= REL * b.abs().max() + 1e-12

@@ -10,7 +10,15 @@ import torch
 from memtrain.errors import MemtrainError
 from memtrain.offload import LayerPolicy, OffloadPolicy, apply
 from memtrain.offload.memo import chunk_ranges
-from tests.offload.conftest import SEQ, TINY, assert_close, batch, make_model, train
+from tests.offload.conftest import (
+    SEQ,
+    TINY,
+    assert_close,
+    batch,
+    make_model,
+    padded_step,
+    train,
+)
 
 REL = 1e-5  # fp32: slicing a matmul's rows changes summation order, never more than this
 POOL = {"cpu": 8 << 20}
@@ -154,16 +162,10 @@ def test_tokenwise_with_padding_masks_is_exact(family):
     mask[0, :3] = 0
     labels = ids.masked_fill(mask == 0, -100)
 
-    def step(model):
-        model.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
-
-    want, want_grads = step(make_model(family))
+    want, want_grads = padded_step(make_model(family), ids, mask, labels)
     model = make_model(family)
     with apply(model, OffloadPolicy(_blocks(lambda: LayerPolicy(keep=0.5, recompute=0.5)))):
-        got, got_grads = step(model)
+        got, got_grads = padded_step(model, ids, mask, labels)
     assert abs(got - want) <= 1e-5 * abs(want)
     for a, b in zip(got_grads, want_grads, strict=True):
         assert (a - b).norm() <= 1e-5 * b.norm() + 1e-12

@@ -56,6 +56,27 @@ def train(model: torch.nn.Module, ids: torch.Tensor, steps: int = STEPS, after_s
     return trace
 
 
+def dry_profile(values: dict, seq: int, optimizer: str):
+    """The config of ``values`` (a tiny_config dict) and its dry-run profile for the CPU, bf16,
+    profiled from a config.json as the command line does."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from memtrain.profile import profile_causal_lm
+
+    with tempfile.TemporaryDirectory() as folder:
+        values = dict(values)
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+        config.save_pretrained(folder)
+        profile = profile_causal_lm(
+            str(Path(folder, "config.json")), seq=seq, dtype="bf16", device="meta",
+            target="cpu", optimizer=optimizer,
+        )  # fmt: skip
+    return config, profile
+
+
 def padded_step(model: torch.nn.Module, ids, mask, labels):
     """One backward on a padded batch: the loss and every parameter's gradient."""
     model.zero_grad(set_to_none=True)

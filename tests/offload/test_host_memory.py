@@ -10,8 +10,6 @@ dry (meta model) against the executor's sizing.
 from __future__ import annotations
 
 import mmap
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +26,7 @@ from memtrain.planner import hostmem
 from memtrain.planner.evaluate import LayerDecision, evaluate, keep_all
 from memtrain.planner.plan import _layer_entry
 from memtrain.planner.problem import build_problem
-from memtrain.profile import profile_causal_lm
+from tests.offload.conftest import dry_profile
 from tests.tiny_models import tiny_config
 
 TOLERANCE = 0.05
@@ -49,17 +47,7 @@ BLOCKS = [
 
 
 def _profile():
-    with tempfile.TemporaryDirectory() as folder:
-        from transformers import AutoConfig
-
-        values = dict(CONFIG)
-        config = AutoConfig.for_model(values.pop("model_type"), **values)
-        config.save_pretrained(folder)
-        profile = profile_causal_lm(
-            str(Path(folder, "config.json")), seq=SEQ, dtype="bf16", device="meta",
-            target="cpu", optimizer="adamw",
-        )  # fmt: skip
-    return config, profile
+    return dry_profile(CONFIG, SEQ, "adamw")
 
 
 def test_the_executor_sizes_pools_as_the_planner_predicts(monkeypatch):

@@ -13,8 +13,6 @@ more than 30% either (a useless plan wastes memory).
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,9 +26,9 @@ from memtrain.offload import apply
 from memtrain.planner.evaluate import LayerDecision, evaluate, keep_all
 from memtrain.planner.plan import _layer_entry
 from memtrain.planner.problem import build_problem
-from memtrain.profile import profile_causal_lm
 from memtrain.profile.scopes import Clock, LayerScopes, TrackedMemory
 from memtrain.profile.tracker import OpTracker
+from tests.offload.conftest import dry_profile
 from tests.tiny_models import tiny_config
 
 UNDER = 0.05  # a measured block moment may exceed its prediction by at most this share
@@ -60,16 +58,7 @@ PATTERNS: dict[str, list[dict[str, Any]]] = {
 
 
 def compare(pattern: str, seq: int, chunks: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as folder:
-        from transformers import AutoConfig
-
-        values = dict(CONFIG)
-        config = AutoConfig.for_model(values.pop("model_type"), **values)
-        config.save_pretrained(folder)
-        profile = profile_causal_lm(
-            str(Path(folder, "config.json")), seq=seq, dtype="bf16", device="meta",
-            target="cpu", optimizer="sgd",
-        )  # fmt: skip
+    config, profile = dry_profile(CONFIG, seq, "sgd")
     problem = build_problem(profile, fused_loss=True, always_store_ops=("flash",))
     hardware = load_hardware("h100-sxm-80g", cpu="1TiB")  # moments only: no capacity binds
     blocks = iter(LayerDecision(**d) for d in PATTERNS[pattern])

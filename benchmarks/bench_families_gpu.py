@@ -11,7 +11,8 @@ and compile caches start clean):
             hardware="h100-sxm-80g"), then loss.backward() and prepared.optimizer.step();
             nothing set beforehand (prepare handles the allocator)
 
-bf16, batch 1, random tokens, AdamW lr 1e-5. Each row: peak torch.cuda.max_memory_allocated
+bf16, batch 1, random tokens, AdamW lr 1e-5 (--optimizer another spec, built by memtrain.optim for
+both kinds). Each row: peak torch.cuda.max_memory_allocated
 over the last step, step time and tokens/s; memtrain rows add the plan's predicted GPU peak and
 step time, and the activation modes the plan installed. --overrides KEY=VALUE change the preset
 (for example dropout off: attention with dropout runs only whole-layer modes).
@@ -47,7 +48,13 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return values
 
 
-def run_one(spec: str, cap_gib: float | None, overrides: dict[str, Any]) -> dict[str, Any]:
+def run_one(
+    spec: str,
+    cap_gib: float | None,
+    overrides: dict[str, Any],
+    optimizer_spec: str = "adamw",
+    cpu: str | None = None,
+) -> dict[str, Any]:
     """One run in this process; returns its row."""
     kind, preset, tokens = spec.split("@")
     seq = int(tokens)
@@ -56,6 +63,7 @@ def run_one(spec: str, cap_gib: float | None, overrides: dict[str, Any]) -> dict
     import memtrain
     from memtrain.kernels import patch_causal_lm_loss
     from memtrain.models import build_causal_lm, load_config
+    from memtrain.optim import build_optimizer
 
     row: dict[str, Any] = {"run": spec, "kind": kind, "model": preset, "seq": seq}
     row.update(cap_gpu_memory(cap_gib))
@@ -63,6 +71,7 @@ def run_one(spec: str, cap_gib: float | None, overrides: dict[str, Any]) -> dict
     for key, value in overrides.items():
         setattr(config, key, value)
     row["overrides"] = overrides
+    row["optimizer"] = optimizer_spec
     model = build_causal_lm(config, "bf16", "cuda")
     model.train()
     prepared = None
@@ -71,10 +80,20 @@ def run_one(spec: str, cap_gib: float | None, overrides: dict[str, Any]) -> dict
             model.config.use_cache = False
             model.gradient_checkpointing_enable({"use_reentrant": False})
             patch_causal_lm_loss(model)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+            if optimizer_spec == "adamw":
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+            else:
+                optimizer = build_optimizer(model, optimizer_spec, lr=1e-5)
         else:
             started = time.perf_counter()
-            prepared = memtrain.prepare(model, seq=seq, hardware="h100-sxm-80g", lr=1e-5)
+            prepared = memtrain.prepare(
+                model,
+                seq=seq,
+                hardware="h100-sxm-80g",
+                lr=1e-5,
+                optimizer=optimizer_spec,
+                cpu=cpu,
+            )
             row["prepare_s"] = round(time.perf_counter() - started, 1)
             optimizer = prepared.optimizer
             predicted = prepared.plan.predicted
@@ -128,11 +147,14 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", required=True, help="KIND@PRESET@TOKENS ...")
     p.add_argument("--gpu-cap-gib", type=float, help="allocate at most this (79.2: an H100)")
     p.add_argument("--overrides", nargs="*", default=[], help="KEY=JSON config overrides")
+    p.add_argument("--optimizer", default="adamw", help="optimizer spec, e.g. adamw8bit")
+    p.add_argument("--cpu", help="memtrain runs: host memory to plan for, e.g. 100GiB")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     overrides = _parse_overrides(args.overrides)
     if args.one:
-        print(json.dumps(run_one(args.runs[0], args.gpu_cap_gib, overrides), default=str))
+        row = run_one(args.runs[0], args.gpu_cap_gib, overrides, args.optimizer, args.cpu)
+        print(json.dumps(row, default=str))
         return
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -143,11 +165,13 @@ def main() -> None:
             command += ["--gpu-cap-gib", str(args.gpu_cap_gib)]
         if args.overrides:
             command += ["--overrides", *args.overrides]
+        command += ["--optimizer", args.optimizer] + (["--cpu", args.cpu] if args.cpu else [])
         done = subprocess.run(command, capture_output=True, text=True)
         sys.stderr.write(done.stderr[-3000:])
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         row = json.loads(lines[-1]) if lines else {"run": spec, "status": f"exit {done.returncode}"}
         key = spec + ("|" + ",".join(args.overrides) if args.overrides else "")
+        key += "" if args.optimizer == "adamw" else f"|{args.optimizer}"
         results.write(key, **row)
         print(json.dumps({k: v for k, v in row.items() if k != "traceback"}, default=str))
         if "traceback" in row:

@@ -7,7 +7,10 @@ import argparse
 import json
 
 NAME = "calibrate"
-HELP = "measure host memory, NUMA/CXL nodes, NVMe and (with CUDA) the host link; write YAML"
+HELP = (
+    "measure host memory, NUMA/CXL nodes, NVMe and (with CUDA) the host link and compute "
+    "rates; write YAML"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-optimizer", action="store_true", help="skip timing the CPU AdamW step"
     )
+    parser.add_argument(
+        "--no-compute",
+        action="store_true",
+        help="skip timing the GPU's matrix product, attention and copy (keep preset figures)",
+    )
     parser.add_argument("--out", default="hardware.yaml", help="YAML to write")
     parser.add_argument("--json", action="store_true", help="print the model as JSON")
 
@@ -45,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         test_bytes=args.test_size,
         cpu=args.cpu,
         measure_optimizer=not args.no_optimizer,
+        measure_compute=not args.no_compute,
     )
     model.save_yaml(args.out)
     if args.json:

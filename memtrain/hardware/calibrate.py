@@ -3,8 +3,10 @@
 Measured where possible: NUMA nodes and their memory (``/sys/devices/system/node``; a node with
 memory and no CPUs is CXL memory), available host memory, sequential read and write rates of a
 file at the NVMe path (bounded size, page cache bypassed where the file system allows), the CPU
-optimizer step rate, and, with CUDA, GPU memory and the host link (pinned each way, both ways at
-once, pageable). Everything not measured comes from the device preset and is named in ``notes``.
+optimizer step rate, and, with CUDA, GPU memory, the host link (pinned each way, both ways at
+once, pageable) and the compute rates dry runs price time with (a large bf16 matrix product,
+fused causal attention, a device copy: :mod:`memtrain.hardware.compute_rates`). Everything not
+measured comes from the device preset and is named in ``notes``.
 """
 
 from __future__ import annotations
@@ -260,6 +262,29 @@ def host_link_rates(size: int = 512 * MiB, repeats: int = 5) -> LinkRates:  # pr
     return LinkRates(h2d, d2h, duplex, slow)
 
 
+def measured_device(spec: DeviceSpec, device) -> DeviceSpec:
+    """``spec`` with the matrix-product rate, attention's share of it and the copy bandwidth
+    measured on ``device`` (what the profiler turns FLOPs and bytes into time with)."""
+    from memtrain.hardware.compute_rates import measure_compute_rates
+
+    rates = measure_compute_rates(device, small=device.type != "cuda")
+    return replace(
+        spec,
+        achievable_bf16_flops=rates.matmul,
+        attention_efficiency=rates.attention_efficiency,
+        achievable_hbm_bandwidth=rates.copy,
+    )
+
+
+def _compute_note(spec: DeviceSpec) -> str:
+    return (
+        f"compute measured: matrix product {spec.achievable_bf16_flops / 1e12:.0f} TFLOP/s, "
+        f"causal attention {spec.attention_rate(2) / 1e12:.0f} TFLOP/s "
+        f"({spec.attention_efficiency:.2f} of it), device copy "
+        f"{spec.achievable_hbm_bandwidth / 1e9:.0f} GB/s"
+    )
+
+
 def detect_device() -> DeviceSpec | None:
     """The preset matching the CUDA device here, or None without CUDA."""
     try:
@@ -286,6 +311,7 @@ def calibrate(
     cpu: str | int | None = None,
     node_root: str | Path = NODE_ROOT,
     measure_optimizer: bool = True,
+    measure_compute: bool = True,
 ) -> HardwareModel:
     """A hardware model of this machine: measured where possible, preset figures elsewhere."""
     notes: list[str] = []
@@ -339,6 +365,11 @@ def calibrate(
             f"{link.device_to_host / 1e9:.1f} GB/s down, {link.duplex / 1e9:.1f} GB/s both, "
             f"{link.pageable / 1e9:.1f} GB/s pageable"
         )
+        if measure_compute:
+            model = replace(model, device=measured_device(model.device, torch.device("cuda")))
+            notes.append(_compute_note(model.device))
+        else:
+            notes.append("compute rates: preset figures (not measured)")
     else:
         notes.append("host link: preset figures (no CUDA device measured)")
     if cxl_nodes:

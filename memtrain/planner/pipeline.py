@@ -166,7 +166,7 @@ def _profile(
             dtype=request.dtype,
             optimizer=optimizer,
             device="meta",
-            target=hardware.device.name,
+            target=hardware.device,
         )
     return _meta_twin_profile(model, request.seq, batch, optimizer, hardware)
 

@@ -476,7 +476,7 @@ def profile_causal_lm(
     dtype: str = "bf16",
     optimizer: str | OptimizerSpec = "adamw",
     device: str = "meta",
-    target: str | None = None,
+    target: str | DeviceSpec | None = None,
     attn_implementation: str = "auto",
     seed: int = 0,
     layers: Sequence[str] | None = None,
@@ -506,7 +506,8 @@ def profile_causal_lm(
         )
     spec = parse_optimizer_spec(optimizer)
     dry = device == "meta"
-    semantics = "cpu" if (target == "cpu" if dry else device == "cpu") else "cuda"
+    target_name = target.name if isinstance(target, DeviceSpec) else target
+    semantics = "cpu" if (target_name == "cpu" if dry else device == "cpu") else "cuda"
 
     def make_inputs(length: int, on: str) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)

@@ -9,7 +9,9 @@ and compile caches start clean):
             segments on (PYTORCH_CUDA_ALLOC_CONF)
   memtrain  exactly what the README shows: prepared = memtrain.prepare(model, seq=TOKENS,
             hardware="h100-sxm-80g"), then loss.backward() and prepared.optimizer.step();
-            nothing set beforehand (prepare handles the allocator)
+            nothing set beforehand (prepare handles the allocator); --hardware plans with
+            another preset or a `memtrain calibrate` YAML (predicted step times on measured
+            rates)
 
 bf16, batch 1, random tokens, AdamW lr 1e-5 (--optimizer another spec, built by memtrain.optim for
 both kinds). Each row: peak torch.cuda.max_memory_allocated
@@ -54,6 +56,7 @@ def run_one(
     overrides: dict[str, Any],
     optimizer_spec: str = "adamw",
     cpu: str | None = None,
+    hardware: str = "h100-sxm-80g",
 ) -> dict[str, Any]:
     """One run in this process; returns its row."""
     kind, preset, tokens = spec.split("@")
@@ -89,7 +92,7 @@ def run_one(
             prepared = memtrain.prepare(
                 model,
                 seq=seq,
-                hardware="h100-sxm-80g",
+                hardware=hardware,
                 lr=1e-5,
                 optimizer=optimizer_spec,
                 cpu=cpu,
@@ -149,11 +152,18 @@ def main() -> None:
     p.add_argument("--overrides", nargs="*", default=[], help="KEY=JSON config overrides")
     p.add_argument("--optimizer", default="adamw", help="optimizer spec, e.g. adamw8bit")
     p.add_argument("--cpu", help="memtrain runs: host memory to plan for, e.g. 100GiB")
+    p.add_argument(
+        "--hardware",
+        default="h100-sxm-80g",
+        help="memtrain runs: device preset or a `memtrain calibrate` YAML",
+    )
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     overrides = _parse_overrides(args.overrides)
     if args.one:
-        row = run_one(args.runs[0], args.gpu_cap_gib, overrides, args.optimizer, args.cpu)
+        row = run_one(
+            args.runs[0], args.gpu_cap_gib, overrides, args.optimizer, args.cpu, args.hardware
+        )
         print(json.dumps(row, default=str))
         return
     if not torch.cuda.is_available():
@@ -165,13 +175,15 @@ def main() -> None:
             command += ["--gpu-cap-gib", str(args.gpu_cap_gib)]
         if args.overrides:
             command += ["--overrides", *args.overrides]
-        command += ["--optimizer", args.optimizer] + (["--cpu", args.cpu] if args.cpu else [])
+        command += ["--optimizer", args.optimizer, "--hardware", args.hardware]
+        command += ["--cpu", args.cpu] if args.cpu else []
         done = subprocess.run(command, capture_output=True, text=True)
         sys.stderr.write(done.stderr[-3000:])
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         row = json.loads(lines[-1]) if lines else {"run": spec, "status": f"exit {done.returncode}"}
         key = spec + ("|" + ",".join(args.overrides) if args.overrides else "")
         key += "" if args.optimizer == "adamw" else f"|{args.optimizer}"
+        key += "" if args.hardware == "h100-sxm-80g" else "|calibrated"
         results.write(key, **row)
         print(json.dumps({k: v for k, v in row.items() if k != "traceback"}, default=str))
         if "traceback" in row:

@@ -27,6 +27,7 @@ from memtrain.optim.lowrank import (
     projection_side,
     subspace_size,
 )
+from memtrain.optim.quant8 import BLOCK as QUANT_BLOCK
 from memtrain.optim.quant8 import quantized_bytes
 
 # shape, dtype, options -> bytes
@@ -222,28 +223,198 @@ def galore_transient(shape: tuple[int, ...], dtype: torch.dtype, options: dict[s
     between refreshes the low-rank gradient, denominator and normalised update (3 low-rank
     matrices). The first step always refreshes, so the larger of the two is the bound.
     """
+    if int(options.get("bits", 32)) == 8:
+        return galore8_transient(shape, dtype, options)
+    elem = dtype.itemsize
+    if not _projected(shape, options):
+        return math.prod(shape) * elem
+    rank, side = _galore_side(shape, options)
+    between = 3 * math.prod(low_rank_shape(shape, rank, side)) * elem
+    return max(between, _galore_refresh(shape, dtype, options))
+
+
+def _galore_refresh(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """A GaLore projection refresh alone (shared by Natural GaLore and FRUGAL's svd subspace):
+    the gradient's float32 copy plus the subspace iteration's buffers, or a full SVD."""
+    numel = math.prod(shape)
+    m, n = shape
+    rank = effective_rank(shape, _galore_side(shape, options)[0])
+    copy = 0 if dtype == torch.float32 else numel * FLOAT32_BYTES
+    if options.get("proj_method", "iter") == "svd":
+        k = min(m, n)
+        return copy + FLOAT32_BYTES * (m * k + k * n + k)
+    extra = max(0, min(int(options.get("proj_oversample", 0)), min(m, n) - rank))
+    width = rank + extra
+    unit = (m + n) * width * FLOAT32_BYTES
+    # The copy's products hold two (m + n) x l blocks (three with extra columns: the
+    # Rayleigh-Ritz step), the orthonormalisation up to 4.5 (5) of them; ``l x l`` Gram and
+    # Cholesky factors on top. Bounds every case the tests measure, cold and warm.
+    refresh = max(copy + (3 if extra else 2) * unit, int((5 if extra else 4.5) * unit))
+    return refresh + 2 * width * width * FLOAT32_BYTES
+
+
+def _blocks_padded(numel: int) -> int:
+    return -(-numel // QUANT_BLOCK) * QUANT_BLOCK
+
+
+def quant_roundtrip_transient(numel: int) -> int:
+    """Bytes above the new 8-bit states while :mod:`memtrain.optim.moments` dequantises both
+    moments, updates them and re-quantises them (``numel`` values, ``N`` padded to whole blocks).
+
+    Peak: re-quantising the second moment, with both float32 moments alive as views of padded
+    dequantised blocks (``2 x 4N``), the first moment's new codes (``n``), the clamped second
+    moment (``4n``), its padded blocks (``4N``), the scaled blocks (``4N``), ``bucketize``'s int64
+    indices (``8N``) and their uint8 cast (``N``): ``25N + 5n``, less the ``2n`` of new codes.
+    """
+    padded = _blocks_padded(numel)
+    return 25 * padded + 3 * numel
+
+
+def _float_copy(numel: int, dtype: torch.dtype) -> int:
+    """``grad.float()``: a float32 copy unless the gradient already is float32."""
+    return 0 if dtype == torch.float32 else numel * FLOAT32_BYTES
+
+
+def adamw8bit_transient(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """AdamW8bit: the gradient's float32 copy plus the 8-bit moments' round trip (the float32
+    update made afterwards reuses the dequantised first moment, so never adds to the peak)."""
+    numel = math.prod(shape)
+    return _float_copy(numel, dtype) + quant_roundtrip_transient(numel)
+
+
+def galore8_transient(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """GaLoreAdamW with ``bits=8``: dense, the 8-bit AdamW step (:func:`adamw8bit_transient`);
+    projected, the larger of a refresh (as with 32-bit moments) and an ordinary step: the
+    low-rank gradient, its float32 copy and the round trip of its 8-bit moments."""
+    numel = math.prod(shape)
+    if not _projected(shape, options):
+        return _float_copy(numel, dtype) + quant_roundtrip_transient(numel)
+    rank, side = _galore_side(shape, options)
+    low = math.prod(low_rank_shape(shape, rank, side))
+    between = low * dtype.itemsize + _float_copy(low, dtype) + quant_roundtrip_transient(low)
+    return max(between, _galore_refresh(shape, dtype, options))
+
+
+def apollo_transient(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """APOLLO / APOLLO-Mini (no refresh work: the projection is re-drawn from its seed each step).
+
+    Peak: the scaled full-size gradient ``grad * ratio`` while the projection (``r x n`` or
+    ``m x r``, in the gradient's dtype), the low-rank gradient, the low-rank Adam update and the
+    per-channel ratio (channel scaling only) are alive. Dense parameters: GaLoreAdamW's AdamW.
+    """
     elem = dtype.itemsize
     numel = math.prod(shape)
     if not _projected(shape, options):
         return numel * elem
-    m, n = shape
     rank, side = _galore_side(shape, options)
-    rank = effective_rank(shape, rank)
-    between = 3 * math.prod(low_rank_shape(shape, rank, side)) * elem
-    copy = 0 if dtype == torch.float32 else numel * FLOAT32_BYTES
-    if options.get("proj_method", "iter") == "svd":
-        k = min(m, n)
-        refresh = copy + FLOAT32_BYTES * (m * k + k * n + k)
+    low_shape = low_rank_shape(shape, rank, side)
+    proj = math.prod(projection_shape(shape, rank, side))
+    channel = options.get("scale_type", "channel") == "channel"
+    ratio = (low_shape[0] if side == "right" else low_shape[1]) if channel else 0
+    return (numel + proj + 2 * math.prod(low_shape) + ratio) * elem
+
+
+def apollo_mini_transient(
+    shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]
+) -> int:
+    return apollo_transient(shape, dtype, {**APOLLO_MINI_DEFAULTS, **options})
+
+
+def natural_galore_transient(
+    shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]
+) -> int:
+    """Natural GaLore: the larger of a refresh (GaLore's) and an ordinary step.
+
+    Ordinary step, larger of: the Woodbury solve (the low-rank gradient ``L``; for low-precision
+    weights float32 copies of ``L`` and of the ``f = min(history, update_proj_gap)`` filled
+    history rows; two float32 ``L``-size temporaries, ``h^T c`` and ``g - h^T c``; the ``f x f``
+    Gram matrix) and the Adam step (``L``, the natural gradient, ``sqrt(v)`` and ``sqrt(v)+eps``).
+    """
+    numel = math.prod(shape)
+    elem = dtype.itemsize
+    if not _projected(shape, options):
+        return numel * elem
+    rank, side = _galore_side(shape, options)
+    low = math.prod(low_rank_shape(shape, rank, side))
+    work = 8 if dtype == torch.float64 else FLOAT32_BYTES
+    history = int(options.get("history", NATURAL_GALORE_DEFAULTS["history"]))
+    filled = min(history, int(options.get("update_proj_gap", GALORE_DEFAULTS["update_proj_gap"])))
+    copies = 0 if dtype in (torch.float32, torch.float64) else (1 + filled) * low * work
+    solve = low * elem + copies + 2 * low * work + 2 * (filled * filled + filled) * work
+    adam = 4 * low * elem
+    return max(solve, adam, _galore_refresh(shape, dtype, options))
+
+
+def cosmos_transient(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """COSMOS (no separate refresh: the basis takes one QR step every step).
+
+    Peak: inside Newton-Schulz, in the statistics' dtype (``m >= n``): the SOAP update, the
+    residual, the iterate, ``(b G + c G^2) Y``, ``a Y`` and their sum (six ``m x n``), one
+    ``n x n`` Gram matrix, ``G U``, ``G U'``, ``M U'`` and the Adam denominator (four ``m x r``),
+    the new basis (``n x r``) and an ``r x r`` rotation; plus float32 copies of the gradient and
+    first moment for low-precision weights. Without Newton-Schulz steps, three ``m x n``.
+    """
+    numel = math.prod(shape)
+    if not _projected(shape, options):
+        return numel * dtype.itemsize
+    m, n = max(shape), min(shape)
+    r = effective_rank(shape, int(options.get("rank", COSMOS_RANK)))
+    work = 8 if dtype == torch.float64 else FLOAT32_BYTES
+    copies = 0 if dtype in (torch.float32, torch.float64) else 2 * numel * work
+    full = 6 if int(options.get("ns_steps", 5)) > 0 else 3
+    return copies + work * (full * m * n + n * n + 4 * m * r + n * r + r * r)
+
+
+def frugal_transient(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """FRUGAL: the larger of a subspace refresh and an ordinary step.
+
+    Ordinary step: projections (svd/random) hold the low-rank gradient, the residual and its
+    signSGD/SGD direction (two full-size); coordinates (columns/blocks) the full free direction,
+    the gathered columns (none for a band of rows: a view) and two subspace-size Adam
+    temporaries. The Adam step on the subspace (``s`` values) adds up to three ``s``-size
+    temporaries, or, with ``bits=8``, a float32 copy plus the 8-bit round trip. Refresh: the
+    subspace iteration (svd, bounded as GaLore's) or the random basis' QR (random), plus moving
+    the moments into the new subspace (float32 copies and results, old projection kept).
+    """
+    elem = dtype.itemsize
+    numel = math.prod(shape)
+    eight = int(options.get("bits", 32)) == 8
+    if not _projected(shape, options):
+        if eight:
+            return _float_copy(numel, dtype) + quant_roundtrip_transient(numel)
+        return 2 * numel * elem
+    group = dict(FRUGAL_DEFAULTS)
+    group.update({k: v for k, v in options.items() if k in ("density", "rank", "proj_type")})
+    if "rank" in options:
+        group["density"] = None
+    size = subspace_size(shape, group)
+    kind = group["proj_type"]
+    if kind == "columns":
+        sub, gathered = shape[0] * size, shape[0] * size
+    elif kind == "blocks":
+        sub, gathered = size * shape[1], 0
     else:
-        extra = max(0, min(int(options.get("proj_oversample", 0)), min(m, n) - rank))
-        width = rank + extra
-        unit = (m + n) * width * FLOAT32_BYTES
-        # The copy's products hold two (m + n) x l blocks (three with extra columns: the
-        # Rayleigh-Ritz step), the orthonormalisation up to 4.5 (5) of them; ``l x l`` Gram and
-        # Cholesky factors on top. Bounds every case the tests measure, cold and warm.
-        refresh = max(copy + (3 if extra else 2) * unit, int((5 if extra else 4.5) * unit))
-        refresh += 2 * width * width * FLOAT32_BYTES
-    return max(between, refresh)
+        side = projection_side(shape, "std")
+        sub = math.prod(low_rank_shape(shape, size, side))
+    if eight:
+        # plus one float32 ``s``-size margin: FRUGAL's ``sq.sqrt()`` is not in place
+        adam = (sub + _float_copy(sub, dtype) // elem) * elem + quant_roundtrip_transient(sub)
+        adam += sub * FLOAT32_BYTES
+    else:
+        adam = 3 * sub * elem
+    transfer = 4 * sub * FLOAT32_BYTES + 2 * sub * elem
+    if kind in ("columns", "blocks"):
+        between = numel * elem + max(gathered * elem + 2 * sub * elem, adam)
+        return max(between, transfer + 2 * size * size * FLOAT32_BYTES)
+    side = projection_side(shape, "std")
+    proj = math.prod(projection_shape(shape, size, side))
+    between = max(sub * elem + 2 * numel * elem, adam)
+    if kind == "random":
+        basis = 3 * proj * FLOAT32_BYTES
+    else:
+        basis = _galore_refresh(shape, dtype, {**options, "rank": size, "proj_type": "std"})
+    moved = proj * elem + 2 * proj * FLOAT32_BYTES + transfer + 2 * size * size * FLOAT32_BYTES
+    return max(between, basis, moved)
 
 
 @dataclass(frozen=True)
@@ -268,12 +439,14 @@ OPTIMIZERS: dict[str, OptimizerMemory] = {
     "galore": _GALORE,
     "galore-adamw": _GALORE,
     "galore-adafactor": OptimizerMemory(galore_adafactor_state, projects=True),
-    "frugal": OptimizerMemory(frugal_state, projects=True),
-    "adamw8bit": OptimizerMemory(adamw8bit_state),
-    "apollo": OptimizerMemory(apollo_state, projects=True),
-    "apollo-mini": OptimizerMemory(apollo_mini_state, projects=True),
-    "natural-galore": OptimizerMemory(natural_galore_state, projects=True),
-    "cosmos": OptimizerMemory(cosmos_state, projects=True),
+    "frugal": OptimizerMemory(frugal_state, frugal_transient, projects=True),
+    "adamw8bit": OptimizerMemory(adamw8bit_state, adamw8bit_transient),
+    "apollo": OptimizerMemory(apollo_state, apollo_transient, projects=True),
+    "apollo-mini": OptimizerMemory(apollo_mini_state, apollo_mini_transient, projects=True),
+    "natural-galore": OptimizerMemory(
+        natural_galore_state, natural_galore_transient, projects=True
+    ),
+    "cosmos": OptimizerMemory(cosmos_state, cosmos_transient, projects=True),
 }
 
 

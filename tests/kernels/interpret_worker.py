@@ -4,8 +4,10 @@ Started in a subprocess by ``test_lce_triton_interpreter.py`` with ``TRITON_INTE
 variable must be set before Triton is imported, so it cannot share the test process). Prints one
 JSON object: case name -> relative errors against a float64 reference and the allowed tolerance.
 With the argument ``preskip`` (``test_lce_skip_bound.py``) it runs the filtered backward with
-and without the forward's bound instead (see :func:`preskip_main`); with ``offsets``
-(``test_lce_offsets.py``) it checks the kernels' 64-bit offsets (see :func:`offsets_main`).
+and without the forward's bound instead (see :func:`preskip_main`); with ``smoothing``
+(``test_lce_filter_smoothing.py``) the same with label smoothing (:func:`smoothing_main`);
+with ``offsets`` (``test_lce_offsets.py``) it checks the kernels' 64-bit offsets (see
+:func:`offsets_main`).
 """
 
 from __future__ import annotations
@@ -93,6 +95,19 @@ PRESKIP_CASES = {
     "fp32_peaked_zloss_softcap_bias": (2e-5, 0.5),
 }
 
+# The filtered backward with label smoothing (its uniform term in closed form): name ->
+# (tolerance against float64, least share of blocks the filter must skip).
+SMOOTHING_CASES = {
+    "fp32_peaked_ls01_mean": (2e-5, 0.3),
+    "fp32_peaked_ls03_bias_sum": (2e-5, 0.3),
+    "fp32_peaked_ls01_zloss_bias_none": (2e-5, 0.3),
+    "fp32_peaked_ls03_zloss_ignore_index_mean": (2e-5, 0.3),
+    "fp32_random_mid_eps_ls03_zloss_sum": (2e-5, 0.05),
+    "fp32_tiny_eps_ls01_bias_zloss": (2e-5, 0.0),
+    "bf16_peaked_ls01_bias_mean": (2e-2, 0.3),
+    "fp16_peaked_ls03_zloss_bias_sum": (1e-2, 0.3),
+}
+
 
 @contextlib.contextmanager
 def _set(module, name: str, value):
@@ -162,10 +177,14 @@ def _blocks(torch, probs, labels, block_m, block_v):
             yield rows, c, hit, top
 
 
-def _block_dropping_reference(torch, hidden, weight, labels, block_m, block_v, z_loss=0.0):
+def _block_dropping_reference(
+    torch, hidden, weight, labels, block_m, block_v, z_loss=0.0, smoothing=0.0
+):
     """An eps that drops some target-free blocks and keeps others, and float64 gradients with
     the filter's rule applied by hand (reduction='sum'). With the z-loss the rule compares each
-    probability times ``|1 + 2c * lse|`` (its share of the logits gradient) with eps."""
+    probability times ``|1 + 2c * lse|`` (its share of the logits gradient) with eps. Label
+    smoothing's uniform term ``-smoothing / V`` is never dropped (the filter leaves it out of
+    the blocks and adds it in closed form)."""
     logits64 = hidden.double() @ weight.double().t()
     probs = torch.softmax(logits64, -1)
     probs = probs * (1.0 + 2.0 * z_loss * torch.logsumexp(logits64, -1, keepdim=True)).abs()
@@ -181,13 +200,18 @@ def _block_dropping_reference(torch, hidden, weight, labels, block_m, block_v, z
         lse = torch.logsumexp(z, -1)
         valid = labels != -100
         safe = labels.clamp(min=0)
-        loss = ((lse - z.gather(1, safe[:, None]).squeeze(1) + z_loss * lse**2) * valid).sum()
+        ce = lse - z.gather(1, safe[:, None]).squeeze(1)
+        smooth = lse - z.mean(-1)
+        row = (1.0 - smoothing) * ce + smoothing * smooth + z_loss * lse**2
+        loss = (row * valid).sum()
         dz = torch.softmax(z, -1).detach() * (1.0 + 2.0 * z_loss * lse.detach())[:, None]
-        dz[torch.arange(len(labels)), safe] -= 1.0
-        dz *= (valid.double() * upstream)[:, None]
+        dz[torch.arange(len(labels)), safe] -= 1.0 - smoothing
+        scale = (valid.double() * upstream)[:, None]
+        dz *= scale
         for rows, c, hit, top in _blocks(torch, probs, labels, block_m, block_v):
             if not hit and top < eps:
                 dz[rows, c : c + block_v] = 0.0
+        dz -= scale * (smoothing / z.shape[1])
         return loss, (dz @ w.detach(), dz.t() @ h.detach())
 
     return eps, run
@@ -243,13 +267,15 @@ def _cublas_cases(torch, lce, ref_fn, run):
     }
 
 
-def _peaked(torch, n, v, d, dtype, seed, scale, ignore_frac=0.15):
+def _peaked(torch, n, v, d, dtype, seed, scale, ignore_frac=0.15, label_range=None):
     """hidden = scale * W[target] + noise with unit rows of W: each row's softmax is peaked on
-    its target, with a log-sum-exp near ``scale`` (as a trained head's, at large D)."""
+    its target, with a log-sum-exp near ``scale`` (as a trained head's, at large D). Targets
+    are drawn from ``[0, label_range)`` (default the vocabulary): a narrow range leaves most
+    vocabulary blocks target-free on a small vocabulary."""
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(v, d, generator=g)
     weight /= weight.norm(dim=1, keepdim=True)
-    labels = torch.randint(0, v, (n,), generator=g)
+    labels = torch.randint(0, label_range or v, (n,), generator=g)
     hidden = scale * weight[labels] + 0.3 * torch.randn(n, d, generator=g)
     labels[torch.rand(n, generator=g) < ignore_frac] = -100
     labels[0] = 1
@@ -377,6 +403,79 @@ def preskip_main() -> int:
     )  # fmt: skip
     out = {}
     for name, (tol, share) in PRESKIP_CASES.items():
+        out[name] = dict(run[name], tol=tol, min_share=share)
+    json.dump(out, sys.stdout)
+    return 0
+
+
+def smoothing_main() -> int:
+    """The filtered backward with label smoothing against float64 (torch's own smoothed
+    cross-entropy, or the filter's rule applied by hand), with the forward's bound on and off:
+    bias, ignored rows (also under another ``ignore_index``), z-loss, all three reductions and
+    the three dtypes, several row blocks and vocabulary chunks."""
+    import torch
+
+    from memtrain.kernels import linear_cross_entropy as lce
+    from memtrain.kernels import reference_linear_cross_entropy as ref_fn
+    from memtrain.kernels.cross_entropy.triton_function import candidate_configs
+
+    torch.manual_seed(0)
+    cfg = candidate_configs(torch.float32)[0]
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    many = {"workspace_bytes": 1}
+    run = {}
+
+    def case(name, *args, **kwargs):
+        run[name] = _preskip_compare(torch, lce, ref_fn, *args, **kwargs)
+
+    def peaked(dtype, seed, scale=60.0):  # 3 row blocks x 19 vocabulary blocks, targets in 2
+        return _peaked(torch, 40, 600, 16, dtype, seed, scale=scale, label_range=64)
+
+    case("fp32_peaked_ls01_mean", *peaked(f32, 51), label_smoothing=0.1, **many)
+    case(
+        "fp32_peaked_ls03_bias_sum", *peaked(f32, 52), bias=torch.randn(600) * 0.5,
+        label_smoothing=0.3, reduction="sum",
+    )  # fmt: skip
+    h, w, y = peaked(f32, 53)
+    upstream = torch.randn(40, dtype=torch.float64)
+    upstream[20:30] = 0.0  # valid targets without gradient
+    case(
+        "fp32_peaked_ls01_zloss_bias_none", h, w, y, bias=torch.randn(600) * 0.5,
+        label_smoothing=0.1, z_loss=1e-2, reduction="none", upstream=upstream, **many,
+    )  # fmt: skip
+    h, w, y = peaked(f32, 54)
+    y[y == -100] = 600 + 7  # another ignore_index, outside the vocabulary
+    case(
+        "fp32_peaked_ls03_zloss_ignore_index_mean", h, w, y, ignore_index=607,
+        label_smoothing=0.3, z_loss=1e-2,
+    )  # fmt: skip
+    # Flat softmaxes, an eps that makes the filter drop target-free blocks whose probabilities
+    # are not negligible: the smoothing term must still reach every logit.
+    h, w, y = _inputs(torch, 45, 300, 16, f32, 55)
+    eps, dropping = _block_dropping_reference(
+        torch, h, w, y, cfg["BLOCK_M"], cfg["BLOCK_V"], z_loss=0.2, smoothing=0.3
+    )
+    case(
+        "fp32_random_mid_eps_ls03_zloss_sum", h, w, y, grad_filter_eps=eps, reduction="sum",
+        label_smoothing=0.3, z_loss=0.2, ref_override=dropping, **many,
+    )  # fmt: skip
+    h, w, y = _inputs(torch, 35, 100, 16, f32, 56)
+    case(
+        "fp32_tiny_eps_ls01_bias_zloss", h, w, y, bias=torch.randn(100), grad_filter_eps=1e-30,
+        label_smoothing=0.1, z_loss=0.05, **many,
+    )  # fmt: skip
+    h, w, y = peaked(bf16, 57, scale=40.0)
+    case(
+        "bf16_peaked_ls01_bias_mean", h, w, y, bias=torch.randn(600).to(bf16),
+        label_smoothing=0.1, **many,
+    )  # fmt: skip
+    h, w, y = peaked(f16, 58, scale=40.0)
+    case(
+        "fp16_peaked_ls03_zloss_bias_sum", h, w, y, bias=torch.randn(600).to(f16),
+        label_smoothing=0.3, z_loss=1e-2, reduction="sum",
+    )  # fmt: skip
+    out = {}
+    for name, (tol, share) in SMOOTHING_CASES.items():
         out[name] = dict(run[name], tol=tol, min_share=share)
     json.dump(out, sys.stdout)
     return 0
@@ -586,5 +685,10 @@ def uninitialised_main() -> int:
 
 if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "1"
-    modes = {"preskip": preskip_main, "offsets": offsets_main, "uninitialised": uninitialised_main}
+    modes = {
+        "preskip": preskip_main,
+        "smoothing": smoothing_main,
+        "offsets": offsets_main,
+        "uninitialised": uninitialised_main,
+    }
     sys.exit(modes[sys.argv[1]]() if sys.argv[1:] else main())

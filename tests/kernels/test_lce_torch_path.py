@@ -136,10 +136,32 @@ def test_zloss_is_the_squared_log_normaliser():
     assert torch.allclose(with_z - base, 0.25 * (lse[valid] ** 2).mean(), rtol=1e-12)
 
 
-def test_filter_with_label_smoothing_is_refused():
+def test_filter_with_label_smoothing_and_softcap_is_refused():
+    """Smoothing's uniform gradient share has a closed form only without a softcap (whose tanh
+    derivative differs per logit): that combination is refused in one line, on every path."""
     hidden, weight, labels, _ = make(8, 20, 4, torch.float32, seed=0)
-    with pytest.raises(MemtrainError, match="grad_filter=True cannot be combined"):
-        linear_cross_entropy(hidden, weight, labels, label_smoothing=0.1, grad_filter=True)
+    for impl in ("auto", "torch"):
+        with pytest.raises(
+            MemtrainError, match="cannot combine label_smoothing > 0 with softcap"
+        ) as err:
+            linear_cross_entropy(
+                hidden, weight, labels, label_smoothing=0.1, softcap=5.0, grad_filter=True,
+                impl=impl,
+            )  # fmt: skip
+        assert "\n" not in str(err.value) and "tanh derivative" in str(err.value)
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.3])
+def test_filter_with_label_smoothing_runs_exact_on_torch_path(smoothing):
+    """grad_filter=True now accepts label smoothing; the torch path ignores the filter."""
+    hidden, weight, labels, bias = make(37, 101, 24, torch.float32, seed=5, bias=True)
+    opts = {"label_smoothing": smoothing, "z_loss": 0.05, "reduction": "sum"}
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = linear_cross_entropy(*leaves[:2], labels, bias=leaves[2], impl="torch",
+                               grad_filter=True, **opts)  # fmt: skip
+    ref = linear_cross_entropy(*(t.detach().double() for t in leaves[:2]), labels,
+                               bias=bias.double(), impl="torch", **opts)  # fmt: skip
+    assert rel(out, ref) < TOL[torch.float32]
 
 
 def test_leading_dims_and_shift_match_reference():

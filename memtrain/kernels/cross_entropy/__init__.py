@@ -165,9 +165,12 @@ def linear_cross_entropy(
     ``grad_filter=True`` lets the Triton backward skip blocks of the logits gradient in which
     no target lies and every softmax probability (times ``1 + 2 * z_loss * lse`` with the
     z-loss) is below ``grad_filter_eps`` (default :func:`default_filter_eps`): faster on peaked
-    softmaxes, not exact. It is off by default and refused with label smoothing (which puts
-    ``label_smoothing / V`` into every entry, so no block is negligible); the torch path is
-    always exact.
+    softmaxes, not exact. It is off by default; the torch path is always exact. Label smoothing
+    works with it: its uniform share ``-label_smoothing / V`` of every logit's gradient is added
+    in closed form (through the column sums of the weight, the row sums of the hidden states
+    and the bias), so the filter only judges the rest, negligible in the same blocks as without
+    smoothing. Smoothing with both the filter and ``softcap`` is refused (the softcap's
+    derivative makes that share differ per logit).
     ``impl`` picks the implementation:
 
     - "cublas": the four large products (forward logits, recomputed logits, dH = G·W,
@@ -190,10 +193,11 @@ def linear_cross_entropy(
     V=256000), see docs/benchmarks.md.
     """
     _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss, softcap, impl)
-    if grad_filter and label_smoothing > 0.0:
+    if grad_filter and label_smoothing > 0.0 and softcap is not None:
         raise MemtrainError(
-            "grad_filter=True cannot be combined with label_smoothing > 0: smoothing puts "
-            "label_smoothing / V into every logit's gradient, so no block is negligible"
+            "grad_filter=True cannot combine label_smoothing > 0 with softcap: the softcap's "
+            "tanh derivative makes smoothing's label_smoothing / V share differ per logit, so "
+            "it has no closed form and no block is negligible"
         )
     runnable = triton_available(hidden.device) and hidden.dtype in _TRITON_DTYPES
     filtering = grad_filter

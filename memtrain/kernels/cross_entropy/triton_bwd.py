@@ -12,8 +12,10 @@ comes from the tensor-descriptor kernel of ``triton_tma`` when it measures faste
 With the gradient filter on, the kernel also marks each ``BLOCK_M x BLOCK_V`` block that holds
 neither a live target nor a softmax probability of at least ``eps`` (rows without gradient do
 not count); such blocks count as zero, and the block-sparse products of ``triton_sparse`` skip
-them, which saves most of the matrix work when the softmax is peaked. Without the filter the
-products go to the vendor BLAS and nothing is skipped.
+them, which saves most of the matrix work when the softmax is peaked. Label smoothing's uniform
+term ``-g * smoothing / V`` (in every logit, so it would keep every block) is left out of the
+blocks and added in closed form instead (:func:`_uniform_smoothing`; not with a softcap). Without
+the filter the products go to the vendor BLAS and nothing is skipped.
 
 Recomputing a block's logits only to find it negligible costs a quarter of the matrix work.
 So the filtered forward also records the largest logit of each cell of its tiles (a grid that
@@ -258,11 +260,14 @@ def launch_grad_logits(
     filter_eps: float | None,
     keep: torch.Tensor | None = None,
     z_loss: float = 0.0,
+    uniform: bool = True,
 ) -> None:
     """Write the logits gradient of ``rows x cols`` into ``dz`` (and block marks into flags).
 
     ``keep`` (from :func:`preskip_keep` for this config's block shape) lets the blocks it marks
-    0 skip their recomputation; chunks start at multiples of the block shape.
+    0 skip their recomputation; chunks start at multiples of the block shape. ``uniform=False``
+    leaves out label smoothing's uniform term ``-g * smoothing / V`` (the filtered backward adds
+    it in closed form, see :func:`_uniform_smoothing`).
     """
     (r0, r1), (c0, c1) = rows, cols
     block_m, block_v, block_d = config["BLOCK_M"], config["BLOCK_V"], config["BLOCK_D"]
@@ -274,7 +279,8 @@ def launch_grad_logits(
         hidden.stride(0), weight.stride(0), dz.stride(0), flags.stride(0),
         r0 // block_m, c0 // block_v, keep.stride(0) if keep is not None else 0,
         float(softcap) if softcap is not None else 1.0,
-        float(smoothing), 1.0 / weight.shape[0], float(z_loss), float(filter_eps or 0.0),
+        float(smoothing), 1.0 / weight.shape[0] if uniform else 0.0, float(z_loss),
+        float(filter_eps or 0.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         FILTER=filter_eps is not None, PRESKIP=keep is not None,
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, EVEN_D=dim % block_d == 0,
@@ -336,10 +342,17 @@ def backward_grads(
     )
     stats = (hidden, weight, bias, targets, lse, grad_rows, dz, flags)
     options = (softcap, smoothing, filter_eps)
+    # Label smoothing's uniform term is added in closed form below, not through the blocks.
+    share, hidden_shift, weight_shift, bias_shift = _uniform_smoothing(
+        hidden, weight, grad_rows, smoothing, softcap, needs
+    )
     keep_for = _keep_lookup(bound, vocab, lse, targets, grad_rows, filter_eps, z_loss)
     first = ((0, min(rows_per_block, n_rows)), (0, min(cols_per_chunk, vocab)))
+    uniform = share is None
     config = pick_config(
-        lambda cfg: launch_grad_logits(cfg, *stats, *first, *options, keep_for(cfg), z_loss)
+        lambda cfg: launch_grad_logits(
+            cfg, *stats, *first, *options, keep_for(cfg), z_loss, uniform
+        )
     )
     keep = keep_for(config)
     counts = {"tiles": 0, "pre_skipped": 0, "skipped": 0}
@@ -361,7 +374,7 @@ def backward_grads(
             acc.zero_()
         for c0 in range(0, vocab, cols_per_chunk):
             c1 = min(c0 + cols_per_chunk, vocab)
-            launch_grad_logits(config, *stats, (r0, r1), (c0, c1), *options, keep, z_loss)
+            launch_grad_logits(config, *stats, (r0, r1), (c0, c1), *options, keep, z_loss, uniform)
             chunk = dz[:nr, : c1 - c0]
             if need_b:
                 grad_bias[c0:c1] += chunk.sum(0, dtype=torch.float32)
@@ -370,10 +383,15 @@ def backward_grads(
             sparse_products(
                 chunk, flags, hidden[r0:r1], weight[c0:c1], acc,
                 grad_weight[c0:c1] if need_w else None, r0 > 0, config,
+                weight_shift if r0 == 0 else None,
             )  # fmt: skip
+        if hidden_shift is not None:
+            acc.addr_(share[r0:r1], hidden_shift)
         if need_h and not in_place:
             undo_grad_scale(inv_scale, acc)
             grad_hidden[r0:r1] = acc
+    if bias_shift is not None:
+        grad_bias += bias_shift
     undo_grad_scale(inv_scale, grad_weight, grad_bias)
     if need_b:
         grad_bias = grad_bias.to(bias.dtype)
@@ -382,6 +400,46 @@ def backward_grads(
         FILTER_STATS.clear()
         FILTER_STATS.update(counts)
     return grad_hidden, grad_weight, grad_bias
+
+
+def _uniform_smoothing(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    grad_rows: torch.Tensor,
+    smoothing: float,
+    softcap: float | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Label smoothing's uniform term of the logits gradient, ``-g_t * smoothing / V`` at every
+    logit, in closed form (all float32, ``grad_rows`` already scaled like the rest):
+
+    - dH_t += share_t * sum_v W_v, with ``share_t = -g_t * smoothing / V``;
+    - dW_v += sum_t share_t * H_t (one D-vector, the same for every row v);
+    - dbias_v += sum_t share_t.
+
+    Returns ``(share, hidden_shift, weight_shift, bias_shift)`` (Nones for the gradients not
+    needed; all None without smoothing). The filter then only sees ``g * (p - (1 - smoothing)
+    * onehot)``, negligible in the same blocks as without smoothing (targets are always kept).
+    A softcap scales each logit's gradient by its own tanh derivative, so the term is not
+    uniform there: the caller refuses that combination.
+    """
+    if smoothing <= 0.0:
+        return None, None, None, None
+    if softcap is not None:
+        raise ValueError("the filtered backward has no closed form for smoothing with a softcap")
+    need_h, need_w, need_b = needs
+    n_rows, dim = hidden.shape
+    share = grad_rows.float() * (-smoothing / weight.shape[0])
+    hidden_shift = weight.sum(0, dtype=torch.float32) if need_h else None
+    weight_shift = None
+    if need_w:
+        weight_shift = torch.zeros(dim, dtype=torch.float32, device=hidden.device)
+        step = max(1, (1 << 22) // max(dim, 1))  # float32 copies of at most 16 MiB of rows
+        for r0 in range(0, n_rows, step):
+            rows = slice(r0, min(r0 + step, n_rows))
+            weight_shift.addmv_(hidden[rows].t().float(), share[rows])
+    bias_shift = share.sum() if need_b else None
+    return share, hidden_shift, weight_shift, bias_shift
 
 
 def _exact_grads(

@@ -93,8 +93,10 @@ def _sparse_dz_hidden_kernel(
     stride_flags,
     stride_order_row,
     stride_order_col,
+    shift_ptr,
     FLAG_SPAN: tl.constexpr,
     ACCUMULATE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -102,7 +104,8 @@ def _sparse_dz_hidden_kernel(
 ):
     """``out[chunk] (+)= dZ.T @ H[rows]`` over the marked blocks of each vocabulary block only.
 
-    ``order[v]`` lists vocabulary block ``v``'s row blocks, kept ones (flag 0) first.
+    ``order[v]`` lists vocabulary block ``v``'s row blocks, kept ones (flag 0) first. With
+    ``HAS_SHIFT`` the float32 ``[dim]`` row at ``shift_ptr`` is added to every output row too.
     """
     pid_v = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -135,6 +138,8 @@ def _sparse_dz_hidden_kernel(
         acc = tl.dot(tl.trans(a), b, acc)
     out_ptrs = out_ptr + grid_offsets(cols, offs_d, stride_out)
     out_mask = col_mask[:, None] & d_mask[None, :]
+    if HAS_SHIFT:
+        acc += tl.load(shift_ptr + offs_d, mask=d_mask, other=0.0)[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -149,9 +154,13 @@ def sparse_products(
     grad_weight_cols: torch.Tensor | None,
     accumulate: bool,
     config: dict,
+    weight_shift: torch.Tensor | None = None,
 ) -> None:
     """``acc += chunk @ weight_cols`` and ``grad_weight_cols (+)= chunk.T @ hidden_rows`` over
-    the blocks that ``flags`` marks as kept (0); skipped blocks (1) are never read."""
+    the blocks that ``flags`` marks as kept (0); skipped blocks (1) are never read.
+
+    ``weight_shift`` (float32 ``[dim]``) is added to every row of ``grad_weight_cols`` in the
+    same float32 sum, before the one rounding to its dtype."""
     nr, nc = chunk.shape
     dim = hidden_rows.shape[1]
     block_m, block_v = config["BLOCK_M"], config["BLOCK_V"]
@@ -179,7 +188,9 @@ def sparse_products(
         _sparse_dz_hidden_kernel[grid](
             chunk, hidden_rows, grad_weight_cols, live, order, nr, nc, dim,
             chunk.stride(0), hidden_rows.stride(0), grad_weight_cols.stride(0), live.stride(0),
-            order.stride(0), order.stride(1), FLAG_SPAN=span,
-            ACCUMULATE=accumulate, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d,
+            order.stride(0), order.stride(1),
+            weight_shift if weight_shift is not None else live, FLAG_SPAN=span,
+            ACCUMULATE=accumulate, HAS_SHIFT=weight_shift is not None,
+            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d,
             UPCAST=upcast, num_warps=warps, num_stages=stages,
         )  # fmt: skip

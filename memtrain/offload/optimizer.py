@@ -11,11 +11,12 @@ plain host memory (cpu), in a pool bound to the CXL NUMA node (cxl), or in files
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,39 +28,238 @@ HOST_PLACES = ("cpu", "cxl", "nvme")
 _GPU_ONLY_OPTIONS = ("fused", "capturable", "differentiable")
 
 
-class _NvmeStates:
-    """Optimizer state tensors written to files after each step and read back before the next."""
+# Layers whose optimizer states are in host memory at once when they live on NVMe: the next
+# one being read, the current one stepping, the previous one being written back
+# (memtrain.planner.hostmem.NVME_STATE_WINDOW).
+NVME_WINDOW = 3
+_FAR = 1 << 40  # position of a parameter that belongs to no layer: adjacent to none
 
-    def __init__(self, path: str | Path) -> None:
+
+class _NvmeStates:
+    """Optimizer states in files between steps, streamed through host memory one layer at a time.
+
+    States are grouped by layer (``groups``: master indices; ``positions``: each group's layer
+    index in the model's layer order). A group's files are read into host memory in a small
+    thread pool ahead of its step and written back behind it, then dropped (their tensors
+    replaced by empty ones). Groups resident in host memory (being read, stepping or being
+    written) always lie within ``NVME_WINDOW`` consecutive layers of the model, the window the
+    planner charges (memtrain.planner.hostmem.nvme_state_window); reads wait for older writes to
+    finish to keep it. Only the thread that steps (the training thread, or the overlapped
+    host-step worker) calls these methods; the pool only moves bytes.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        optimizer: torch.optim.Optimizer,
+        masters: list[torch.Tensor],
+        groups: list[list[int]],
+        positions: list[int],
+    ) -> None:
         from memtrain.offload.nvme import check_path
 
         root = check_path(path)
         self.directory = root / f"memtrain-optim-{os.getpid()}-{id(self):x}"
         self.directory.mkdir()
+        self.optimizer = optimizer
+        self.masters = masters
+        self.groups = groups
+        self.positions = positions
+        self.group_of = {i: g for g, members in enumerate(groups) for i in members}
         self.shapes: dict[tuple[int, str], tuple[torch.Size, torch.dtype]] = {}
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="memtrain-optim-io")
+        self.loaded: list[int] = []  # groups installed in the optimizer's state, oldest first
+        self.reads: dict[int, Future] = {}
+        self.writes: dict[int, Future] = {}  # insertion order: oldest first
+        self._bytes: dict[int, int] = {}  # host bytes of each resident group
+        self._lock = threading.Lock()
+        self.resident_bytes = 0
+        self.peak_bytes = 0  # most state bytes in host memory at once (reset_peak() clears)
+        self.peak_groups = 0
 
     def _file(self, index: int, key: str) -> Path:
         return self.directory / f"{index}-{key}.bin"
 
-    def store(self, optimizer: torch.optim.Optimizer, masters: list[torch.Tensor]) -> None:
-        for index, master in enumerate(masters):
-            state = optimizer.state.get(master, {})
+    # -- accounting ---------------------------------------------------------------------------
+
+    def _account(self, group: int, nbytes: int) -> None:
+        with self._lock:
+            self._bytes[group] = self._bytes.get(group, 0) + nbytes
+            if self._bytes[group] == 0:
+                del self._bytes[group]
+            self.resident_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
+            self.peak_groups = max(self.peak_groups, len(self._bytes))
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak_bytes = self.resident_bytes
+            self.peak_groups = len(self._bytes)
+
+    def _resident(self) -> set[int]:
+        return set(self.loaded) | set(self.reads) | set(self.writes)
+
+    def _fits(self, groups: set[int]) -> bool:
+        if len(groups) <= 1:
+            return True
+        where = [self.positions[g] for g in groups]
+        return max(where) - min(where) < NVME_WINDOW
+
+    def _settle(self, group: int) -> bool:
+        """Wait for the oldest writes until ``group`` may join the resident groups; False if
+        groups being read or stepped keep it out."""
+        for done in [g for g, f in self.writes.items() if f.done()]:
+            self.writes.pop(done).result()
+        while not self._fits(self._resident() | {group}) and self.writes:
+            oldest = next(iter(self.writes))
+            self.writes.pop(oldest).result()
+        return self._fits(self._resident() | {group})
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def _members(self, group: int) -> list[tuple[int, str, torch.Size, torch.dtype]]:
+        return [
+            (index, key, shape, dtype)
+            for index in self.groups[group]
+            for (i, key), (shape, dtype) in self.shapes.items()
+            if i == index
+        ]
+
+    def _read(self, group: int, members: list) -> dict[tuple[int, str], torch.Tensor]:
+        out = {}
+        for index, key, shape, dtype in members:
+            path = self._file(index, key)
+            tensor = torch.empty(shape, dtype=dtype)
+            expected = tensor.numel() * tensor.element_size()
+            view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+            try:
+                with open(path, "rb", buffering=0) as handle:
+                    size = os.fstat(handle.fileno()).st_size
+                    got = 0
+                    while got < expected and size == expected:
+                        n = handle.readinto(view[got:])
+                        if not n:
+                            break
+                        got += n
+            except OSError as error:
+                raise MemtrainError(
+                    f"optimizer state file {path} cannot be read back: {error.strerror}"
+                ) from None
+            if size != expected or got != expected:
+                raise MemtrainError(
+                    f"optimizer state file {path} is {size} bytes, not {expected}: "
+                    "damaged or truncated; resume from a checkpoint"
+                )
+            out[(index, key)] = tensor
+        return out
+
+    def prefetch(self, group: int) -> None:
+        """Start reading ``group``'s states if it fits the window beside the resident ones."""
+        if group in self._resident() or not self._settle(group):
+            return
+        members = self._members(group)
+        if not members:
+            return
+        nbytes = sum(shape.numel() * dtype.itemsize for *_, shape, dtype in members)
+        self._account(group, nbytes)
+        self.reads[group] = self.pool.submit(self._read, group, members)
+
+    def acquire(self, group: int) -> None:
+        """``group``'s states in the optimizer, read now if no prefetch has read them."""
+        if group in self.loaded:
+            return
+        if group in self.writes:  # written back too early (evicted): its file must be whole
+            self.writes.pop(group).result()
+        while group not in self.reads and not self._settle(group):
+            # groups being stepped stand in the way (overlapped steps of interleaved layers):
+            # write the oldest back, or take a read that is under way
+            stepped = [g for g in self.loaded if not self._fits({g, group})]
+            if stepped:
+                self.release(stepped[0])
+            else:
+                read = next(g for g in self.reads if not self._fits({g, group}))
+                self._install(read)
+                self.release(read)
+        if group not in self.reads:
+            self.prefetch(group)
+        if group in self.reads:
+            self._install(group)
+        else:  # nothing on disk yet (first step): the optimizer creates the states
+            self.loaded.append(group)
+
+    def _install(self, group: int) -> None:
+        tensors = self.reads.pop(group).result()
+        for (index, key), tensor in tensors.items():
+            self.optimizer.state[self.masters[index]][key] = tensor
+        self.loaded.append(group)
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def _write(self, group: int, tensors: list[tuple[Path, torch.Tensor]], nbytes: int) -> None:
+        try:
+            for path, tensor in tensors:
+                raw = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    done = 0
+                    while done < len(raw):
+                        done += os.pwrite(fd, raw[done:], done)
+                finally:
+                    os.close(fd)
+        except OSError as error:
+            raise MemtrainError(
+                f"optimizer state file {path} cannot be written: {error.strerror}"
+            ) from None
+        finally:
+            tensors.clear()
+            self._account(group, -nbytes)
+
+    def release(self, group: int) -> None:
+        """Write ``group``'s states back behind the step and drop them from host memory."""
+        if group in self.loaded:
+            self.loaded.remove(group)
+        tensors, held = [], self._bytes.get(group, 0)
+        for index in self.groups[group]:
+            state = self.optimizer.state.get(self.masters[index], {})
             for key, value in list(state.items()):
                 if isinstance(value, torch.Tensor) and value.numel() > 1:
-                    value.contiguous().view(-1).view(torch.uint8).numpy().tofile(
-                        self._file(index, key)
-                    )
+                    tensors.append((self._file(index, key), value.contiguous()))
                     self.shapes[(index, key)] = (value.shape, value.dtype)
                     state[key] = torch.empty(0, dtype=value.dtype)
+        nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
+        if nbytes > held:  # created by this step (the first): count them until written
+            self._account(group, nbytes - held)
+        elif held > nbytes:
+            self._account(group, nbytes - held)
+        if tensors:
+            self.writes[group] = self.pool.submit(self._write, group, tensors, nbytes)
 
-    def load(self, optimizer: torch.optim.Optimizer, masters: list[torch.Tensor]) -> None:
-        for (index, key), (shape, dtype) in self.shapes.items():
-            path = self._file(index, key)
-            expected = shape.numel() * dtype.itemsize
-            if path.stat().st_size != expected:
-                raise MemtrainError(f"optimizer state file {path} is not {expected} bytes")
-            raw = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
-            optimizer.state[masters[index]][key] = raw.view(dtype).view(shape)
+    def finish(self) -> None:
+        """Write back every group still in host memory and wait for all I/O (errors raise)."""
+        errors = []
+        for group in list(self.reads):
+            try:
+                self._install(group)
+            except MemtrainError as error:
+                errors.append(error)
+        for group in list(self.loaded):
+            self.release(group)
+        for group in list(self.writes):
+            try:
+                self.writes.pop(group).result()
+            except MemtrainError as error:
+                errors.append(error)
+        if errors:
+            raise errors[0]
+
+    def read_all(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Every master's states on disk, read back one layer at a time (checkpoints)."""
+        self.finish()
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        for group in range(len(self.groups)):
+            for (index, key), tensor in self._read(group, self._members(group)).items():
+                out.setdefault(index, {})[key] = tensor
+        return out
 
     def files(self) -> list[Path]:
         return sorted(self.directory.glob("*.bin"))
@@ -67,7 +267,34 @@ class _NvmeStates:
     def close(self) -> None:
         import shutil
 
+        try:
+            self.finish()
+        except MemtrainError:
+            pass
+        self.pool.shutdown(wait=True)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _step_subset(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], group_of: dict[int, int]
+) -> None:
+    """Step ``params`` alone, each with the settings of its own group (step_one's trick)."""
+    if len(params) == 1:
+        step_one(optimizer, params[0], group_of[id(params[0])])
+        return
+    views = []
+    for index, group in enumerate(optimizer.param_groups):
+        mine = [p for p in params if group_of[id(p)] == index]
+        if mine:
+            view = dict(group)
+            view["params"] = mine
+            views.append(view)
+    groups = optimizer.param_groups
+    optimizer.param_groups = views
+    try:
+        optimizer.step()
+    finally:
+        optimizer.param_groups = groups
 
 
 def host_options(optimizer_cls: type[torch.optim.Optimizer], options: dict[str, Any]) -> dict:
@@ -103,8 +330,12 @@ class OffloadedOptimizer:
         nvme_path: str | None = None,
         cxl_node: int | None = None,
         overlap: bool = False,
+        layers: Mapping[nn.Parameter, str] | None = None,
         **options: Any,
     ) -> None:
+        """``layers``: each parameter's layer name, in the model's layer order (NVMe states
+        stream through host memory a layer at a time; a parameter without one is its own
+        group). memtrain.offload.optimizer.offload_optimizer passes the plan's layers."""
         self.device_params = [p for p, place in placements.items() if place == "gpu"]
         self.host_params = [p for p, place in placements.items() if place != "gpu"]
         places = {placements[p] for p in self.host_params}
@@ -126,6 +357,13 @@ class OffloadedOptimizer:
             master.grad = torch.zeros(param.shape, dtype=torch.float32, pin_memory=pin)
             self.masters.append(master)
         self.host_optimizer = optimizer_cls(self.masters, **cpu_options) if self.masters else None
+        self._group_of = (
+            {id(m): i for i, g in enumerate(self.host_optimizer.param_groups) for m in g["params"]}
+            if self.host_optimizer is not None
+            else {}
+        )
+        self.layer_groups, self._positions = _layer_groups(self.host_params, layers)
+        self._stepped = [0] * len(self.layer_groups)
         self._has_grad = [False] * len(self.masters)
         self._in_flight: list[tuple[Any, torch.Tensor]] = []
         self._stream = None
@@ -136,27 +374,24 @@ class OffloadedOptimizer:
         self.overlap = overlap and self.host_optimizer is not None
         self._worker: ThreadPoolExecutor | None = None
         self._steps: list[Future] = []
+        if self.overlap and self.place == "cxl":
+            raise MemtrainError(
+                "an overlapped host step keeps optimizer states in host memory (cpu) or streams "
+                "them from NVMe; these are planned on cxl: re-plan, or turn overlap off"
+            )
+        self.nvme: _NvmeStates | None = None
+        if self.place == "nvme" and self.masters:
+            if not nvme_path:
+                raise MemtrainError("optimizer states on NVMe need a path; set the plan's nvme")
+            self.nvme = _NvmeStates(
+                nvme_path, self.host_optimizer, self.masters, self.layer_groups, self._positions
+            )
         if self.overlap:
-            if self.place != "cpu":
-                raise MemtrainError(
-                    "an overlapped host step keeps optimizer states in host memory (cpu); "
-                    f"these are planned on {self.place}: re-plan, or turn overlap off"
-                )
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="memtrain-host-step")
-            self._group_of = {
-                id(m): i
-                for i, g in enumerate(self.host_optimizer.param_groups)
-                for m in g["params"]
-            }
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._grad_hook(i))
             for i, p in enumerate(self.host_params)
         ]
-        self.nvme = None
-        if self.place == "nvme" and self.masters:
-            if not nvme_path:
-                raise MemtrainError("optimizer states on NVMe need a path; set the plan's nvme")
-            self.nvme = _NvmeStates(nvme_path)
         self.cxl_node = cxl_node
         self.cxl_pool: HostPool | None = None
         if self.place == "cxl" and self.masters:
@@ -207,7 +442,20 @@ class OffloadedOptimizer:
         if event is not None:
             event.synchronize()
         master = self.masters[index]
+        if self.nvme is None:
+            step_one(self.host_optimizer, master, self._group_of[id(master)])
+            return
+        # NVMe states: this layer's are read now unless a prefetch has read them, the layer
+        # before it (next in backward) is read ahead, and the layer is written back behind
+        # once all its parameters have stepped.
+        group = self.nvme.group_of[index]
+        self.nvme.acquire(group)
+        if group > 0:
+            self.nvme.prefetch(group - 1)
         step_one(self.host_optimizer, master, self._group_of[id(master)])
+        self._stepped[group] += 1
+        if self._stepped[group] == len(self.layer_groups[group]):
+            self.nvme.release(group)
 
     def _finish_overlapped(self) -> None:
         """Wait for every overlapped host step (their errors raise here)."""
@@ -223,26 +471,55 @@ class OffloadedOptimizer:
         if self.overlap:
             self._finish_overlapped()
             self._in_flight.clear()
+            if self.nvme is not None:
+                self._stepped = [0] * len(self.layer_groups)
+                self.nvme.finish()
             self._write_back()
             self._has_grad = [False] * len(self.masters)  # each step takes one backward
             return
         for event, _ in self._in_flight:
             event.synchronize()
         self._in_flight.clear()
+        if self.nvme is not None:
+            self._step_streamed()
+            self._write_back()
+            return
         # Parameters that got no gradient are skipped, as a plain optimizer skips grad=None.
         idle = [(m, m.grad) for m, has in zip(self.masters, self._has_grad, strict=True) if not has]
         for master, _ in idle:
             master.grad = None
-        if self.nvme is not None:
-            self.nvme.load(self.host_optimizer, self.masters)
         self.host_optimizer.step()
         for master, buffer in idle:
             master.grad = buffer
         if self.place == "cxl":
             self._states_to_cxl()
-        if self.nvme is not None:
-            self.nvme.store(self.host_optimizer, self.masters)
         self._write_back()
+
+    def _step_streamed(self) -> None:
+        """The host step with states on NVMe, a layer at a time: the next layer's states are
+        read while this one steps and the previous one's are written back (at most
+        ``NVME_WINDOW`` adjacent layers' states in host memory). Layers without gradients keep
+        their files untouched."""
+        nvme = self.nvme
+        active = [
+            (g, [self.masters[i] for i in members if self._has_grad[i]])
+            for g, members in enumerate(self.layer_groups)
+        ]
+        active = [(g, params) for g, params in active if params]
+        try:
+            for n, (group, params) in enumerate(active):
+                nvme.acquire(group)
+                if n + 1 < len(active):
+                    nvme.prefetch(active[n + 1][0])
+                _step_subset(self.host_optimizer, params, self._group_of)
+                nvme.release(group)
+        except BaseException:
+            try:  # leave no I/O in flight; the first error is the one to report
+                nvme.finish()
+            except MemtrainError:
+                pass
+            raise
+        nvme.finish()
 
     def _write_back(self) -> None:
         with torch.no_grad():
@@ -307,14 +584,20 @@ class OffloadedOptimizer:
     def state_dict(self) -> dict[str, Any]:
         """Device and host optimizer states plus the float32 master weights (exact resume)."""
         self._finish_overlapped()
+        host = self.host_optimizer.state_dict() if self.host_optimizer else None
         if self.nvme is not None:
-            raise MemtrainError(
-                "saving optimizer states kept on NVMe is not supported; plan them on cpu to "
-                "checkpoint, or set train.checkpoint_every=0"
-            )
+            # A checkpoint holds the states: NVMe ones are read back (one layer at a time from
+            # disk, all of them in the returned dict), so saving needs host memory for one copy.
+            on_disk = self.nvme.read_all()
+            index_of = {id(m): i for i, m in enumerate(self.masters)}
+            order = [p for g in self.host_optimizer.param_groups for p in g["params"]]
+            for packed, master in enumerate(order):
+                saved = on_disk.get(index_of[id(master)])
+                if saved:
+                    host["state"][packed] = {**host["state"][packed], **saved}
         return {
             "device": self.device_optimizer.state_dict() if self.device_optimizer else None,
-            "host": self.host_optimizer.state_dict() if self.host_optimizer else None,
+            "host": host,
             "masters": [m.detach().clone() for m in self.masters],
         }
 
@@ -324,7 +607,14 @@ class OffloadedOptimizer:
         if self.device_optimizer is not None:
             self.device_optimizer.load_state_dict(state["device"])
         if self.host_optimizer is not None:
+            if self.nvme is not None:
+                self._finish_overlapped()
+                self.nvme.finish()
             self.host_optimizer.load_state_dict(state["host"])
+            if self.nvme is not None:  # back to their files, a layer at a time
+                for group in range(len(self.layer_groups)):
+                    self.nvme.release(group)
+                self.nvme.finish()
         with torch.no_grad():
             for param, master, saved in zip(
                 self.host_params, self.masters, state["masters"], strict=True
@@ -344,6 +634,40 @@ class OffloadedOptimizer:
             self._worker = None
         if self.nvme is not None:
             self.nvme.close()
+
+
+def _layer_groups(
+    params: list[nn.Parameter], layers: Mapping[nn.Parameter, str] | None
+) -> tuple[list[list[int]], list[int]]:
+    """Indices of ``params`` grouped by layer (groups in the order they first appear) and each
+    group's layer position in ``layers``' order; parameters without a layer are alone, far
+    from every other group."""
+    layers = layers or {}
+    position: dict[str, int] = {}
+    for name in layers.values():
+        position.setdefault(name, len(position))
+    groups: dict[Any, list[int]] = {}
+    where: dict[Any, int] = {}
+    for index, param in enumerate(params):
+        name = layers.get(param)
+        key = ("layer", name) if name is not None else ("alone", index)
+        if key not in groups:
+            groups[key] = []
+            where[key] = position[name] if name is not None else _FAR * (len(groups) + 1)
+        groups[key].append(index)
+    return list(groups.values()), [where[k] for k in groups]
+
+
+def layers_from_handle(handle: Any) -> dict[nn.Parameter, str]:
+    """Each parameter's layer (the first that owns it, as placements_from_handle places it),
+    in the model's layer order."""
+    out: dict[nn.Parameter, str] = {}
+    for name, modules in handle.layers.items():
+        for module in modules:
+            for param in module.parameters():
+                if param.requires_grad and param not in out:
+                    out[param] = name
+    return out
 
 
 def placements_from_handle(handle: Any) -> dict[nn.Parameter, str]:
@@ -382,6 +706,7 @@ def offload_optimizer(
         nvme_path=handle.policy.nvme_path,
         cxl_node=handle.policy.cxl_node,
         overlap=overlap,
+        layers=layers_from_handle(handle),
         **options,
     )
     handle.optimizer_attached = True

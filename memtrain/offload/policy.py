@@ -262,18 +262,21 @@ def optimizer_host_allocation(
     ``policy`` on a model made of ``layers`` (name -> modules, a meta-device model will do):
     per parameter whose layer's optimizer is off the GPU, a float32 master and gradient buffer
     on the CPU and its states on the float32 master (by formula, memtrain.optim.memory) where
-    the plan puts them (NVMe states are read into host memory for the step). Each parameter
-    counts in the first layer that holds it, as the executor places it."""
+    the plan puts them; NVMe states also pass through host memory for the step, a few adjacent
+    layers at a time (the largest window of memtrain.planner.hostmem.nvme_state_window). Each
+    parameter counts in the first layer that holds it, as the executor places it."""
     import torch
 
     from memtrain.optim.memory import parse_optimizer_spec, state_bytes_for
-    from memtrain.planner.hostmem import optimizer_host_bytes
+    from memtrain.planner.hostmem import nvme_state_peak, optimizer_host_bytes
 
     spec = parse_optimizer_spec(optimizer)
     seen: set[int] = set()
     out: dict[str, float] = {}
+    on_nvme: list[float] = []  # per layer, in the model's order: its states on NVMe
     for name, modules in layers.items():
         entry = policy.layers.get(name)
+        on_nvme.append(0.0)
         for module in modules:
             for param in module.parameters():
                 if id(param) in seen or not param.requires_grad:
@@ -285,10 +288,14 @@ def optimizer_host_allocation(
                 mode = {"params": entry.params, "grads": "cpu", "optimizer": place}
                 states = state_bytes_for(param.shape, torch.float32, spec)
                 nbytes = param.numel() * param.element_size()
+                if place == "nvme":
+                    on_nvme[-1] += states
                 for tier, value in optimizer_host_bytes(
                     mode, states, param.numel(), nbytes
                 ).items():
                     out[tier] = out.get(tier, 0.0) + value
+    if any(on_nvme):
+        out["cpu"] = out.get("cpu", 0.0) + nvme_state_peak(on_nvme)
     return {t: int(v) for t, v in out.items() if v > 0}
 
 

@@ -28,7 +28,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from memtrain.hardware.tiers import HOST_TIERS, HardwareModel
-from memtrain.planner.hostmem import POOL_MARGIN, POOL_SLACK, POOLED_TIERS, optimizer_host_bytes
+from memtrain.planner.hostmem import (
+    POOL_MARGIN,
+    POOL_SLACK,
+    POOLED_TIERS,
+    nvme_state_window,
+    optimizer_host_bytes,
+)
 from memtrain.planner.linear import Lin, lin_sum
 from memtrain.planner.problem import LayerCosts, PlanProblem
 
@@ -380,6 +386,18 @@ def build_terms(
             staged = swapped[j]["nvme"] + (swapped[j - 1]["nvme"] if j > 0 else Lin())
             if staged.coef:
                 memory.append(MemoryTerm("cpu", f"nvme staging {layers[j].name}", cpu + staged))
+        # Optimizer states on NVMe stream through host memory for the step, a layer at a time:
+        # while layer j steps, the states of the NVMe layers among its neighbours are there
+        # (hostmem.nvme_state_window), on top of the masters, buffers and pools.
+        nvme_modes = [m for m in modes if STATE_MODES[m]["optimizer"] == "nvme"]
+        for j in range(n if nvme_modes else 0):
+            window = lin_sum(
+                layers[k].host_state_bytes * _mode(k, m)
+                for k in nvme_state_window(j, n)
+                for m in nvme_modes
+            )
+            if window.coef:
+                memory.append(MemoryTerm("cpu", f"nvme states {layers[j].name}", cpu + window))
     memory.append(MemoryTerm("gpu", "optimizer step", Lin(), 0))
 
     # Optimizer step: on the GPU it streams params, grads and states through HBM; on the host

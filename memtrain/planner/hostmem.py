@@ -11,8 +11,12 @@ are built from these figures, and the executor (memtrain.offload) allocates by t
 - **host optimizer** (memtrain.offload.optimizer.OffloadedOptimizer), per parameter whose layer
   puts its optimizer off the GPU: a float32 master copy and a float32 gradient buffer in plain
   host memory (``cpu``), and the optimizer's states on those float32 masters (``cpu``; ``cxl`` in
-  a pool bound to that node; ``nvme`` in files between steps, read into host memory for the
-  step);
+  a pool bound to that node; ``nvme`` in files);
+- **NVMe optimizer states in host memory**: streamed through it a layer at a time for the step
+  (the next layer read ahead, the previous one written behind), so at most the states of
+  ``NVME_STATE_WINDOW`` adjacent layers at once: for each layer ``j`` the states of the NVMe
+  layers among ``j-1, j, j+1`` (:func:`nvme_state_window`), on top of everything else on the CPU;
+  the executor never holds layers that are not adjacent together;
 - **NVMe staging**: host buffers of the swap files being written and read back, at most the
   NVMe bytes of two adjacent layers at once.
 """
@@ -30,6 +34,10 @@ POOL_MARGIN = 0.05
 POOL_SLACK = 4 << 20
 PAGE = mmap.PAGESIZE
 POOLED_TIERS = ("cpu", "cxl")  # tiers whose activations live in a pinned pool (NVMe: files)
+# Layers whose NVMe-placed optimizer states are in host memory at once: the next one being read,
+# the current one stepping, the previous one being written back
+# (memtrain.offload.optimizer.NVME_WINDOW).
+NVME_STATE_WINDOW = 3
 
 
 def pool_bytes(planned: float) -> int:
@@ -66,9 +74,22 @@ def optimizer_host_bytes(
     if optimizer == "gpu":
         return {}
     out = {"cpu": 2 * master_bytes(param_count)}  # float32 masters and gradient buffers
+    # NVMe states pass through host memory a few layers at a time: nvme_state_window
     out[optimizer] = out.get(optimizer, 0.0) + host_state
-    if optimizer == "nvme":
-        out["cpu"] += host_state  # read back into host memory for the step
     if mode["params"] != "gpu":  # ZeRO-3: the parameters themselves live on the host too
         out["cpu"] += param_bytes
     return out
+
+
+def nvme_state_window(j: int, n_layers: int) -> range:
+    """Layers whose NVMe-placed states may be in host memory while layer ``j`` (of
+    ``n_layers``, in the model's order) steps: it and its neighbours."""
+    half = NVME_STATE_WINDOW // 2
+    return range(max(0, j - half), min(n_layers, j + half + 1))
+
+
+def nvme_state_peak(states: list[float]) -> float:
+    """Most host bytes of NVMe-placed optimizer states at once, from each layer's states on
+    NVMe (0 for a layer whose states are elsewhere), in the model's layer order."""
+    n = len(states)
+    return max((sum(states[k] for k in nvme_state_window(j, n)) for j in range(n)), default=0.0)

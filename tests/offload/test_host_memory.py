@@ -152,3 +152,74 @@ def test_pool_that_cannot_be_mapped_is_one_line(monkeypatch):
     assert "MemAvailable" in message and "locked-memory limit" in message
     assert "Cannot allocate memory" in message
     assert mmap.PAGESIZE > 0
+
+
+def test_nvme_state_window_of_adjacent_layers():
+    """NVMe states pass through host memory a few adjacent layers at a time: never all."""
+    assert list(hostmem.nvme_state_window(0, 5)) == [0, 1]
+    assert list(hostmem.nvme_state_window(2, 5)) == [1, 2, 3]
+    assert list(hostmem.nvme_state_window(4, 5)) == [3, 4]
+    assert hostmem.nvme_state_peak([0.0, 5.0, 5.0, 5.0, 5.0, 0.0]) == 15.0
+    assert hostmem.nvme_state_peak([5.0, 0.0, 0.0, 5.0]) == 5.0  # never side by side
+    assert hostmem.nvme_state_peak([]) == 0.0
+    placed = hostmem.optimizer_host_bytes(
+        {"params": "gpu", "grads": "cpu", "optimizer": "nvme"}, 800.0, 100, 200
+    )
+    assert placed == {"cpu": 800.0, "nvme": 800.0}  # masters and buffers; states in files
+
+
+def test_cpu_run_with_nvme_states_allocates_the_predicted_host_bytes(tmp_path):
+    """States of every block on NVMe: the predicted CPU peak holds three adjacent blocks'
+    states (not all of them), and the executor's host bytes at its peak are that."""
+    from memtrain.offload.policy import optimizer_host_allocation, policy_from_plan
+
+    config, profile = _profile()
+    problem = build_problem(profile, fused_loss=True)
+    blocks = iter(LayerDecision(**{**d, "states": "opt:nvme"}) for d in BLOCKS)
+    decisions = [next(blocks) if layer.kind == "block" else keep_all() for layer in problem.layers]
+    hardware = load_hardware("h100-sxm-80g", cpu="1TiB", nvme=f"{tmp_path}:1TiB")
+    evaluation = evaluate(problem, hardware, decisions)
+    plan = {
+        "schema": "memtrain.plan",
+        "seq": SEQ,
+        "micro_batch": 1,
+        "hardware": {"nvme_path": str(tmp_path)},
+        "layers": [
+            _layer_entry(layer, decision, 1).to_dict()
+            for layer, decision in zip(problem.layers, decisions, strict=True)
+        ],
+    }
+    model = build_causal_lm(config, "bf16", "cpu", seed=0)
+    model.train()
+    patch_causal_lm_loss(model)
+    handle = apply(model, plan, profile=profile)
+    try:
+        optimizer = offload_optimizer(handle, torch.optim.AdamW, lr=1e-3)
+        assert optimizer.place == "nvme" and len(optimizer.layer_groups) == 4
+        ids = torch.randint(
+            2, config.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(0)
+        )
+        peaks = []
+        for _ in range(2):  # the first step creates the states, the second reads them back
+            optimizer.nvme.reset_peak()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            peaks.append(optimizer.nvme.peak_bytes)
+        pools = sum(pool.capacity for pool in handle.engine.pools.values())
+        masters = sum(2 * m.numel() * m.element_size() for m in optimizer.masters)
+        on_disk = sum(f.stat().st_size for f in optimizer.state_files())
+        mirror = optimizer_host_allocation(policy_from_plan(plan), handle.layers, profile.optimizer)
+    finally:
+        handle.remove()
+    per_block = on_disk / 4
+    assert max(peaks) == pytest.approx(3 * per_block)
+    allocated = pools + masters + max(peaks)
+    before = pools + masters + on_disk  # every state read into host memory for the step
+    predicted = evaluation.peaks["cpu"]
+    assert predicted < before - 0.9 * per_block
+    assert abs(allocated - predicted) <= TOLERANCE * predicted, (allocated, predicted)
+    assert allocated <= predicted * (1 + 1e-3)
+    assert mirror["cpu"] == pytest.approx(masters + max(peaks), rel=1e-3)
+    assert max(peaks) <= mirror["cpu"] - masters  # the window bounds what the step holds
+    assert mirror["nvme"] == pytest.approx(on_disk, rel=1e-3)

@@ -4,8 +4,11 @@ For parameters whose layer the plan puts in ``optimizer: cpu | cxl | nvme``, gra
 the GPU as soon as they are accumulated (a post-accumulate hook copies them into a persistent
 pinned fp32 buffer on a side stream and drops the GPU gradient), a CPU optimizer of the user's
 class steps fp32 master copies, and the updated weights are copied back. Their states live in
-plain host memory (cpu), in a pool bound to the CXL NUMA node (cxl), or in files between steps
-(nvme). Parameters planned on the GPU keep an ordinary optimizer on the GPU.
+plain host memory (cpu), in a pool bound to the CXL NUMA node (cxl), or in files (nvme), streamed
+through host memory a layer at a time for the step: the next layer's states are read in a small
+thread pool while one steps and the previous one's are written back behind it, so at most three
+adjacent layers' states are in host memory at once (memtrain.planner.hostmem charges that
+window). Parameters planned on the GPU keep an ordinary optimizer on the GPU.
 """
 
 from __future__ import annotations
@@ -460,8 +463,16 @@ class OffloadedOptimizer:
     def _finish_overlapped(self) -> None:
         """Wait for every overlapped host step (their errors raise here)."""
         steps, self._steps = self._steps, []
-        for future in steps:
-            future.result()
+        errors = [f.exception() for f in steps]  # waits for every one, failed or not
+        failed = next((e for e in errors if e is not None), None)
+        if failed is not None:
+            if self.nvme is not None:
+                self._stepped = [0] * len(self.layer_groups)
+                try:  # leave no I/O in flight; the first error is the one to report
+                    self.nvme.finish()
+                except MemtrainError:
+                    pass
+            raise failed
 
     def step(self) -> None:
         if self.device_optimizer is not None:

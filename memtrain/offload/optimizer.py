@@ -1,9 +1,22 @@
 """Optimizer states and fp32 master weights off the GPU, with the step on the CPU.
 
 For parameters whose layer the plan puts in ``optimizer: cpu | cxl | nvme``, gradients leave
-the GPU as soon as they are accumulated (a post-accumulate hook copies them into a persistent
-pinned fp32 buffer on a side stream and drops the GPU gradient), a CPU optimizer of the user's
-class steps fp32 master copies, and the updated weights are copied back. Their states live in
+the GPU as soon as they are accumulated (a post-accumulate hook copies them into a pinned host
+buffer on a side stream and drops the GPU gradient), a CPU optimizer of the user's class steps
+fp32 master copies, and the updated weights are copied back.
+
+Gradient buffers are in the parameter's dtype (bf16/fp16 parameters: half the host bytes and
+half the PCIe traffic of a float32 buffer; float32 parameters keep float32 buffers). A bf16/fp16
+gradient widened to float32 is exactly what a float32 buffer would have received, so one
+backward per step gives bit-identical results; the widening happens one parameter at a time,
+into a transient, just before that parameter steps. A second backward before the step
+(gradient accumulation) accumulates as a GPU-resident gradient in the parameter's dtype does:
+both widened to float32, added, rounded back once to the buffer's dtype; not a float32
+accumulator. ``grad_buffer_dtype=torch.float32`` keeps float32 buffers (float32 accumulation,
+twice the host bytes). With an overlapped host step (``overlap=True``) there is no
+whole-model buffer at all: gradients land in a small ring of pinned slots
+(``GRAD_RING_SLOTS``, each sized for the largest host parameter), a slot reused once the step
+that read it is done. Their states live in
 plain host memory (cpu), in a pool bound to the CXL NUMA node (cxl), or in files (nvme), streamed
 through host memory a layer at a time for the step: the next layer's states are read in a small
 thread pool while one steps and the previous one's are written back behind it, so at most three
@@ -16,7 +29,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +39,7 @@ from torch import nn
 from memtrain.errors import MemtrainError
 from memtrain.offload.pool import HostPool
 from memtrain.optim.step_in_backward import step_one
+from memtrain.planner.hostmem import GRAD_RING_SLOTS
 
 HOST_PLACES = ("cpu", "cxl", "nvme")
 _GPU_ONLY_OPTIONS = ("fused", "capturable", "differentiable")
@@ -300,6 +314,14 @@ def _step_subset(
         optimizer.param_groups = groups
 
 
+def grad_buffer_dtype_for(param: torch.Tensor, requested: torch.dtype | None) -> torch.dtype:
+    """The dtype of ``param``'s host gradient buffer: ``requested``, else the parameter's own
+    when it is bf16/fp16, else float32 (the masters' dtype)."""
+    if requested is not None:
+        return requested
+    return param.dtype if param.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def host_options(optimizer_cls: type[torch.optim.Optimizer], options: dict[str, Any]) -> dict:
     """The options of the host optimizer: GPU-only ones dropped, and torch's fused CPU kernel
     where the class has one (one vectorised pass per tensor: 4.7x torch's for-each AdamW on two
@@ -334,11 +356,15 @@ class OffloadedOptimizer:
         cxl_node: int | None = None,
         overlap: bool = False,
         layers: Mapping[nn.Parameter, str] | None = None,
+        grad_buffer_dtype: torch.dtype | None = None,
         **options: Any,
     ) -> None:
         """``layers``: each parameter's layer name, in the model's layer order (NVMe states
         stream through host memory a layer at a time; a parameter without one is its own
-        group). memtrain.offload.optimizer.offload_optimizer passes the plan's layers."""
+        group). memtrain.offload.optimizer.offload_optimizer passes the plan's layers.
+        ``grad_buffer_dtype``: the host gradient buffers' dtype (None: the parameter's dtype
+        for bf16/fp16 parameters, else float32; ``torch.float32``: float32 buffers that
+        accumulate in float32, as this class always did)."""
         self.device_params = [p for p, place in placements.items() if place == "gpu"]
         self.host_params = [p for p, place in placements.items() if place != "gpu"]
         places = {placements[p] for p in self.host_params}
@@ -353,12 +379,45 @@ class OffloadedOptimizer:
         )
         cpu_options = host_options(optimizer_cls, options)
         pin = any(p.is_cuda for p in self.host_params)
+        if grad_buffer_dtype is not None and not grad_buffer_dtype.is_floating_point:
+            raise MemtrainError(
+                f"grad_buffer_dtype must be a floating dtype, not {grad_buffer_dtype}"
+            )
+        self.grad_buffer_dtype = grad_buffer_dtype
+        self.overlap = overlap and bool(self.host_params)
         self.masters = []
+        # Where each host parameter's gradient lands between backward and its step. A float32
+        # buffer is the master's own ``.grad`` (the optimizer reads it in place); a narrower one
+        # is widened into a transient just before the parameter steps. Overlapped: no
+        # per-parameter buffers, a ring of slots (below).
+        self._grads: list[torch.Tensor] = []
+        self._buffer_dtypes: list[torch.dtype] = []
         for param in self.host_params:
             master = torch.empty(param.shape, dtype=torch.float32, pin_memory=pin)
             master.copy_(param.detach())
-            master.grad = torch.zeros(param.shape, dtype=torch.float32, pin_memory=pin)
+            dtype = grad_buffer_dtype_for(param, grad_buffer_dtype)
+            self._buffer_dtypes.append(dtype)
+            if not self.overlap:
+                buffer = torch.zeros(param.shape, dtype=dtype, pin_memory=pin)
+                if dtype == torch.float32:
+                    master.grad = buffer
+                self._grads.append(buffer)
             self.masters.append(master)
+        self._ring: list[torch.Tensor] = []
+        self._ring_busy: list[Future | None] = []
+        self._next_slot = 0
+        if self.overlap:
+            largest = max(
+                p.numel() * d.itemsize
+                for p, d in zip(self.host_params, self._buffer_dtypes, strict=True)
+            )
+            slots = min(GRAD_RING_SLOTS, len(self.host_params))
+            self._ring = [
+                torch.empty(largest, dtype=torch.uint8, pin_memory=pin) for _ in range(slots)
+            ]
+            self._ring_busy = [None] * slots
+        self._clip_scale: float | None = None  # pending clip of narrow buffers (at widening)
+        self.peak_transient_bytes = 0  # the largest float32 widening of a gradient so far
         self.host_optimizer = optimizer_cls(self.masters, **cpu_options) if self.masters else None
         self._group_of = (
             {id(m): i for i, g in enumerate(self.host_optimizer.param_groups) for m in g["params"]}
@@ -374,7 +433,6 @@ class OffloadedOptimizer:
             self._stream = torch.cuda.Stream(self.host_params[0].device)
         # Overlapped host step: each parameter steps on the host in a worker thread as soon as
         # its gradient has arrived, while backward goes on; step() waits and writes back.
-        self.overlap = overlap and self.host_optimizer is not None
         self._worker: ThreadPoolExecutor | None = None
         self._steps: list[Future] = []
         if self.overlap and self.place == "cxl":
@@ -409,44 +467,110 @@ class OffloadedOptimizer:
     def _grad_hook(self, index: int):
         def hook(param: torch.Tensor) -> None:
             grad = param.grad
-            buffer = self.masters[index].grad
-            event = None
-            if self._has_grad[index]:
-                if self.overlap:
+            if self.overlap:
+                if self._has_grad[index]:
                     raise MemtrainError(
                         "an overlapped host step takes one backward per optimizer step; with "
                         "gradient accumulation turn overlap off"
                     )
-                buffer.add_(grad.to("cpu", torch.float32))
-            elif self._stream is not None:
-                self._stream.wait_stream(torch.cuda.current_stream(grad.device))
-                with torch.cuda.stream(self._stream):
-                    buffer.copy_(grad, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(self._stream)
-                self._in_flight.append((event, grad))
-                self._drop_finished()
+                slot = self._take_slot()
+                buffer = self._slot_view(slot, index)
+                event = self._copy_in(buffer, grad)
+                self._has_grad[index] = True
+                param.grad = None
+                future = self._worker.submit(self._step_master, index, event, buffer)
+                self._ring_busy[slot] = future
+                self._steps.append(future)
+                return
+            buffer = self._grads[index]
+            if self._has_grad[index]:
+                # a second backward: the first one's copy must have landed
+                for event, _ in self._in_flight:
+                    event.synchronize()
+                self._in_flight.clear()
+                if buffer.dtype == torch.float32:
+                    buffer.add_(grad.to("cpu", torch.float32))
+                else:
+                    # as a GPU-resident gradient of this dtype accumulates: widened, added,
+                    # rounded back once
+                    incoming = grad.to("cpu").to(torch.float32)
+                    buffer.copy_(buffer.to(torch.float32).add_(incoming))
             else:
-                buffer.copy_(grad)
+                self._copy_in(buffer, grad)
             self._has_grad[index] = True
             param.grad = None
-            if self.overlap:
-                self._steps.append(self._worker.submit(self._step_master, index, event))
 
         return hook
+
+    def _copy_in(self, buffer: torch.Tensor, grad: torch.Tensor) -> Any:
+        """Copy ``grad`` into the host ``buffer``: on the side stream (the event it records
+        returned) when the gradient is on a GPU, else at once (None)."""
+        if self._stream is None:
+            buffer.copy_(grad)
+            return None
+        self._stream.wait_stream(torch.cuda.current_stream(grad.device))
+        with torch.cuda.stream(self._stream):
+            buffer.copy_(grad, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self._in_flight.append((event, grad))
+        self._drop_finished()
+        return event
+
+    def _take_slot(self) -> int:
+        """The next ring slot, once the step that read its last gradient is done (the oldest
+        busy slot: one worker steps in arrival order). Its error, if any, raises in step()."""
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % len(self._ring)
+        busy = self._ring_busy[slot]
+        if busy is not None:
+            wait([busy])
+            self._ring_busy[slot] = None
+        return slot
+
+    def _slot_view(self, slot: int, index: int) -> torch.Tensor:
+        """Ring slot ``slot`` as a buffer for host parameter ``index``'s gradient."""
+        dtype = self._buffer_dtypes[index]
+        shape = self.host_params[index].shape
+        nbytes = self.host_params[index].numel() * dtype.itemsize
+        return self._ring[slot][:nbytes].view(dtype).view(shape)
 
     def _drop_finished(self) -> None:
         self._in_flight = [(e, g) for e, g in self._in_flight if not e.query()]
 
     # -- step -------------------------------------------------------------------------------
 
-    def _step_master(self, index: int, event: Any) -> None:
-        """One master's host step, in the worker, once its gradient has landed."""
+    def _widen(self, buffer: torch.Tensor) -> torch.Tensor:
+        """The float32 gradient the optimizer steps with: the buffer itself when it is float32,
+        else a transient widened copy (exact: every bf16/fp16 value is a float32 value), with a
+        pending clip applied as a float32 buffer would have had it."""
+        if buffer.dtype == torch.float32:
+            return buffer
+        wide = buffer.to(torch.float32)
+        self.peak_transient_bytes = max(self.peak_transient_bytes, wide.numel() * 4)
+        if self._clip_scale is not None:
+            wide.mul_(self._clip_scale)
+        return wide
+
+    def _step_one_master(self, index: int, buffer: torch.Tensor) -> None:
+        """Step master ``index`` alone on the gradient in ``buffer``."""
+        master = self.masters[index]
+        if buffer is master.grad:  # a float32 buffer: the master's own gradient
+            step_one(self.host_optimizer, master, self._group_of[id(master)])
+            return
+        master.grad = self._widen(buffer)
+        try:
+            step_one(self.host_optimizer, master, self._group_of[id(master)])
+        finally:
+            master.grad = None
+
+    def _step_master(self, index: int, event: Any, buffer: torch.Tensor) -> None:
+        """One master's host step, in the worker, once its gradient has landed in ``buffer``
+        (a ring slot)."""
         if event is not None:
             event.synchronize()
-        master = self.masters[index]
         if self.nvme is None:
-            step_one(self.host_optimizer, master, self._group_of[id(master)])
+            self._step_one_master(index, buffer)
             return
         # NVMe states: this layer's are read now unless a prefetch has read them, the layer
         # before it (next in backward) is read ahead, and the layer is written back behind
@@ -455,7 +579,7 @@ class OffloadedOptimizer:
         self.nvme.acquire(group)
         if group > 0:
             self.nvme.prefetch(group - 1)
-        step_one(self.host_optimizer, master, self._group_of[id(master)])
+        self._step_one_master(index, buffer)
         self._stepped[group] += 1
         if self._stepped[group] == len(self.layer_groups[group]):
             self.nvme.release(group)
@@ -487,21 +611,34 @@ class OffloadedOptimizer:
                 self.nvme.finish()
             self._write_back()
             self._has_grad = [False] * len(self.masters)  # each step takes one backward
+            self._ring_busy = [None] * len(self._ring)
             return
         for event, _ in self._in_flight:
             event.synchronize()
         self._in_flight.clear()
         if self.nvme is not None:
             self._step_streamed()
+            self._clip_scale = None
             self._write_back()
             return
-        # Parameters that got no gradient are skipped, as a plain optimizer skips grad=None.
-        idle = [(m, m.grad) for m, has in zip(self.masters, self._has_grad, strict=True) if not has]
-        for master, _ in idle:
-            master.grad = None
-        self.host_optimizer.step()
-        for master, buffer in idle:
-            master.grad = buffer
+        if all(d == torch.float32 for d in self._buffer_dtypes):
+            # Float32 buffers are the masters' own gradients: one step over all of them.
+            # Parameters that got no gradient are skipped, as a plain optimizer skips None.
+            idle = [
+                (m, m.grad) for m, has in zip(self.masters, self._has_grad, strict=True) if not has
+            ]
+            for master, _ in idle:
+                master.grad = None
+            self.host_optimizer.step()
+            for master, buffer in idle:
+                master.grad = buffer
+        else:
+            # Narrower buffers: a parameter at a time, each gradient widened just before its
+            # step (torch's fused CPU kernels step each tensor on its own anyway).
+            for index, has in enumerate(self._has_grad):
+                if has:
+                    self._step_one_master(index, self._grads[index])
+        self._clip_scale = None
         if self.place == "cxl":
             self._states_to_cxl()
         self._write_back()
@@ -517,12 +654,18 @@ class OffloadedOptimizer:
             for g, members in enumerate(self.layer_groups)
         ]
         active = [(g, params) for g, params in active if params]
+        index_of = {id(m): i for i, m in enumerate(self.masters)}
         try:
             for n, (group, params) in enumerate(active):
                 nvme.acquire(group)
                 if n + 1 < len(active):
                     nvme.prefetch(active[n + 1][0])
-                _step_subset(self.host_optimizer, params, self._group_of)
+                if all(p.grad is not None for p in params):  # float32 buffers
+                    _step_subset(self.host_optimizer, params, self._group_of)
+                else:  # narrower buffers: widened a parameter at a time
+                    for master in params:
+                        index = index_of[id(master)]
+                        self._step_one_master(index, self._grads[index])
                 nvme.release(group)
         except BaseException:
             try:  # leave no I/O in flight; the first error is the one to report
@@ -559,6 +702,7 @@ class OffloadedOptimizer:
         if self.device_optimizer is not None:
             self.device_optimizer.zero_grad(set_to_none=set_to_none)
         self._has_grad = [False] * len(self.masters)
+        self._clip_scale = None
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip every gradient (device and host) to a global norm; returns the norm."""
@@ -571,16 +715,21 @@ class OffloadedOptimizer:
             event.synchronize()
         self._in_flight.clear()
         norms = [p.grad.float().norm().cpu() for p in self.device_params if p.grad is not None]
-        norms += [m.grad.norm() for m, has in zip(self.masters, self._has_grad, strict=True) if has]
+        # a narrow buffer's norm is its widened gradient's: what a float32 buffer gives
+        host = zip(self._grads, self._has_grad, strict=True)
+        norms += [b.to(torch.float32).norm() for b, has in host if has]
         total = torch.stack(norms).norm() if norms else torch.zeros(())
         scale = max_norm / (float(total) + 1e-6)
         if scale < 1:
             for p in self.device_params:
                 if p.grad is not None:
                     p.grad.mul_(scale)
-            for m, has in zip(self.masters, self._has_grad, strict=True):
-                if has:
-                    m.grad.mul_(scale)
+            for buffer, has in zip(self._grads, self._has_grad, strict=True):
+                if has and buffer.dtype == torch.float32:
+                    buffer.mul_(scale)
+            # narrow buffers are scaled in float32 when widened for the step (as a float32
+            # buffer would be), not rounded here
+            self._clip_scale = scale
         return total
 
     @property
@@ -632,6 +781,12 @@ class OffloadedOptimizer:
             ):
                 master.copy_(saved)
                 param.copy_(master)
+
+    def grad_buffer_bytes(self) -> int:
+        """Host bytes held for gradients between backward and the step: every parameter's
+        buffer, or the ring's slots when overlapped (not the step's widening transient,
+        ``peak_transient_bytes``)."""
+        return sum(t.numel() * t.element_size() for t in (*self._grads, *self._ring))
 
     def state_files(self) -> list[Path]:
         return self.nvme.files() if self.nvme is not None else []
@@ -710,7 +865,9 @@ def offload_optimizer(
 
     ``overlap``: host-placed parameters step in a worker thread as their gradients arrive,
     overlapping the host step with the rest of backward (one backward per step, no global
-    clipping); ``step()`` then waits for them and writes the weights back."""
+    clipping); ``step()`` then waits for them and writes the weights back. Gradients wait on
+    the host in the parameters' dtype (``grad_buffer_dtype=torch.float32`` in ``options``:
+    float32 buffers, float32 accumulation)."""
     optimizer = OffloadedOptimizer(
         placements_from_handle(handle),
         optimizer_cls,

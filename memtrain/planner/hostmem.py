@@ -38,6 +38,9 @@ POOLED_TIERS = ("cpu", "cxl")  # tiers whose activations live in a pinned pool (
 # the current one stepping, the previous one being written back
 # (memtrain.offload.optimizer.NVME_WINDOW).
 NVME_STATE_WINDOW = 3
+# Pinned slots an overlapped host step receives gradients in, each sized for the largest host
+# parameter (memtrain.offload.optimizer: a slot is reused once its parameter has stepped).
+GRAD_RING_SLOTS = 4
 
 
 def pool_bytes(planned: float) -> int:

@@ -257,23 +257,28 @@ def optimizer_host_allocation(
     policy: OffloadPolicy,
     layers: Mapping[str, Iterable[Any]],
     optimizer: str,
+    overlap: bool = False,
 ) -> dict[str, int]:
     """Host bytes per tier memtrain.offload.optimizer.OffloadedOptimizer allocates for
     ``policy`` on a model made of ``layers`` (name -> modules, a meta-device model will do):
-    per parameter whose layer's optimizer is off the GPU, a float32 master and gradient buffer
-    on the CPU and its states on the float32 master (by formula, memtrain.optim.memory) where
-    the plan puts them; NVMe states also pass through host memory for the step, a few adjacent
-    layers at a time (the largest window of memtrain.planner.hostmem.nvme_state_window). Each
-    parameter counts in the first layer that holds it, as the executor places it."""
+    per parameter whose layer's optimizer is off the GPU, a float32 master and a gradient buffer
+    in the parameter's dtype on the CPU (``overlap``: no buffers, the ring of slots instead) and
+    its states on the float32 master (by formula, memtrain.optim.memory) where the plan puts
+    them, plus the largest host parameter's gradient staging (its float32 widening for the
+    step; the ring: memtrain.planner.hostmem.grad_staging_bytes); NVMe states also pass through
+    host memory for the step, a few adjacent layers at a time (the largest window of
+    memtrain.planner.hostmem.nvme_state_window). Each parameter counts in the first layer that
+    holds it, as the executor places it."""
     import torch
 
     from memtrain.optim.memory import parse_optimizer_spec, state_bytes_for
-    from memtrain.planner.hostmem import nvme_state_peak, optimizer_host_bytes
+    from memtrain.planner.hostmem import grad_staging_bytes, nvme_state_peak, optimizer_host_bytes
 
     spec = parse_optimizer_spec(optimizer)
     seen: set[int] = set()
     out: dict[str, float] = {}
     on_nvme: list[float] = []  # per layer, in the model's order: its states on NVMe
+    widened = ring = 0.0  # the largest host parameter's float32 widening, and the ring
     for name, modules in layers.items():
         entry = policy.layers.get(name)
         on_nvme.append(0.0)
@@ -291,9 +296,14 @@ def optimizer_host_allocation(
                 if place == "nvme":
                     on_nvme[-1] += states
                 for tier, value in optimizer_host_bytes(
-                    mode, states, param.numel(), nbytes
+                    mode, states, param.numel(), nbytes, overlap
                 ).items():
                     out[tier] = out.get(tier, 0.0) + value
+                alone = grad_staging_bytes(nbytes, param.element_size(), False)
+                widened = max(widened, alone)
+                ring = max(ring, grad_staging_bytes(nbytes, param.element_size(), overlap) - alone)
+    if widened or ring:
+        out["cpu"] = out.get("cpu", 0.0) + widened + ring
     if any(on_nvme):
         out["cpu"] = out.get("cpu", 0.0) + nvme_state_peak(on_nvme)
     return {t: int(v) for t, v in out.items() if v > 0}
@@ -305,17 +315,19 @@ def host_allocation(
     modes: Mapping[str, ActivationMode],
     layers: Mapping[str, Iterable[Any]] | None = None,
     optimizer: str | None = None,
+    overlap: bool = False,
 ) -> dict[str, dict[str, int]]:
     """What the executor allocates on each host tier for ``policy``: the activation pool as
     memtrain.offload.apply sizes it (``pool``, from :func:`executed_host_bytes`), the host
     optimizer's buffers and states (``optimizer``, with ``layers`` and ``optimizer``: by
-    formula per parameter), and their ``total``. The plan's predicted host peak is this total
+    formula per parameter; ``overlap``: an overlapped host step's ring instead of gradient
+    buffers), and their ``total``. The plan's predicted host peak is this total
     (memtrain.planner.hostmem)."""
     from memtrain.planner.hostmem import POOLED_TIERS, pool_bytes
 
     activations = executed_host_bytes(policy, profile, modes)
     states = (
-        optimizer_host_allocation(policy, layers, optimizer or profile.optimizer)
+        optimizer_host_allocation(policy, layers, optimizer or profile.optimizer, overlap)
         if layers is not None
         else {}
     )

@@ -32,6 +32,7 @@ from memtrain.planner.hostmem import (
     POOL_MARGIN,
     POOL_SLACK,
     POOLED_TIERS,
+    grad_staging_bytes,
     nvme_state_window,
     optimizer_host_bytes,
 )
@@ -357,8 +358,9 @@ def build_terms(
     # Host tiers hold what the executor allocates there (memtrain.planner.hostmem): the pinned
     # activation pool sized from every swapped byte (with its margin, and its slack where the
     # tier has a pool at all: ``(-1, "pool", tier)`` is 1 then), the host optimizer's float32
-    # masters, gradient buffers and states, and on the CPU the staging buffers of NVMe swaps.
-    # Pools and optimizer buffers live through the whole step, so one moment holds them all.
+    # masters, gradient buffers in the parameters' dtype (none with an overlapped host step)
+    # and states, and on the CPU the staging buffers of NVMe swaps. Pools and optimizer buffers
+    # live through the whole step, so one moment holds them all.
     pools: dict[str, Lin] = {}
     base: dict[str, list[Lin]] = {t: [] for t in host}
     for t in host:
@@ -371,13 +373,30 @@ def build_terms(
     for j, layer in enumerate(layers):
         for m in modes:
             placed = optimizer_host_bytes(
-                STATE_MODES[m], layer.host_state_bytes, layer.param_count, layer.param_bytes
+                STATE_MODES[m],
+                layer.host_state_bytes,
+                layer.param_count,
+                layer.param_bytes,
+                problem.overlap_host_step,
             )
             for t, nbytes in placed.items():
                 if nbytes and t in base:
                     base[t].append(nbytes * _mode(j, m))
     for t in host:
         memory.append(MemoryTerm(t, "start of backward", lin_sum(base[t])))
+    # Gradient staging of the largest host-placed parameter (hostmem.grad_staging_bytes: its
+    # float32 widening for the step, and the overlapped step's ring): one term per layer with
+    # that layer's largest parameter, so the peak over them is the largest host-placed one's.
+    staging = [Lin() for _ in layers]
+    cpu = lin_sum(base["cpu"]) if "cpu" in host else Lin()
+    for j, layer in enumerate(layers if "cpu" in host else []):
+        itemsize = layer.param_bytes / layer.param_count if layer.param_count > 0 else 0.0
+        largest = layer.largest_param_bytes or layer.param_bytes
+        nbytes = grad_staging_bytes(largest, itemsize, problem.overlap_host_step)
+        placed = [m for m in modes if STATE_MODES[m]["optimizer"] != "gpu"]
+        if nbytes and placed:
+            staging[j] = lin_sum(nbytes * _mode(j, m) for m in placed)
+            memory.append(MemoryTerm("cpu", f"host gradients {layer.name}", cpu + staging[j]))
     if "nvme" in host and "cpu" in host:
         # NVMe swap files pass through host buffers: a layer's while it is written or read back,
         # beside the one before it (the prefetch of backward).
@@ -396,8 +415,10 @@ def build_terms(
                 for k in nvme_state_window(j, n)
                 for m in nvme_modes
             )
-            if window.coef:
-                memory.append(MemoryTerm("cpu", f"nvme states {layers[j].name}", cpu + window))
+            if window.coef:  # beside the stepping layer's gradient staging
+                memory.append(
+                    MemoryTerm("cpu", f"nvme states {layers[j].name}", cpu + window + staging[j])
+                )
     memory.append(MemoryTerm("gpu", "optimizer step", Lin(), 0))
 
     # Optimizer step: on the GPU it streams params, grads and states through HBM; on the host

@@ -9,9 +9,15 @@ are built from these figures, and the executor (memtrain.offload) allocates by t
   saved tensors, the recomputed tokens' block input and every token's attention output, each at
   its own shares; memtrain.offload.policy.executed_host_bytes);
 - **host optimizer** (memtrain.offload.optimizer.OffloadedOptimizer), per parameter whose layer
-  puts its optimizer off the GPU: a float32 master copy and a float32 gradient buffer in plain
-  host memory (``cpu``), and the optimizer's states on those float32 masters (``cpu``; ``cxl`` in
-  a pool bound to that node; ``nvme`` in files);
+  puts its optimizer off the GPU: a float32 master copy and a gradient buffer in the parameter's
+  dtype (bf16/fp16: 2 bytes a parameter; float32 parameters: 4) in plain host memory (``cpu``),
+  and the optimizer's states on those float32 masters (``cpu``; ``cxl`` in a pool bound to that
+  node; ``nvme`` in files);
+- **host gradient staging** (:func:`grad_staging_bytes`), once for the largest host-placed
+  parameter: the float32 transient its narrow gradient is widened into for its step (one
+  parameter at a time), and with an overlapped host step (``overlap_host_step``), which keeps
+  no per-parameter gradient buffers at all, the ring of ``GRAD_RING_SLOTS`` pinned slots in
+  the parameter's dtype that gradients land in;
 - **NVMe optimizer states in host memory**: streamed through it a layer at a time for the step
   (the next layer read ahead, the previous one written behind), so at most the states of
   ``NVME_STATE_WINDOW`` adjacent layers at once: for each layer ``j`` the states of the NVMe
@@ -52,9 +58,29 @@ def pool_bytes(planned: float) -> int:
 
 
 def master_bytes(param_count: float) -> float:
-    """One float32 copy of ``param_count`` parameters (the master weights, or the gradient
-    buffer the host optimizer accumulates into)."""
+    """One float32 copy of ``param_count`` parameters (the master weights)."""
     return FLOAT32_BYTES * float(param_count)
+
+
+def grad_buffer_bytes(param_count: float, param_bytes: float) -> float:
+    """The host gradient buffer of ``param_count`` parameters of ``param_bytes`` in all: in the
+    parameters' dtype, never wider than float32 (the masters')."""
+    if param_bytes <= 0:
+        return master_bytes(param_count)
+    return min(float(param_bytes), master_bytes(param_count))
+
+
+def grad_staging_bytes(largest_param_bytes: float, itemsize: float, overlap: bool) -> float:
+    """Host bytes for gradients beyond the per-parameter buffers, for the largest host-placed
+    parameter (``largest_param_bytes`` in its dtype of ``itemsize`` bytes an element): the
+    float32 transient a narrower gradient is widened into for its step, and when ``overlap``
+    the ring of ``GRAD_RING_SLOTS`` slots in the gradient's dtype."""
+    if largest_param_bytes <= 0 or itemsize <= 0:
+        return 0.0
+    count = largest_param_bytes / itemsize
+    buffer = grad_buffer_bytes(count, largest_param_bytes)
+    widened = master_bytes(count) if buffer < master_bytes(count) else 0.0
+    return widened + (GRAD_RING_SLOTS * buffer if overlap else 0.0)
 
 
 def host_state_estimate(state_bytes: float, param_bytes: float, param_count: float) -> float:
@@ -69,14 +95,22 @@ def host_state_estimate(state_bytes: float, param_bytes: float, param_count: flo
 
 
 def optimizer_host_bytes(
-    mode: dict[str, str], host_state: float, param_count: float, param_bytes: float
+    mode: dict[str, str],
+    host_state: float,
+    param_count: float,
+    param_bytes: float,
+    overlap: bool = False,
 ) -> dict[str, float]:
     """Host bytes per tier of one layer whose parameters, gradients and states are placed as
-    ``mode`` says (a value of memtrain.planner.costmodel.STATE_MODES)."""
+    ``mode`` says (a value of memtrain.planner.costmodel.STATE_MODES): float32 masters, gradient
+    buffers in the parameters' dtype (none when ``overlap``: the ring of
+    :func:`grad_staging_bytes` instead) and states."""
     optimizer = mode["optimizer"]
     if optimizer == "gpu":
         return {}
-    out = {"cpu": 2 * master_bytes(param_count)}  # float32 masters and gradient buffers
+    out = {"cpu": master_bytes(param_count)}
+    if not overlap:
+        out["cpu"] += grad_buffer_bytes(param_count, param_bytes)
     # NVMe states pass through host memory a few layers at a time: nvme_state_window
     out[optimizer] = out.get(optimizer, 0.0) + host_state
     if mode["params"] != "gpu":  # ZeRO-3: the parameters themselves live on the host too

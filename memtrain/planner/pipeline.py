@@ -86,6 +86,8 @@ def plan_model(model: Any, request: PlanRequest, reuse: Plan | None = None) -> P
         step_bytes, step_notes = _step_bytes(model, request)
         options = replace(options, step_bytes=step_bytes)
         notes.extend(step_notes)
+    if options.largest_param_bytes is None and options.allow_state_offload:
+        options = replace(options, largest_param_bytes=_largest_param_bytes(model, request))
     if request.parallelism is None or request.parallelism.is_single:
         plan, rows = best_of(candidates, hardware, options)
     else:
@@ -219,6 +221,32 @@ def _fraction_of_peak(hardware: HardwareModel, profile: ProfileResult, fraction:
     peak = profile.simulated_peak_bytes
     budget = (hardware.gpu_reserved_bytes + fraction * peak) / (1 - hardware.allocator_margin)
     return hardware.with_capacity("gpu", int(budget))
+
+
+def _largest_param_bytes(model: Any, request: PlanRequest) -> dict[str, float] | None:
+    """Per layer (as profiled), its largest parameter's bytes: the host gradient staging of a
+    host-placed layer (memtrain.planner.hostmem.grad_staging_bytes); None for a bare profile
+    (each layer's parameter bytes bound it)."""
+    from memtrain.models.build import causal_lm_layers
+
+    if isinstance(model, ProfileResult):
+        return None
+    if isinstance(model, str):
+        from memtrain.models import build_causal_lm, load_config
+
+        model = build_causal_lm(load_config(model), request.dtype, "meta")
+    seen: set[int] = set()
+    out: dict[str, float] = {}
+    for layer in causal_lm_layers(model):
+        best = 0
+        for module in layer.modules:
+            for param in module.parameters():
+                if id(param) in seen or not param.requires_grad:
+                    continue
+                seen.add(id(param))
+                best = max(best, param.numel() * param.element_size())
+        out[layer.name] = float(best)
+    return out
 
 
 def _step_bytes(model: Any, request: PlanRequest) -> tuple[dict[str, float] | None, list[str]]:

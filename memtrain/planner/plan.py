@@ -62,6 +62,11 @@ class PlanOptions:
     # Host-placed states step as their gradients arrive, overlapping backward (prepare's
     # overlap_host_step): the host step is priced as what backward cannot hide.
     overlap_host_step: bool = False
+    # Per layer name, its largest parameter's bytes: the host gradient staging the host
+    # optimizer holds for it (memtrain.planner.hostmem.grad_staging_bytes); None, or a layer
+    # missing: bounded by the layer's parameter bytes. memtrain.planner.pipeline fills it in
+    # from the model.
+    largest_param_bytes: Mapping[str, float] | None = None
 
 
 @dataclass
@@ -343,7 +348,10 @@ def make_plan(
         )
     else:
         problem = build_problem(
-            profile, fused_loss=fused, always_store_ops=options.always_store_ops
+            profile,
+            fused_loss=fused,
+            always_store_ops=options.always_store_ops,
+            largest_param_bytes=options.largest_param_bytes,
         )
     if options.overlap_host_step:
         problem = replace(problem, overlap_host_step=True)

@@ -58,6 +58,9 @@ class LayerCosts:
     # gradient buffers) and its optimizer states on float32 masters.
     param_count: float = 0.0
     host_state_bytes: float = 0.0
+    # The layer's largest parameter in bytes (its gradient's host staging, hostmem
+    # .grad_staging_bytes); 0: unknown, the layer's parameter bytes bound it.
+    largest_param_bytes: float = 0.0
 
     @property
     def token_bytes(self) -> float:
@@ -117,6 +120,7 @@ def layer_costs(
     *,
     dtype_bytes: int = 2,
     host_state_bytes: float | None = None,
+    largest_param_bytes: float = 0.0,
 ) -> LayerCosts:
     """Split one profiled layer's saved bytes into anchor / recomputable / fixed.
 
@@ -193,6 +197,7 @@ def layer_costs(
         state_bytes=float(layer.optimizer_state_bytes),
         tokenwise=layer.tokenwise,
         param_count=float(count),
+        largest_param_bytes=float(largest_param_bytes),
         host_state_bytes=float(
             host_state_estimate(layer.optimizer_state_bytes, layer.param_bytes, count)
             if host_state_bytes is None
@@ -278,10 +283,12 @@ def build_problem(
     fused_loss: bool,
     always_store_ops: Sequence[str] = (),
     host_state_bytes: Mapping[str, float] | None = None,
+    largest_param_bytes: Mapping[str, float] | None = None,
 ) -> PlanProblem:
     """The planner's view of ``profile`` with the loss fused or not. ``host_state_bytes``:
     per layer name, its optimizer states on float32 masters (exact, from the model; missing
-    layers are estimated)."""
+    layers are estimated); ``largest_param_bytes``: per layer name, its largest parameter's
+    bytes (missing layers: bounded by all of theirs)."""
     if not profile.layers:
         raise MemtrainError("the profile has no layers; re-run memtrain profile")
     source = apply_fused_loss(profile) if fused_loss else profile
@@ -290,6 +297,7 @@ def build_problem(
     except Exception:  # an unknown dtype name: parameter counts are in the profile anyway
         itemsize = 2
     states = dict(host_state_bytes or {})
+    largest = dict(largest_param_bytes or {})
     return PlanProblem(
         layers=[
             layer_costs(
@@ -297,6 +305,7 @@ def build_problem(
                 always_store_ops,
                 dtype_bytes=itemsize,
                 host_state_bytes=states.get(layer.name),
+                largest_param_bytes=largest.get(layer.name, 0.0),
             )
             for layer in source.layers
         ],

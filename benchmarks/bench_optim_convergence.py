@@ -1,4 +1,4 @@
-"""CPU convergence benchmark: memory-lean optimizers against AdamW on a small byte-level Llama.
+"""Convergence benchmark: memory-lean optimizers against AdamW on a small byte-level Llama.
 
 A random-init Llama-style model (built from a config dict by ``memtrain.models.build_causal_lm``)
 learns the bytes of the Python standard library's sources (a text corpus present on every
@@ -7,9 +7,14 @@ and step count for all. The last 5% of the corpus is held out for validation. Lo
 project every block linear at rank r. Reports train loss (mean of the last 20 steps), held-out
 loss, optimizer-state bytes (measured, and equal to the registered formula) and seconds per step.
 
-Example (about 15 minutes on 2 busy, shared CPU cores at the defaults):
+Examples: the defaults (a 0.4M-parameter model, about 15 minutes on 2 busy, shared CPU cores),
+and a 57M-parameter model for a few thousand steps on a GPU (weights and states float32, the
+forward and backward under bf16 autocast; --eval-batches held-out batches):
 
     python -m benchmarks.bench_optim_convergence
+    python -m benchmarks.bench_optim_convergence --device cuda --autocast bf16 --steps 2000 \
+        --seq 512 --batch 32 --hidden 768 --intermediate 2048 --layers 8 --heads 12 \
+        --rank 128 --gap 200 --eval-batches 32
 """
 
 from __future__ import annotations
@@ -62,7 +67,16 @@ def make_model(args: argparse.Namespace) -> torch.nn.Module:
 
     values = model_config(args)
     config = AutoConfig.for_model(values.pop("model_type"), **values)
-    return build_causal_lm(config, dtype="fp32", device="cpu", seed=0)
+    return build_causal_lm(config, dtype="fp32", device=args.device, seed=0)
+
+
+def autocast(args: argparse.Namespace):
+    """bf16 autocast for forward and backward where asked (states and weights stay float32)."""
+    import contextlib
+
+    if args.autocast == "bf16":
+        return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def batches(data: torch.Tensor, seq: int, batch: int, seed: int):
@@ -72,9 +86,9 @@ def batches(data: torch.Tensor, seq: int, batch: int, seed: int):
         yield torch.stack([data[s : s + seq] for s in starts.tolist()])
 
 
-def evaluate(model: torch.nn.Module, eval_batches: list[torch.Tensor]) -> float:
+def evaluate(model: torch.nn.Module, eval_batches: list[torch.Tensor], args) -> float:
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(args):
         losses = [float(model(input_ids=b, labels=b).loss) for b in eval_batches]
     model.train()
     return statistics.mean(losses)
@@ -96,15 +110,18 @@ def run(name: str, spec: str, lr: float, args, train_data, eval_batches) -> dict
     losses = []
     start = time.perf_counter()
     for step in range(args.steps):
-        tokens = next(stream)
-        loss = model(input_ids=tokens, labels=tokens).loss
+        tokens = next(stream).to(args.device)
+        with autocast(args):
+            loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())
         if step % 50 == 0 or step == args.steps - 1:
+            losses[-1] = float(losses[-1])
             print(f"{name:>14} step {step:4d} loss {losses[-1]:.4f}", flush=True)
+    losses = [float(x) for x in losses]
     seconds = (time.perf_counter() - start) / args.steps
     state = (
         optimizer.state_bytes()
@@ -120,7 +137,7 @@ def run(name: str, spec: str, lr: float, args, train_data, eval_batches) -> dict
         "spec": spec,
         "lr": lr,
         "train_loss_last20": statistics.mean(losses[-20:]),
-        "eval_loss": evaluate(model, eval_batches),
+        "eval_loss": evaluate(model, eval_batches, args),
         "state_bytes": state,
         "state_bytes_formula": predicted_state_bytes(model, spec),
         "seconds_per_step": seconds,
@@ -179,6 +196,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--gap", type=int, default=50, help="projection refresh period")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--autocast", choices=("off", "bf16"), default="off")
+    parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument(
         "--runs",
         default=",".join(DEFAULT_RUNS),
@@ -191,17 +211,18 @@ def main() -> None:
     split = int(data.numel() * 0.95)
     train_data, eval_data = data[:split], data[split:]
     eval_stream = batches(eval_data, args.seq, args.batch, seed=2)
-    eval_batches = [next(eval_stream) for _ in range(8)]
+    eval_batches = [next(eval_stream).to(args.device) for _ in range(args.eval_batches)]
     runs = run_specs(args.rank, args.gap, args.hidden)
     unknown = set(args.runs.split(",")) - set(runs)
     if unknown:
         parser.error(f"unknown runs {sorted(unknown)}; choose from {sorted(runs)}")
     runs = {k: v for k, v in runs.items() if k in args.runs.split(",")}
-    results = results_for("bench_optim_convergence", args, device="cpu")
+    results = results_for("bench_optim_convergence", args, device=args.device)
     rows = {}
     for name, (spec, lr) in runs.items():
         rows[name] = run(name, spec, lr, args, train_data, eval_batches)
         settings = {"steps": args.steps, "batch": args.batch, "seq": args.seq}
+        settings.update(autocast=args.autocast, eval_batches=len(eval_batches))
         settings["model"] = model_config(args)
         results.write(name, **rows[name], **settings)
     print("\n| optimizer | spec | lr | train loss (last 20) | held-out loss | state | s/step |")

@@ -272,6 +272,12 @@ class OffloadHandle:
                 module.register_forward_hook(lambda m, a, o: opener(m, a), always_call=True)
             )
 
+    @property
+    def own_attention_layers(self) -> list[str]:
+        """Layers whose mode calls the attention kernels itself (token-wise or tiled recompute)
+        instead of the model's attention function."""
+        return [parts.name for parts in self._attention_parts]
+
     def block_parts(self, module: nn.Module, name: str) -> BlockParts:
         """A Llama-family block's parts, whose attention kernel :meth:`stats` reports."""
         parts = BlockParts(module, name)

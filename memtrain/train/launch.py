@@ -91,6 +91,9 @@ def check_launcher(recipe: Recipe, launched: bool = False) -> None:
             f"{' or '.join(DEEPSPEED_OPTIMIZERS)}, not {name!r} (use "
             "launcher.kind=torchrun for memtrain's optimizers)"
         )
+    from memtrain.train.sequence_parallel import check_sequence_parallel
+
+    check_sequence_parallel(recipe, int(os.environ.get("WORLD_SIZE", nproc)) if launched else None)
     if (kind != "single" or launched) and recipe.train.step_in_backward:
         raise ConfigError(
             "train.step_in_backward steps each weight before the gradients are averaged over "

@@ -124,6 +124,8 @@ class LauncherSection:
     kind: str = _key("single", choices=("single", "torchrun", "deepspeed"))
     nproc: int = _key(1, positive=True)
     zero_stage: int | None = None
+    # Ranks that share each sequence (DeepSpeed Ulysses; memtrain.train.sequence_parallel).
+    sequence_parallel: int = _key(1, positive=True)
 
 
 @dataclass(frozen=True)

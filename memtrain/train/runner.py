@@ -98,17 +98,24 @@ def lr_factor(step: int, schedule: ScheduleSection) -> float:
 
 
 def prepare_recipe(
-    model, recipe: Recipe, limit: dict[str, Any], stored: Any = None, **options: Any
+    model,
+    recipe: Recipe,
+    limit: dict[str, Any],
+    stored: Any = None,
+    seq: int | None = None,
+    **options: Any,
 ):
     """``prepare()`` with a recipe's data, plan and optimizer sections, plus ``options``;
-    ``stored``: the plan a resumed run's checkpoints were written under, installed as it is."""
+    ``stored``: the plan a resumed run's checkpoints were written under, installed as it is;
+    ``seq``: the tokens of a sequence this process holds (``data.seq`` unless sequence-parallel
+    ranks share each sequence)."""
     from memtrain.train.prepare import prepare
 
     opt, plan = recipe.optimizer, recipe.plan
     hardware = {**asdict(plan.hardware_request()), "gpu_budget": limit["plan_gpu_budget"]}
     prepared = prepare(
         model,
-        seq=recipe.data.seq,
+        seq=seq or recipe.data.seq,
         batch=recipe.data.batch,
         **hardware,
         gpu_budget_fraction=plan.gpu_budget_fraction,
@@ -172,12 +179,14 @@ class Runner:
             torch.cuda.set_device(device)
         if train.threads:
             torch.set_num_threads(train.threads)  # small CPU runs: no thread contention
-        strategy = STRATEGIES[world.kind](world, device)
+        strategy = STRATEGIES[world.kind](world, device, recipe.launcher.sequence_parallel)
         backend = strategy.start()
         try:
             if world.distributed:
                 size = world.world_size
                 summary["launcher"] = {"kind": world.kind, "world_size": size, "backend": backend}
+                if strategy.sequence_parallel > 1:
+                    summary["launcher"]["sequence_parallel"] = strategy.sequence_parallel
             summary["train"] = self.train(strategy, device, backend)
         finally:
             strategy.stop(ok=sys.exc_info()[0] is None)
@@ -196,10 +205,13 @@ class Runner:
         model = build_model(recipe.model, device)
         model.train()
         vocab = model.config.vocab_size
+        # The ranks of a sequence-parallel group read the same batches, each holding a shard.
+        data_rank, readers = strategy.data_shard()
         self.stream = TokenStream(
-            **asdict(recipe.data), vocab_size=vocab, rank=world.rank, world_size=world.world_size
+            **asdict(recipe.data), vocab_size=vocab, rank=data_rank, world_size=readers
         )
         options = {"step_in_backward": train.step_in_backward, **strategy.prepare_options}
+        options["seq"] = recipe.data.seq // strategy.sequence_parallel  # planned per rank
         stored = self.stored_plan()
         try:
             self.prepared = prepared = prepare_recipe(model, recipe, limit, stored, **options)
@@ -232,10 +244,10 @@ class Runner:
                 metrics = (out_dir / "metrics.jsonl").open("a" if start else "w")
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            tokens_per_step = recipe.data.seq * recipe.data.batch * world.world_size
+            tokens_per_step = recipe.data.seq * recipe.data.batch * readers
             losses: list[float] = []
             digest = hashlib.sha256()
-            first_position = self.stream.position * world.world_size + world.rank
+            first_position = self.stream.position * readers + data_rank
             started = time.perf_counter()
             with progress_bar(console, self.progress, sched.steps, start) as advance:
                 for step in range(start, sched.steps):

@@ -45,8 +45,10 @@ class SingleProcess:
     # Whether checkpoints may be written in the background (DeepSpeed's engine writes its own).
     background_checkpoints = True
 
-    def __init__(self, world: World, device: torch.device):
+    def __init__(self, world: World, device: torch.device, sequence_parallel: int = 1):
         self.world, self.device = world, device
+        # Ranks that share each sequence (DeepSpeed only; check_launcher refuses the others).
+        self.sequence_parallel = sequence_parallel
         self.in_backward, self.started = None, False
         self.loaded: Path | None = None  # the checkpoint a resume read
         self.keep, self.writer = KEEP, None
@@ -55,6 +57,12 @@ class SingleProcess:
     def start(self) -> str | None:
         """Start the process group; returns its backend (None for a single process)."""
         return None
+
+    def data_shard(self) -> tuple[int, int]:
+        """(this rank's place, their number) among the ranks that read different batches: the
+        ranks of one sequence-parallel group read the same batch."""
+        degree = self.sequence_parallel
+        return self.world.rank // degree, self.world.world_size // degree
 
     def stop(self, ok: bool) -> None:
         pass
@@ -201,6 +209,7 @@ class DeepSpeedStrategy(DDPStrategy):
 
     prepare_options = {"build_optimizer": False, "state_offload": True}
     background_checkpoints = False  # every rank writes its shard inside engine.save_checkpoint
+    ulysses = None  # UlyssesSP with launcher.sequence_parallel > 1
 
     def init_process_group(self, backend: str) -> None:
         import deepspeed
@@ -215,10 +224,21 @@ class DeepSpeedStrategy(DDPStrategy):
         config = build_deepspeed_config(prepared, recipe, self.world)
         if self.world.main:
             (out_dir / "deepspeed_config.json").write_text(json.dumps(config, indent=1))
+        mpu = None
+        if self.sequence_parallel > 1:
+            from memtrain.train.sequence_parallel import UlyssesSP, check_plan
+
+            check_plan(prepared.handle, self.sequence_parallel)
+            self.ulysses = UlyssesSP(
+                self.model, self.sequence_parallel, recipe.data.batch, recipe.data.seq
+            )
+            mpu = self.ulysses.mpu  # gradients reduced over the sequence and data ranks
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(
-            model=self.model, model_parameters=params, config=config
+            model=self.model, model_parameters=params, config=config, mpu=mpu
         )
+        if self.ulysses is not None:
+            self.ulysses.set_zero_stage(self.engine.zero_optimization_stage())
         if self.engine.zero_optimization_stage() == 3 and prepared.fused_loss:
             # The fused loss reads the LM head's weight outside the head's forward; ZeRO-3
             # gathers it for the whole model's forward and backward once told so.
@@ -229,11 +249,23 @@ class DeepSpeedStrategy(DDPStrategy):
         return self.engine.optimizer.param_groups
 
     def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, float | None]:
-        loss = self.engine(input_ids=ids, labels=ids).loss
-        self.engine.backward(loss)
+        if self.ulysses is None:
+            loss = backward = self.engine(input_ids=ids, labels=ids).loss
+        else:  # this rank's shard of the group's sequence; labels shifted before sharding
+            batch = self.ulysses.shard(ids)
+            labels = batch.pop("shift_labels")
+            local = self.engine(**batch, labels=labels, shift_labels=labels).loss
+            backward, loss = self.ulysses.loss(local, labels)
+        self.engine.backward(backward)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return loss, None if norm is None else float(norm)
+
+    def teardown(self, interrupted: bool = False) -> None:
+        super().teardown(interrupted)
+        if self.ulysses is not None:
+            self.ulysses.close()
+            self.ulysses = None
 
     def load(self, check: Check, note: Callable[[str], None]) -> dict[str, Any] | None:
         """The tag ``latest`` names, once ``check`` accepts its ``memtrain.json`` (read before
@@ -344,10 +376,15 @@ def build_deepspeed_config(prepared, recipe: Recipe, world: World) -> dict[str, 
             "bf16": {"enabled": dtype == "bf16"},
             "fp16": {"enabled": dtype == "fp16"},
         }
-    config["optimizer"] = {
-        "type": DEEPSPEED_OPTIMIZERS[opt.name],
-        "params": {"lr": lr, "weight_decay": weight_decay},
-    }
+    params: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
+    if "eps" in opt.options:
+        params["eps"] = float(opt.options["eps"])
+    if "beta1" in opt.options or "beta2" in opt.options:
+        params["betas"] = [
+            float(opt.options.get("beta1", 0.9)),
+            float(opt.options.get("beta2", 0.999)),
+        ]
+    config["optimizer"] = {"type": DEEPSPEED_OPTIMIZERS[opt.name], "params": params}
     zero, stage = config["zero_optimization"], recipe.launcher.zero_stage
     if stage is not None:
         if stage < 3 and "offload_param" in zero:
@@ -361,10 +398,14 @@ def build_deepspeed_config(prepared, recipe: Recipe, world: World) -> dict[str, 
                 "launcher.zero_stage 1 or more"
             )
         zero["stage"] = stage
-    batch = recipe.data.batch
+    batch, degree = recipe.data.batch, recipe.launcher.sequence_parallel
     config["train_micro_batch_size_per_gpu"] = batch
     config["gradient_accumulation_steps"] = 1
-    config["train_batch_size"] = batch * world.world_size
+    config["train_batch_size"] = batch * (world.world_size // degree)  # data-parallel ranks
+    if degree > 1:
+        config["sequence_parallel_size"] = degree
+        if zero["stage"] == 3:  # one averaging path (memtrain.train.sequence_parallel)
+            zero["reduce_scatter"] = True
     config["gradient_clipping"] = float(recipe.schedule.grad_clip or 0.0)
     config["steps_per_print"] = 2**31 - 1  # memtrain logs
     config["wall_clock_breakdown"] = False

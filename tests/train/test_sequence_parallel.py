@@ -1,0 +1,139 @@
+"""`memtrain run` with Ulysses sequence parallelism (DeepSpeed, gloo on the CPU).
+
+Ranks that share each sequence train exactly as one process on the whole sequence: the same
+loss, the same gradient norm and the same parameters after two AdamW steps, under ZeRO-2 and
+ZeRO-3; the settings that cannot run are refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from memtrain.cli import main
+from memtrain.errors import ConfigError
+from memtrain.train.sequence_parallel import UlyssesSP, check_plan
+from tests.train.test_run_and_resume import TINY
+
+TOLERANCE = 1e-5
+
+
+def _write(tmp_path: Path, out: str, nproc: int, degree: int, stage: int = 2) -> Path:
+    recipe = json.loads(json.dumps(TINY))  # tiny Llama: 2 layers, hidden 64, 4/2 heads, fp32
+    recipe["data"] = {"source": "stdlib", "seq": 32, "batch": 2}
+    # eps well above float32 rounding: an entry whose gradient is ~0 follows the gradient
+    # instead of its sign, so the weights compare at 1e-5
+    recipe["optimizer"] = {"name": "adamw", "lr": 0.003, "options": {"eps": 1e-6}}
+    recipe["schedule"] = {"steps": 2, "warmup": 0, "decay": "constant"}
+    recipe["plan"] = {"enabled": False}
+    recipe["train"].update(out_dir=str(tmp_path / out), threads=1, checkpoint_every=2)
+    recipe["launcher"] = {
+        "kind": "deepspeed",
+        "nproc": nproc,
+        "sequence_parallel": degree,
+        "zero_stage": stage,
+    }
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _run(path: Path) -> Path:
+    cmd = [sys.executable, "-m", "memtrain", "run", str(path), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return Path(yaml.safe_load(path.read_text())["train"]["out_dir"])
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").open()]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    """The whole model after step 2 (ZeRO-2 keeps it unsharded in the model-states file)."""
+    path = out / "deepspeed" / "step2" / "mp_rank_00_model_states.pt"
+    return torch.load(path, weights_only=False)["module"]
+
+
+def _assert_same_steps(got: Path, want: Path) -> None:
+    for a, b in zip(_metrics(got), _metrics(want), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= TOLERANCE * abs(b["loss"]), (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= TOLERANCE * b["grad_norm"], (a, b)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The reference: one DeepSpeed process on the whole sequence."""
+    pytest.importorskip("deepspeed")
+    return _run(_write(tmp_path_factory.mktemp("sp"), "one", nproc=1, degree=1))
+
+
+# ------------------------------------------------------------------------------ fast checks
+
+
+def test_settings_that_cannot_run_are_refused(tmp_path, capsys):
+    path = _write(tmp_path, "bad", nproc=2, degree=2)
+    assert main(["run", str(path), "launcher.kind=torchrun", "launcher.zero_stage=null"]) == 2
+    assert "set launcher.kind=deepspeed" in capsys.readouterr().err
+    assert main(["run", str(path), "launcher.nproc=3"]) == 2
+    assert "must divide the number of ranks (3)" in capsys.readouterr().err
+    assert main(["run", str(path), "data.seq=33"]) == 2
+    assert "must divide data.seq (33)" in capsys.readouterr().err
+
+
+def test_plans_that_run_attention_themselves_are_refused():
+    check_plan(SimpleNamespace(own_attention_layers=[]), 2)
+    check_plan(None, 2)
+    tokenwise = SimpleNamespace(own_attention_layers=["model.layers.0", "model.layers.1"])
+    check_plan(tokenwise, 1)  # one rank per sequence: any mode runs
+    with pytest.raises(ConfigError, match="recomputes model.layers.0, model.layers.1 token-wise"):
+        check_plan(tokenwise, 2)
+
+
+def test_labels_are_shifted_before_the_sequence_is_cut():
+    ids = torch.arange(16).reshape(2, 8)
+    shards = []
+    for rank in range(2):
+        sp = object.__new__(UlyssesSP)
+        sp.degree, sp.rank = 2, rank
+        shards.append(sp.shard(ids))
+    labels = torch.cat([s["shift_labels"] for s in shards], dim=1)
+    assert torch.equal(labels[:, :-1], ids[:, 1:]), "the target at the shard border is kept"
+    assert (labels[:, -1] == -100).all()
+    assert torch.equal(torch.cat([s["input_ids"] for s in shards], dim=1), ids)
+    assert shards[1]["position_ids"].tolist() == [[4, 5, 6, 7]] * 2  # global positions
+
+
+# --------------------------------------------------------------------------- launched runs
+
+
+@pytest.mark.slow
+def test_two_ranks_share_each_sequence_as_one_process(tmp_path, one_process):
+    out = _run(_write(tmp_path, "sp2", nproc=2, degree=2))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["launcher"]["sequence_parallel"] == 2
+    config = json.loads((out / "deepspeed_config.json").read_text())
+    assert config["sequence_parallel_size"] == 2 and config["train_batch_size"] == 2
+    # both ranks read the same batches: one data-parallel reader
+    ranks = summary["train"]["ranks"]
+    assert ranks[0]["data_digest"] == ranks[1]["data_digest"]
+    _assert_same_steps(out, one_process)
+    got, want = _weights(out), _weights(one_process)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=0, atol=TOLERANCE), key
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_share_each_sequence_as_one_process(tmp_path, one_process):
+    out = _run(_write(tmp_path, "sp2z3", nproc=2, degree=2, stage=3))
+    zero = json.loads((out / "deepspeed_config.json").read_text())["zero_optimization"]
+    assert zero["stage"] == 3 and zero["reduce_scatter"] is True
+    _assert_same_steps(out, one_process)  # ZeRO-2 and ZeRO-3 steps agree for one process

@@ -31,10 +31,10 @@ Host tiers and their rates are per rank: give each rank its share of the node's 
 The CPU optimizer bandwidth is shared by the ranks of one node and divided among them.
 
 This models memory and time per rank; it is planning only. memtrain does not execute such a
-plan: its executor runs one device, and ``memtrain run`` with a launcher runs whole-model
-replicas with single-device plans. Training with ZeRO sharding and Ulysses is DeepSpeed's
-(``memtrain export-deepspeed`` writes the ZeRO config the plan assumes), with the activation
-decisions applied per rank by the user's training script.
+plan: its executor runs one device. ``memtrain run`` with ``launcher.kind=deepspeed`` trains
+with ZeRO sharding and, with ``launcher.sequence_parallel``, DeepSpeed's Ulysses
+(:mod:`memtrain.train.sequence_parallel`), each rank under a single-device plan of its shard of
+the sequence; ``memtrain export-deepspeed`` writes the ZeRO config this plan assumes.
 """
 
 from __future__ import annotations
@@ -472,7 +472,8 @@ def plan_per_rank(
     plan.notes.append(
         f"per GPU: one rank of {parallelism.describe()}; peaks, bytes and tokens/s are per GPU "
         f"(predicted GPU peak with ZeRO buffers {(gpu_peak + comm) / 2**30:.1f} GiB); "
-        "planning only: memtrain does not execute sharded or sequence-parallel plans; train "
-        "with DeepSpeed ZeRO and Ulysses (memtrain export-deepspeed)"
+        "planning only: memtrain does not execute this per-rank plan; memtrain run trains the "
+        "split with launcher.kind=deepspeed and launcher.sequence_parallel (memtrain "
+        "export-deepspeed writes the ZeRO config)"
     )
     return plan, rows

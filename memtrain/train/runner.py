@@ -155,9 +155,10 @@ class Runner:
             if recipe.dry_run.only:
                 gpus = recipe.dry_run.world_size
                 more = (
-                    f"; training this plan needs {gpus} GPUs under DeepSpeed ZeRO (+ Ulysses "
-                    "sequence parallel): memtrain export-deepspeed PLAN writes its config; "
-                    "memtrain does not execute per-rank plans"
+                    f"; training this split needs {gpus} GPUs: memtrain run with "
+                    "launcher.kind=deepspeed, launcher.zero_stage and launcher.sequence_parallel "
+                    "trains it (each rank planned as one device for its shard of the sequence, "
+                    "not this per-rank plan), or memtrain export-deepspeed PLAN writes its config"
                 )
                 console.print(
                     "dry run only (dry_run.only): no training here" + (more if gpus > 1 else "")

@@ -137,3 +137,20 @@ def test_zero3_two_ranks_share_each_sequence_as_one_process(tmp_path, one_proces
     zero = json.loads((out / "deepspeed_config.json").read_text())["zero_optimization"]
     assert zero["stage"] == 3 and zero["reduce_scatter"] is True
     _assert_same_steps(out, one_process)  # ZeRO-2 and ZeRO-3 steps agree for one process
+
+
+@pytest.mark.slow
+def test_four_ranks_two_sequence_groups_as_two_data_parallel_ranks(tmp_path):
+    """SP=2 x DP=2: each group reads its own batches, as each rank of a 2-rank data-parallel
+    run does, and the step is that run's."""
+    pytest.importorskip("deepspeed")
+    want = _run(_write(tmp_path, "dp2", nproc=2, degree=1))
+    out = _run(_write(tmp_path, "sp2dp2", nproc=4, degree=2))
+    ranks = json.loads((out / "summary.json").read_text())["train"]["ranks"]
+    digests = [r["data_digest"] for r in ranks]
+    assert digests[0] == digests[1] != digests[2] == digests[3]
+    assert [r["first_position"] for r in ranks] == [0, 0, 1, 1]
+    _assert_same_steps(out, want)
+    got, ref = _weights(out), _weights(want)
+    for key in ref:
+        assert torch.allclose(got[key], ref[key], rtol=0, atol=TOLERANCE), key

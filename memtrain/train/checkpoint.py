@@ -55,6 +55,7 @@ BREAKING = (
     "optimizer.options",
     "launcher.nproc",
     "launcher.zero_stage",
+    "launcher.sequence_parallel",
 )
 
 

@@ -99,6 +99,11 @@ def check_launcher(recipe: Recipe, launched: bool = False) -> None:
             "train.step_in_backward steps each weight before the gradients are averaged over "
             "ranks; it runs in a single process only"
         )
+    if (kind != "single" or launched) and recipe.train.overlap_host_step:
+        raise ConfigError(
+            "train.overlap_host_step steps each host weight before the gradients are averaged "
+            "over ranks; it runs in a single process only"
+        )
 
 
 def _free_port() -> int:

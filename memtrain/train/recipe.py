@@ -113,6 +113,10 @@ class TrainSection:
     out_dir: str = "runs/memtrain"
     resume: bool = True
     step_in_backward: bool = False
+    # Optimizer states the plan puts on the host step in a worker thread as their gradients
+    # arrive, overlapping backward (bit-identical to the step after backward; no global
+    # gradient clipping, so schedule.grad_clip must be 0).
+    overlap_host_step: bool = False
     threads: int | None = None
     # Cap this process's CUDA allocator (e.g. 24GiB: a 24 GB card's run checked on a bigger
     # one); the plan gets no more GPU than this. Accepted and not enforced on the CPU.

@@ -164,6 +164,11 @@ class Runner:
                     "dry run only (dry_run.only): no training here" + (more if gpus > 1 else "")
                 )
                 return summary
+        if train.overlap_host_step and recipe.schedule.grad_clip:
+            raise ConfigError(
+                "train.overlap_host_step steps each host weight as its gradient arrives, so "
+                "there is no global gradient norm to clip: set schedule.grad_clip=0"
+            )
         if train.step_in_backward and recipe.schedule.grad_clip:
             raise ConfigError(
                 "train.step_in_backward steps each weight as its gradient arrives, so there is "
@@ -212,6 +217,8 @@ class Runner:
             **asdict(recipe.data), vocab_size=vocab, rank=data_rank, world_size=readers
         )
         options = {"step_in_backward": train.step_in_backward, **strategy.prepare_options}
+        if train.overlap_host_step:
+            options["overlap_host_step"] = True
         options["seq"] = recipe.data.seq // strategy.sequence_parallel  # planned per rank
         stored = self.stored_plan()
         try:
@@ -332,7 +339,8 @@ class Runner:
         """What a plan is made from: a stored plan is reused only while these are unchanged."""
         recipe = asdict(self.recipe)
         keys = ("model", "data", "optimizer", "plan", "launcher")
-        train = {k: recipe["train"][k] for k in ("step_in_backward", "gpu_memory_limit")}
+        planned = ("step_in_backward", "overlap_host_step", "gpu_memory_limit")
+        train = {k: recipe["train"][k] for k in planned}
         return {**{k: recipe[k] for k in keys}, "train": train, "world": self.world.world_size}
 
     def stored_plan(self):

@@ -111,6 +111,9 @@ def test_launcher_settings_are_checked(tmp_path, capsys):
     assert "DeepSpeed's own optimizer" in capsys.readouterr().err
     assert main(["run", str(path), *TORCHRUN, "train.step_in_backward=true"]) == 2
     assert "single process" in capsys.readouterr().err
+    assert main(["run", str(path), *TORCHRUN, "train.overlap_host_step=true"]) == 2
+    err = capsys.readouterr().err
+    assert "overlap_host_step" in err and "single process" in err
     # In-process API: a launched kind is refused rather than silently run in one process.
     with pytest.raises(ConfigError, match="one process per rank"):
         run_recipe(load_recipe(path, TORCHRUN), progress=False)

@@ -115,12 +115,17 @@ def test_labels_are_shifted_before_the_sequence_is_cut():
 
 
 @pytest.mark.slow
-def test_zero3_two_ranks_share_each_sequence_as_one_process(tmp_path, one_process):
+def test_zero3_two_ranks_share_each_sequence_as_one_process_across_a_resume(tmp_path, one_process):
     """Two ranks, one sequence group: both read the same batches and each step's loss and
     gradient norm are the one-process run's (ZeRO-3 averages over every rank, sequence ranks
-    included, so this checks the gradient scale too). Weights are compared under ZeRO-2 by the
-    four-rank test."""
-    out = _run(_write(tmp_path, "sp2z3", nproc=2, degree=2, stage=3))
+    included, so this checks the gradient scale too), also when the run stops after step 1 and
+    resumes from its checkpoint. Weights are compared under ZeRO-2 by the four-rank test."""
+    path = _write(tmp_path, "sp2z3", nproc=2, degree=2, stage=3)
+    first = yaml.safe_load(path.read_text())
+    first["schedule"]["steps"] = 1
+    first["train"]["checkpoint_every"] = 1
+    path.write_text(yaml.safe_dump(first))
+    out = _run(path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["launcher"]["sequence_parallel"] == 2
     config = json.loads((out / "deepspeed_config.json").read_text())
@@ -129,6 +134,11 @@ def test_zero3_two_ranks_share_each_sequence_as_one_process(tmp_path, one_proces
     assert zero["stage"] == 3 and zero["reduce_scatter"] is True
     ranks = summary["train"]["ranks"]
     assert ranks[0]["data_digest"] == ranks[1]["data_digest"]  # one data-parallel reader
+    first["schedule"]["steps"] = 2
+    path.write_text(yaml.safe_dump(first))
+    _run(path)  # resumes through engine.load_checkpoint
+    assert json.loads((out / "summary.json").read_text())["train"]["steps_run"] == 1
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
     _assert_same_steps(out, one_process)  # ZeRO-2 and ZeRO-3 steps agree for one process
 
 

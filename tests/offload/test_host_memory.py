@@ -243,13 +243,14 @@ def test_cpu_run_with_nvme_states_allocates_the_predicted_host_bytes(tmp_path):
     finally:
         handle.remove()
     per_block = on_disk / 4
-    assert max(peaks) == pytest.approx(3 * per_block)
-    allocated = pools + masters + max(peaks)
+    window = 3 * per_block  # what the planner charges: three adjacent blocks
+    # how many are resident at once depends on how fast the writes behind finish
+    assert per_block < max(peaks) <= window
+    bound = pools + masters + window
     before = pools + masters + on_disk  # every state read into host memory for the step
     predicted = evaluation.peaks["cpu"]
     assert predicted < before - 0.8 * per_block  # less the step's widened gradient
-    assert abs(allocated - predicted) <= TOLERANCE * predicted, (allocated, predicted)
-    assert allocated <= predicted * (1 + 1e-3)
-    assert mirror["cpu"] == pytest.approx(masters + max(peaks), rel=1e-3)
-    assert max(peaks) <= mirror["cpu"] - masters  # the window bounds what the step holds
+    assert abs(bound - predicted) <= TOLERANCE * predicted, (bound, predicted)
+    assert pools + masters + max(peaks) <= predicted * (1 + 1e-3)
+    assert mirror["cpu"] == pytest.approx(masters + window, rel=1e-3)
     assert mirror["nvme"] == pytest.approx(on_disk, rel=1e-3)

@@ -65,33 +65,61 @@ def causal_lm_layers(model: nn.Module) -> list[LayerSpec]:
 
     Embeddings (token and learned position embeddings together), each transformer block, the
     final norm and the LM head. The loss, computed after the head, is added by the profiler.
+    The parts are looked for in the base model and, where it wraps them in one more module (OPT's
+    ``model.decoder``), inside that module.
     """
     base = getattr(model, "base_model", None)
     if base is None or base is model:
         raise MemtrainError(
             f"{type(model).__name__} is not a Hugging Face causal LM; pass layers= to the profiler"
         )
-    embed = LayerSpec("embed", "embedding")
-    blocks: list[LayerSpec] = []
-    norm: LayerSpec | None = None
-    for name, child in base.named_children():
-        if isinstance(child, nn.Embedding):
-            embed.modules.append(child)
-        elif isinstance(child, nn.ModuleList) and not blocks:
-            blocks = [LayerSpec(f"block.{i}", "block", [b]) for i, b in enumerate(child)]
-        elif blocks and _is_norm(name, child):
-            norm = LayerSpec("norm", "norm", [child])
+    found = _find_parts(base, depth=2)
     head = model.get_output_embeddings()
-    if not embed.modules or not blocks or head is None:
+    if found is None or head is None:
         raise MemtrainError(
             f"cannot find embeddings, blocks and head in {type(model).__name__}; "
             "pass layers= to the profiler"
         )
-    layers = [embed, *blocks]
+    embeddings, blocks, norm = found
+    layers = [LayerSpec("embed", "embedding", embeddings)]
+    layers += [LayerSpec(f"block.{i}", "block", [b]) for i, b in enumerate(blocks)]
     if norm is not None:
-        layers.append(norm)
+        layers.append(LayerSpec("norm", "norm", [norm]))
     layers.append(LayerSpec("lm_head", "head", [head]))
     return layers
+
+
+def _find_parts(container: nn.Module, depth: int):
+    """(embeddings, block list, final norm or None) among ``container``'s children, or inside
+    the one child that holds them, ``depth`` levels down at most; None when not found."""
+    embeddings: list[nn.Module] = []
+    blocks: nn.ModuleList | None = None
+    norms_before: list[nn.Module] = []
+    norm_after: nn.Module | None = None
+    for name, child in container.named_children():
+        if isinstance(child, nn.Embedding):
+            embeddings.append(child)
+        elif isinstance(child, nn.ModuleList) and len(child) and blocks is None:
+            blocks = child
+        elif _is_norm(name, child):
+            if blocks is not None:
+                norm_after = child
+            elif "final" in name.lower():  # declared before the blocks, run after them (OPT)
+                norms_before.append(child)
+    if blocks is not None and embeddings:
+        return embeddings, blocks, norm_after if norm_after is not None else _final(norms_before)
+    if depth <= 0 or embeddings or blocks is not None:
+        return None
+    inner = [
+        found
+        for child in container.children()
+        if (found := _find_parts(child, depth - 1)) is not None
+    ]
+    return inner[0] if len(inner) == 1 else None
+
+
+def _final(norms: list[nn.Module]) -> nn.Module | None:
+    return norms[-1] if norms else None
 
 
 def meta_twin(model: nn.Module) -> nn.Module:

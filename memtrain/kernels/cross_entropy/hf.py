@@ -279,6 +279,9 @@ def _check_modules(model: torch.nn.Module, recipe: _Recipe) -> None:
     weight = getattr(head, "weight", None)
     if head is None or _resolve(model, recipe.head) is not head or weight is None:
         raise _Refused(f"self.{'.'.join(recipe.head)} is not a linear output embedding")
+    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
+        # e.g. a LoRA-wrapped head: its output is more than weight and bias
+        raise _Refused(f"its output embedding is a {type(head).__name__}, not a plain Linear")
     if weight.dim() != 2:
         raise _Refused("its output embedding's weight is not a matrix")
     if model.loss_function is not LOSS_MAPPING["ForCausalLM"]:
@@ -302,10 +305,21 @@ def _recipe(model: torch.nn.Module) -> _Recipe:
     return recipe
 
 
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face causal LM inside a PEFT wrapper (LoRA and the rest call its forward,
+    which is what the fused loss replaces), else ``model`` itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model) and type(model).__module__.split(".")[0] == "peft":
+        inner = get_base_model()
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    return model
+
+
 def fused_loss_problem(model: torch.nn.Module) -> str | None:
     """Why :func:`patch_causal_lm_loss` cannot fuse ``model``'s loss (None: it can)."""
     try:
-        _recipe(model)
+        _recipe(_causal_lm(model))
     except MemtrainError as exc:
         return str(exc)
     return None
@@ -392,11 +406,13 @@ def patch_causal_lm_loss(model: torch.nn.Module, **loss_options: Any) -> torch.n
     ``impl="torch"``). ``num_items_in_batch`` (gradient accumulation in the HF Trainer) is honoured
     as in the stock loss: summed and divided by it; so are ``shift_labels`` and, for MoE models,
     the router load-balancing loss. A model whose stock loss the kernel cannot reproduce raises a
-    one-line :class:`MemtrainError`. Undo with :func:`unpatch_causal_lm_loss`.
+    one-line :class:`MemtrainError`. Undo with :func:`unpatch_causal_lm_loss`. A PEFT model
+    (LoRA, ...) has the causal LM inside it patched; it is returned as given.
     """
+    outer, model = model, _causal_lm(model)
     recipe = _recipe(model)
     if hasattr(model, _STOCK_FORWARD):
-        return model
+        return outer
     stock_forward = model.forward
     # The patched forward lives in the model's __dict__; holding the model weakly (and its class
     # forward, not a bound method) keeps that from being a reference cycle, so a dropped model
@@ -419,12 +435,13 @@ def patch_causal_lm_loss(model: torch.nn.Module, **loss_options: Any) -> torch.n
 
     setattr(model, _STOCK_FORWARD, stock_forward)
     model.forward = forward
-    return model
+    return outer
 
 
 def unpatch_causal_lm_loss(model: torch.nn.Module) -> torch.nn.Module:
     """Restore the stock ``forward`` replaced by :func:`patch_causal_lm_loss`."""
-    if hasattr(model, _STOCK_FORWARD):
-        del model.forward
-        delattr(model, _STOCK_FORWARD)
+    inner = _causal_lm(model)
+    if hasattr(inner, _STOCK_FORWARD):
+        del inner.forward
+        delattr(inner, _STOCK_FORWARD)
     return model

@@ -56,19 +56,18 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import GiB, cap_gpu_memory, parser, results_for, synchronize
+from benchmarks.harness import (
+    GiB,
+    cap_gpu_memory,
+    parse_overrides,
+    parser,
+    results_for,
+    synchronize,
+)
 
 BENCHMARK = "bench_checkpoint_gpu"
 MODEL = "llama-3.2-1b"
 MODES = ("none", "async", "sync")
-
-
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    values = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        values[key] = json.loads(raw) if raw not in ("", None) else None
-    return values
 
 
 def build_recipe(args: argparse.Namespace, mode: str, out_dir: Path):
@@ -78,7 +77,7 @@ def build_recipe(args: argparse.Namespace, mode: str, out_dir: Path):
     cuda = args.device == "cuda"
     raw: dict[str, Any] = {
         "name": f"{BENCHMARK}-{mode}",
-        "model": {"preset": MODEL, "dtype": "bf16", "overrides": _parse_overrides(args.overrides)},
+        "model": {"preset": MODEL, "dtype": "bf16", "overrides": parse_overrides(args.overrides)},
         "data": {"source": "generated", "seq": args.seq, "batch": 1},
         "optimizer": {"name": "adamw", "lr": 1e-5, "options": {"fused": True} if cuda else {}},
         "schedule": {"steps": args.steps, "warmup": 0, "decay": "constant", "grad_clip": 1.0},
@@ -158,7 +157,7 @@ def run_one(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     from memtrain.train import runner as runner_module
 
     device = torch.device(args.device)
-    overrides = _parse_overrides(args.overrides)
+    overrides = parse_overrides(args.overrides)
     row: dict[str, Any] = {"mode": mode, "model": MODEL, "seq": args.seq, "steps": args.steps}
     row.update(warmup=args.warmup, keep=args.keep, plan=args.plan, overrides=overrides)
     if device.type == "cuda":

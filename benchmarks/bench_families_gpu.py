@@ -37,17 +37,16 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import GiB, cap_gpu_memory, parser, release_memory, results_for
+from benchmarks.harness import (
+    GiB,
+    cap_gpu_memory,
+    parse_overrides,
+    parser,
+    release_memory,
+    results_for,
+)
 
 STEPS = 3  # the last one is measured
-
-
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    values = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        values[key] = json.loads(raw) if raw not in ("", None) else None
-    return values
 
 
 def run_one(
@@ -159,7 +158,7 @@ def main() -> None:
     )
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    overrides = _parse_overrides(args.overrides)
+    overrides = parse_overrides(args.overrides)
     if args.one:
         row = run_one(
             args.runs[0], args.gpu_cap_gib, overrides, args.optimizer, args.cpu, args.hardware

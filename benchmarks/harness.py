@@ -225,3 +225,12 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
 
 def results_for(benchmark: str, args: argparse.Namespace, **kwargs: Any) -> Results:
     return Results(benchmark, directory=args.results_dir, fresh=args.fresh, **kwargs)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=JSON`` model-config overrides from the command line (``KEY=``: None)."""
+    values = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        values[key] = json.loads(raw) if raw not in ("", None) else None
+    return values

@@ -58,6 +58,26 @@ def _largest(config):
     return _largest_param_bytes(build_causal_lm(config, "bf16", "meta"), None)
 
 
+def _installed(config, profile, problem, decisions, nvme_path: str | None = None):
+    """The plan of ``decisions`` as a plan dict, and a bf16 CPU model with it installed (fused
+    loss on): (plan, model, handle)."""
+    plan = {
+        "schema": "memtrain.plan",
+        "seq": SEQ,
+        "micro_batch": 1,
+        "layers": [
+            _layer_entry(layer, decision, 1).to_dict()
+            for layer, decision in zip(problem.layers, decisions, strict=True)
+        ],
+    }
+    if nvme_path is not None:
+        plan["hardware"] = {"nvme_path": nvme_path}
+    model = build_causal_lm(config, "bf16", "cpu", seed=0)
+    model.train()
+    patch_causal_lm_loss(model)
+    return plan, model, apply(model, plan, profile=profile)
+
+
 def test_the_executor_sizes_pools_as_the_planner_predicts(monkeypatch):
     """apply() maps each pool at hostmem.pool_bytes of its planned bytes: the number the
     planner charges."""
@@ -86,19 +106,7 @@ def test_cpu_run_allocates_the_predicted_host_bytes(overlap):
     blocks = iter(LayerDecision(**d) for d in BLOCKS)
     decisions = [next(blocks) if layer.kind == "block" else keep_all() for layer in problem.layers]
     evaluation = evaluate(problem, load_hardware("h100-sxm-80g", cpu="1TiB"), decisions)
-    plan = {
-        "schema": "memtrain.plan",
-        "seq": SEQ,
-        "micro_batch": 1,
-        "layers": [
-            _layer_entry(layer, decision, 1).to_dict()
-            for layer, decision in zip(problem.layers, decisions, strict=True)
-        ],
-    }
-    model = build_causal_lm(config, "bf16", "cpu", seed=0)
-    model.train()
-    patch_causal_lm_loss(model)
-    handle = apply(model, plan, profile=profile)
+    plan, model, handle = _installed(config, profile, problem, decisions)
     try:
         tokenwise = [n for n, m in handle._modes.items() if isinstance(m, TokenwiseRecompute)]
         assert len(tokenwise) >= 2
@@ -208,20 +216,7 @@ def test_cpu_run_with_nvme_states_allocates_the_predicted_host_bytes(tmp_path):
     decisions = [next(blocks) if layer.kind == "block" else keep_all() for layer in problem.layers]
     hardware = load_hardware("h100-sxm-80g", cpu="1TiB", nvme=f"{tmp_path}:1TiB")
     evaluation = evaluate(problem, hardware, decisions)
-    plan = {
-        "schema": "memtrain.plan",
-        "seq": SEQ,
-        "micro_batch": 1,
-        "hardware": {"nvme_path": str(tmp_path)},
-        "layers": [
-            _layer_entry(layer, decision, 1).to_dict()
-            for layer, decision in zip(problem.layers, decisions, strict=True)
-        ],
-    }
-    model = build_causal_lm(config, "bf16", "cpu", seed=0)
-    model.train()
-    patch_causal_lm_loss(model)
-    handle = apply(model, plan, profile=profile)
+    plan, model, handle = _installed(config, profile, problem, decisions, nvme_path=str(tmp_path))
     try:
         optimizer = offload_optimizer(handle, torch.optim.AdamW, lr=1e-3)
         assert optimizer.place == "nvme" and len(optimizer.layer_groups) == 4

@@ -181,7 +181,10 @@ class SwapEngine:
 
     def start_step(self, seq: int, batch: int, params: list[torch.Tensor]) -> None:
         self.token_lengths = {seq, seq * batch}
-        self.excluded = {p.untyped_storage().data_ptr() for p in params}
+        # FSDP2's sharded parameters are DTensors: their local shard holds the storage (the
+        # unsharded weights a forward saves are Parameters, never swapped either)
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        self.excluded = {p.untyped_storage().data_ptr() for p in local}
         self.order.clear()
         self._identity.clear()
         self.step += 1

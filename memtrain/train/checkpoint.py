@@ -40,6 +40,8 @@ from memtrain.errors import MemtrainError
 CHECKPOINT = "checkpoint.pt"  # single process and DDP: the unwrapped model, in train.out_dir
 DS_CHECKPOINTS = "deepspeed"  # DeepSpeed: engine.save_checkpoint's folder under train.out_dir
 DS_CLIENT = "memtrain.json"  # DeepSpeed: step, world size, recipe and plan beside each tag
+FSDP_CHECKPOINTS = "fsdp"  # FSDP2: a torch.distributed.checkpoint folder per step<N> in here
+FSDP_CLIENT = "memtrain.pt"  # FSDP2: step, data position, RNG, recipe and plan in each step<N>
 KEEP = 2  # numbered checkpoints kept unless train.keep_checkpoints says otherwise
 _NUMBERED = re.compile(r"checkpoint-(\d+)\.pt")
 _CHUNK = 1 << 24

@@ -1,12 +1,12 @@
-"""Starting the ranks of ``memtrain run``: torchrun (DDP) or DeepSpeed, one rank per device.
+"""Starting the ranks of ``memtrain run``: torchrun (DDP, FSDP2) or DeepSpeed, one rank per device.
 
 ``memtrain run RECIPE launcher.kind=torchrun launcher.nproc=8`` re-launches the same command as
 ``python -m torch.distributed.run --standalone --nproc_per_node 8 -m memtrain run RECIPE ...``;
 ``launcher.kind=deepspeed`` re-launches it through the DeepSpeed launcher
 (``python -m deepspeed.launcher.runner --num_gpus 8 --no_local_rank --module memtrain run ...``,
-the ``deepspeed`` command). Each rank finds its place (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)
-with :func:`world_from_env` and trains in :mod:`memtrain.train.runner`. On a CPU-only machine
-both kinds run with gloo (DeepSpeed with ``DS_ACCELERATOR=cpu``, which the launch sets).
+the ``deepspeed`` command); ``launcher.kind=fsdp`` starts its ranks as torchrun does. Each rank
+finds its place (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) with :func:`world_from_env` and trains
+in :mod:`memtrain.train.runner`. On a CPU-only machine every kind runs with gloo (DeepSpeed with ``DS_ACCELERATOR=cpu``, which the launch sets).
 """
 
 from __future__ import annotations
@@ -26,9 +26,16 @@ from memtrain.errors import ConfigError
 from memtrain.train.recipe import Recipe
 
 # kind -> the module run as ``python -m MODULE`` to launch the ranks (the launcher "binary").
-LAUNCHERS = {"torchrun": "torch.distributed.run", "deepspeed": "deepspeed.launcher.runner"}
+LAUNCHERS = {
+    "torchrun": "torch.distributed.run",
+    "fsdp": "torch.distributed.run",
+    "deepspeed": "deepspeed.launcher.runner",
+}
 # Optimizers DeepSpeed builds itself (its CPU Adam where ZeRO-Offload moves the states).
 DEEPSPEED_OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}
+# Optimizers that step FSDP2's row shards (DTensors) exactly: elementwise ones. The low-rank ones
+# (GaLore, APOLLO, ...) and Adafactor read whole matrices.
+FSDP_OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,7 @@ class World:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    kind: str = "single"  # "single", "torchrun" (DDP) or "deepspeed"
+    kind: str = "single"  # "single", "torchrun" (DDP), "fsdp" (FSDP2) or "deepspeed"
 
     @property
     def main(self) -> bool:
@@ -59,7 +66,7 @@ def world_from_env(recipe: Recipe) -> World:
         return World()
     rank = int(env["RANK"])
     local = int(env.get("LOCAL_RANK", rank))
-    return World(rank, size, local, "deepspeed" if kind == "deepspeed" else "torchrun")
+    return World(rank, size, local, kind if kind in ("deepspeed", "fsdp") else "torchrun")
 
 
 def needs_launch(recipe: Recipe) -> bool:
@@ -90,6 +97,12 @@ def check_launcher(recipe: Recipe, launched: bool = False) -> None:
             f"launcher.kind=deepspeed trains with DeepSpeed's own optimizer: optimizer.name "
             f"{' or '.join(DEEPSPEED_OPTIMIZERS)}, not {name!r} (use "
             "launcher.kind=torchrun for memtrain's optimizers)"
+        )
+    if kind == "fsdp" and name not in FSDP_OPTIMIZERS:
+        raise ConfigError(
+            f"launcher.kind=fsdp steps row shards of each weight: optimizer.name "
+            f"{', '.join(FSDP_OPTIMIZERS)}, not {name!r} (its update needs whole matrices; use "
+            "launcher.kind=torchrun for it)"
         )
     from memtrain.train.sequence_parallel import check_sequence_parallel
 
@@ -136,7 +149,7 @@ def launch_command(recipe: Recipe, cli_args: list[str]) -> tuple[list[str], dict
             "one rank runs per GPU (check CUDA_VISIBLE_DEVICES)"
         )
     env = dict(os.environ)
-    if kind == "torchrun":
+    if module == LAUNCHERS["torchrun"]:
         cmd = [sys.executable, "-m", module, "--standalone", "--nnodes=1"]
         return cmd + [f"--nproc_per_node={nproc}", "-m", "memtrain", *cli_args], env
     if device == "cpu":

@@ -125,7 +125,7 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class LauncherSection:
-    kind: str = _key("single", choices=("single", "torchrun", "deepspeed"))
+    kind: str = _key("single", choices=("single", "torchrun", "deepspeed", "fsdp"))
     nproc: int = _key(1, positive=True)
     zero_stage: int | None = None
     # Ranks that share each sequence (DeepSpeed Ulysses; memtrain.train.sequence_parallel).

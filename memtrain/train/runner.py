@@ -425,6 +425,8 @@ class Runner:
                 memory["error"] = (max(measured) - predicted) / predicted
         if self.world.kind == "deepspeed":
             memory["note"] = "the plan predicts one unsharded replica; ZeRO shards model states"
+        if self.world.kind == "fsdp":
+            memory["note"] = "the plan predicts one unsharded replica; FSDP shards model states"
         return strategy.gather(mine)
 
 

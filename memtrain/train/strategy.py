@@ -1,4 +1,4 @@
-"""How one training step runs: in one process, under DDP, or in a DeepSpeed engine.
+"""How one training step runs: in one process, under DDP or FSDP2, or in a DeepSpeed engine.
 
 The runner (:mod:`memtrain.train.runner`) owns the loop; a strategy does only what differs:
 start and stop the process group, wrap the model, forward/backward/step, the optimizer's param
@@ -25,6 +25,8 @@ from memtrain.train.checkpoint import (
     CHECKPOINT,
     DS_CHECKPOINTS,
     DS_CLIENT,
+    FSDP_CHECKPOINTS,
+    FSDP_CLIENT,
     KEEP,
     clear_partial,
     newest_good,
@@ -328,6 +330,105 @@ class DeepSpeedStrategy(DDPStrategy):
         self.barrier()
 
 
+class FSDPStrategy(DDPStrategy):
+    """FSDP2: ``fully_shard`` on every decoder block, then on the root (embeddings, final norm,
+    LM head); each parameter is a DTensor sharded along dim 0 over the ranks, and the recipe's
+    (elementwise) torch optimizer steps those shards. Every rank holds a replica's activations,
+    so the plan's activation modes run inside each rank; its optimizer states stay on the device
+    (no host step, no parameter streaming). Checkpoints: torch.distributed.checkpoint under
+    ``out_dir/fsdp/step<N>``, with the client state (data position, RNG, recipe) beside it."""
+
+    prepare_options = {"build_optimizer": False, "state_offload": False}
+    background_checkpoints = False  # every rank writes its shard inside dcp.save
+
+    def setup(self, prepared, recipe: Recipe, out_dir: Path) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        from memtrain.models.build import causal_lm_layers
+        from memtrain.optim import build_optimizer
+        from memtrain.optim.memory import parse_optimizer_spec
+
+        self.model = self.forward = prepared.model
+        self.clip, self.keep = recipe.schedule.grad_clip, recipe.train.keep_checkpoints
+        self.path = out_dir / FSDP_CHECKPOINTS
+        for layer in causal_lm_layers(self.model):
+            if layer.kind == "block":
+                for block in layer.modules:
+                    fully_shard(block)
+        fully_shard(self.model)
+        opt = recipe.optimizer
+        spec = parse_optimizer_spec(opt.spec)
+        decay = float(spec.options.get("weight_decay", opt.weight_decay))
+        self.optimizer = build_optimizer(self.model, spec, lr=float(opt.lr))
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = decay
+
+    def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+        from torch.distributed.tensor import DTensor
+
+        loss = self.model(input_ids=ids, labels=ids).loss
+        loss.backward()  # reduce-scatter: each rank gets its shard of the averaged gradients
+        grad_norm = None
+        if self.clip:
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
+    def load(self, check: Check, note: Callable[[str], None]) -> dict[str, Any] | None:
+        """The newest ``step<N>`` whose client state was written (it is written after every
+        rank's shards), once ``check`` accepts it; its shards read back with DCP."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        tags = [p for _, p in _step_tags(self.path) if (p / FSDP_CLIENT).exists()]
+        if not tags:
+            return None
+        folder = self.loaded = tags[0]
+        try:
+            state = torch.load(folder / FSDP_CLIENT, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - a damaged file, on one line
+            raise MemtrainError(f"{folder / FSDP_CLIENT} cannot be read ({exc})") from None
+        check(state, folder)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        loaded = {"model": model_state, "optimizer": optim_state}
+        try:
+            dcp.load(loaded, checkpoint_id=str(folder))
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=loaded["model"],
+                optim_state_dict=loaded["optimizer"],
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure inside DCP, on one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise MemtrainError(
+                f"checkpoint {folder} does not fit this model and optimizer ({first})"
+            ) from None
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        step = int(state["step"])
+        folder = self.path / f"step{step}"
+        if self.world.main and folder.exists():  # a resumed run's dropped future
+            shutil.rmtree(folder)
+        self.barrier()
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
+        self.barrier()
+        if self.world.main:  # last: a folder with its client state is whole
+            partial = folder / (FSDP_CLIENT + ".partial")
+            torch.save(state, partial)
+            partial.replace(folder / FSDP_CLIENT)
+            for old in stale_tags(self.path, step, self.keep):
+                shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+
+
 class _Unreadable(Exception):
     """A DeepSpeed tag that cannot be read (a damaged or missing checkpoint, not a refusal)."""
 
@@ -356,7 +457,12 @@ def stale_tags(folder: Path, step: int, keep: int) -> list[Path]:
     return [p for _, p in tags if p not in kept]
 
 
-STRATEGIES = {"single": SingleProcess, "torchrun": DDPStrategy, "deepspeed": DeepSpeedStrategy}
+STRATEGIES = {
+    "single": SingleProcess,
+    "torchrun": DDPStrategy,
+    "fsdp": FSDPStrategy,
+    "deepspeed": DeepSpeedStrategy,
+}
 
 
 def build_deepspeed_config(prepared, recipe: Recipe, world: World) -> dict[str, Any]:

@@ -1,0 +1,90 @@
+"""`memtrain run` with launcher.kind=fsdp (FSDP2, 2 gloo ranks on the CPU).
+
+Sharding the tiny Llama's weights along dim 0 changes nothing a step computes: losses, gradient
+norms and final weights equal a 2-rank DDP run's on the same data; a run stopped after step 1 and
+resumed from its DCP checkpoint equals the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memtrain.cli import main
+from tests.train.test_distributed_run import _run, _write
+
+FSDP = ["launcher.kind=fsdp", "launcher.nproc=2"]
+ADAMW = {"name": "adamw", "options": {}}
+PLAN = {"gpu_budget_fraction": 0.85}  # some activations swapped or recomputed
+
+
+def _metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").open()]
+
+
+def _fsdp_weights(folder: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = tmp_path / f"{folder.parent.parent.name}-{folder.name}.pt"  # e.g. fsdp-step2.pt
+    dcp_to_torch_save(folder, target)
+    return torch.load(target, weights_only=False)["model"]
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-5 * max(abs(a), abs(b))
+
+
+def test_unsupported_optimizer_under_fsdp_is_one_line(tmp_path, capsys):
+    path = _write(tmp_path, "bad")  # TINY trains with GaLore
+    assert main(["run", str(path), *FSDP]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "launcher.kind=fsdp" in err and "'galore'" in err and "adamw" in err
+    assert len(err.splitlines()) == 1
+    # The ranks start as torchrun's do.
+    from memtrain.train import load_recipe
+    from memtrain.train.launch import launch_command
+
+    recipe = load_recipe(_write(tmp_path, "cmd", optimizer=ADAMW), FSDP)
+    cmd, _ = launch_command(recipe, ["run", "x.yaml"])
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc_per_node=2" in cmd and cmd[-4:] == ["-m", "memtrain", "run", "x.yaml"]
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_equal_ddp_and_resume(tmp_path):
+    ddp = _write(tmp_path, "ddp", optimizer=ADAMW, plan=PLAN)
+    _run(ddp, "launcher.kind=torchrun", "launcher.nproc=2", "schedule.steps=2")
+    fsdp = _write(tmp_path, "fsdp", optimizer=ADAMW, plan=PLAN)
+    _run(fsdp, *FSDP, "schedule.steps=2", "train.checkpoint_every=1")
+    out = tmp_path / "fsdp"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["launcher"] == {"kind": "fsdp", "world_size": 2, "backend": "gloo"}
+    a, b = _metrics(tmp_path / "ddp"), _metrics(out)
+    assert [m["step"] for m in b] == [1, 2]
+    for x, y in zip(a, b, strict=True):
+        assert _close(x["loss"], y["loss"]) and _close(x["grad_norm"], y["grad_norm"]), (x, y)
+    expected = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)["model"]
+    got = _fsdp_weights(out / "fsdp" / "step2", tmp_path)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert sorted(p.name for p in (out / "fsdp").glob("step*")) == ["step1", "step2"]
+
+    # The same run stopped after step 1 (its step2 never written), resumed to step 2.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "fsdp" / "step2")
+    (resumed / "summary.json").unlink()
+    _run(fsdp, *FSDP, "schedule.steps=2", "train.checkpoint_every=1", f"train.out_dir={resumed}")
+    assert json.loads((resumed / "summary.json").read_text())["train"]["steps_run"] == 1
+    for x, y in zip(b, _metrics(resumed), strict=True):
+        assert x["step"] == y["step"] and x["loss"] == y["loss"], (x, y)
+        assert x["grad_norm"] == y["grad_norm"]
+    again = _fsdp_weights(resumed / "fsdp" / "step2", tmp_path)
+    for key in got:
+        assert torch.equal(got[key], again[key]), key

@@ -218,6 +218,11 @@ class DeepSpeedStrategy(DDPStrategy):
 
         deepspeed.init_distributed(dist_backend=backend)
 
+    def stop(self, ok: bool) -> None:
+        super().stop(ok)
+        if self.device.type == "cpu":
+            release_shm_buffer(self.world.rank)
+
     def setup(self, prepared, recipe: Recipe, out_dir: Path) -> None:
         import deepspeed
 
@@ -516,3 +521,17 @@ def build_deepspeed_config(prepared, recipe: Recipe, world: World) -> dict[str, 
     config["steps_per_print"] = 2**31 - 1  # memtrain logs
     config["wall_clock_breakdown"] = False
     return config
+
+
+def release_shm_buffer(rank: int, root: str = "/dev/shm") -> None:
+    """Remove this rank's shared-memory all-reduce buffer that DeepSpeed's CPU communication op
+    creates and never unlinks (69 MB per rank and launch, left in /dev/shm otherwise). Called
+    once every rank is past its last collective; peers keep their mappings."""
+    import os
+
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    try:
+        os.unlink(os.path.join(root, name))
+    except OSError:
+        pass  # not created (another communication backend) or already gone

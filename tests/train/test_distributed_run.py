@@ -233,3 +233,18 @@ def test_deepspeed_zero3_two_ranks_trains_and_resumes(tmp_path):
     assert _steps(out) == [1, 2, 3]
     kept = sorted(p.name for p in (out / "deepspeed").glob("step*"))
     assert kept == ["step2", "step3"]  # train.keep_checkpoints: 2
+
+
+def test_deepspeed_cpu_shm_buffer_is_released(tmp_path, monkeypatch):
+    import os
+
+    from memtrain.train.strategy import release_shm_buffer
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29511")
+    names = [f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29511_{r}" for r in (2, 3)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    release_shm_buffer(3, root=str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == names[:1]  # rank 2's stays
+    release_shm_buffer(3, root=str(tmp_path))  # gone already: nothing to do

@@ -52,6 +52,11 @@ def _run(path: Path) -> Path:
     return Path(yaml.safe_load(path.read_text())["train"]["out_dir"])
 
 
+def _shm_buffers() -> set[str]:
+    root = Path("/dev/shm")
+    return {p.name for p in root.glob("deepspeed_allreduce_buffer_*")} if root.is_dir() else set()
+
+
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").open()]
 
@@ -147,8 +152,10 @@ def test_four_ranks_two_sequence_groups_as_two_data_parallel_ranks(tmp_path):
     """SP=2 x DP=2: each group reads its own batches, as each rank of a 2-rank data-parallel
     run does, and the step is that run's."""
     pytest.importorskip("deepspeed")
+    before = _shm_buffers()
     want = _run(_write(tmp_path, "dp2", nproc=2, degree=1))
     out = _run(_write(tmp_path, "sp2dp2", nproc=4, degree=2))
+    assert _shm_buffers() <= before  # DeepSpeed's CPU all-reduce buffers are released
     ranks = json.loads((out / "summary.json").read_text())["train"]["ranks"]
     digests = [r["data_digest"] for r in ranks]
     assert digests[0] == digests[1] != digests[2] == digests[3]

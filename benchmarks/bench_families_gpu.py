@@ -49,6 +49,21 @@ from benchmarks.harness import (
 STEPS = 3  # the last one is measured
 
 
+def host_memory_gib() -> dict[str, float]:
+    """This process's resident host memory now and at its high-water mark (pinned pools count
+    once touched), from /proc/self/status; empty where that file is missing."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0]) * 1024 / GiB
+    except OSError:
+        return {}
+    return out
+
+
 def run_one(
     spec: str,
     cap_gib: float | None,
@@ -56,6 +71,8 @@ def run_one(
     optimizer_spec: str = "adamw",
     cpu: str | None = None,
     hardware: str = "h100-sxm-80g",
+    gpu_budget: str | None = None,
+    steps: int = STEPS,
 ) -> dict[str, Any]:
     """One run in this process; returns its row."""
     kind, preset, tokens = spec.split("@")
@@ -76,6 +93,7 @@ def run_one(
     row["optimizer"] = optimizer_spec
     model = build_causal_lm(config, "bf16", "cuda")
     model.train()
+    row["host_rss_before_gib"] = host_memory_gib().get("VmRSS")
     prepared = None
     try:
         if kind == "stock":
@@ -95,6 +113,7 @@ def run_one(
                 lr=1e-5,
                 optimizer=optimizer_spec,
                 cpu=cpu,
+                gpu_budget=gpu_budget,
             )
             row["prepare_s"] = round(time.perf_counter() - started, 1)
             optimizer = prepared.optimizer
@@ -104,9 +123,9 @@ def run_one(
             row["predicted_step_s"] = predicted["step_time_s"]
             row["notes"] = list(prepared.notes)
         ids = torch.randint(0, config.vocab_size, (1, seq), device="cuda")
-        for step in range(STEPS):
+        for step in range(steps):
             torch.cuda.synchronize()
-            if step == STEPS - 1:
+            if step == steps - 1:
                 torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
             loss = model(input_ids=ids, labels=ids).loss
@@ -121,6 +140,8 @@ def run_one(
         row.update(status="ok", step_s=seconds, tokens_per_s=seq / seconds)
         row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
         row["reserved_peak_gib"] = torch.cuda.max_memory_reserved() / GiB
+        host = host_memory_gib()
+        row["host_rss_peak_gib"] = host.get("VmHWM")
         if prepared is not None:
             stats = prepared.handle.stats() if prepared.handle is not None else {}
             modes = stats.get("modes", {})
@@ -128,6 +149,11 @@ def run_one(
                 m: sum(1 for v in modes.values() if v == m) for m in set(modes.values())
             }
             row["attention_kernels"] = stats.get("attention_kernels")
+            pools = stats.get("pools", {})
+            row["host_pool_capacity_gib"] = sum(p["capacity"] for p in pools.values()) / GiB
+            row["host_pool_high_water_gib"] = sum(p["high_water"] for p in pools.values()) / GiB
+            if row.get("host_rss_before_gib") is not None and row["host_rss_peak_gib"]:
+                row["host_added_gib"] = row["host_rss_peak_gib"] - row["host_rss_before_gib"]
             row["peak_vs_plan"] = row["peak_gib"] / row["predicted_gpu_peak_gib"] - 1
     except torch.OutOfMemoryError as exc:
         row["status"] = "out of memory"
@@ -156,12 +182,21 @@ def main() -> None:
         default="h100-sxm-80g",
         help="memtrain runs: device preset or a `memtrain calibrate` YAML",
     )
+    p.add_argument("--gpu-budget", help="memtrain runs: GPU memory to plan for, e.g. 80GB")
+    p.add_argument("--steps", type=int, default=STEPS, help="steps per run; the last is measured")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     overrides = parse_overrides(args.overrides)
     if args.one:
         row = run_one(
-            args.runs[0], args.gpu_cap_gib, overrides, args.optimizer, args.cpu, args.hardware
+            args.runs[0],
+            args.gpu_cap_gib,
+            overrides,
+            args.optimizer,
+            args.cpu,
+            args.hardware,
+            args.gpu_budget,
+            args.steps,
         )
         print(json.dumps(row, default=str))
         return
@@ -176,6 +211,8 @@ def main() -> None:
             command += ["--overrides", *args.overrides]
         command += ["--optimizer", args.optimizer, "--hardware", args.hardware]
         command += ["--cpu", args.cpu] if args.cpu else []
+        command += ["--gpu-budget", args.gpu_budget] if args.gpu_budget else []
+        command += ["--steps", str(args.steps)]
         done = subprocess.run(command, capture_output=True, text=True)
         sys.stderr.write(done.stderr[-3000:])
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -183,6 +220,7 @@ def main() -> None:
         key = spec + ("|" + ",".join(args.overrides) if args.overrides else "")
         key += "" if args.optimizer == "adamw" else f"|{args.optimizer}"
         key += "" if args.hardware == "h100-sxm-80g" else "|calibrated"
+        key += "" if args.cpu is None else f"|cpu={args.cpu}"
         results.write(key, **row)
         print(json.dumps({k: v for k, v in row.items() if k != "traceback"}, default=str))
         if "traceback" in row:

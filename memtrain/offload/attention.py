@@ -128,6 +128,50 @@ class FlashAttention:
             grad_out, q, k, v, out, lse, 0.0, True, scale=self.scale
         )
 
+    def rows_run(self, extra: tuple) -> bool:
+        """Whether :meth:`backward_rows` can take the place of :meth:`backward` for attention
+        run with ``extra`` (not for flash attention's own sliding window)."""
+        return not extra or extra[0] in ("cudnn", "flash")
+
+    def part_backward(self, grad_out, q, k, v, out, lse, causal: bool, extra: tuple):
+        """Gradients of queries ``q`` against one run of keys, given the whole attention's
+        output and log-sum-exp for those queries (the kernels derive each probability from
+        them, so every key part's gradients are exact on their own)."""
+        if q.device.type != "cuda":
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out, q, k, v, out, lse, 0.0, causal, scale=self.scale
+            )[:3]
+        kind, cum_q, cum_k, _, _, seed, offset = extra
+        rows, keys = q.shape[2], k.shape[2]
+        if kind == "cudnn":
+            return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                grad_out, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, rows, keys,
+                0.0, causal, scale=self.scale,
+            )[:3]  # fmt: skip
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad_out, q, k, v, out, lse, cum_q, cum_k, rows, keys, 0.0, causal, seed, offset,
+            scale=self.scale,
+        )[:3]  # fmt: skip
+
+    def backward_rows(self, grad_out, q, k, v, out, lse, start: int, extra: tuple):
+        """Gradients of the queries at positions ``[start, start + rows)`` (``q``, ``grad_out``,
+        ``out`` and ``lse`` are theirs; ``k`` and ``v`` every key): ``dq`` and ``[(first, dk,
+        dv), ...]``, each part covering keys from ``first``. The causal square of the queries'
+        own positions and the fully visible keys before them are two kernel calls."""
+        end = start + q.shape[2]
+        lse = lse.contiguous()
+        dq, dk, dv = self.part_backward(
+            grad_out, q, k[:, :, start:end], v[:, :, start:end], out, lse, True, extra
+        )
+        parts = [(start, dk, dv)]
+        if start > 0:
+            dq_before, dk, dv = self.part_backward(
+                grad_out, q, k[:, :, :start], v[:, :, :start], out, lse, False, extra
+            )
+            dq = dq.float().add_(dq_before.float()).to(q.dtype)
+            parts.append((0, dk, dv))
+        return dq, parts
+
     @staticmethod
     def runs(q: torch.Tensor, window: int | None, softcap: float | None) -> bool:
         """Whether the fused kernels compute this attention for queries ``q``: no softcap, a
@@ -218,29 +262,50 @@ class ChunkedAttention:
         return out, lse, ()
 
     def backward(self, grad_out, q, k, v, out, lse, extra: tuple):
-        batch, heads, tokens, dim = q.shape
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+        dq = self._rows(grad_out, q, k, v, out, lse, 0, dk, dv)
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+    def rows_run(self, extra: tuple) -> bool:
+        return True
+
+    def backward_rows(self, grad_out, q, k, v, out, lse, start: int, extra: tuple):
+        """As :meth:`FlashAttention.backward_rows`: one float32 part from the first key any
+        of these queries sees."""
+        end = start + q.shape[2]
+        first = self._keys(start, end)[0]
+        dk = torch.zeros((*k.shape[:2], end - first, k.shape[3]), device=k.device)
+        dv = torch.zeros((*v.shape[:2], end - first, v.shape[3]), device=v.device)
+        dq = self._rows(grad_out, q, k, v, out, lse, start, dk, dv, offset=first)
+        return dq, [(first, dk, dv)]
+
+    def _rows(self, grad_out, q, k, v, out, lse, origin: int, dk, dv, offset: int = 0):
+        """dq of the queries at ``[origin, origin + rows)``; their dk and dv are added into
+        float32 ``dk`` and ``dv``, whose first token is key ``offset``."""
+        batch, heads, rows, dim = q.shape
         kv_heads = k.shape[1]
         groups = heads // kv_heads
         dq = torch.empty_like(q)
-        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
         step = self._chunk(q)
-        for start in range(0, tokens, step):
-            end = min(tokens, start + step)
+        for low in range(0, rows, step):
+            high = min(rows, low + step)
+            start, end = origin + low, origin + high
             first, last = self._keys(start, end)
-            qc = self._grouped(q[:, :, start:end], kv_heads)
+            qc = self._grouped(q[:, :, low:high], kv_heads)
             s, capped = self._scores(qc, k, start, end, first, last)
-            lse_c = lse[:, :, start:end].reshape(batch, kv_heads, groups, end - start, 1)
+            lse_c = lse[:, :, low:high].reshape(batch, kv_heads, groups, high - low, 1)
             p = torch.exp(s - lse_c)
-            go = self._grouped(grad_out[:, :, start:end], kv_heads)
-            oc = self._grouped(out[:, :, start:end], kv_heads)
-            dv[:, :, first:last] += torch.matmul(p.transpose(-1, -2), go).sum(dim=2)
+            go = self._grouped(grad_out[:, :, low:high], kv_heads)
+            oc = self._grouped(out[:, :, low:high], kv_heads)
+            keys = slice(first - offset, last - offset)
+            dv[:, :, keys] += torch.matmul(p.transpose(-1, -2), go).sum(dim=2)
             dp = torch.matmul(go, v[:, :, first:last].float().transpose(-1, -2).unsqueeze(2))
             ds = p * (dp - (go * oc).sum(dim=-1, keepdim=True))
             if capped is not None:
                 ds = ds * (1 - capped * capped)
             ds = ds * self.scale
             dqc = torch.matmul(ds, k[:, :, first:last].float().unsqueeze(2))
-            dq[:, :, start:end] = dqc.reshape(batch, heads, end - start, dim).to(q.dtype)
-            dk[:, :, first:last] += torch.matmul(ds.transpose(-1, -2), qc).sum(dim=2)
-        return dq, dk.to(k.dtype), dv.to(v.dtype)
+            dq[:, :, low:high] = dqc.reshape(batch, heads, high - low, dim).to(q.dtype)
+            dk[:, :, keys] += torch.matmul(ds.transpose(-1, -2), qc).sum(dim=2)
+        return dq

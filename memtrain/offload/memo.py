@@ -134,6 +134,22 @@ class BlockParts:
         ]
         return dq, self.reduce(dk), self.reduce(dv)
 
+    def rows_run(self, extra) -> bool:
+        """Whether attention run with ``extra`` takes its backward in query chunks."""
+        engine, inner = extra
+        return engine.rows_run(inner)
+
+    def attention_backward_rows(self, grad_out, q, k, v, out, lse, start: int, extra):
+        """Gradients of the queries from position ``start``: ``dq`` and ``[(first, dk, dv)]``
+        parts (see :meth:`FlashAttention.backward_rows`), key heads reduced."""
+        engine, inner = extra
+        if engine is not self.flash or self.native_gqa:
+            return engine.backward_rows(grad_out, q, k, v, out, lse, start, inner)
+        end = start + q.shape[2]
+        keys, values = self.expand(k[:, :, :end]), self.expand(v[:, :, :end])
+        dq, parts = engine.backward_rows(grad_out, q, keys, values, out, lse, start, inner)
+        return dq, [(first, self.reduce(dk), self.reduce(dv)) for first, dk, dv in parts]
+
     @property
     def backend(self) -> str | None:
         """The kernel the last attention call ran (None: on the CPU's flash kernel, or none)."""
@@ -177,15 +193,26 @@ def _is_pattern(allowed: torch.Tensor, tokens: int, window: int | None, rows: in
 
 
 class _StoredAttention(torch.autograd.Function):
-    """Causal attention over stored-token q/k/v plus recomputed-token q/k/v.
+    """Causal attention over stored-token q/k/v and recomputed tokens' block input.
 
-    Saves the stored tokens' q, k, v, the block input of the recomputed tokens (to regenerate
-    their q, k, v in backward), the attention output and the log-sum-exp.
+    The recomputed tokens' q, k and v are made here without autograd and never saved: the
+    Function saves the stored tokens' q, k, v, the recomputed tokens' block input, the attention
+    output and the log-sum-exp. Backward regenerates k and v, then takes the queries in
+    sequence chunks from the last: each chunk's attention gradient against every key it sees
+    (float32 key and value gradients accumulate), and once a recomputed chunk's own keys have
+    all their gradient (no earlier query sees them) its pre-attention work is rebuilt and
+    differentiated, giving its block-input gradient and its share of the weights' gradients.
+    A whole query set's q, dq and the kernel's own whole-sequence buffers never exist. The
+    weights come in as inputs, so each gets one gradient per step (its hooks fire once).
+    Flash attention's own sliding window runs the whole-sequence kernel instead.
     """
 
     @staticmethod
-    def forward(ctx, q_s, k_s, v_s, q_r, k_r, v_r, h_r, cos, sin, parts, layout, mask):
+    def forward(ctx, q_s, k_s, v_s, h_r, cos, sin, parts, layout, mask, *params):
+        chunks, ns = layout
+        q_r, k_r, v_r = _regenerate(parts, h_r, cos, sin, ns, chunks)
         q, k, v = _join(q_s, q_r), _join(k_s, k_r), _join(v_s, v_r)
+        del q_r, k_r, v_r
         out, lse, extra = parts.attention(q, k, v, mask)
         batch, heads, tokens, dim = out.shape
         a = out.transpose(1, 2).reshape(batch, tokens, heads * dim)
@@ -194,6 +221,8 @@ class _StoredAttention(torch.autograd.Function):
         ctx.extra = extra
         ctx.out_shape = (batch, tokens, heads, dim)
         ctx.out_strided = out.stride() == a.view(batch, tokens, heads, dim).transpose(1, 2).stride()
+        ctx.autocast = _autocast_state(h_r.device.type)
+        ctx.params = params  # leaves, kept by reference (a saved-tensor scope would move them)
         ctx.save_for_backward(q_s, k_s, v_s, h_r, cos, sin, a, lse)
         return a
 
@@ -201,31 +230,147 @@ class _StoredAttention(torch.autograd.Function):
     def backward(ctx, grad_a):
         q_s, k_s, v_s, h_r, cos, sin, a, lse = ctx.saved_tensors
         parts: BlockParts = ctx.parts
-        ns = ctx.ns
-        with torch.no_grad():
-            q_r, k_r, v_r = _regenerate(parts, h_r, cos, sin, ns, ctx.chunks)
-        q, k, v = _join(q_s, q_r), _join(k_s, k_r), _join(v_s, v_r)
-        del q_r, k_r, v_r
+        ns, chunks = ctx.ns, ctx.chunks
+        wanted = ctx.needs_input_grad[9:]
+        params = [p if need else None for p, need in zip(ctx.params, wanted, strict=True)]
         batch, tokens, heads, dim = ctx.out_shape
         out = a.view(batch, tokens, heads, dim).transpose(1, 2)
         grad_out = grad_a.reshape(batch, tokens, heads, dim).transpose(1, 2)
         if not ctx.out_strided:
             out = out.contiguous()
-        dq, dk, dv = parts.attention_backward(grad_out, q, k, v, out, lse, ctx.extra)
-        return (
-            dq[:, :, :ns],
-            dk[:, :, :ns],
-            dv[:, :, :ns],
-            dq[:, :, ns:],
-            dk[:, :, ns:],
-            dv[:, :, ns:],
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
+        rebuild = _Rebuild(parts, h_r, cos, sin, ns, params, ctx.needs_input_grad[3], ctx.autocast)
+        with rebuild.autocast(), torch.no_grad():
+            keep = (1, 2) if parts.rows_run(ctx.extra) else (0, 1, 2)
+            regenerated = _regenerate(parts, h_r, cos, sin, ns, chunks, keep)
+        k, v = _join(k_s, regenerated[-2]), _join(v_s, regenerated[-1])
+        if len(keep) == 2:
+            dq_s, dk_s, dv_s = _backward_in_rows(
+                parts, ctx.extra, grad_out, q_s, k, v, out, lse, ns, chunks, rebuild
+            )
+        else:  # the whole-sequence kernel, then each recomputed chunk's pre-attention work
+            q = _join(q_s, regenerated[0])
+            del regenerated
+            dq, dk, dv = parts.attention_backward(grad_out, q, k, v, out, lse, ctx.extra)
+            del q
+            for start, end in reversed(chunk_ranges(ns, tokens, chunks)):
+                span = slice(start, end)
+                pending = rebuild.open(start, end)
+                rebuild.close(pending, dq[:, :, span], dk[:, :, span], dv[:, :, span])
+            dq_s, dk_s, dv_s = dq[:, :, :ns], dk[:, :, :ns], dv[:, :, :ns]
+        return (dq_s, dk_s, dv_s, rebuild.grad_input, None, None, None, None, None,
+                *rebuild.param_grads())  # fmt: skip
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    return (
+        device_type,
+        torch.is_autocast_enabled(device_type),
+        torch.get_autocast_dtype(device_type),
+    )
+
+
+class _Rebuild:
+    """Differentiates recomputed chunks' pre-attention work in backward: each chunk's q, k and
+    v are rebuilt from its block input under the forward's autocast state and differentiated
+    against their gradients into the block-input gradient and float32 weight gradients."""
+
+    def __init__(self, parts, h_r, cos, sin, ns, params, input_grad: bool, autocast) -> None:
+        if (cos.requires_grad or sin.requires_grad) and h_r.shape[1] > 0:
+            raise MemtrainError(
+                f"layer {parts.name}: token-wise recompute needs rotary tables without gradients"
+            )
+        self.parts, self.h_r, self.cos, self.sin, self.ns = parts, h_r, cos, sin, ns
+        self.params = params
+        self.grads: list[torch.Tensor | None] = [None] * len(params)
+        self.grad_input = torch.zeros_like(h_r) if input_grad else None
+        self.device_type, self.enabled, self.dtype = autocast
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def open(self, start: int, end: int):
+        """Rebuild tokens ``[start, end)``'s q, k and v with autograd: ``(h, (q, k, v))``,
+        or None when nothing asks for a gradient."""
+        lo, hi = start - self.ns, end - self.ns
+        h = self.h_r[:, lo:hi].detach().requires_grad_(self.grad_input is not None)
+        if self.grad_input is None and all(p is None for p in self.params):
+            return None
+        with torch.enable_grad(), self.autocast():
+            qkv = self.parts.qkv(h, self.cos[:, start:end], self.sin[:, start:end])
+        return start, h, qkv
+
+    def close(self, pending, dq, dk, dv) -> None:
+        """Differentiate a rebuilt chunk against its q, k and v gradients (any dtype)."""
+        if pending is None:
+            return
+        start, h, qkv = pending
+        wanted = [p for p in self.params if p is not None]
+        inputs = ([h] if self.grad_input is not None else []) + wanted
+        pairs = [
+            (t, g.to(t.dtype)) for t, g in zip(qkv, (dq, dk, dv), strict=True) if t.requires_grad
+        ]
+        if not pairs:
+            return
+        grads = torch.autograd.grad(
+            [t for t, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True
         )
+        if self.grad_input is not None:
+            lo = start - self.ns
+            self.grad_input[:, lo : lo + h.shape[1]] = grads[0]
+            grads = grads[1:]
+        index = 0
+        for i, param in enumerate(self.params):
+            if param is None:
+                continue
+            grad = grads[index]
+            index += 1
+            if grad is None:
+                continue
+            if self.grads[i] is None:
+                self.grads[i] = grad.float()
+            else:
+                self.grads[i].add_(grad)
+
+    def param_grads(self) -> list[torch.Tensor | None]:
+        return [
+            None if g is None else g.to(p.dtype)
+            for g, p in zip(self.grads, self.params, strict=True)
+        ]
+
+
+def _backward_in_rows(parts, extra, grad_out, q_s, k, v, out, lse, ns, chunks, rebuild):
+    """Query chunks from the last: attention gradients row block by row block into float32
+    key/value gradients, each recomputed chunk differentiated as soon as its keys are done."""
+    tokens = out.shape[2]
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    dq_s = torch.empty_like(q_s)
+    ranges = chunk_ranges(0, ns, chunks) + chunk_ranges(ns, tokens, chunks)
+    for start, end in reversed(ranges):
+        pending = None
+        if start >= ns:
+            pending = rebuild.open(start, end)
+            if pending is not None:
+                q = pending[2][0].detach()
+            else:
+                with torch.no_grad(), rebuild.autocast():
+                    q = _region_qkv(parts, rebuild.h_r, rebuild.cos, rebuild.sin, start, end, ns)
+                    q = q[0]
+        else:
+            q = q_s[:, :, start:end]
+        rows = slice(start, end)
+        dq, pieces = parts.attention_backward_rows(
+            grad_out[:, :, rows], q, k, v, out[:, :, rows], lse[:, :, rows], start, extra
+        )
+        for first, dk_part, dv_part in pieces:
+            dk[:, :, first : first + dk_part.shape[2]] += dk_part
+            dv[:, :, first : first + dv_part.shape[2]] += dv_part
+        del pieces
+        if start >= ns:
+            rebuild.close(pending, dq, dk[:, :, rows], dv[:, :, rows])
+        else:
+            dq_s[:, :, rows] = dq
+    return dq_s, dk[:, :, :ns].to(k.dtype), dv[:, :, :ns].to(v.dtype)
 
 
 def _region_qkv(parts: BlockParts, h_r, cos, sin, start: int, end: int, ns: int):
@@ -241,16 +386,19 @@ def _join(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return torch.cat([first, second], dim=2)
 
 
-def _regenerate(parts: BlockParts, h_r, cos, sin, ns: int, chunks: int) -> tuple:
-    """q, k, v of the recomputed tokens, chunk by chunk into preallocated tensors."""
+def _regenerate(parts: BlockParts, h_r, cos, sin, ns: int, chunks: int, keep=(0, 1, 2)) -> tuple:
+    """q, k, v (those ``keep`` names by index) of the recomputed tokens, chunk by chunk into
+    preallocated tensors."""
     ranges = chunk_ranges(ns, ns + h_r.shape[1], chunks)
-    if len(ranges) <= 1:
-        if not ranges:
-            return tuple(h_r.new_empty((h_r.shape[0], 1, 0, parts.head_dim)) for _ in range(3))
-        return _region_qkv(parts, h_r, cos, sin, ranges[0][0], ranges[0][1], ns)
+    if not ranges:
+        return tuple(h_r.new_empty((h_r.shape[0], 1, 0, parts.head_dim)) for _ in keep)
+    if len(ranges) == 1:
+        pieces = _region_qkv(parts, h_r, cos, sin, ranges[0][0], ranges[0][1], ns)
+        return tuple(pieces[i] for i in keep)
     outs = None
     for start, end in ranges:
         pieces = _region_qkv(parts, h_r, cos, sin, start, end, ns)
+        pieces = [pieces[i] for i in keep]
         if outs is None:
             outs = [p.new_empty((p.shape[0], p.shape[1], h_r.shape[1], p.shape[3])) for p in pieces]
         for out, piece in zip(outs, pieces, strict=True):
@@ -310,25 +458,21 @@ def tokenwise_forward(
                 pre_s = [parts.qkv(h[:, a:b], cos[:, a:b], sin[:, a:b]) for a, b in ranges_s]
             h_r = h[:, ns:]
             with scope(role):
-                # full h_r / cos / sin objects go in, so every save of them is one stored copy
-                pre_r = [
-                    checkpoint(_region_qkv, parts, h_r, cos, sin, a, b, ns, use_reentrant=False)
-                    for a, b in ranges_r
-                ]
                 with scope(stored):
                     q_s, k_s, v_s = _gather(pre_s)
-                q_r, k_r, v_r = _gather(pre_r)
                 if q_s is None:
-                    q_s, k_s, v_s = q_r[:, :, :0], k_r[:, :, :0], v_r[:, :, :0]
+                    spec = parts.spec
+                    q_s = h.new_empty((h.shape[0], spec.heads, 0, spec.head_dim))
+                    k_s = h.new_empty((h.shape[0], spec.kv_heads, 0, spec.head_dim))
+                    v_s = k_s
                 else:
                     stored_keys.update(t.untyped_storage()._cdata for t in (q_s, k_s, v_s))
-                if q_r is None:
-                    q_r, k_r, v_r = q_s[:, :, :0], k_s[:, :, :0], v_s[:, :, :0]
-                del pre_s, pre_r
+                del pre_s
+                params = tuple(p for p in parts.layer.parameters() if p.requires_grad)
                 a = _StoredAttention.apply(
-                    q_s, k_s, v_s, q_r, k_r, v_r, h_r, cos, sin, parts, (chunks, ns), mask
+                    q_s, k_s, v_s, h_r, cos, sin, parts, (chunks, ns), mask, *params
                 )
-                del q_s, k_s, v_s, q_r, k_r, v_r
+                del q_s, k_s, v_s
                 outs = []
                 with scope(stored):
                     for start, end in ranges_s:

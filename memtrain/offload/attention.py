@@ -17,6 +17,8 @@ import math
 import torch
 
 CHUNK_SCORE_BYTES = 128 * 2**20  # float32 scores one ChunkedAttention chunk holds
+PREFIX_BLOCK_ROWS = 4  # keys before a query chunk go to the kernel this many chunk lengths at a
+# time, so no key/value gradient part exceeds that many chunks' worth
 
 
 class FlashAttention:
@@ -153,24 +155,32 @@ class FlashAttention:
             scale=self.scale,
         )[:3]  # fmt: skip
 
-    def backward_rows(self, grad_out, q, k, v, out, lse, start: int, extra: tuple):
+    def backward_rows(self, grad_out, q, k, v, out, lse, start: int, extra: tuple, take):
         """Gradients of the queries at positions ``[start, start + rows)`` (``q``, ``grad_out``,
-        ``out`` and ``lse`` are theirs; ``k`` and ``v`` every key): ``dq`` and ``[(first, dk,
-        dv), ...]``, each part covering keys from ``first``. The causal square of the queries'
-        own positions and the fully visible keys before them are two kernel calls."""
+        ``out`` and ``lse`` are theirs; ``k`` and ``v`` every key): returns ``dq`` and hands
+        each part of the key and value gradients to ``take(first, dk, dv)`` (keys from
+        ``first``) as it is made. The causal square of the queries' own positions is one kernel
+        call, the fully visible keys before them blocks of a few chunk lengths."""
         end = start + q.shape[2]
         lse = lse.contiguous()
         dq, dk, dv = self.part_backward(
             grad_out, q, k[:, :, start:end], v[:, :, start:end], out, lse, True, extra
         )
-        parts = [(start, dk, dv)]
-        if start > 0:
-            dq_before, dk, dv = self.part_backward(
-                grad_out, q, k[:, :, :start], v[:, :, :start], out, lse, False, extra
+        take(start, dk, dv)
+        del dk, dv
+        if start == 0:
+            return dq
+        dq = dq.float()
+        block = PREFIX_BLOCK_ROWS * q.shape[2]
+        for first in range(0, start, block):
+            last = min(start, first + block)
+            dq_part, dk, dv = self.part_backward(
+                grad_out, q, k[:, :, first:last], v[:, :, first:last], out, lse, False, extra
             )
-            dq = dq.float().add_(dq_before.float()).to(q.dtype)
-            parts.append((0, dk, dv))
-        return dq, parts
+            dq.add_(dq_part.float())
+            take(first, dk, dv)
+            del dq_part, dk, dv
+        return dq.to(q.dtype)
 
     @staticmethod
     def runs(q: torch.Tensor, window: int | None, softcap: float | None) -> bool:
@@ -270,7 +280,7 @@ class ChunkedAttention:
     def rows_run(self, extra: tuple) -> bool:
         return True
 
-    def backward_rows(self, grad_out, q, k, v, out, lse, start: int, extra: tuple):
+    def backward_rows(self, grad_out, q, k, v, out, lse, start: int, extra: tuple, take):
         """As :meth:`FlashAttention.backward_rows`: one float32 part from the first key any
         of these queries sees."""
         end = start + q.shape[2]
@@ -278,7 +288,8 @@ class ChunkedAttention:
         dk = torch.zeros((*k.shape[:2], end - first, k.shape[3]), device=k.device)
         dv = torch.zeros((*v.shape[:2], end - first, v.shape[3]), device=v.device)
         dq = self._rows(grad_out, q, k, v, out, lse, start, dk, dv, offset=first)
-        return dq, [(first, dk, dv)]
+        take(first, dk, dv)
+        return dq
 
     def _rows(self, grad_out, q, k, v, out, lse, origin: int, dk, dv, offset: int = 0):
         """dq of the queries at ``[origin, origin + rows)``; their dk and dv are added into

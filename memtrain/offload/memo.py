@@ -139,16 +139,20 @@ class BlockParts:
         engine, inner = extra
         return engine.rows_run(inner)
 
-    def attention_backward_rows(self, grad_out, q, k, v, out, lse, start: int, extra):
-        """Gradients of the queries from position ``start``: ``dq`` and ``[(first, dk, dv)]``
-        parts (see :meth:`FlashAttention.backward_rows`), key heads reduced."""
+    def attention_backward_rows(self, grad_out, q, k, v, out, lse, start: int, extra, take):
+        """Gradients of the queries from position ``start``: returns ``dq``, hands key/value
+        gradient parts to ``take`` (see :meth:`FlashAttention.backward_rows`), key heads
+        reduced."""
         engine, inner = extra
         if engine is not self.flash or self.native_gqa:
-            return engine.backward_rows(grad_out, q, k, v, out, lse, start, inner)
+            return engine.backward_rows(grad_out, q, k, v, out, lse, start, inner, take)
         end = start + q.shape[2]
         keys, values = self.expand(k[:, :, :end]), self.expand(v[:, :, :end])
-        dq, parts = engine.backward_rows(grad_out, q, keys, values, out, lse, start, inner)
-        return dq, [(first, self.reduce(dk), self.reduce(dv)) for first, dk, dv in parts]
+
+        def reduced(first, dk, dv):
+            take(first, self.reduce(dk), self.reduce(dv))
+
+        return engine.backward_rows(grad_out, q, keys, values, out, lse, start, inner, reduced)
 
     @property
     def backend(self) -> str | None:
@@ -257,7 +261,8 @@ class _StoredAttention(torch.autograd.Function):
                 pending = rebuild.open(start, end)
                 rebuild.close(pending, dq[:, :, span], dk[:, :, span], dv[:, :, span])
             dq_s, dk_s, dv_s = dq[:, :, :ns], dk[:, :, :ns], dv[:, :, :ns]
-        return (dq_s, dk_s, dv_s, rebuild.grad_input, None, None, None, None, None,
+        del k, v, grad_out, out, lse, a, grad_a
+        return (dq_s, dk_s, dv_s, rebuild.grad_input(), None, None, None, None, None,
                 *rebuild.param_grads())  # fmt: skip
 
 
@@ -282,7 +287,8 @@ class _Rebuild:
         self.parts, self.h_r, self.cos, self.sin, self.ns = parts, h_r, cos, sin, ns
         self.params = params
         self.grads: list[torch.Tensor | None] = [None] * len(params)
-        self.grad_input = torch.zeros_like(h_r) if input_grad else None
+        self.wants_input = input_grad
+        self.input_grads: dict[int, torch.Tensor] = {}  # chunk start -> its input gradient
         self.device_type, self.enabled, self.dtype = autocast
 
     def autocast(self):
@@ -292,8 +298,8 @@ class _Rebuild:
         """Rebuild tokens ``[start, end)``'s q, k and v with autograd: ``(h, (q, k, v))``,
         or None when nothing asks for a gradient."""
         lo, hi = start - self.ns, end - self.ns
-        h = self.h_r[:, lo:hi].detach().requires_grad_(self.grad_input is not None)
-        if self.grad_input is None and all(p is None for p in self.params):
+        h = self.h_r[:, lo:hi].detach().requires_grad_(self.wants_input)
+        if not self.wants_input and all(p is None for p in self.params):
             return None
         with torch.enable_grad(), self.autocast():
             qkv = self.parts.qkv(h, self.cos[:, start:end], self.sin[:, start:end])
@@ -305,7 +311,7 @@ class _Rebuild:
             return
         start, h, qkv = pending
         wanted = [p for p in self.params if p is not None]
-        inputs = ([h] if self.grad_input is not None else []) + wanted
+        inputs = ([h] if self.wants_input else []) + wanted
         pairs = [
             (t, g.to(t.dtype)) for t, g in zip(qkv, (dq, dk, dv), strict=True) if t.requires_grad
         ]
@@ -314,9 +320,8 @@ class _Rebuild:
         grads = torch.autograd.grad(
             [t for t, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True
         )
-        if self.grad_input is not None:
-            lo = start - self.ns
-            self.grad_input[:, lo : lo + h.shape[1]] = grads[0]
+        if self.wants_input:
+            self.input_grads[start] = grads[0]
             grads = grads[1:]
         index = 0
         for i, param in enumerate(self.params):
@@ -331,6 +336,15 @@ class _Rebuild:
             else:
                 self.grads[i].add_(grad)
 
+    def grad_input(self) -> torch.Tensor | None:
+        """The recomputed tokens' block-input gradient, the chunks' joined in order."""
+        if not self.wants_input:
+            return None
+        pieces = [self.input_grads.pop(start) for start in sorted(self.input_grads)]
+        if not pieces:
+            return torch.zeros_like(self.h_r)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
     def param_grads(self) -> list[torch.Tensor | None]:
         return [
             None if g is None else g.to(p.dtype)
@@ -340,12 +354,17 @@ class _Rebuild:
 
 def _backward_in_rows(parts, extra, grad_out, q_s, k, v, out, lse, ns, chunks, rebuild):
     """Query chunks from the last: attention gradients row block by row block into float32
-    key/value gradients, each recomputed chunk differentiated as soon as its keys are done."""
+    key/value gradients, kept per key chunk and handed on (then freed) as soon as no earlier
+    query sees them, each recomputed chunk differentiated then."""
     tokens = out.shape[2]
-    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-    dq_s = torch.empty_like(q_s)
     ranges = chunk_ranges(0, ns, chunks) + chunk_ranges(ns, tokens, chunks)
+    sums = {
+        start: [k.new_zeros((*k.shape[:2], end - start, k.shape[3]), dtype=torch.float32)
+                for _ in range(2)]
+        for start, end in ranges
+    }  # fmt: skip
+    dq_s = torch.empty_like(q_s)
+    stored_kv = []
     for start, end in reversed(ranges):
         pending = None
         if start >= ns:
@@ -359,18 +378,37 @@ def _backward_in_rows(parts, extra, grad_out, q_s, k, v, out, lse, ns, chunks, r
         else:
             q = q_s[:, :, start:end]
         rows = slice(start, end)
-        dq, pieces = parts.attention_backward_rows(
-            grad_out[:, :, rows], q, k, v, out[:, :, rows], lse[:, :, rows], start, extra
-        )
-        for first, dk_part, dv_part in pieces:
-            dk[:, :, first : first + dk_part.shape[2]] += dk_part
-            dv[:, :, first : first + dv_part.shape[2]] += dv_part
-        del pieces
+        dq = parts.attention_backward_rows(
+            grad_out[:, :, rows], q, k, v, out[:, :, rows], lse[:, :, rows], start, extra,
+            lambda first, dk, dv: _add_into(sums, ranges, first, dk, dv),
+        )  # fmt: skip
+        dk, dv = sums.pop(start)
         if start >= ns:
-            rebuild.close(pending, dq, dk[:, :, rows], dv[:, :, rows])
+            rebuild.close(pending, dq, dk, dv)
         else:
             dq_s[:, :, rows] = dq
-    return dq_s, dk[:, :, :ns].to(k.dtype), dv[:, :, :ns].to(v.dtype)
+            stored_kv.append((dk.to(k.dtype), dv.to(v.dtype)))
+        del dk, dv, dq, q, pending
+    if not stored_kv:
+        empty = k[:, :, :0]
+        return dq_s, empty, v[:, :, :0]
+    stored_kv.reverse()
+    return (
+        dq_s,
+        torch.cat([d for d, _ in stored_kv], dim=2),
+        torch.cat([d for _, d in stored_kv], dim=2),
+    )
+
+
+def _add_into(sums, ranges, first: int, dk, dv) -> None:
+    """Add key/value gradients for keys ``[first, first + len)`` into the per-chunk sums."""
+    last = first + dk.shape[2]
+    for start, end in ranges:
+        if start not in sums or end <= first or start >= last:
+            continue
+        lo, hi = max(start, first), min(end, last)
+        sums[start][0][:, :, lo - start : hi - start] += dk[:, :, lo - first : hi - first]
+        sums[start][1][:, :, lo - start : hi - start] += dv[:, :, lo - first : hi - first]
 
 
 def _region_qkv(parts: BlockParts, h_r, cos, sin, start: int, end: int, ns: int):

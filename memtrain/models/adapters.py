@@ -23,6 +23,15 @@ from torch import nn
 MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward")
 
 
+def is_norm_module(module: nn.Module) -> bool:
+    """A normalization over the hidden dimension (LayerNorm, RMSNorm and their family
+    variants): per-token work, so it runs on any token range."""
+    if isinstance(module, nn.LayerNorm | nn.RMSNorm):
+        return True
+    name = type(module).__name__.lower()
+    return name.endswith(("rmsnorm", "layernorm")) and not any(True for _ in module.children())
+
+
 def token_local_module(layer: nn.Module) -> nn.Module | None:
     """The block's MLP or mixture of experts: per-token work, so it runs on any token range."""
     return next(

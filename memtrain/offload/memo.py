@@ -240,17 +240,19 @@ class _StoredAttention(torch.autograd.Function):
         batch, tokens, heads, dim = ctx.out_shape
         out = a.view(batch, tokens, heads, dim).transpose(1, 2)
         grad_out = grad_a.reshape(batch, tokens, heads, dim).transpose(1, 2)
-        if not ctx.out_strided:
+        rows_run = parts.rows_run(ctx.extra)
+        if not ctx.out_strided and not rows_run:  # the kernel's own layout (rows: per chunk)
             out = out.contiguous()
         rebuild = _Rebuild(parts, h_r, cos, sin, ns, params, ctx.needs_input_grad[3], ctx.autocast)
         with rebuild.autocast(), torch.no_grad():
-            keep = (1, 2) if parts.rows_run(ctx.extra) else (0, 1, 2)
+            keep = (1, 2) if rows_run else (0, 1, 2)
             regenerated = _regenerate(parts, h_r, cos, sin, ns, chunks, keep)
         k, v = _join(k_s, regenerated[-2]), _join(v_s, regenerated[-1])
         if len(keep) == 2:
             dq_s, dk_s, dv_s = _backward_in_rows(
-                parts, ctx.extra, grad_out, q_s, k, v, out, lse, ns, chunks, rebuild
-            )
+                parts, ctx.extra, grad_out, q_s, k, v, out, lse, ns, chunks, rebuild,
+                ctx.out_strided,
+            )  # fmt: skip
         else:  # the whole-sequence kernel, then each recomputed chunk's pre-attention work
             q = _join(q_s, regenerated[0])
             del regenerated
@@ -264,6 +266,11 @@ class _StoredAttention(torch.autograd.Function):
         del k, v, grad_out, out, lse, a, grad_a
         return (dq_s, dk_s, dv_s, rebuild.grad_input(), None, None, None, None, None,
                 *rebuild.param_grads())  # fmt: skip
+
+
+def widened(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient sum's first term, in float32 or wider."""
+    return grad.to(torch.promote_types(grad.dtype, torch.float32))
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
@@ -332,7 +339,7 @@ class _Rebuild:
             if grad is None:
                 continue
             if self.grads[i] is None:
-                self.grads[i] = grad.float()
+                self.grads[i] = widened(grad)
             else:
                 self.grads[i].add_(grad)
 
@@ -352,7 +359,7 @@ class _Rebuild:
         ]
 
 
-def _backward_in_rows(parts, extra, grad_out, q_s, k, v, out, lse, ns, chunks, rebuild):
+def _backward_in_rows(parts, extra, grad_out, q_s, k, v, out, lse, ns, chunks, rebuild, strided):
     """Query chunks from the last: attention gradients row block by row block into float32
     key/value gradients, kept per key chunk and handed on (then freed) as soon as no earlier
     query sees them, each recomputed chunk differentiated then."""
@@ -378,8 +385,9 @@ def _backward_in_rows(parts, extra, grad_out, q_s, k, v, out, lse, ns, chunks, r
         else:
             q = q_s[:, :, start:end]
         rows = slice(start, end)
+        out_rows = out[:, :, rows] if strided else out[:, :, rows].contiguous()
         dq = parts.attention_backward_rows(
-            grad_out[:, :, rows], q, k, v, out[:, :, rows], lse[:, :, rows], start, extra,
+            grad_out[:, :, rows], q, k, v, out_rows, lse[:, :, rows], start, extra,
             lambda first, dk, dv: _add_into(sums, ranges, first, dk, dv),
         )  # fmt: skip
         dk, dv = sums.pop(start)

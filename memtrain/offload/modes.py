@@ -18,11 +18,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memtrain.errors import MemtrainError
-from memtrain.models.adapters import token_local_module
+from memtrain.models.adapters import is_norm_module, token_local_module
 from memtrain.models.blocks import tiling_problem, tokenwise_modules_problem
 from memtrain.offload.memo import chunk_ranges, tokenwise_forward
 from memtrain.offload.router import whole_router_outputs
 from memtrain.offload.swap import LayerState, SwapEngine, in_backward
+from memtrain.offload.tiled import token_chunked
 
 TOLERANCE = 1e-3  # shares up to this count as nothing
 Placements = list[tuple[dict[str, float], float]]  # (shares, bytes) a mode stores
@@ -104,6 +105,8 @@ class FullRecompute(ActivationMode):
         if self.policy.chunks > 1:
             _tile_mlp(handle, modules, self.policy.chunks, checkpoint_each=True)
         for module in modules:
+            if self.policy.chunks > 1 and is_norm_module(module):
+                continue  # chunked with its input saved: a checkpoint of its own
             handle.replace_forward(module, _checkpointed(module.forward))
 
 
@@ -204,6 +207,8 @@ def resolve(
 def _tile_mlp(handle: Any, modules: list[nn.Module], chunks: int, checkpoint_each=False) -> None:
     for mlp in filter(None, map(token_local_module, modules)):
         handle.replace_forward(mlp, _chunked(mlp.forward, chunks, handle.engine, checkpoint_each))
+    for norm in filter(is_norm_module, modules):
+        handle.replace_forward(norm, token_chunked(norm.forward, norm, chunks))
 
 
 def _training(forward, training):

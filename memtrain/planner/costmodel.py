@@ -190,6 +190,14 @@ def tiled_backward_transient(layer: LayerCosts, phi: float) -> float:
     return untiled + phi * (layer.backward_transient - untiled)
 
 
+def stored_query_grad(layer: LayerCosts, j: int) -> Lin:
+    """The stored tokens' query gradient, whole while a block's attention backward runs in query
+    chunks: the query bytes times the share of tokens not recomputed."""
+    if layer.query_bytes <= 0:
+        return Lin()
+    return Lin(const=layer.query_bytes) - layer.query_bytes * _frac(j, "x", "rec")
+
+
 def _mode(j: int, mode: str) -> Lin:
     return Lin.var((j, "m", mode))
 
@@ -279,11 +287,18 @@ def build_terms(
         if layer.tileable and chunks > 1 and layer.recomputable_bytes > 0:
             local = min(layer.recomputable_bytes, layer.tileable_fraction * layer.token_bytes)
             held_swapped = lin_sum((1.0 - 1.0 / chunks) * local * _frac(j, "x", t) for t in host)
+        # Queries rebuilt a chunk at a time in backward are whole in forward.
+        whole_queries = (1.0 - phi) * layer.query_bytes
         memory.append(
             MemoryTerm(
                 "gpu",
                 f"forward {layer.name}",
-                working + held_swapped + kept_copy + phi * layer.forward_transient + copying,
+                working
+                + held_swapped
+                + kept_copy
+                + phi * layer.forward_transient
+                + copying
+                + whole_queries,
                 j,
             )
         )
@@ -306,7 +321,8 @@ def build_terms(
                 + tiled_backward_transient(layer, phi)
                 + layer.output_bytes
                 + fetched
-                + offloaded_grads,
+                + offloaded_grads
+                + stored_query_grad(layer, j),
                 j,
             )
         )
@@ -470,7 +486,7 @@ def gpu_lower_bound(problem: PlanProblem, chunks: int) -> float:
         working = layer.fixed_bytes + phi * layer.token_bytes
         best = max(
             best,
-            working + phi * layer.forward_transient,
+            working + phi * layer.forward_transient + (1.0 - phi) * layer.query_bytes,
             working + tiled_backward_transient(layer, phi) + layer.output_bytes,
         )
     return best

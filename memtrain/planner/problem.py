@@ -21,7 +21,7 @@ from memtrain.kernels.cross_entropy.blas import DEFAULT_BLAS_WORKSPACE_BYTES
 from memtrain.planner.hostmem import host_state_estimate
 from memtrain.profile.result import LayerProfile, ProfileResult, SavedTensor, is_attention_op
 
-TILEABLE_KINDS = ("block",)
+TILEABLE_KINDS = ("block", "norm")  # decoder blocks; a final norm run in chunks
 LOSS_KINDS = ("head", "loss")
 
 
@@ -54,6 +54,10 @@ class LayerCosts:
     # The executor runs a share of the tokens recomputed (token-wise recompute) for this layer;
     # where it does not, a block's recompute share is 0 or 1 (whole-layer recompute).
     tokenwise: bool = True
+    # Attention's backward in query chunks (memtrain.offload.memo): the queries are tileable,
+    # but they are whole in forward (this many bytes beyond their chunk), and the stored
+    # tokens' query gradient is whole in backward (this many bytes times the stored share).
+    query_bytes: float = 0.0
     # Host optimizer (memtrain.planner.hostmem): the layer's parameter count (float32 masters and
     # gradient buffers) and its optimizer states on float32 masters.
     param_count: float = 0.0
@@ -128,7 +132,7 @@ def layer_costs(
     ``host_state_bytes``: the layer's optimizer states on float32 masters (None: estimated from
     its states on the parameters' dtype, memtrain.planner.hostmem.host_state_estimate).
     """
-    anchor = recomputable = fixed = attention = attention_out = 0.0
+    anchor = recomputable = fixed = attention = attention_out = attention_output = 0.0
     stores_attention = False
     input_saved = any(t.is_layer_input for t in layer.saved_tensors)
     # Work outside every layer (the profiler's "other": rotary tables, masks) has no layer hooks
@@ -156,6 +160,7 @@ def layer_costs(
             attention += tensor.nbytes
             if is_attention_op(tensor.op):
                 attention_out += tensor.nbytes
+                attention_output = max(attention_output, float(tensor.nbytes))
     # A profile may report saved bytes it could not attribute to tensors; keep them fixed.
     listed = anchor + recomputable + fixed
     if layer.saved_bytes > listed:
@@ -164,10 +169,29 @@ def layer_costs(
     count = layer.param_count or layer.param_bytes / max(1, dtype_bytes)
     tileable = 0.0
     untiled_backward = 0.0
+    query = 0.0
     # Sequence chunks only where the executor tiles the layer (memtrain.models.blocks).
     if layer.kind in TILEABLE_KINDS and token > 0 and layer.tiling:
         tileable = max(0.0, (token - attention) / token)
         untiled_backward = min(float(layer.backward_transient_bytes), attention + 2 * attention_out)
+        if layer.kind == "norm":  # memtrain.offload.tiled: the input gradient is whole
+            untiled_backward = min(float(layer.backward_transient_bytes), float(layer.input_bytes))
+        if layer.query_chunked and tokenwise_block and attention_output > 0:
+            # Backward in query chunks: queries (the size of attention's output) are rebuilt a
+            # chunk at a time; whole are the output, log-sum-exp, keys and values. Beyond
+            # them backward holds the output's gradient, then either float32 key/value
+            # gradient sums with the finished chunks' input gradients (at most the larger
+            # of the two), or, once keys and values are gone, the input gradient's chunks
+            # and their join.
+            query = attention_output
+            keys_values = max(0.0, attention - attention_out - query)
+            widen = 4.0 / max(1, dtype_bytes)
+            input_grad = float(layer.input_bytes)
+            tileable = max(0.0, (token - (attention - query)) / token)
+            untiled_backward = min(
+                float(layer.backward_transient_bytes),
+                attention_out + max(widen * keys_values, 2 * input_grad - keys_values),
+            )
     return LayerCosts(
         name=layer.name,
         kind=layer.kind,
@@ -196,6 +220,7 @@ def layer_costs(
         grad_bytes=float(layer.grad_bytes),
         state_bytes=float(layer.optimizer_state_bytes),
         tokenwise=layer.tokenwise,
+        query_bytes=query,
         param_count=float(count),
         largest_param_bytes=float(largest_param_bytes),
         host_state_bytes=float(

@@ -378,6 +378,7 @@ def profile_model(
                 attention_forward_time_s=_attention_share(stats, dry),
                 tokenwise=capabilities.tokenwise,
                 tiling=capabilities.tiling,
+                query_chunked=capabilities.query_chunked(seq),
             )
         )
     total_saved = sum(layer.saved_bytes for layer in layer_profiles)

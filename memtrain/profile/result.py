@@ -77,6 +77,10 @@ class LayerProfile:
     # as they were; the planner uses them only for "block" layers.
     tokenwise: bool = True
     tiling: bool = True
+    # Token-wise and tiled recompute take attention's backward in query chunks for this block
+    # (memtrain.models.blocks.BlockCapabilities.query_chunked). Older profiles read False: the
+    # whole-sequence backward, priced as before.
+    query_chunked: bool = False
 
     @property
     def token_scaled_saved_bytes(self) -> int:

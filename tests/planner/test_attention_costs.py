@@ -90,7 +90,7 @@ def test_blocks_drop_stored_attention_when_memory_is_short(profile_64k):
     options = PlanOptions(always_store_ops=("flash",))
     roomy = make_plan(profile_64k, load_hardware("h100-sxm-80g", cpu="64GiB"), options)
     tight = make_plan(
-        profile_64k, load_hardware("h100-sxm-80g", cpu="1GiB", gpu_budget="20GiB"), options
+        profile_64k, load_hardware("h100-sxm-80g", cpu="1GiB", gpu_budget="17GiB"), options
     )
 
     def whole(plan):

@@ -170,14 +170,15 @@ class FlashAttention:
         del dk, dv
         if start == 0:
             return dq
-        dq = dq.float()
+        wide = torch.promote_types(dq.dtype, torch.float32)
+        dq = dq.to(wide)
         block = PREFIX_BLOCK_ROWS * q.shape[2]
         for first in range(0, start, block):
             last = min(start, first + block)
             dq_part, dk, dv = self.part_backward(
                 grad_out, q, k[:, :, first:last], v[:, :, first:last], out, lse, False, extra
             )
-            dq.add_(dq_part.float())
+            dq.add_(dq_part.to(wide))
             take(first, dk, dv)
             del dq_part, dk, dv
         return dq.to(q.dtype)

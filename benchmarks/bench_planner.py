@@ -5,7 +5,7 @@ solve   times the placement solve (PuLP + CBC, or HiGHS when installed) for Llam
         blocks) and Llama-3.1-70B (80 blocks), with the identical-layer reduction and without,
         and for synthetic models whose blocks all differ. Gap = (predicted step time - LP
         lower bound) / predicted step time.
-plans   plans the 1.2B llama-3.2-1b at 262144-1048576 tokens and Llama-3.1-8B at 524288 on one
+plans   plans the 1.2B llama-3.2-1b at 262144-1048576 tokens and Llama-3.1-8B at 524288-1048576 on one
         H100 80 GB, with the baselines priced by the same model.
 reprice prices the exact decisions that ran on a GPU (benchmarks/data/measured_plans_*.json:
         decisions, profile, measured step peak and per-moment GPU bytes) with the current cost
@@ -45,6 +45,7 @@ PLAN_CASES = [
     "llama-3.1-8b:524288:128GiB",
     "llama-3.1-8b:524288:256GiB",
     "llama-3.1-8b:524288:128GiB:/tmp:2TB",
+    "llama-3.1-8b:1048576:128GiB:/tmp:4TB",
 ]
 
 

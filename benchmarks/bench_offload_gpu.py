@@ -70,7 +70,13 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 # -- plans (any machine) ------------------------------------------------------------------
 
 
-def plan_for(seq: int, host_gib: float, layers: int | None = None, gpu_budget: str | None = None):
+def plan_for(
+    seq: int,
+    host_gib: float,
+    layers: int | None = None,
+    gpu_budget: str | None = None,
+    preset: str = MODEL,
+):
     """Plan the model, or a copy with ``layers`` blocks, through the pipeline ``prepare()`` uses
     (parameters stay on the GPU: memtrain's executor moves activations and optimizer states)."""
     from memtrain.hardware import HardwareRequest
@@ -85,9 +91,9 @@ def plan_for(seq: int, host_gib: float, layers: int | None = None, gpu_budget: s
         options=PlanOptions(allow_param_offload=False, always_store_ops=("flash",)),
     )
     with tempfile.TemporaryDirectory() as folder:
-        model = MODEL
+        model = preset
         if layers is not None:
-            config = load_config(MODEL)
+            config = load_config(preset)
             config.num_hidden_layers = layers
             config.save_pretrained(folder)
             model = str(Path(folder, "config.json"))
@@ -113,15 +119,18 @@ def make_plans(host_gib: float) -> dict[str, Any]:
     return out
 
 
-def load_plan(seq: int, host_gib: float, layers: int | None = None, gpu_budget=None):
-    """The stored plan for ``seq`` tokens, or a fresh one (another depth, budget or host)."""
+def load_plan(
+    seq: int, host_gib: float, layers: int | None = None, gpu_budget=None, preset: str = MODEL
+):
+    """The stored plan for ``seq`` tokens, or a fresh one (another model, depth, budget or
+    host)."""
     from memtrain.profile.result import ProfileResult
 
     stored = json.loads(PLANS.read_text()) if PLANS.exists() else {"plans": {}}
     same = stored.get("host_gib") == host_gib and gpu_budget is None and layers is None
-    data = stored["plans"].get(str(seq)) if same else None
+    data = stored["plans"].get(str(seq)) if same and preset == MODEL else None
     if data is None:
-        return plan_for(seq, host_gib, layers, gpu_budget)
+        return plan_for(seq, host_gib, layers, gpu_budget, preset)
     return data["plan"], ProfileResult.from_dict(data["profile"])
 
 
@@ -193,11 +202,12 @@ def run_one(spec: str, steps: int, args) -> dict[str, Any]:
     from memtrain.profile.scopes import Clock, CudaMemory, LayerScopes
 
     kind, seq, layers = parse_run(spec)
-    config = load_config(MODEL)
+    config = load_config(args.model)
     if layers is not None:
         config.num_hidden_layers = layers
     config.use_cache = False
-    row: dict[str, Any] = {"run": spec, "kind": kind, "seq": seq, "layers": layers or 16}
+    row: dict[str, Any] = {"run": spec, "kind": kind, "seq": seq, "model": args.model}
+    row["layers"] = config.num_hidden_layers
     release_memory()
     row["allocated_before_gib"] = torch.cuda.memory_allocated() / GiB  # counts in the peak
     model = build_causal_lm(config, "bf16", "cuda")
@@ -213,7 +223,7 @@ def run_one(spec: str, steps: int, args) -> dict[str, Any]:
         if kind == "alst":
             tile_mlp_alst(model, seq)
         if kind == "memtrain":
-            plan, profile = load_plan(seq, args.host_gib, layers, args.gpu_budget)
+            plan, profile = load_plan(seq, args.host_gib, layers, args.gpu_budget, args.model)
             started = time.perf_counter()
             handle = apply(model, plan, profile=profile)
             row["apply_s"] = round(time.perf_counter() - started, 2)
@@ -222,7 +232,7 @@ def run_one(spec: str, steps: int, args) -> dict[str, Any]:
             if handle.needs_optimizer_offload:
                 optimizer = offload_optimizer(handle, torch.optim.AdamW, lr=1e-5, fused=True)
         if kind == "plan-depth":
-            full, _ = load_plan(seq, args.host_gib)
+            full, _ = load_plan(seq, args.host_gib, preset=args.model)
             policy, row["plan_policy"] = plan_depth_policy(full, config.num_hidden_layers)
             # block input, attention output and log-sum-exp of every token, per block
             per_layer = 2 * seq * config.hidden_size * 2 + seq * 32 * 4 + seq * 64 * 4
@@ -327,6 +337,7 @@ def main() -> None:
     p.add_argument("--runs", nargs="*", default=[], help="KIND@TOKENS[:BLOCKS] ...")
     p.add_argument("--steps", type=int, default=2, help="the last one is measured")
     p.add_argument("--host-gib", type=float, default=80.0)
+    p.add_argument("--model", default=MODEL, help="preset (other than the 1.2B: plans made here)")
     p.add_argument("--gpu-budget", help="plan for this much GPU memory (e.g. 66GiB)")
     p.add_argument("--gpu-cap-gib", type=float, help="allocate at most this (79.2: an H100)")
     p.add_argument("--moments", action="store_true", help="memtrain runs: per-layer moments")
@@ -360,6 +371,7 @@ def main() -> None:
             write_plot(row, args.plot)
         row.pop("plan", None)
         key = f"moments:{spec}" if args.moments and "moments" in row else spec
+        key += "" if args.model == MODEL else f"|{args.model}"
         results.write(key, **row)
     print(f"wrote {results.path}")
 

@@ -155,32 +155,36 @@ class FlashAttention:
             scale=self.scale,
         )[:3]  # fmt: skip
 
-    def backward_rows(self, grad_out, q, k, v, out, lse, start: int, extra: tuple, take):
+    def backward_rows(
+        self, grad_out, q, k, v, out, lse, start: int, extra: tuple, take, groups: int = 1
+    ):
         """Gradients of the queries at positions ``[start, start + rows)`` (``q``, ``grad_out``,
         ``out`` and ``lse`` are theirs; ``k`` and ``v`` every key): returns ``dq`` and hands
         each part of the key and value gradients to ``take(first, dk, dv)`` (keys from
         ``first``) as it is made. The causal square of the queries' own positions is one kernel
-        call, the fully visible keys before them blocks of a few chunk lengths."""
+        call, the fully visible keys before them blocks of a few chunk lengths. ``groups`` > 1:
+        the kernels take as many key heads as query heads, so each part's keys are repeated per
+        group (never the whole sequence's) and its gradients summed back."""
         end = start + q.shape[2]
         lse = lse.contiguous()
-        dq, dk, dv = self.part_backward(
-            grad_out, q, k[:, :, start:end], v[:, :, start:end], out, lse, True, extra
-        )
-        take(start, dk, dv)
-        del dk, dv
+
+        def part(first, last, causal):
+            keys, values = (
+                _repeat(k[:, :, first:last], groups),
+                _repeat(v[:, :, first:last], groups),
+            )
+            dq, dk, dv = self.part_backward(grad_out, q, keys, values, out, lse, causal, extra)
+            take(first, _group_sum(dk, groups), _group_sum(dv, groups))
+            return dq
+
+        dq = part(start, end, True)
         if start == 0:
             return dq
         wide = torch.promote_types(dq.dtype, torch.float32)
         dq = dq.to(wide)
         block = PREFIX_BLOCK_ROWS * q.shape[2]
         for first in range(0, start, block):
-            last = min(start, first + block)
-            dq_part, dk, dv = self.part_backward(
-                grad_out, q, k[:, :, first:last], v[:, :, first:last], out, lse, False, extra
-            )
-            dq.add_(dq_part.to(wide))
-            take(first, dk, dv)
-            del dq_part, dk, dv
+            dq.add_(part(first, min(start, first + block), False).to(wide))
         return dq.to(q.dtype)
 
     @staticmethod
@@ -192,6 +196,17 @@ class FlashAttention:
         if q.device.type != "cuda":
             return window is None
         return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
+def _repeat(kv: torch.Tensor, groups: int) -> torch.Tensor:
+    return kv if groups == 1 else kv.repeat_interleave(groups, dim=1)
+
+
+def _group_sum(grad: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return grad
+    batch, heads, tokens, dim = grad.shape
+    return grad.view(batch, heads // groups, groups, tokens, dim).sum(dim=2)
 
 
 class ChunkedAttention:

@@ -146,13 +146,9 @@ class BlockParts:
         engine, inner = extra
         if engine is not self.flash or self.native_gqa:
             return engine.backward_rows(grad_out, q, k, v, out, lse, start, inner, take)
-        end = start + q.shape[2]
-        keys, values = self.expand(k[:, :, :end]), self.expand(v[:, :, :end])
-
-        def reduced(first, dk, dv):
-            take(first, self.reduce(dk), self.reduce(dv))
-
-        return engine.backward_rows(grad_out, q, keys, values, out, lse, start, inner, reduced)
+        return engine.backward_rows(
+            grad_out, q, k, v, out, lse, start, inner, take, groups=self.groups
+        )
 
     @property
     def backend(self) -> str | None:

@@ -96,3 +96,22 @@ def test_chunked_norm_with_a_frozen_weight_and_without_gradients():
     torch.testing.assert_close(x.grad, expected)
     with torch.no_grad():
         torch.testing.assert_close(chunked(x), norm(x))
+
+
+def test_flash_rows_repeat_key_heads_part_by_part():
+    """Kernels without grouped-query support get each part's keys repeated per group, never the
+    whole sequence's, and the key/value gradients summed back per key head."""
+    q, k, v, grad = _qkvo(45, 6, 2)
+    engine = FlashAttention(1 / math.sqrt(q.shape[-1]))
+    wide_k, wide_v = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
+    out, lse, extra = engine.forward(q, wide_k, wide_v)
+    dq, dk, dv = engine.backward(grad, q, wide_k, wide_v, out, lse, extra)[:3]
+    whole = dq, dk.view(1, 2, 3, 45, 8).sum(2), dv.view(1, 2, 3, 45, 8).sum(2)
+
+    class Grouped:
+        def backward_rows(self, *args):
+            return engine.backward_rows(*args, groups=3)
+
+    rows = _rows_backward(Grouped(), grad, q, k, v, out, lse, extra, 4)
+    for a, b in zip(rows, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -81,7 +81,8 @@ class FlashAttention:
         )  # fmt: skip
 
     def _probe(self, q, k, v) -> str:
-        """cuDNN if its forward and backward run on these head shapes and agree with flash."""
+        """cuDNN if its forward and backward, whole and as a query chunk's part, run on these
+        head shapes and agree with flash."""
         tokens = 256
         gen = torch.Generator(device=q.device).manual_seed(0)
 
@@ -91,12 +92,19 @@ class FlashAttention:
 
         pq, pk, pv = make(q), make(k), make(v)
         grad = make(q)
+        half = tokens // 2
         try:
             results = []
             for forward in (self.cudnn_forward, self.flash_forward):
                 out, lse, extra = forward(pq, pk, pv)
                 grads = self.cuda_backward(grad, pq, pk, pv, out, lse, extra)[:3]
-                results.append((out, *grads))
+                # the query-chunked backward's prefix part: later queries, earlier keys, no mask
+                later = slice(half, tokens)
+                part = self.part_backward(
+                    grad[:, :, later], pq[:, :, later], pk[:, :, :half], pv[:, :, :half],
+                    out[:, :, later], lse[:, :, later].contiguous(), False, extra,
+                )  # fmt: skip
+                results.append((out, *grads, *part))
         except (RuntimeError, TypeError):
             return "flash"
         for a, b in zip(*results, strict=True):

@@ -187,11 +187,13 @@ def resolve(
     token-wise, one in chunks runs tiled, and a mode that cannot run them is an error."""
     if policy.full_recompute:
         mode = FullRecompute(policy)
-        if modules is not None and TokenwiseRecompute.supports(modules):
-            if policy.stores_more_than_input:
-                mode = TokenwiseRecompute(policy)
-            elif TiledRecompute.supports(modules, policy.chunks):
-                mode = TiledRecompute(policy)
+        tokenwise = modules is None or TokenwiseRecompute.supports(modules)
+        if policy.stores_more_than_input and tokenwise:
+            # only token-wise recompute stores more than the input: the plan's own choice too,
+            # so the host tiers it writes are known without the modules
+            mode = TokenwiseRecompute(policy)
+        elif modules is not None and tokenwise and TiledRecompute.supports(modules, policy.chunks):
+            mode = TiledRecompute(policy)
     elif policy.recompute > TOLERANCE:
         mode = TokenwiseRecompute(policy)
     elif any(v > TOLERANCE for v in policy.swap.values()):

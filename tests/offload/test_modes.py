@@ -51,7 +51,7 @@ RESOLVED = [  # plan entry, modules (None: the plan's own choice), mode
     ({**FULL, "chunks": 2}, GPT2, FullRecompute),  # MLP chunks under a checkpoint
     (STORES_ATTENTION, LLAMA, TokenwiseRecompute),  # every token recomputed, attention stored
     (STORES_ATTENTION, GPT2, FullRecompute),
-    (STORES_ATTENTION, None, FullRecompute),
+    (STORES_ATTENTION, None, TokenwiseRecompute),  # the plan's own: only token-wise stores it
 ]
 
 
@@ -74,3 +74,15 @@ def test_a_mode_that_cannot_run_the_layer_is_refused(entry, modules, message):
     policy = layer_policy_from_entry({"name": "block.0", **entry})
     with pytest.raises(MemtrainError, match=f"layer block.0: .*{message}"):
         resolve(policy, modules, "block.0")
+
+
+def test_a_whole_layer_recompute_storing_attention_on_the_host_gets_a_host_pool():
+    """A plan whose only host bytes are the attention output a whole-layer recompute still
+    stores (a one-block copy of Llama-3.1-8B at 1M tokens planned this) asks for a CPU pool:
+    the plan's own mode for it is token-wise, which writes there."""
+    from memtrain.offload.policy import OffloadPolicy
+
+    entry = {**STORES_ATTENTION, "keep": 0.001, "swap": {"cpu": 0.04}, "recompute": 0.959}
+    policy = OffloadPolicy({"block.0": layer_policy_from_entry({"name": "block.0", **entry})})
+    assert policy.needs("cpu")
+    assert resolve(policy.layers["block.0"]).tiers() == {"cpu"}

@@ -26,7 +26,7 @@ from memtrain.errors import MemtrainError
 from memtrain.models.adapters import adapt
 from memtrain.models.blocks import tokenwise_problem
 from memtrain.offload.attention import ChunkedAttention, FlashAttention
-from memtrain.offload.router import whole_router_outputs
+from memtrain.offload.router import active_collector, whole_router_outputs
 
 
 def chunk_ranges(start: int, end: int, chunks: int) -> list[tuple[int, int]]:
@@ -61,6 +61,9 @@ class BlockParts:
         self._mask_seen: tuple | None = None  # (the mask, weakly; its version) last checked
         self._mask_kept: torch.Tensor | None = None
         self.used: str | None = None
+        # the model collects router outputs (an auxiliary loss): post-attention work keeps
+        # autograd in forward; decided in the forward, kept for its recompute in backward
+        self.routers_collected = False
         self.fused_failed = False  # the fused kernels refused this layer's shapes
         self.fused_ran = False
 
@@ -498,7 +501,7 @@ def tokenwise_forward(
         with lengths(sizes), whole_router_outputs(h.shape[0]):
             with scope(stored):
                 pre_s = [parts.qkv(h[:, a:b], cos[:, a:b], sin[:, a:b]) for a, b in ranges_s]
-            h_r = h[:, ns:]
+            h_r = h if ns == 0 else h[:, ns:]  # a slice's gradient would be a full-size copy
             with scope(role):
                 with scope(stored):
                     q_s, k_s, v_s = _gather(pre_s)
@@ -519,13 +522,83 @@ def tokenwise_forward(
                 with scope(stored):
                     for start, end in ranges_s:
                         outs.append(parts.post(h[:, start:end], a[:, start:end]))
-                for start, end in ranges_r:
-                    outs.append(
-                        checkpoint(_region_post, parts, h_r, a, start, end, ns, use_reentrant=False)
-                    )
+                if torch._C._current_graph_task_id() == -1:  # a forward, not a recompute
+                    parts.routers_collected = _collects_routers()
+                if ranges_r and not parts.routers_collected:
+                    a_r = a if ns == 0 else a[:, ns:]
+                    outs.append(_RecomputedPost.apply(h_r, a_r, parts, ranges_r, ns, *params))
+                else:  # router outputs are being collected: they need autograd in forward
+                    for start, end in ranges_r:
+                        outs.append(
+                            checkpoint(
+                                _region_post, parts, h_r, a, start, end, ns, use_reentrant=False
+                            )
+                        )
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     return forward
+
+
+def _collects_routers() -> bool:
+    """Whether Hugging Face's output capturing collects router outputs in this forward."""
+    collected = active_collector()
+    return bool(collected) and any("router" in str(key) for key in collected)
+
+
+class _RecomputedPost(torch.autograd.Function):
+    """The recomputed tokens' post-attention work (output projection, residual, MLP), chunk by
+    chunk without autograd in forward, saving nothing but its inputs (the block input and the
+    attention output, stored already). Backward rebuilds one chunk at a time and writes its
+    input gradients into two preallocated tensors, where chunks cut from the inputs would each
+    give a full-size gradient to sum. Weights come in as inputs: one gradient per step."""
+
+    @staticmethod
+    def forward(ctx, h_r, a_r, parts, ranges, ns, *params):
+        out = None
+        for start, end in ranges:
+            lo, hi = start - ns, end - ns
+            piece = parts.post(h_r[:, lo:hi], a_r[:, lo:hi])
+            if out is None:
+                out = piece.new_empty((piece.shape[0], h_r.shape[1], *piece.shape[2:]))
+            out[:, lo:hi] = piece
+        ctx.parts, ctx.ranges, ctx.ns, ctx.params = parts, ranges, ns, params
+        ctx.autocast = _autocast_state(h_r.device.type)
+        ctx.save_for_backward(h_r, a_r)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h_r, a_r = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        wanted = [p for p, need in zip(ctx.params, needs[5:], strict=True) if need]
+        grad_h = torch.empty_like(h_r) if needs[0] else None
+        grad_a = torch.empty_like(a_r) if needs[1] else None
+        sums: list[torch.Tensor | None] = [None] * len(wanted)
+        device, enabled, dtype = ctx.autocast
+        for start, end in reversed(ctx.ranges):
+            lo, hi = start - ctx.ns, end - ctx.ns
+            h = h_r[:, lo:hi].detach().requires_grad_(grad_h is not None)
+            a = a_r[:, lo:hi].detach().requires_grad_(grad_a is not None)
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                y = ctx.parts.post(h, a)
+            leaves = [t for t, g in ((h, grad_h), (a, grad_a)) if g is not None]
+            grads = list(
+                torch.autograd.grad(y, leaves + wanted, grad_out[:, lo:hi], allow_unused=True)
+            )
+            for target in (grad_h, grad_a):
+                if target is not None:
+                    piece = grads.pop(0)
+                    target[:, lo:hi] = 0 if piece is None else piece
+            for i, grad in enumerate(grads):
+                if grad is not None:
+                    sums[i] = widened(grad) if sums[i] is None else sums[i].add_(grad)
+            del y, grads, h, a
+        it = iter(sums)
+        param_grads = [
+            (None if (g := next(it)) is None else g.to(p.dtype)) if need else None
+            for p, need in zip(ctx.params, needs[5:], strict=True)
+        ]
+        return (grad_h, grad_a, None, None, None, *param_grads)
 
 
 def _region_post(parts: BlockParts, h_r, a, start: int, end: int, ns: int):

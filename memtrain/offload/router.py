@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 
 
-def _collector() -> dict | None:
+def active_collector() -> dict | None:
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # other transformers versions: nothing collected this way
@@ -28,7 +28,7 @@ def _collector() -> dict | None:
 def whole_router_outputs(batch: int) -> Iterator[None]:
     """Around one layer's chunked forward over a batch of ``batch`` rows: entries collected
     during it that are 2-D per-token tensors become one, chunks joined along the sequence."""
-    collected = _collector()
+    collected = active_collector()
     before = {k: len(v) for k, v in (collected or {}).items() if isinstance(v, list)}
     yield
     if collected is None:

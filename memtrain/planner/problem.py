@@ -182,7 +182,9 @@ def layer_costs(
             # them backward holds the output's gradient, then either float32 key/value
             # gradient sums with the finished chunks' input gradients (at most the larger
             # of the two), or, once keys and values are gone, the input gradient's chunks
-            # and their join.
+            # and their join. Before attention, the post-attention chunks write their
+            # gradients into a whole block-input and attention-output gradient (keys and
+            # values not yet rebuilt).
             query = attention_output
             keys_values = max(0.0, attention - attention_out - query)
             widen = 4.0 / max(1, dtype_bytes)
@@ -190,7 +192,10 @@ def layer_costs(
             tileable = max(0.0, (token - (attention - query)) / token)
             untiled_backward = min(
                 float(layer.backward_transient_bytes),
-                attention_out + max(widen * keys_values, 2 * input_grad - keys_values),
+                max(
+                    attention_out + max(widen * keys_values, 2 * input_grad - keys_values),
+                    input_grad + attention_out - keys_values,
+                ),
             )
     return LayerCosts(
         name=layer.name,

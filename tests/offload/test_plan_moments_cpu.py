@@ -35,6 +35,17 @@ UNDER = 0.05  # a measured block moment may exceed its prediction by at most thi
 OVER = 0.30  # a backward block moment may fall short of its prediction by at most this share
 
 CONFIG = tiny_config("llama", intermediate_size=256, num_hidden_layers=4)
+# attention as large against the block as Llama-3.1-8B's (grouped-query 4:1, keys and values a
+# quarter of the hidden size, the MLP tiled away): the proportions of the 1M-token 8B plan
+ATTENTION_HEAVY = tiny_config(
+    "llama",
+    hidden_size=256,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=32,
+    intermediate_size=512,
+    num_hidden_layers=4,
+)
 
 # Per-block decisions (the planner's LayerDecision fields), block 0 first.
 PATTERNS: dict[str, list[dict[str, Any]]] = {
@@ -57,8 +68,8 @@ PATTERNS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def compare(pattern: str, seq: int, chunks: int) -> dict[str, Any]:
-    config, profile = dry_profile(CONFIG, seq, "sgd")
+def compare(pattern: str, seq: int, chunks: int, config_in=None) -> dict[str, Any]:
+    config, profile = dry_profile(config_in or CONFIG, seq, "sgd")
     problem = build_problem(profile, fused_loss=True, always_store_ops=("flash",))
     hardware = load_hardware("h100-sxm-80g", cpu="1TiB")  # moments only: no capacity binds
     blocks = iter(LayerDecision(**d) for d in PATTERNS[pattern])
@@ -116,9 +127,18 @@ def compare(pattern: str, seq: int, chunks: int) -> dict[str, Any]:
     return {"pattern": pattern, "seq": seq, "chunks": chunks, "moments": rows}
 
 
-@pytest.mark.parametrize("pattern", ["long-context", "whole-block", "swap-half"])
-def test_block_moments_are_covered_by_the_plan(pattern):
-    result = compare(pattern, seq=1024, chunks=4)
+@pytest.mark.parametrize(
+    ("pattern", "config", "seq", "chunks"),
+    [
+        ("long-context", CONFIG, 1024, 4),
+        ("whole-block", CONFIG, 1024, 4),
+        ("swap-half", CONFIG, 1024, 4),
+        ("long-context", ATTENTION_HEAVY, 4096, 16),
+    ],
+    ids=["long-context", "whole-block", "swap-half", "long-context-gqa"],
+)
+def test_block_moments_are_covered_by_the_plan(pattern, config, seq, chunks):
+    result = compare(pattern, seq=seq, chunks=chunks, config_in=config)
     blocks = [m for m in result["moments"] if " block." in m["moment"]]
     assert len(blocks) == 8  # forward and backward of 4 blocks, each measured
     for moment in blocks:

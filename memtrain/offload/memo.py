@@ -26,6 +26,7 @@ from memtrain.errors import MemtrainError
 from memtrain.models.adapters import adapt
 from memtrain.models.blocks import tokenwise_problem
 from memtrain.offload.attention import ChunkedAttention, FlashAttention
+from memtrain.offload.grad_sums import WeightGradSums
 from memtrain.offload.router import active_collector, whole_router_outputs
 
 
@@ -234,15 +235,14 @@ class _StoredAttention(torch.autograd.Function):
         q_s, k_s, v_s, h_r, cos, sin, a, lse = ctx.saved_tensors
         parts: BlockParts = ctx.parts
         ns, chunks = ctx.ns, ctx.chunks
-        wanted = ctx.needs_input_grad[9:]
-        params = [p if need else None for p, need in zip(ctx.params, wanted, strict=True)]
+        weights = WeightGradSums(ctx.params, ctx.needs_input_grad[9:])
         batch, tokens, heads, dim = ctx.out_shape
         out = a.view(batch, tokens, heads, dim).transpose(1, 2)
         grad_out = grad_a.reshape(batch, tokens, heads, dim).transpose(1, 2)
         rows_run = parts.rows_run(ctx.extra)
         if not ctx.out_strided and not rows_run:  # the kernel's own layout (rows: per chunk)
             out = out.contiguous()
-        rebuild = _Rebuild(parts, h_r, cos, sin, ns, params, ctx.needs_input_grad[3], ctx.autocast)
+        rebuild = _Rebuild(parts, h_r, cos, sin, ns, weights, ctx.needs_input_grad[3], ctx.autocast)
         with rebuild.autocast(), torch.no_grad():
             keep = (1, 2) if rows_run else (0, 1, 2)
             regenerated = _regenerate(parts, h_r, cos, sin, ns, chunks, keep)
@@ -264,12 +264,7 @@ class _StoredAttention(torch.autograd.Function):
             dq_s, dk_s, dv_s = dq[:, :, :ns], dk[:, :, :ns], dv[:, :, :ns]
         del k, v, grad_out, out, lse, a, grad_a
         return (dq_s, dk_s, dv_s, rebuild.grad_input(), None, None, None, None, None,
-                *rebuild.param_grads())  # fmt: skip
-
-
-def widened(grad: torch.Tensor) -> torch.Tensor:
-    """A gradient sum's first term, in float32 or wider."""
-    return grad.to(torch.promote_types(grad.dtype, torch.float32))
+                *weights.result())  # fmt: skip
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
@@ -285,14 +280,13 @@ class _Rebuild:
     v are rebuilt from its block input under the forward's autocast state and differentiated
     against their gradients into the block-input gradient and float32 weight gradients."""
 
-    def __init__(self, parts, h_r, cos, sin, ns, params, input_grad: bool, autocast) -> None:
+    def __init__(self, parts, h_r, cos, sin, ns, weights, input_grad: bool, autocast) -> None:
         if (cos.requires_grad or sin.requires_grad) and h_r.shape[1] > 0:
             raise MemtrainError(
                 f"layer {parts.name}: token-wise recompute needs rotary tables without gradients"
             )
         self.parts, self.h_r, self.cos, self.sin, self.ns = parts, h_r, cos, sin, ns
-        self.params = params
-        self.grads: list[torch.Tensor | None] = [None] * len(params)
+        self.weights: WeightGradSums = weights
         self.wants_input = input_grad
         self.input_grads: dict[int, torch.Tensor] = {}  # chunk start -> its input gradient
         self.device_type, self.enabled, self.dtype = autocast
@@ -305,7 +299,7 @@ class _Rebuild:
         or None when nothing asks for a gradient."""
         lo, hi = start - self.ns, end - self.ns
         h = self.h_r[:, lo:hi].detach().requires_grad_(self.wants_input)
-        if not self.wants_input and all(p is None for p in self.params):
+        if not self.wants_input and not self.weights.wanted:
             return None
         with torch.enable_grad(), self.autocast():
             qkv = self.parts.qkv(h, self.cos[:, start:end], self.sin[:, start:end])
@@ -316,31 +310,22 @@ class _Rebuild:
         if pending is None:
             return
         start, h, qkv = pending
-        wanted = [p for p in self.params if p is not None]
+        wanted = self.weights.wanted
         inputs = ([h] if self.wants_input else []) + wanted
         pairs = [
             (t, g.to(t.dtype)) for t, g in zip(qkv, (dq, dk, dv), strict=True) if t.requires_grad
         ]
-        if not pairs:
+        if not pairs:  # nothing before attention trains or needs a gradient here
+            if self.wants_input:
+                self.input_grads[start] = torch.zeros_like(h)
             return
         grads = torch.autograd.grad(
             [t for t, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True
         )
         if self.wants_input:
-            self.input_grads[start] = grads[0]
+            self.input_grads[start] = torch.zeros_like(h) if grads[0] is None else grads[0]
             grads = grads[1:]
-        index = 0
-        for i, param in enumerate(self.params):
-            if param is None:
-                continue
-            grad = grads[index]
-            index += 1
-            if grad is None:
-                continue
-            if self.grads[i] is None:
-                self.grads[i] = widened(grad)
-            else:
-                self.grads[i].add_(grad)
+        self.weights.add(grads)
 
     def grad_input(self) -> torch.Tensor | None:
         """The recomputed tokens' block-input gradient, the chunks' joined in order."""
@@ -350,12 +335,6 @@ class _Rebuild:
         if not pieces:
             return torch.zeros_like(self.h_r)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-
-    def param_grads(self) -> list[torch.Tensor | None]:
-        return [
-            None if g is None else g.to(p.dtype)
-            for g, p in zip(self.grads, self.params, strict=True)
-        ]
 
 
 def _backward_in_rows(parts, extra, grad_out, q_s, k, v, out, lse, ns, chunks, rebuild, strided):
@@ -570,10 +549,9 @@ class _RecomputedPost(torch.autograd.Function):
     def backward(ctx, grad_out):
         h_r, a_r = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        wanted = [p for p, need in zip(ctx.params, needs[5:], strict=True) if need]
+        weights = WeightGradSums(ctx.params, needs[5:])
         grad_h = torch.empty_like(h_r) if needs[0] else None
         grad_a = torch.empty_like(a_r) if needs[1] else None
-        sums: list[torch.Tensor | None] = [None] * len(wanted)
         device, enabled, dtype = ctx.autocast
         for start, end in reversed(ctx.ranges):
             lo, hi = start - ctx.ns, end - ctx.ns
@@ -583,22 +561,17 @@ class _RecomputedPost(torch.autograd.Function):
                 y = ctx.parts.post(h, a)
             leaves = [t for t, g in ((h, grad_h), (a, grad_a)) if g is not None]
             grads = list(
-                torch.autograd.grad(y, leaves + wanted, grad_out[:, lo:hi], allow_unused=True)
+                torch.autograd.grad(
+                    y, leaves + weights.wanted, grad_out[:, lo:hi], allow_unused=True
+                )
             )
             for target in (grad_h, grad_a):
                 if target is not None:
                     piece = grads.pop(0)
                     target[:, lo:hi] = 0 if piece is None else piece
-            for i, grad in enumerate(grads):
-                if grad is not None:
-                    sums[i] = widened(grad) if sums[i] is None else sums[i].add_(grad)
+            weights.add(grads)
             del y, grads, h, a
-        it = iter(sums)
-        param_grads = [
-            (None if (g := next(it)) is None else g.to(p.dtype)) if need else None
-            for p, need in zip(ctx.params, needs[5:], strict=True)
-        ]
-        return (grad_h, grad_a, None, None, None, *param_grads)
+        return (grad_h, grad_a, None, None, None, *weights.result())
 
 
 def _region_post(parts: BlockParts, h_r, a, start: int, end: int, ns: int):

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from memtrain.offload.memo import chunk_ranges, widened
+from memtrain.offload.grad_sums import WeightGradSums
+from memtrain.offload.memo import chunk_ranges
 
 
 class _TokenChunked(torch.autograd.Function):
@@ -36,29 +37,23 @@ class _TokenChunked(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
-        wanted = [p for p, need in zip(ctx.params, ctx.needs_input_grad[3:], strict=True) if need]
+        weights = WeightGradSums(ctx.params, ctx.needs_input_grad[3:])
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        sums: list[torch.Tensor | None] = [None] * len(wanted)
         for start, end in ctx.ranges:
             piece = x[:, start:end].detach().requires_grad_(grad_x is not None)
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 y = ctx.forward(piece)
-            inputs = ([piece] if grad_x is not None else []) + wanted
+            inputs = ([piece] if grad_x is not None else []) + weights.wanted
             if not inputs or not y.requires_grad:
+                if grad_x is not None:
+                    grad_x[:, start:end] = 0
                 continue
             grads = torch.autograd.grad(y, inputs, grad_out[:, start:end], allow_unused=True)
             if grad_x is not None:
-                grad_x[:, start:end] = grads[0]
+                grad_x[:, start:end] = 0 if grads[0] is None else grads[0]
                 grads = grads[1:]
-            for i, grad in enumerate(grads):
-                if grad is not None:
-                    sums[i] = widened(grad) if sums[i] is None else sums[i].add_(grad)
-        it = iter(sums)
-        param_grads = [
-            (None if (g := next(it)) is None else g.to(p.dtype)) if need else None
-            for p, need in zip(ctx.params, ctx.needs_input_grad[3:], strict=True)
-        ]
-        return (grad_x, None, None, *param_grads)
+            weights.add(grads)
+        return (grad_x, None, None, *weights.result())
 
 
 def token_chunked(forward: Callable, module: torch.nn.Module, chunks: int) -> Callable:

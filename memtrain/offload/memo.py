@@ -14,6 +14,7 @@ so the transient working set of a layer does not grow with the sequence.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -518,6 +519,23 @@ def tokenwise_forward(
     return forward
 
 
+def _rng_state(device: torch.device) -> tuple:
+    """The CPU random state, and the device's where it has its own."""
+    gpu = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), gpu
+
+
+@contextlib.contextmanager
+def _replayed_rng(state: tuple, device: torch.device):
+    """Run with ``state`` as the random state, and put the caller's back afterwards."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
 def _collects_routers() -> bool:
     """Whether Hugging Face's output capturing collects router outputs in this forward."""
     collected = active_collector()
@@ -534,8 +552,10 @@ class _RecomputedPost(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_r, a_r, parts, ranges, ns, *params):
         out = None
+        ctx.rng = []  # each chunk's random state: its dropouts replay in backward
         for start, end in ranges:
             lo, hi = start - ns, end - ns
+            ctx.rng.append(_rng_state(h_r.device))
             piece = parts.post(h_r[:, lo:hi], a_r[:, lo:hi])
             if out is None:
                 out = piece.new_empty((piece.shape[0], h_r.shape[1], *piece.shape[2:]))
@@ -553,12 +573,14 @@ class _RecomputedPost(torch.autograd.Function):
         grad_h = torch.empty_like(h_r) if needs[0] else None
         grad_a = torch.empty_like(a_r) if needs[1] else None
         device, enabled, dtype = ctx.autocast
-        for start, end in reversed(ctx.ranges):
+        chunks = list(zip(ctx.ranges, ctx.rng, strict=True))
+        for (start, end), rng in reversed(chunks):
             lo, hi = start - ctx.ns, end - ctx.ns
             h = h_r[:, lo:hi].detach().requires_grad_(grad_h is not None)
             a = a_r[:, lo:hi].detach().requires_grad_(grad_a is not None)
-            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-                y = ctx.parts.post(h, a)
+            with _replayed_rng(rng, h_r.device), torch.enable_grad():
+                with torch.autocast(device, dtype=dtype, enabled=enabled):
+                    y = ctx.parts.post(h, a)
             leaves = [t for t, g in ((h, grad_h), (a, grad_a)) if g is not None]
             grads = list(
                 torch.autograd.grad(

@@ -217,3 +217,36 @@ def test_recomputed_chunks_are_rebuilt_under_the_forwards_autocast(make):
     # bfloat16 sums in another order: about 2% on the norm weights; without the forward's
     # autocast the rebuilt chunks run in float32 and those gradients are 39-153% off
     assert_close(reference, trace, 5e-2)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LayerPolicy(keep=0.5, recompute=0.5, chunks=2),
+        lambda: LayerPolicy(keep=0.0, recompute=1.0, full_recompute=True, chunks=3),
+    ],
+    ids=["half-recomputed", "tiled-whole-block"],
+)
+def test_residual_dropout_replays_in_the_rebuilt_chunks(make, monkeypatch):
+    """Starcoder2's residual dropout draws a mask in every post-attention chunk; backward's
+    rebuild replays it: the gradients equal those of checkpointed chunks (which restore the
+    random state themselves) drawn from the same seed."""
+    import memtrain.offload.memo as memo
+    from tests.families import family_ids, family_model
+
+    def step(force_checkpoints: bool):
+        monkeypatch.setattr(memo, "_collects_routers", lambda: force_checkpoints)
+        model = family_model("starcoder2", residual_dropout=0.3, num_hidden_layers=2).train()
+        ids = family_ids()
+        policy = OffloadPolicy(_blocks(make))
+        torch.manual_seed(5)
+        with apply(model, policy):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_a, grads_a = step(False)
+    loss_b, grads_b = step(True)
+    assert torch.equal(loss_a, loss_b)
+    for name, grad in grads_b.items():
+        torch.testing.assert_close(grads_a[name], grad, rtol=1e-5, atol=1e-7, msg=name)

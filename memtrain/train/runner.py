@@ -194,11 +194,13 @@ class Runner:
                 if strategy.sequence_parallel > 1:
                     summary["launcher"]["sequence_parallel"] = strategy.sequence_parallel
             summary["train"] = self.train(strategy, device, backend)
+            if world.main:  # before the process group closes: a rank stuck there may leave
+                (self.out_dir / "summary.json").write_text(
+                    json.dumps(summary, indent=1, default=str)
+                )
+                print_summary(summary, console)
         finally:
             strategy.stop(ok=sys.exc_info()[0] is None)
-        if world.main:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-            print_summary(summary, console)
         return summary
 
     def train(self, strategy: SingleProcess, device: torch.device, backend) -> dict[str, Any]:

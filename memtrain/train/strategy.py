@@ -9,8 +9,12 @@ return their input.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,6 +160,35 @@ class SingleProcess:
         self.barrier()
 
 
+STOP_TIMEOUT_S = 120.0  # a rank's process group closes well within this after its last step
+
+
+@contextlib.contextmanager
+def leave_if_stuck(seconds: float, rank: int, ok: bool, leave=os._exit):
+    """Around closing a finished rank's process group: if that has not returned in ``seconds``
+    (a gloo peer stuck in teardown was seen now and then on the CPU), say so in one line and
+    leave the process, with status 0 if the run itself succeeded (its checkpoints and summary
+    are written by then), else 1."""
+
+    def expire() -> None:
+        print(
+            f"memtrain: rank {rank}: the process group did not close within {seconds:.0f} s "
+            "after the run ended; leaving without it",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        leave(0 if ok else 1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 class DDPStrategy(SingleProcess):
     """One replica per rank in DistributedDataParallel (nccl on CUDA, gloo on the CPU)."""
 
@@ -176,9 +209,10 @@ class DDPStrategy(SingleProcess):
         if self.started and dist.is_initialized():
             # every rank past its last collective before any closes its connections (a gloo
             # peer torn down mid-collective aborts the other rank at exit)
-            if ok:
-                dist.barrier()
-            dist.destroy_process_group()
+            with leave_if_stuck(STOP_TIMEOUT_S, self.world.rank, ok):
+                if ok:
+                    dist.barrier()
+                dist.destroy_process_group()
 
     def setup(self, prepared, recipe: Recipe, out_dir: Path) -> None:
         from torch.nn.parallel import DistributedDataParallel

@@ -248,3 +248,25 @@ def test_deepspeed_cpu_shm_buffer_is_released(tmp_path, monkeypatch):
     release_shm_buffer(3, root=str(tmp_path))
     assert [p.name for p in tmp_path.iterdir()] == names[:1]  # rank 2's stays
     release_shm_buffer(3, root=str(tmp_path))  # gone already: nothing to do
+
+
+def test_a_rank_stuck_closing_its_process_group_leaves_with_one_line(capsys):
+    """A finished rank whose process group does not close (a gloo peer stuck in teardown) says
+    so in one line and leaves: status 0 after a good run, 1 after a failed one; a group that
+    closes in time changes nothing."""
+    from memtrain.train.strategy import leave_if_stuck
+
+    left: list[int] = []
+    with leave_if_stuck(0.2, 1, True, leave=left.append):
+        time.sleep(0.6)
+    assert left == [0]
+    err = capsys.readouterr().err.strip()
+    assert "rank 1" in err and "did not close" in err and len(err.splitlines()) == 1
+    with leave_if_stuck(0.2, 0, False, leave=left.append):
+        time.sleep(0.6)
+    assert left == [0, 1]
+    capsys.readouterr()
+    with leave_if_stuck(0.3, 0, True, leave=left.append):
+        pass
+    time.sleep(0.5)
+    assert left == [0, 1] and capsys.readouterr().err == ""

@@ -14,7 +14,6 @@ so the transient working set of a layer does not grow with the sequence.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +26,12 @@ from memtrain.errors import MemtrainError
 from memtrain.models.adapters import adapt
 from memtrain.models.blocks import tokenwise_problem
 from memtrain.offload.attention import ChunkedAttention, FlashAttention
-from memtrain.offload.grad_sums import WeightGradSums
+from memtrain.offload.chunk_replay import (
+    WeightGradSums,
+    autocast_state,
+    replayed_autocast,
+    token_chunks,
+)
 from memtrain.offload.router import active_collector, whole_router_outputs
 
 
@@ -226,7 +230,7 @@ class _StoredAttention(torch.autograd.Function):
         ctx.extra = extra
         ctx.out_shape = (batch, tokens, heads, dim)
         ctx.out_strided = out.stride() == a.view(batch, tokens, heads, dim).transpose(1, 2).stride()
-        ctx.autocast = _autocast_state(h_r.device.type)
+        ctx.autocast = autocast_state(h_r.device.type)
         ctx.params = params  # leaves, kept by reference (a saved-tensor scope would move them)
         ctx.save_for_backward(q_s, k_s, v_s, h_r, cos, sin, a, lse)
         return a
@@ -268,14 +272,6 @@ class _StoredAttention(torch.autograd.Function):
                 *weights.result())  # fmt: skip
 
 
-def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
-    return (
-        device_type,
-        torch.is_autocast_enabled(device_type),
-        torch.get_autocast_dtype(device_type),
-    )
-
-
 class _Rebuild:
     """Differentiates recomputed chunks' pre-attention work in backward: each chunk's q, k and
     v are rebuilt from its block input under the forward's autocast state and differentiated
@@ -290,10 +286,10 @@ class _Rebuild:
         self.weights: WeightGradSums = weights
         self.wants_input = input_grad
         self.input_grads: dict[int, torch.Tensor] = {}  # chunk start -> its input gradient
-        self.device_type, self.enabled, self.dtype = autocast
+        self.autocast_state = autocast
 
     def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+        return replayed_autocast(self.autocast_state)
 
     def open(self, start: int, end: int):
         """Rebuild tokens ``[start, end)``'s q, k and v with autograd: ``(h, (q, k, v))``,
@@ -506,7 +502,8 @@ def tokenwise_forward(
                     parts.routers_collected = _collects_routers()
                 if ranges_r and not parts.routers_collected:
                     a_r = a if ns == 0 else a[:, ns:]
-                    outs.append(_RecomputedPost.apply(h_r, a_r, parts, ranges_r, ns, *params))
+                    local = [(start - ns, end - ns) for start, end in ranges_r]
+                    outs.append(token_chunks(parts.post, local, [h_r, a_r], params))
                 else:  # router outputs are being collected: they need autograd in forward
                     for start, end in ranges_r:
                         outs.append(
@@ -519,81 +516,10 @@ def tokenwise_forward(
     return forward
 
 
-def _rng_state(device: torch.device) -> tuple:
-    """The CPU random state, and the device's where it has its own."""
-    gpu = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), gpu
-
-
-@contextlib.contextmanager
-def _replayed_rng(state: tuple, device: torch.device):
-    """Run with ``state`` as the random state, and put the caller's back afterwards."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], device)
-        yield
-
-
 def _collects_routers() -> bool:
     """Whether Hugging Face's output capturing collects router outputs in this forward."""
     collected = active_collector()
     return bool(collected) and any("router" in str(key) for key in collected)
-
-
-class _RecomputedPost(torch.autograd.Function):
-    """The recomputed tokens' post-attention work (output projection, residual, MLP), chunk by
-    chunk without autograd in forward, saving nothing but its inputs (the block input and the
-    attention output, stored already). Backward rebuilds one chunk at a time and writes its
-    input gradients into two preallocated tensors, where chunks cut from the inputs would each
-    give a full-size gradient to sum. Weights come in as inputs: one gradient per step."""
-
-    @staticmethod
-    def forward(ctx, h_r, a_r, parts, ranges, ns, *params):
-        out = None
-        ctx.rng = []  # each chunk's random state: its dropouts replay in backward
-        for start, end in ranges:
-            lo, hi = start - ns, end - ns
-            ctx.rng.append(_rng_state(h_r.device))
-            piece = parts.post(h_r[:, lo:hi], a_r[:, lo:hi])
-            if out is None:
-                out = piece.new_empty((piece.shape[0], h_r.shape[1], *piece.shape[2:]))
-            out[:, lo:hi] = piece
-        ctx.parts, ctx.ranges, ctx.ns, ctx.params = parts, ranges, ns, params
-        ctx.autocast = _autocast_state(h_r.device.type)
-        ctx.save_for_backward(h_r, a_r)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        h_r, a_r = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        weights = WeightGradSums(ctx.params, needs[5:])
-        grad_h = torch.empty_like(h_r) if needs[0] else None
-        grad_a = torch.empty_like(a_r) if needs[1] else None
-        device, enabled, dtype = ctx.autocast
-        chunks = list(zip(ctx.ranges, ctx.rng, strict=True))
-        for (start, end), rng in reversed(chunks):
-            lo, hi = start - ctx.ns, end - ctx.ns
-            h = h_r[:, lo:hi].detach().requires_grad_(grad_h is not None)
-            a = a_r[:, lo:hi].detach().requires_grad_(grad_a is not None)
-            with _replayed_rng(rng, h_r.device), torch.enable_grad():
-                with torch.autocast(device, dtype=dtype, enabled=enabled):
-                    y = ctx.parts.post(h, a)
-            leaves = [t for t, g in ((h, grad_h), (a, grad_a)) if g is not None]
-            grads = list(
-                torch.autograd.grad(
-                    y, leaves + weights.wanted, grad_out[:, lo:hi], allow_unused=True
-                )
-            )
-            for target in (grad_h, grad_a):
-                if target is not None:
-                    piece = grads.pop(0)
-                    target[:, lo:hi] = 0 if piece is None else piece
-            weights.add(grads)
-            del y, grads, h, a
-        return (grad_h, grad_a, None, None, None, *weights.result())
 
 
 def _region_post(parts: BlockParts, h_r, a, start: int, end: int, ns: int):

@@ -145,10 +145,7 @@ class SingleProcess:
             self.model.load_state_dict(state["model"])  # in place: a DDP replica follows
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise MemtrainError(
-                f"checkpoint {self.loaded} does not fit this model and optimizer ({first})"
-            ) from None
+            raise _does_not_fit(self.loaded, exc) from None
         return state
 
     def save(self, state: dict[str, Any]) -> None:
@@ -158,6 +155,12 @@ class SingleProcess:
             state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
             self.writer.write(self.path, state)
         self.barrier()
+
+
+def _does_not_fit(path, exc: BaseException) -> MemtrainError:
+    """A checkpoint that cannot load into this model and optimizer, with the cause's first line."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return MemtrainError(f"checkpoint {path} does not fit this model and optimizer ({first})")
 
 
 STOP_TIMEOUT_S = 120.0  # a rank's process group closes well within this after its last step
@@ -441,10 +444,7 @@ class FSDPStrategy(DDPStrategy):
                 optim_state_dict=loaded["optimizer"],
             )
         except Exception as exc:  # noqa: BLE001 - any failure inside DCP, on one line
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise MemtrainError(
-                f"checkpoint {folder} does not fit this model and optimizer ({first})"
-            ) from None
+            raise _does_not_fit(folder, exc) from None
         return state
 
     def save(self, state: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from memtrain.optim.base import init_step
 from memtrain.optim.galore_adamw import GaLoreAdamW
 from memtrain.optim.lowrank import effective_rank, project, projection_shape, projection_side
 from memtrain.optim.moments import read_moments
+from memtrain.optim.sharded import like
 from memtrain.optim.subspace import seeded_generator
 
 SCALE_TYPES = ("channel", "tensor")
@@ -101,7 +102,7 @@ class APOLLO(GaLoreAdamW):
             p.device,
             grad.dtype,
         )
-        low = project(grad, proj, side)
+        low = project(grad, like(proj, grad), side)
         avg, sq = read_moments(state, low, bits=32)
         avg.lerp_(low, 1.0 - beta1)
         sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)

@@ -33,6 +33,7 @@ from memtrain.optim.lowrank import (
     refresh_projections,
 )
 from memtrain.optim.moments import check_bits, read_moments, write_moments
+from memtrain.optim.sharded import full, like, local
 
 # Keys a projected group may set; the values are what galore-torch users get by default.
 LOWRANK_DEFAULTS: dict[str, Any] = {
@@ -76,7 +77,9 @@ def refresh_due(
         if "projection" in state and step % gap != 0:
             continue
         side = projection_side(p.shape, group["proj_type"])
-        items.append((optimizer.param_index(p), step, p.grad, state.get("projection"), side))
+        prev = state.get("projection")
+        prev = None if prev is None else local(prev)  # replicated: every rank holds it whole
+        items.append((optimizer.param_index(p), step, full(p.grad), prev, side))
     if not items:
         return
     fresh = refresh_projections(
@@ -93,7 +96,7 @@ def refresh_due(
         key = optimizer.param_index(p)
         if key in fresh:
             state = optimizer.state[p]
-            new = fresh[key].to(dtype_of(p))
+            new = like(fresh[key].to(dtype_of(p)), p.grad)
             if "projection" in state:
                 state["projection"].copy_(new)
             else:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from memtrain.errors import MemtrainError
+from memtrain.optim.sharded import settled
 from memtrain.optim.subspace import seeded_generator, subspace_iteration
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -107,7 +108,9 @@ def lowrank_targets(model: nn.Module, targets: str | None = None) -> list[tuple[
 
 
 def project(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
-    return grad @ proj.mT if side == "right" else proj.mT @ grad
+    """The low-rank gradient; for a row-sharded gradient a left projection sums over the
+    ranks' rows (one all-reduce of the small result), a right one stays in each rank's rows."""
+    return grad @ proj.mT if side == "right" else settled(proj.mT @ grad)
 
 
 def project_back(low: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from memtrain.errors import MemtrainError
-from memtrain.optim.quant8 import dequantize, quantize
+from memtrain.optim.quant8 import dequantize, dequantize_rows, quantize, quantize_rows
+from memtrain.optim.sharded import from_rows, is_sharded, like, local, row_sharded
 
 STATE_BITS = (32, 8)
 _QUANT_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
@@ -35,10 +36,10 @@ def read_moments(
     copies of 8-bit states, the state tensors themselves otherwise."""
     if bits == 8:
         if "exp_avg_codes" not in state:
-            zeros = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+            zeros = torch.zeros_like(like, dtype=torch.float32)
             return zeros, zeros.clone()
-        first = dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True)
-        second = dequantize(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False)
+        first = _dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True)
+        second = _dequantize(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False)
         return first, second
     if "exp_avg" not in state:
         state["exp_avg"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
@@ -54,10 +55,35 @@ def write_moments(
         if first is not state.get("exp_avg"):
             state["exp_avg"], state["exp_avg_sq"] = first, second
         return
-    state["exp_avg_codes"], state["exp_avg_absmax"] = quantize(first, signed=True)
-    state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = quantize(
+    state["exp_avg_codes"], state["exp_avg_absmax"] = _quantize(first, signed=True)
+    state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = _quantize(
         second.clamp(min=0), signed=False
     )
+
+
+def _quantize(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales; a row-sharded state is quantised in blocks along each of its rows and
+    both are kept as row shards (a replicated one as replicated tensors)."""
+    if not is_sharded(values):
+        return quantize(values, signed)
+    if not row_sharded(values):
+        codes, absmax = quantize(local(values), signed)
+        return like(codes, values), like(absmax, values)
+    codes, absmax = quantize_rows(local(values), signed)
+    rows = values.shape[0] if values.dim() else 1
+    return (
+        from_rows(codes, values, tuple(values.shape)),
+        from_rows(absmax, values, (rows, absmax.shape[1])),
+    )
+
+
+def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    if not is_sharded(codes):
+        return dequantize(codes, absmax, signed)
+    if not row_sharded(codes):
+        return like(dequantize(local(codes), local(absmax), signed), codes)
+    values = dequantize_rows(local(codes), local(absmax), signed)
+    return from_rows(values, codes, tuple(codes.shape))
 
 
 def drop_moments(state: dict[str, Any]) -> None:

@@ -5,6 +5,8 @@ of the nearest entry of a 256-value code. The code is *dynamic* (a few exponent 
 linear fraction inside each) so small moments keep relative precision that a linear code loses;
 the first moment uses a signed code, the second an unsigned one with twice the resolution.
 A state of ``n`` values therefore costs ``n + 4 * ceil(n / 256)`` bytes (:func:`quantized_bytes`).
+:func:`quantize_rows` blocks each row on its own (a rank's rows of a sharded state); for rows of
+a multiple of :data:`BLOCK` values it gives exactly the blocks of :func:`quantize`.
 """
 
 from __future__ import annotations
@@ -64,3 +66,31 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch
     pad = (-flat.numel()) % BLOCK
     blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK) * absmax.unsqueeze(1)
     return blocks.view(-1)[: flat.numel()].view(codes.shape)
+
+
+def _as_rows(values: torch.Tensor) -> torch.Tensor:
+    """``values`` as (rows, values per row): dim 0 stays, the others are flattened."""
+    return values.reshape(values.shape[0], -1) if values.dim() else values.reshape(1, 1)
+
+
+def quantize_rows(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes shaped like ``values``, float32 absmax of shape (rows, blocks per row)):
+    blocks of :data:`BLOCK` values that never cross a row of dim 0."""
+    rows = _as_rows(values.detach()).float()
+    pad = (-rows.shape[1]) % BLOCK
+    blocks = torch.nn.functional.pad(rows, (0, pad)).view(rows.shape[0], -1, BLOCK)
+    absmax = blocks.abs().amax(dim=2)
+    scaled = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(2)
+    _, mids = _code_on(signed, rows.device)
+    codes = torch.bucketize(scaled, mids).to(torch.uint8).view(rows.shape[0], -1)
+    return codes[:, : rows.shape[1]].reshape(values.shape).clone(), absmax
+
+
+def dequantize_rows(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Float32 values of a state quantised by :func:`quantize_rows`, shaped like ``codes``."""
+    code, _ = _code_on(signed, codes.device)
+    rows = code[_as_rows(codes).long()]
+    pad = (-rows.shape[1]) % BLOCK
+    blocks = torch.nn.functional.pad(rows, (0, pad)).view(rows.shape[0], -1, BLOCK)
+    values = (blocks * absmax.unsqueeze(2)).view(rows.shape[0], -1)
+    return values[:, : rows.shape[1]].reshape(codes.shape)

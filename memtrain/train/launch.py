@@ -33,9 +33,6 @@ LAUNCHERS = {
 }
 # Optimizers DeepSpeed builds itself (its CPU Adam where ZeRO-Offload moves the states).
 DEEPSPEED_OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}
-# Optimizers that step FSDP2's row shards (DTensors) exactly: elementwise ones. The low-rank ones
-# (GaLore, APOLLO, ...) and Adafactor read whole matrices.
-FSDP_OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 @dataclass(frozen=True)
@@ -97,12 +94,6 @@ def check_launcher(recipe: Recipe, launched: bool = False) -> None:
             f"launcher.kind=deepspeed trains with DeepSpeed's own optimizer: optimizer.name "
             f"{' or '.join(DEEPSPEED_OPTIMIZERS)}, not {name!r} (use "
             "launcher.kind=torchrun for memtrain's optimizers)"
-        )
-    if kind == "fsdp" and name not in FSDP_OPTIMIZERS:
-        raise ConfigError(
-            f"launcher.kind=fsdp steps row shards of each weight: optimizer.name "
-            f"{', '.join(FSDP_OPTIMIZERS)}, not {name!r} (its update needs whole matrices; use "
-            "launcher.kind=torchrun for it)"
         )
     from memtrain.train.sequence_parallel import check_sequence_parallel
 

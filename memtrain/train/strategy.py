@@ -24,6 +24,7 @@ from torch import nn
 
 from memtrain.dtypes import short_name
 from memtrain.errors import ConfigError, MemtrainError
+from memtrain.optim.sharded import init_states, sharded_step_kind, step_whole_matrices
 from memtrain.train.async_checkpoint import CheckpointWriter
 from memtrain.train.checkpoint import (
     CHECKPOINT,
@@ -374,10 +375,12 @@ class DeepSpeedStrategy(DDPStrategy):
 
 class FSDPStrategy(DDPStrategy):
     """FSDP2: ``fully_shard`` on every decoder block, then on the root (embeddings, final norm,
-    LM head); each parameter is a DTensor sharded along dim 0 over the ranks, and the recipe's
-    (elementwise) torch optimizer steps those shards. Every rank holds a replica's activations,
-    so the plan's activation modes run inside each rank; its optimizer states stay on the device
-    (no host step, no parameter streaming). Checkpoints: torch.distributed.checkpoint under
+    LM head); each parameter is a DTensor sharded along dim 0 over the ranks. The recipe's
+    optimizer steps those shards: torch's and memtrain's row-wise ones (AdamW, 8-bit AdamW,
+    GaLore, APOLLO, ...) on each rank's rows, the others one gathered weight at a time
+    (:mod:`memtrain.optim.sharded`). Every rank holds a replica's activations, so the plan's
+    activation modes run inside each rank; its optimizer states stay on the device (no host
+    step, no parameter streaming). Checkpoints: torch.distributed.checkpoint under
     ``out_dir/fsdp/step<N>``, with the client state (data position, RNG, recipe) beside it."""
 
     prepare_options = {"build_optimizer": False, "state_offload": False}
@@ -404,6 +407,13 @@ class FSDPStrategy(DDPStrategy):
         self.optimizer = build_optimizer(self.model, spec, lr=float(opt.lr))
         for group in self.optimizer.param_groups:
             group["weight_decay"] = decay
+        self.whole_matrices = sharded_step_kind(spec.name) == "whole"
+
+    def optimizer_step(self) -> None:
+        if self.whole_matrices:
+            step_whole_matrices(self.optimizer)
+        else:
+            self.optimizer.step()
 
     def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, float | None]:
         from torch.distributed.tensor import DTensor
@@ -414,7 +424,7 @@ class FSDPStrategy(DDPStrategy):
         if self.clip:
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
             grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-        self.optimizer.step()
+        self.optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
 
@@ -433,6 +443,7 @@ class FSDPStrategy(DDPStrategy):
         except Exception as exc:  # noqa: BLE001 - a damaged file, on one line
             raise MemtrainError(f"{folder / FSDP_CLIENT} cannot be read ({exc})") from None
         check(state, folder)
+        init_states(self.optimizer, self.optimizer_step)
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         loaded = {"model": model_state, "optimizer": optim_state}
         try:

@@ -1,8 +1,9 @@
 """`memtrain run` with launcher.kind=fsdp (FSDP2, 2 gloo ranks on the CPU).
 
-Sharding the tiny Llama's weights along dim 0 changes nothing a step computes: losses, gradient
-norms and final weights equal a 2-rank DDP run's on the same data; a run stopped after step 1 and
-resumed from its DCP checkpoint equals the uninterrupted one.
+Sharding the tiny Llama's weights along dim 0 changes nothing a step computes, whatever the
+optimizer (AdamW; GaLore and APOLLO on the row shards; FRUGAL on gathered whole matrices):
+losses, gradient norms and final weights equal a 2-rank DDP run's on the same data; a run
+stopped after step 2 and resumed from its DCP checkpoint equals the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -39,52 +40,64 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-5 * max(abs(a), abs(b))
 
 
-def test_unsupported_optimizer_under_fsdp_is_one_line(tmp_path, capsys):
-    path = _write(tmp_path, "bad")  # TINY trains with GaLore
-    assert main(["run", str(path), *FSDP]) == 2
+def test_fsdp_launch_and_bad_input(tmp_path, capsys):
+    path = _write(tmp_path, "bad")  # step-in-backward needs one process
+    assert main(["run", str(path), *FSDP, "train.step_in_backward=true"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "launcher.kind=fsdp" in err and "'galore'" in err and "adamw" in err
-    assert len(err.splitlines()) == 1
+    assert "step_in_backward" in err and len(err.splitlines()) == 1
     # The ranks start as torchrun's do.
     from memtrain.train import load_recipe
     from memtrain.train.launch import launch_command
 
-    recipe = load_recipe(_write(tmp_path, "cmd", optimizer=ADAMW), FSDP)
+    recipe = load_recipe(_write(tmp_path, "cmd"), FSDP)
     cmd, _ = launch_command(recipe, ["run", "x.yaml"])
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc_per_node=2" in cmd and cmd[-4:] == ["-m", "memtrain", "run", "x.yaml"]
 
 
+OPTIMIZERS = {
+    "adamw": ADAMW,
+    # rank 8 of 16-row key/value weights: left projections, whose moments are replicated
+    "galore": {"name": "galore", "options": {"rank": 8, "update_proj_gap": 2}},
+    "apollo": {"name": "apollo", "options": {"rank": 4, "update_proj_gap": 2}},
+    "frugal": {"name": "frugal", "options": {"density": 0.25, "update_proj_gap": 2}},
+}
+
+
 @pytest.mark.slow
-def test_fsdp_two_ranks_equal_ddp_and_resume(tmp_path):
-    ddp = _write(tmp_path, "ddp", optimizer=ADAMW, plan=PLAN)
-    _run(ddp, "launcher.kind=torchrun", "launcher.nproc=2", "schedule.steps=2")
-    fsdp = _write(tmp_path, "fsdp", optimizer=ADAMW, plan=PLAN)
-    _run(fsdp, *FSDP, "schedule.steps=2", "train.checkpoint_every=1")
+@pytest.mark.parametrize("name", ["adamw", "galore", "apollo", "frugal"])
+def test_fsdp_two_ranks_equal_ddp_and_resume(tmp_path, name):
+    optimizer, steps = OPTIMIZERS[name], "schedule.steps=3"
+    ddp = _write(tmp_path, "ddp", optimizer=optimizer, plan=PLAN)
+    _run(ddp, "launcher.kind=torchrun", "launcher.nproc=2", steps)
+    fsdp = _write(tmp_path, "fsdp", optimizer=optimizer, plan=PLAN)
+    _run(fsdp, *FSDP, steps, "train.checkpoint_every=1")
     out = tmp_path / "fsdp"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["launcher"] == {"kind": "fsdp", "world_size": 2, "backend": "gloo"}
     a, b = _metrics(tmp_path / "ddp"), _metrics(out)
-    assert [m["step"] for m in b] == [1, 2]
+    assert [m["step"] for m in b] == [1, 2, 3]
     for x, y in zip(a, b, strict=True):
         assert _close(x["loss"], y["loss"]) and _close(x["grad_norm"], y["grad_norm"]), (x, y)
     expected = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)["model"]
-    got = _fsdp_weights(out / "fsdp" / "step2", tmp_path)
+    got = _fsdp_weights(out / "fsdp" / "step3", tmp_path)
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
-    assert sorted(p.name for p in (out / "fsdp").glob("step*")) == ["step1", "step2"]
+    kept = ["step2", "step3"]  # train.keep_checkpoints=2
+    assert sorted(p.name for p in (out / "fsdp").glob("step*")) == kept
 
-    # The same run stopped after step 1 (its step2 never written), resumed to step 2.
+    # The same run stopped after step 2 (its step3 never written), resumed to step 3: the
+    # low-rank states (sharded and replicated) and the projections come back from DCP.
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
-    shutil.rmtree(resumed / "fsdp" / "step2")
+    shutil.rmtree(resumed / "fsdp" / "step3")
     (resumed / "summary.json").unlink()
-    _run(fsdp, *FSDP, "schedule.steps=2", "train.checkpoint_every=1", f"train.out_dir={resumed}")
+    _run(fsdp, *FSDP, steps, "train.checkpoint_every=1", f"train.out_dir={resumed}")
     assert json.loads((resumed / "summary.json").read_text())["train"]["steps_run"] == 1
     for x, y in zip(b, _metrics(resumed), strict=True):
         assert x["step"] == y["step"] and x["loss"] == y["loss"], (x, y)
         assert x["grad_norm"] == y["grad_norm"]
-    again = _fsdp_weights(resumed / "fsdp" / "step2", tmp_path)
+    again = _fsdp_weights(resumed / "fsdp" / "step3", tmp_path)
     for key in got:
         assert torch.equal(got[key], again[key]), key

@@ -29,6 +29,7 @@ from memtrain.optim.lowrank import (
 )
 from memtrain.optim.quant8 import BLOCK as QUANT_BLOCK
 from memtrain.optim.quant8 import quantized_bytes
+from memtrain.optim.sharded import local
 
 # shape, dtype, options -> bytes
 StateFormula = Callable[[tuple[int, ...], torch.dtype, dict[str, Any]], int]
@@ -655,13 +656,14 @@ def measured_state_bytes(optimizer: torch.optim.Optimizer) -> dict[int, int]:
     """Bytes of every tensor in ``optimizer.state``, keyed by ``id(param)``.
 
     A storage shared between entries (or parameters) is counted once, found by storage identity.
+    Sharded states (DTensors) count this rank's part.
     """
     seen: set[int] = set()
     result: dict[int, int] = {}
     for param, state in optimizer.state.items():
         total = 0
         for value in _tensors_in(state):
-            storage = value.untyped_storage()
+            storage = local(value).untyped_storage()  # a sharded state: this rank's part
             if storage._cdata not in seen:
                 seen.add(storage._cdata)
                 total += storage.nbytes()

@@ -186,3 +186,23 @@ def init_states(optimizer: torch.optim.Optimizer, step: Callable[[], None]) -> N
         for group, rate in zip(optimizer.param_groups, rates, strict=True):
             group["lr"] = rate
         optimizer.zero_grad(set_to_none=True)
+
+
+def state_bytes_split(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """(bytes of this rank's row shards of the states, bytes of states every rank holds whole):
+    what sharding an optimizer's states saved, measured. A storage is counted once."""
+    seen: set[int] = set()
+    split, whole = 0, 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if not isinstance(value, torch.Tensor):
+                continue
+            storage = local(value).untyped_storage()
+            if storage._cdata in seen:
+                continue
+            seen.add(storage._cdata)
+            if is_sharded(value) and any(p.is_shard() for p in value.placements):
+                split += storage.nbytes()
+            else:
+                whole += storage.nbytes()
+    return split, whole

@@ -23,6 +23,7 @@ import torch
 
 from memtrain.optim.memory import measured_state_bytes, parse_optimizer_spec
 from memtrain.optim.sharded import ROW_STEPS, WHOLE_MATRIX_STEPS, sharded_step_kind
+from memtrain.optim.sharded_memory import model_rank_state_bytes
 
 SPECS = [
     "adamw",
@@ -226,6 +227,13 @@ def test_sharded_steps_equal_one_process_and_resume(world, tmp_path):
             assert sum(split) + replicated == single_bytes[spec], (spec, split, replicated)
         if sharded_step_kind(parse_optimizer_spec(spec).name) == "whole":
             assert sum(split) == 0, spec
+    errors = []
+    for spec in SPECS:  # rank 0 holds the most rows: the formula's figure
+        predicted = model_rank_state_bytes(_model(), spec, world)
+        measured = sum(results[spec]["state_bytes"][0])
+        if measured != predicted:
+            errors.append((spec, measured, predicted))
+    assert not errors, errors
     for spec in ("adamw", "adamw8bit", "sgd:momentum=0.9"):  # only step counters replicated
         per_rank = results[spec]["state_bytes"]
         assert per_rank[0][1] <= 4 * 21, (spec, per_rank)

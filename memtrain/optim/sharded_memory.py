@@ -1,0 +1,113 @@
+"""Optimizer-state bytes one rank keeps when FSDP2 splits every weight along dim 0.
+
+What each rank holds follows from how :mod:`memtrain.optim.sharded` steps (and is measured
+against it by the tests): row-stepped optimizers keep states shaped like the weight in the
+rank's rows; a right projection's low-rank moments keep the weight's rows too, while the
+projection itself (``r x n``) is whole on every rank; a left projection's moments (``r x n``)
+sum over the rows, so they and their projection are whole everywhere. 8-bit moments of a
+shard carry one scale per block of each row. Whole-matrix optimizers keep all their states on
+every rank; so are Natural GaLore's history of low-rank gradients and Adafactor's factored
+statistics (reductions over rows). Figures are for the rank with the most rows
+(``ceil(m / world)``), the peak one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from memtrain.optim.lowrank import effective_rank, projection_side
+from memtrain.optim.memory import (
+    APOLLO_MINI_DEFAULTS,
+    FLOAT32_BYTES,
+    GALORE_DEFAULTS,
+    NATURAL_GALORE_DEFAULTS,
+    OPTIMIZERS,
+    STEP_BYTES,
+    OptimizerSpec,
+    parse_optimizer_spec,
+    state_bytes_for,
+)
+from memtrain.optim.quant8 import BLOCK
+from memtrain.optim.sharded import sharded_step_kind
+
+_GALORE_NAMES = ("galore", "galore-adamw", "natural-galore")
+
+
+def _row_blocked(rows: int, inner: int) -> int:
+    """One 8-bit moment of ``rows x inner`` values quantised in blocks along each row."""
+    return rows * inner + rows * math.ceil(inner / BLOCK) * FLOAT32_BYTES
+
+
+def _moments(rows: int, inner: int, dtype: torch.dtype, options: dict[str, Any]) -> int:
+    if int(options.get("bits", 32)) == 8:
+        return 2 * _row_blocked(rows, inner)
+    return 2 * rows * inner * dtype.itemsize
+
+
+def _dense(shape: tuple[int, ...], rows: int, world: int, dtype: torch.dtype, spec) -> int:
+    inner = math.prod(shape[1:])
+    name, options = spec.name, spec.options
+    if name == "adamw8bit":
+        return 2 * _row_blocked(rows, inner) + STEP_BYTES
+    if name in _GALORE_NAMES:
+        return _moments(rows, inner, dtype, options) + STEP_BYTES
+    if name == "galore-adafactor":
+        beta1 = options.get("beta1") not in (None, "none", "None")
+        first = rows * inner if beta1 else 0
+        if len(shape) >= 2:  # factored statistics are reductions: whole on every rank
+            stats = math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
+        else:
+            stats = rows
+        return (stats + first) * FLOAT32_BYTES + STEP_BYTES
+    return state_bytes_for((rows, *shape[1:]), dtype, spec)
+
+
+def rank_state_bytes(
+    shape: tuple[int, ...], dtype: torch.dtype, spec: str | OptimizerSpec, world: int
+) -> int:
+    """Optimizer-state bytes the rank with the most rows keeps for one weight of ``shape``."""
+    spec = parse_optimizer_spec(spec)
+    shape = tuple(int(s) for s in shape)
+    if world == 1 or not shape or sharded_step_kind(spec.name) == "whole":
+        return state_bytes_for(shape, dtype, spec)
+    rows = math.ceil(shape[0] / world)
+    options = dict(spec.options)
+    projected = (
+        OPTIMIZERS[spec.name].projects and len(shape) == 2 and options.get("projected", True)
+    )
+    if not projected:
+        return _dense(shape, rows, world, dtype, spec)
+    if spec.name == "apollo-mini":
+        options = {**APOLLO_MINI_DEFAULTS, **options}
+    side = projection_side(shape, options.get("proj_type", GALORE_DEFAULTS["proj_type"]))
+    if side == "left":  # low-rank states sum over the rows: whole on every rank
+        return state_bytes_for(shape, dtype, spec)
+    m, n = shape
+    r = effective_rank(shape, int(options.get("rank", GALORE_DEFAULTS["rank"])))
+    if spec.name in ("apollo", "apollo-mini"):
+        limiter = FLOAT32_BYTES if float(options.get("norm_growth", 1.01)) > 0 else 0
+        return 2 * rows * r * dtype.itemsize + limiter + STEP_BYTES
+    if spec.name == "galore-adafactor":  # factored statistics whole, first moment in rows
+        beta1 = options.get("beta1") not in (None, "none", "None")
+        stats = m + r + (rows * r if beta1 else 0)
+        return (stats + r * n) * FLOAT32_BYTES + STEP_BYTES
+    total = _moments(rows, r, dtype, options) + r * n * dtype.itemsize + STEP_BYTES
+    if spec.name == "natural-galore":  # its history of low-rank gradients is whole
+        history = int(options.get("history", NATURAL_GALORE_DEFAULTS["history"]))
+        total += history * m * r * dtype.itemsize
+    return total
+
+
+def model_rank_state_bytes(model: torch.nn.Module, spec: str | OptimizerSpec, world: int) -> int:
+    """:func:`rank_state_bytes` over a model's trainable weights (tied ones counted once)."""
+    from memtrain.optim.memory import param_state_specs
+
+    specs = param_state_specs(model, spec)
+    params = dict(model.named_parameters())
+    return sum(
+        rank_state_bytes(tuple(params[n].shape), params[n].dtype, s, world)
+        for n, s in specs.items()
+    )

@@ -103,11 +103,29 @@ def rank_state_bytes(
 
 def model_rank_state_bytes(model: torch.nn.Module, spec: str | OptimizerSpec, world: int) -> int:
     """:func:`rank_state_bytes` over a model's trainable weights (tied ones counted once)."""
+    return sum(layer_rank_state_bytes(model, spec, world).values())
+
+
+def layer_rank_state_bytes(
+    model: torch.nn.Module, spec: str | OptimizerSpec, world: int
+) -> dict[str, int]:
+    """Per layer as profiled (the causal-LM granularity; works on a meta-device model), the
+    optimizer-state bytes one rank keeps; a weight counts in the first layer that holds it."""
+    from memtrain.models.build import causal_lm_layers
     from memtrain.optim.memory import param_state_specs
 
     specs = param_state_specs(model, spec)
-    params = dict(model.named_parameters())
-    return sum(
-        rank_state_bytes(tuple(params[n].shape), params[n].dtype, s, world)
-        for n, s in specs.items()
-    )
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen: set[int] = set()
+    out: dict[str, int] = {}
+    for layer in causal_lm_layers(model):
+        total = 0
+        for module in layer.modules:
+            for param in module.parameters():
+                if id(param) in seen or not param.requires_grad:
+                    continue
+                seen.add(id(param))
+                pspec = specs[names[id(param)]]
+                total += rank_state_bytes(tuple(param.shape), param.dtype, pspec, world)
+        out[layer.name] = total
+    return out

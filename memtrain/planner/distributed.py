@@ -39,6 +39,7 @@ the sequence; ``memtrain export-deepspeed`` writes the ZeRO config this plan ass
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -55,6 +56,9 @@ def _ceil_div(value: float, by: int) -> int:
     return -(-int(value) // by)
 
 
+ENGINES = ("zero", "fsdp")  # how model states are sharded (Parallelism.engine)
+
+
 @dataclass(frozen=True)
 class Parallelism:
     """How a training step is split over GPUs.
@@ -65,6 +69,9 @@ class Parallelism:
     ``interconnect_bandwidth`` (bytes/s per GPU for collectives) overrides the device preset's.
     ``master_weights``: fp32 master weights and fp32 optimizer states for 16-bit training, as
     DeepSpeed keeps them; ``None`` turns them on with ZeRO (stage >= 1).
+    ``engine``: ``"zero"`` (DeepSpeed's flat partitions: every byte of state divided by the
+    ranks) or ``"fsdp"`` (FSDP2 splits each weight's rows; what each rank keeps of an
+    optimizer's states follows :mod:`memtrain.optim.sharded_memory`).
     """
 
     world_size: int = 1
@@ -73,8 +80,11 @@ class Parallelism:
     gpus_per_node: int = 8
     interconnect_bandwidth: float | None = None
     master_weights: bool | None = None
+    engine: str = "zero"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         for name in ("world_size", "zero_stage", "sequence_parallel", "gpus_per_node"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -112,6 +122,8 @@ class Parallelism:
 
     def describe(self) -> str:
         text = f"{self.world_size} GPU(s), ZeRO stage {self.zero_stage}"
+        if self.engine == "fsdp":
+            text = f"{self.world_size} GPU(s), FSDP2 row shards"
         if self.sequence_parallel > 1:
             text += f", sequence parallel {self.sequence_parallel}"
         if self.data_parallel > 1:
@@ -246,6 +258,7 @@ def per_rank_profile(
     profile: ProfileResult,
     parallelism: Parallelism,
     attention: AttentionShape | None = None,
+    state_bytes: Mapping[str, int] | None = None,
 ) -> ProfileResult:
     """``profile`` (one whole training step) as one of ``parallelism.world_size`` ranks sees it.
 
@@ -258,7 +271,9 @@ def per_rank_profile(
     dropped (the planner does not read them); the notes say what the profile now is.
 
     ``attention`` (heads) is read from ``profile.model`` when not given; it sizes the all-to-all
-    and is checked against the degree.
+    and is checked against the degree. ``state_bytes``: per layer, the optimizer-state bytes
+    one rank keeps, where the engine does not divide them evenly (FSDP2's row shards); they
+    replace the ZeRO division for the layers they name.
     """
     if is_per_rank(profile):
         raise MemtrainError(
@@ -283,7 +298,9 @@ def per_rank_profile(
         if master and grads > 0:
             # fp32 moments in place of the 16-bit ones, plus an fp32 copy of the weights.
             states = states * 4 // elem + params * 4 // elem
-        if stage >= 1:
+        if state_bytes is not None and layer.name in state_bytes:
+            states = int(state_bytes[layer.name])
+        elif stage >= 1:
             states = _ceil_div(states, n)
         if stage >= 2:
             grads = _ceil_div(grads, n)
@@ -439,15 +456,22 @@ def plan_per_rank(
     parallelism: Parallelism,
     options: Any = None,
     attention: AttentionShape | None = None,
+    state_bytes: Mapping[str, Mapping[str, int]] | None = None,
 ):
     """Plan one rank: each whole-step candidate profile turned per rank, the hardware shared
     as :func:`per_rank_hardware` says, the fastest candidate kept (``best_of``). The plan's
-    ``parallelism`` records the split, the communication buffers and the per-GPU peak."""
+    ``parallelism`` records the split, the communication buffers and the per-GPU peak.
+    ``state_bytes``: per optimizer of the candidates, per layer, one rank's state bytes (see
+    :func:`per_rank_profile`)."""
     from memtrain.planner.plan import best_of
 
     if not candidates:
         raise MemtrainError("nothing to plan: give at least one profile")
-    per_rank = [(label, per_rank_profile(p, parallelism, attention)) for label, p in candidates]
+    states = state_bytes or {}
+    per_rank = [
+        (label, per_rank_profile(p, parallelism, attention, states.get(p.optimizer)))
+        for label, p in candidates
+    ]
     comm = max(comm_buffer_bytes(p, parallelism) for _, p in candidates)
     plan, rows = best_of(per_rank, per_rank_hardware(hardware, parallelism, comm), options)
     if parallelism.is_single:
@@ -469,11 +493,17 @@ def plan_per_rank(
         "largest_layer_params": largest_layer_params(whole),
         "gpu_peak_bytes": int(gpu_peak + comm),
     }
+    if parallelism.engine == "fsdp":
+        runs = "memtrain run with launcher.kind=fsdp executes this per-rank plan"
+    else:
+        runs = (
+            "planning only: memtrain does not execute this per-rank plan; memtrain run trains "
+            "the split with launcher.kind=deepspeed and launcher.sequence_parallel (memtrain "
+            "export-deepspeed writes the ZeRO config), or, without sequence parallelism, "
+            "launcher.kind=fsdp per rank"
+        )
     plan.notes.append(
         f"per GPU: one rank of {parallelism.describe()}; peaks, bytes and tokens/s are per GPU "
-        f"(predicted GPU peak with ZeRO buffers {(gpu_peak + comm) / 2**30:.1f} GiB); "
-        "planning only: memtrain does not execute this per-rank plan; memtrain run trains the "
-        "split with launcher.kind=deepspeed and launcher.sequence_parallel (memtrain "
-        "export-deepspeed writes the ZeRO config)"
+        f"(predicted GPU peak with ZeRO buffers {(gpu_peak + comm) / 2**30:.1f} GiB); {runs}"
     )
     return plan, rows

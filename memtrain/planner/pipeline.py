@@ -13,7 +13,12 @@ from typing import Any
 from memtrain.errors import MemtrainError
 from memtrain.hardware.request import HardwareRequest
 from memtrain.hardware.tiers import HardwareModel
-from memtrain.planner.distributed import Parallelism, attention_shape, plan_per_rank
+from memtrain.planner.distributed import (
+    Parallelism,
+    attention_shape,
+    per_rank_profile,
+    plan_per_rank,
+)
 from memtrain.planner.plan import Plan, PlanOptions, best_of
 from memtrain.profile.result import ProfileResult
 from memtrain.units import format_bytes
@@ -75,7 +80,16 @@ def plan_model(model: Any, request: PlanRequest, reuse: Plan | None = None) -> P
     ]
     notes: list[str] = []
     if request.gpu_budget_fraction is not None:
-        hardware = _fraction_of_peak(hardware, candidates[0][1], request.gpu_budget_fraction)
+        unplanned = candidates[0][1]
+        if request.parallelism is not None and not request.parallelism.is_single:
+            # a share of one rank's unplanned step
+            states = (
+                _rank_state_bytes(model, request) if request.parallelism.engine == "fsdp" else {}
+            )
+            unplanned = per_rank_profile(
+                unplanned, request.parallelism, None, (states or {}).get(unplanned.optimizer)
+            )
+        hardware = _fraction_of_peak(hardware, unplanned, request.gpu_budget_fraction)
         notes.append(
             f"GPU budget: {request.gpu_budget_fraction:g} x the unplanned peak "
             f"({format_bytes(candidates[0][1].simulated_peak_bytes)}) plus the device's "
@@ -92,7 +106,10 @@ def plan_model(model: Any, request: PlanRequest, reuse: Plan | None = None) -> P
         plan, rows = best_of(candidates, hardware, options)
     else:
         attention = attention_shape(model) if isinstance(model, str) else None
-        plan, rows = plan_per_rank(candidates, hardware, request.parallelism, options, attention)
+        states = _rank_state_bytes(model, request) if request.parallelism.engine == "fsdp" else None
+        plan, rows = plan_per_rank(
+            candidates, hardware, request.parallelism, options, attention, states
+        )
     note = _pinnable_note(request, hardware)
     if note:
         plan.notes.append(note)
@@ -218,7 +235,7 @@ def _meta_twin_profile(model, seq: int, batch: int, optimizer: str, hardware: Ha
 
 
 def _fraction_of_peak(hardware: HardwareModel, profile: ProfileResult, fraction: float):
-    peak = profile.simulated_peak_bytes
+    peak = profile.simulated_peak_bytes or profile.predicted_peak_bytes  # per rank: no timeline
     budget = (hardware.gpu_reserved_bytes + fraction * peak) / (1 - hardware.allocator_margin)
     return hardware.with_capacity("gpu", int(budget))
 
@@ -261,3 +278,21 @@ def _step_bytes(model: Any, request: PlanRequest) -> tuple[dict[str, float] | No
 
         model = build_causal_lm(load_config(model), request.dtype, "meta")
     return model_step_bytes(model, request.optimizers[0])
+
+
+def _rank_state_bytes(model: Any, request: PlanRequest) -> dict[str, dict[str, int]] | None:
+    """Per optimizer, per layer: the optimizer-state bytes one FSDP2 rank keeps (None where the
+    model is only a profile: the ZeRO division stands in)."""
+    from memtrain.optim.sharded_memory import layer_rank_state_bytes
+
+    if isinstance(model, ProfileResult):
+        return None
+    if isinstance(model, str):
+        from memtrain.models import build_causal_lm, load_config
+
+        model = build_causal_lm(load_config(model), request.dtype, "meta")
+    world = request.parallelism.world_size
+    return {
+        str(optimizer): layer_rank_state_bytes(model, optimizer, world)
+        for optimizer in request.optimizers
+    }

@@ -27,6 +27,7 @@ from memtrain.optim.factory import ALLOWED_OPTIONS, check_options
 from memtrain.optim.memory import parse_optimizer_spec
 from memtrain.planner import Plan, PlanOptions
 from memtrain.planner.costmodel import STREAMED_KINDS
+from memtrain.planner.distributed import Parallelism
 from memtrain.planner.pipeline import PlanRequest, plan_model
 from memtrain.train.allocator import use_expandable_segments
 from memtrain.units import format_bytes
@@ -151,6 +152,7 @@ def prepare(
     state_offload: bool | None = None,
     step_in_backward: bool = False,
     overlap_host_step: bool = False,
+    parallelism: Parallelism | None = None,
 ) -> Prepared:
     """Profile ``model`` at ``batch x seq``, plan it for ``hardware``, and install the plan.
 
@@ -175,6 +177,9 @@ def prepare(
     ``overlap_host_step``: optimizer states the plan puts on the host step in a worker thread as
     their gradients arrive, overlapping backward (one backward per step, no global clipping); the
     plan prices only the part of the host step backward cannot hide.
+
+    ``parallelism``: this process is one rank of that split (FSDP2 with ``engine="fsdp"``):
+    the plan is the rank's, with its share of the weights, gradients and optimizer states.
 
     ``step_in_backward``: the caller steps the optimizer inside backward
     (:func:`memtrain.optim.register_step_in_backward`), so the plan counts no resident
@@ -233,6 +238,7 @@ def prepare(
                 step_in_backward=step_in_backward,
                 overlap_host_step=overlap_host_step,
             ),
+            parallelism=parallelism,
             gpu_budget_fraction=gpu_budget_fraction,
         )
         planned = plan_model(model, request, plan if isinstance(plan, Plan) else None)

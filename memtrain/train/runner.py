@@ -222,6 +222,9 @@ class Runner:
         if train.overlap_host_step:
             options["overlap_host_step"] = True
         options["seq"] = recipe.data.seq // strategy.sequence_parallel  # planned per rank
+        parallelism = strategy.plan_parallelism()
+        if parallelism is not None:
+            options["parallelism"] = parallelism
         stored = self.stored_plan()
         try:
             self.prepared = prepared = prepare_recipe(model, recipe, limit, stored, **options)
@@ -428,7 +431,15 @@ class Runner:
         if self.world.kind == "deepspeed":
             memory["note"] = "the plan predicts one unsharded replica; ZeRO shards model states"
         if self.world.kind == "fsdp":
-            memory["note"] = "the plan predicts one unsharded replica; FSDP shards model states"
+            memory["note"] = "the plan is one rank's: its rows of the model states (FSDP2)"
+        held = strategy.gather(strategy.model_state_bytes())
+        plan = self.prepared.plan
+        if all(h is not None for h in held) and plan is not None:
+            resident = plan.predicted.get("gpu_resident_bytes", {})
+            memory["model_states_per_rank"] = {
+                "predicted": {k: resident.get(k) for k in ("params", "optimizer")},
+                "measured": held,
+            }
         return strategy.gather(mine)
 
 
@@ -497,6 +508,9 @@ def memory_summary(
     predicted = None
     if prepared.plan is not None:
         predicted = prepared.plan.predicted["peak_bytes"].get("gpu")
+        split = prepared.plan.parallelism or {}
+        if split.get("gpu_peak_bytes"):  # one rank's plan: with its communication buffers
+            predicted = split["gpu_peak_bytes"]
     measured = gpu_peak(device)
     result = {"predicted_gpu_peak_bytes": predicted, "measured_gpu_peak_bytes": measured}
     if predicted and measured:

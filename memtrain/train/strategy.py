@@ -65,6 +65,14 @@ class SingleProcess:
         """Start the process group; returns its backend (None for a single process)."""
         return None
 
+    def plan_parallelism(self):
+        """The split each rank's plan is made for (None: one replica's plan)."""
+        return None
+
+    def model_state_bytes(self) -> dict[str, int] | None:
+        """This rank's parameter and optimizer-state bytes, measured (engines that shard)."""
+        return None
+
     def data_shard(self) -> tuple[int, int]:
         """(this rank's place, their number) among the ranks that read different batches: the
         ranks of one sequence-parallel group read the same batch."""
@@ -385,6 +393,28 @@ class FSDPStrategy(DDPStrategy):
 
     prepare_options = {"build_optimizer": False, "state_offload": False}
     background_checkpoints = False  # every rank writes its shard inside dcp.save
+
+    def plan_parallelism(self):
+        """Each rank is planned with its rows of every weight, gradient and optimizer state
+        (ZeRO-3's split, by rows) and the host shared with the ranks beside it."""
+        from memtrain.planner.distributed import Parallelism
+
+        size = self.world.world_size
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+        return Parallelism(
+            world_size=size,
+            zero_stage=3,
+            gpus_per_node=max(1, local),
+            master_weights=False,
+            engine="fsdp",
+        )
+
+    def model_state_bytes(self) -> dict[str, int]:
+        from memtrain.optim.memory import measured_state_bytes
+        from memtrain.optim.sharded import local
+
+        params = sum(local(p).nbytes for p in self.model.parameters())
+        return {"params": params, "optimizer": sum(measured_state_bytes(self.optimizer).values())}
 
     def setup(self, prepared, recipe: Recipe, out_dir: Path) -> None:
         from torch.distributed.fsdp import fully_shard

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from memtrain.cli import main
 from tests.train.test_distributed_run import _run, _write
@@ -75,6 +76,14 @@ def test_fsdp_two_ranks_equal_ddp_and_resume(tmp_path, name):
     out = tmp_path / "fsdp"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["launcher"] == {"kind": "fsdp", "world_size": 2, "backend": "gloo"}
+    # Each rank ran its own per-rank plan: its rows of the weights and optimizer states, as
+    # predicted to the byte here (even shards; uneven ones give rank 0 one row more).
+    plan = yaml.safe_load((out / "plan.yaml").read_text())
+    assert plan["parallelism"]["engine"] == "fsdp" and plan["parallelism"]["world_size"] == 2
+    held = summary["train"]["memory"]["model_states_per_rank"]
+    for kind in ("params", "optimizer"):
+        for rank in held["measured"]:
+            assert abs(rank[kind] - held["predicted"][kind]) <= 0.01 * held["predicted"][kind]
     a, b = _metrics(tmp_path / "ddp"), _metrics(out)
     assert [m["step"] for m in b] == [1, 2, 3]
     for x, y in zip(a, b, strict=True):

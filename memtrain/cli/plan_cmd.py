@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--time-limit", type=float, default=10.0, help="solver time limit (s)")
     multi = parser.add_argument_group(
-        "multi-GPU (plans one GPU of a DeepSpeed run; planning only, memtrain does not execute it)"
+        "multi-GPU (plans one GPU of a DeepSpeed or FSDP2 run; memtrain run executes the fsdp "
+        "engine's per-rank plan)"
     )
     multi.add_argument("--world-size", type=int, default=1, help="GPUs in the run (ranks)")
     multi.add_argument(
@@ -100,6 +101,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--interconnect",
         default=None,
         help="collective bandwidth per GPU per second, e.g. 300GB (default: the device preset's)",
+    )
+    multi.add_argument(
+        "--engine",
+        choices=("zero", "fsdp"),
+        default="zero",
+        help="zero: DeepSpeed ZeRO (states divided evenly); fsdp: the per-rank plan memtrain run "
+        "executes with launcher.kind=fsdp (FSDP2 row shards: ZeRO stage 3, fp32 master weights "
+        "off, each optimizer's states split as it steps them)",
     )
     multi.add_argument(
         "--master-weights",
@@ -170,7 +179,9 @@ def plan_request(args: argparse.Namespace):
         hardware=hardware_request(args),
         options=PlanOptions(
             fused_loss={"auto": None, "on": True, "off": False}[args.fused_loss],
-            allow_state_offload=not args.no_state_offload,
+            # launcher.kind=fsdp keeps every rank's states and weights on its GPU
+            allow_state_offload=not args.no_state_offload and args.engine != "fsdp",
+            allow_param_offload=args.engine != "fsdp",
             chunk_options=_parse_chunks(args.chunks),
             always_store_ops=tuple(args.always_store),
             step_in_backward=args.step_in_backward,
@@ -186,15 +197,18 @@ def parallelism_from_args(args: argparse.Namespace):
     from memtrain.planner.distributed import Parallelism
     from memtrain.units import parse_bytes
 
+    fsdp = args.engine == "fsdp"
+    master = {"auto": None, "on": True, "off": False}[args.master_weights]
     parallelism = Parallelism(
         world_size=args.world_size,
-        zero_stage=args.zero_stage,
+        zero_stage=3 if fsdp and args.zero_stage == 0 else args.zero_stage,
         sequence_parallel=args.sequence_parallel,
         gpus_per_node=args.gpus_per_node,
         interconnect_bandwidth=None
         if args.interconnect is None
         else parse_bytes(args.interconnect),
-        master_weights={"auto": None, "on": True, "off": False}[args.master_weights],
+        master_weights=False if fsdp and master is None else master,
+        engine=args.engine,
     )
     return None if parallelism.is_single else parallelism
 

@@ -85,6 +85,12 @@ class Parallelism:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "fsdp" and (self.zero_stage != 3 or self.sequence_parallel != 1):
+            raise ConfigError(
+                "the fsdp engine shards parameters, gradients and optimizer states (ZeRO stage "
+                "3) with no sequence parallelism; use the zero engine (DeepSpeed) for "
+                f"zero_stage={self.zero_stage}, sequence_parallel={self.sequence_parallel}"
+            )
         for name in ("world_size", "zero_stage", "sequence_parallel", "gpus_per_node"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):

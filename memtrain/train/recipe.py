@@ -43,6 +43,7 @@ class DryRunSection(HardwareRequest):
     world_size: int = _key(1, positive=True)
     zero_stage: int = 0
     sequence_parallel: int = _key(1, positive=True)
+    engine: str = _key("zero", choices=("zero", "fsdp"))  # fsdp: stage 3 by rows, as run does
     only: bool = False  # stop after the dry run (no training section needed)
     out: str | None = None  # write the dry-run plan here (for memtrain export-deepspeed)
 

@@ -156,6 +156,9 @@ def test_fewer_kv_heads_than_ranks_are_replicated(whole, tiny_path):
         ({"sequence_parallel": 0}, "sequence_parallel must be at least 1"),
         ({"world_size": 2.0}, "world_size must be an integer"),
         ({"interconnect_bandwidth": 0}, "must be positive"),
+        ({"engine": "megatron"}, "engine must be one of zero, fsdp"),
+        ({"world_size": 2, "zero_stage": 2, "engine": "fsdp"}, "the fsdp engine shards"),
+        ({"world_size": 2, "zero_stage": 3, "sequence_parallel": 2, "engine": "fsdp"}, "fsdp"),
     ],
 )
 def test_bad_parallelism_is_refused(kwargs, message):
@@ -287,6 +290,10 @@ def test_recipe_dry_run_keys():
         validate({"dry_run": {"model": "gpt2"}})  # training needs a model unless dry-run only
     with pytest.raises(ConfigError, match="dry_run.world_size must be positive"):
         validate({"dry_run": {"model": "gpt2", "only": True, "world_size": 0}})
+    fsdp = validate({"dry_run": {"model": "gpt2", "only": True, "world_size": 2, "engine": "fsdp"}})
+    assert fsdp.dry_run.engine == "fsdp"
+    with pytest.raises(ConfigError, match="dry_run.engine"):
+        validate({"dry_run": {"model": "gpt2", "only": True, "engine": "megatron"}})
 
 
 def test_llama2_7b_preset():
@@ -325,3 +332,45 @@ def test_per_rank_profile_leaves_the_profile_alone(whole):
     b = per_rank_profile(replace(whole), parallelism)
     assert whole.to_dict() == before
     assert a.to_dict() == b.to_dict()
+
+
+def test_fsdp_engine_plans_each_ranks_rows_of_the_states(tiny_path, capsys):
+    """The fsdp engine's per-rank plan holds what an FSDP2 rank measures (tests/optim/
+    test_sharded.py checks the formula against the ranks): GaLore's projections are whole on
+    every rank, so a rank keeps more than ZeRO's even division; AdamW's moments split by rows."""
+    from memtrain.models import build_causal_lm, load_config
+    from memtrain.optim.sharded_memory import layer_rank_state_bytes
+    from memtrain.planner.pipeline import PlanRequest, plan_model
+
+    meta = build_causal_lm(load_config(tiny_path), "bf16", "meta")
+    for optimizer in ("galore:rank=8", "adamw"):
+        profile = profile_causal_lm(tiny_path, seq=SEQ, dtype="bf16", optimizer=optimizer)
+        fsdp = Parallelism(world_size=4, zero_stage=3, master_weights=False, engine="fsdp")
+        rows = layer_rank_state_bytes(meta, optimizer, 4)
+        rank = per_rank_profile(profile, fsdp, None, rows)
+        even = per_rank_profile(profile, replace(fsdp, engine="zero"))
+        assert [x.optimizer_state_bytes for x in rank.layers] == [
+            rows.get(x.name, 0)
+            for x in rank.layers  # the loss has no weights
+        ]
+        if optimizer == "adamw":
+            assert rank.optimizer_state_bytes == pytest.approx(even.optimizer_state_bytes, rel=0.02)
+        else:
+            assert rank.optimizer_state_bytes > 1.2 * even.optimizer_state_bytes
+    # The CLI plans it: ZeRO stage 3 and no fp32 master weights implied; states stay on the GPU.
+    code = main(
+        ["plan", "--model", tiny_path, "--seq", str(SEQ), "--world-size", "4", "--engine", "fsdp"]
+        + ["--optimizer", "galore:rank=8", "--gpu-budget", "1GiB", "--cpu", "1GiB", "--json"]
+    )
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    split = data["parallelism"]
+    assert split["engine"] == "fsdp" and split["zero_stage"] == 3
+    assert split["master_weights"] is False
+    assert all(layer["optimizer"] == layer["params"] == "gpu" for layer in data["layers"])
+    assert any("launcher.kind=fsdp executes this per-rank plan" in n for n in data["notes"])
+    planned = plan_model(
+        tiny_path,
+        PlanRequest(seq=SEQ, optimizers=("galore:rank=8",), dtype="bf16", parallelism=fsdp),
+    )
+    assert planned.plan.parallelism["engine"] == "fsdp"

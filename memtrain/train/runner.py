@@ -160,6 +160,11 @@ class Runner:
                     "trains it (each rank planned as one device for its shard of the sequence, "
                     "not this per-rank plan), or memtrain export-deepspeed PLAN writes its config"
                 )
+                if recipe.dry_run.engine == "fsdp":
+                    more = (
+                        f"; training this split needs {gpus} GPUs: memtrain run with "
+                        f"launcher.kind=fsdp launcher.nproc={gpus} plans each rank this way"
+                    )
                 console.print(
                     "dry run only (dry_run.only): no training here" + (more if gpus > 1 else "")
                 )

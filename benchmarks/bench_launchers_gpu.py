@@ -27,9 +27,10 @@ from benchmarks.harness import GiB, parser, results_for
 
 def run_one(recipe: str, spec: str, overrides: list[str], out_dir: Path) -> dict[str, Any]:
     kind, _, nproc = spec.partition(":")
-    command = [sys.executable, "-m", "memtrain", "run", recipe, "--no-progress"]
+    command = [sys.executable, "-m", "memtrain", "run", recipe]
     command += [f"launcher.kind={kind}", f"launcher.nproc={nproc or 1}"]
     command += [f"train.out_dir={out_dir}", "train.checkpoint_every=0", *overrides]
+    command += ["--no-progress"]  # after the overrides: argparse reads them as one list
     done = subprocess.run(command, capture_output=True, text=True)
     summary_path = out_dir / "summary.json"
     if done.returncode != 0 or not summary_path.exists():

@@ -374,3 +374,15 @@ def test_fsdp_engine_plans_each_ranks_rows_of_the_states(tiny_path, capsys):
         PlanRequest(seq=SEQ, optimizers=("galore:rank=8",), dtype="bf16", parallelism=fsdp),
     )
     assert planned.plan.parallelism["engine"] == "fsdp"
+
+
+def test_fsdp_buffers_hold_the_root_and_two_blocks_at_any_world_size(whole):
+    """FSDP2 keeps the root unit's parameters gathered through the step, two blocks' (current and
+    prefetched) and one block's full gradients, whatever the world size: one rank included."""
+    blocks = [layer for layer in whole.layers if layer.kind == "block"]
+    root = sum(layer.param_bytes for layer in whole.layers if layer.kind != "block")
+    expected = root + 2 * blocks[0].param_bytes + blocks[0].grad_bytes
+    for world in (1, 4):
+        fsdp = Parallelism(world_size=world, zero_stage=3, master_weights=False, engine="fsdp")
+        assert comm_buffer_bytes(whole, fsdp) == expected
+    assert comm_buffer_bytes(whole, Parallelism(zero_stage=3, master_weights=False)) == 0

@@ -30,11 +30,12 @@ optimizer step; that is added to the first layer's backward, the last work befor
 Host tiers and their rates are per rank: give each rank its share of the node's host memory.
 The CPU optimizer bandwidth is shared by the ranks of one node and divided among them.
 
-This models memory and time per rank; it is planning only. memtrain does not execute such a
-plan: its executor runs one device. ``memtrain run`` with ``launcher.kind=deepspeed`` trains
-with ZeRO sharding and, with ``launcher.sequence_parallel``, DeepSpeed's Ulysses
-(:mod:`memtrain.train.sequence_parallel`), each rank under a single-device plan of its shard of
-the sequence; ``memtrain export-deepspeed`` writes the ZeRO config this plan assumes.
+This models memory and time per rank. ``memtrain run`` plans every rank this way and runs
+the plan inside it: ``launcher.kind=fsdp`` (FSDP2, ``engine="fsdp"``) and
+``launcher.kind=deepspeed`` with ``launcher.zero_stage`` (ZeRO, and with
+``launcher.sequence_parallel`` DeepSpeed's Ulysses, :mod:`memtrain.train.sequence_parallel`,
+the rank's shard of each sequence planned as a sequence of that length);
+``memtrain export-deepspeed`` writes the ZeRO config a plan assumes.
 """
 
 from __future__ import annotations
@@ -515,10 +516,9 @@ def plan_per_rank(
         runs = "memtrain run with launcher.kind=fsdp executes this per-rank plan"
     else:
         runs = (
-            "planning only: memtrain does not execute this per-rank plan; memtrain run trains "
-            "the split with launcher.kind=deepspeed and launcher.sequence_parallel (memtrain "
-            "export-deepspeed writes the ZeRO config), or, without sequence parallelism, "
-            "launcher.kind=fsdp per rank"
+            "memtrain run with launcher.kind=deepspeed and launcher.zero_stage plans each rank "
+            "with its ZeRO partition (under launcher.sequence_parallel, for its shard of each "
+            "sequence); memtrain export-deepspeed writes the ZeRO config"
         )
     plan.notes.append(
         f"per GPU: one rank of {parallelism.describe()}; peaks, bytes and tokens/s are per GPU "

@@ -157,8 +157,8 @@ class Runner:
                 more = (
                     f"; training this split needs {gpus} GPUs: memtrain run with "
                     "launcher.kind=deepspeed, launcher.zero_stage and launcher.sequence_parallel "
-                    "trains it (each rank planned as one device for its shard of the sequence, "
-                    "not this per-rank plan), or memtrain export-deepspeed PLAN writes its config"
+                    "trains it (each rank planned with its ZeRO partition for its shard of the "
+                    "sequence), or memtrain export-deepspeed PLAN writes its config"
                 )
                 if recipe.dry_run.engine == "fsdp":
                     more = (
@@ -227,7 +227,7 @@ class Runner:
         if train.overlap_host_step:
             options["overlap_host_step"] = True
         options["seq"] = recipe.data.seq // strategy.sequence_parallel  # planned per rank
-        parallelism = strategy.plan_parallelism()
+        parallelism = strategy.plan_parallelism(recipe)
         if parallelism is not None:
             options["parallelism"] = parallelism
         stored = self.stored_plan()
@@ -434,7 +434,11 @@ class Runner:
             if predicted:
                 memory["error"] = (max(measured) - predicted) / predicted
         if self.world.kind == "deepspeed":
-            memory["note"] = "the plan predicts one unsharded replica; ZeRO shards model states"
+            memory["note"] = (
+                "the plan is one rank's: its ZeRO partition of the model states"
+                if self.prepared.plan is not None and self.prepared.plan.parallelism
+                else "the plan predicts one unsharded replica; ZeRO shards model states"
+            )
         if self.world.kind == "fsdp":
             memory["note"] = "the plan is one rank's: its rows of the model states (FSDP2)"
         held = strategy.gather(strategy.model_state_bytes())

@@ -65,7 +65,7 @@ class SingleProcess:
         """Start the process group; returns its backend (None for a single process)."""
         return None
 
-    def plan_parallelism(self):
+    def plan_parallelism(self, recipe: Recipe):
         """The split each rank's plan is made for (None: one replica's plan)."""
         return None
 
@@ -264,6 +264,23 @@ class DeepSpeedStrategy(DDPStrategy):
 
         deepspeed.init_distributed(dist_backend=backend)
 
+    def plan_parallelism(self, recipe: Recipe):
+        """With ``launcher.zero_stage`` each rank is planned with its ZeRO partition of the
+        model states (fp32 master weights and states for 16-bit models, as DeepSpeed keeps
+        them) and the host shared with the ranks beside it; the plan's tokens are the rank's
+        own (its shard of each sequence under Ulysses, planned as a whole sequence of that
+        length). Without a stage, one replica's plan sets the stage (its ZeRO-Offload)."""
+        from memtrain.planner.distributed import Parallelism
+
+        stage = recipe.launcher.zero_stage
+        if stage is None:
+            return None
+        return Parallelism(
+            world_size=self.world.world_size,
+            zero_stage=stage,
+            gpus_per_node=_ranks_per_host(self.world),
+        )
+
     def stop(self, ok: bool) -> None:
         super().stop(ok)
         if self.device.type == "cpu":
@@ -394,17 +411,15 @@ class FSDPStrategy(DDPStrategy):
     prepare_options = {"build_optimizer": False, "state_offload": False}
     background_checkpoints = False  # every rank writes its shard inside dcp.save
 
-    def plan_parallelism(self):
+    def plan_parallelism(self, recipe: Recipe):
         """Each rank is planned with its rows of every weight, gradient and optimizer state
         (ZeRO-3's split, by rows) and the host shared with the ranks beside it."""
         from memtrain.planner.distributed import Parallelism
 
-        size = self.world.world_size
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
         return Parallelism(
-            world_size=size,
+            world_size=self.world.world_size,
             zero_stage=3,
-            gpus_per_node=max(1, local),
+            gpus_per_node=_ranks_per_host(self.world),
             master_weights=False,
             engine="fsdp",
         )
@@ -507,6 +522,12 @@ class FSDPStrategy(DDPStrategy):
             for old in stale_tags(self.path, step, self.keep):
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
+
+
+def _ranks_per_host(world: World) -> int:
+    """Ranks sharing this rank's host (torchrun's ``LOCAL_WORLD_SIZE``, DeepSpeed's ``LOCAL_SIZE``)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+    return max(1, int(local or world.world_size))
 
 
 class _Unreadable(Exception):

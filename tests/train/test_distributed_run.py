@@ -226,6 +226,11 @@ def test_deepspeed_zero3_two_ranks_trains_and_resumes(tmp_path):
     assert summary["launcher"]["kind"] == "deepspeed" and summary["launcher"]["world_size"] == 2
     assert summary["train"]["steps_run"] == 2
     assert (out / "deepspeed" / "latest").read_text().strip() == "step2"
+    # launcher.zero_stage: each rank planned with its ZeRO-3 partition of the model states
+    plan = yaml.safe_load((out / "plan.yaml").read_text())
+    split = plan["parallelism"]
+    assert (split["engine"], split["zero_stage"], split["world_size"]) == ("zero", 3, 2)
+    assert "ZeRO partition" in summary["train"]["memory"]["note"]
     # Resume through engine.load_checkpoint: one more step, metrics continue.
     _run(path, "schedule.steps=3", "train.checkpoint_every=3")
     summary = json.loads((out / "summary.json").read_text())

@@ -92,8 +92,8 @@ def check_launcher(recipe: Recipe, launched: bool = False) -> None:
     if kind == "deepspeed" and name not in DEEPSPEED_OPTIMIZERS:
         raise ConfigError(
             f"launcher.kind=deepspeed trains with DeepSpeed's own optimizer: optimizer.name "
-            f"{' or '.join(DEEPSPEED_OPTIMIZERS)}, not {name!r} (use "
-            "launcher.kind=torchrun for memtrain's optimizers)"
+            f"{' or '.join(DEEPSPEED_OPTIMIZERS)}, not {name!r} (launcher.kind=fsdp shards "
+            "memtrain's optimizers over the ranks; launcher.kind=torchrun replicates them)"
         )
     from memtrain.train.sequence_parallel import check_sequence_parallel
 

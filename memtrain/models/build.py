@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +88,27 @@ def causal_lm_layers(model: nn.Module) -> list[LayerSpec]:
         layers.append(LayerSpec("norm", "norm", [norm]))
     layers.append(LayerSpec("lm_head", "head", [head]))
     return layers
+
+
+def params_by_layer(
+    model: nn.Module, layers: Sequence[tuple[str, Sequence[nn.Module]]] | None = None
+) -> Iterator[tuple[str, list[tuple[str, nn.Parameter]]]]:
+    """Each layer's trainable parameters, with their names in ``model``: a parameter counts in
+    the first layer that holds it (a tied one once), as the profiler counts it. ``layers``:
+    ``(name, modules)`` pairs (default: :func:`causal_lm_layers`); works on meta models."""
+    if layers is None:
+        layers = [(spec.name, spec.modules) for spec in causal_lm_layers(model)]
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen: set[int] = set()
+    for layer, modules in layers:
+        found = []
+        for module in modules:
+            for param in module.parameters():
+                if id(param) in seen or not param.requires_grad:
+                    continue
+                seen.add(id(param))
+                found.append((names.get(id(param), ""), param))
+        yield layer, found
 
 
 def _find_parts(container: nn.Module, depth: int):

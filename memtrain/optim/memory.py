@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from memtrain.errors import MemtrainError
-from memtrain.models.build import causal_lm_layers
+from memtrain.models.build import params_by_layer
 from memtrain.optim.lowrank import (
     effective_rank,
     low_rank_shape,
@@ -625,23 +625,15 @@ def model_step_bytes(
     bytes and notes (optimizers priced without a formula).
     """
     spec = parse_optimizer_spec(spec)
-    if layers is None:
-        layers = [(s.name, s.modules) for s in causal_lm_layers(model)]
     specs = param_state_specs(model, spec)
-    names = {id(p): n for n, p in model.named_parameters()}
-    seen: set[int] = set()
     out: dict[str, int] = {}
     guessed = False
-    for name, modules in layers:
+    for name, params in params_by_layer(model, layers):
         best = 0
-        for module in modules:
-            for param in module.parameters():
-                if id(param) in seen or not param.requires_grad:
-                    continue
-                seen.add(id(param))
-                pspec = specs.get(names.get(id(param), ""), spec)
-                guessed |= not step_transient_bytes(param.shape, param.dtype, pspec)[1]
-                best = max(best, param_step_bytes(param.shape, param.dtype, pspec))
+        for param_name, param in params:
+            pspec = specs.get(param_name, spec)
+            guessed |= not step_transient_bytes(param.shape, param.dtype, pspec)[1]
+            best = max(best, param_step_bytes(param.shape, param.dtype, pspec))
         out[name] = best
     notes = []
     if guessed:

@@ -111,21 +111,13 @@ def layer_rank_state_bytes(
 ) -> dict[str, int]:
     """Per layer as profiled (the causal-LM granularity; works on a meta-device model), the
     optimizer-state bytes one rank keeps; a weight counts in the first layer that holds it."""
-    from memtrain.models.build import causal_lm_layers
+    from memtrain.models.build import params_by_layer
     from memtrain.optim.memory import param_state_specs
 
     specs = param_state_specs(model, spec)
-    names = {id(p): n for n, p in model.named_parameters()}
-    seen: set[int] = set()
-    out: dict[str, int] = {}
-    for layer in causal_lm_layers(model):
-        total = 0
-        for module in layer.modules:
-            for param in module.parameters():
-                if id(param) in seen or not param.requires_grad:
-                    continue
-                seen.add(id(param))
-                pspec = specs[names[id(param)]]
-                total += rank_state_bytes(tuple(param.shape), param.dtype, pspec, world)
-        out[layer.name] = total
-    return out
+    return {
+        layer: sum(
+            rank_state_bytes(tuple(p.shape), p.dtype, specs[name], world) for name, p in params
+        )
+        for layer, params in params_by_layer(model)
+    }

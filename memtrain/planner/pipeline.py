@@ -244,25 +244,14 @@ def _largest_param_bytes(model: Any, request: PlanRequest) -> dict[str, float] |
     """Per layer (as profiled), its largest parameter's bytes: the host gradient staging of a
     host-placed layer (memtrain.planner.hostmem.grad_staging_bytes); None for a bare profile
     (each layer's parameter bytes bound it)."""
-    from memtrain.models.build import causal_lm_layers
+    from memtrain.models.build import params_by_layer
 
-    if isinstance(model, ProfileResult):
+    model = _with_weights(model, request)
+    if model is None:
         return None
-    if isinstance(model, str):
-        from memtrain.models import build_causal_lm, load_config
-
-        model = build_causal_lm(load_config(model), request.dtype, "meta")
-    seen: set[int] = set()
     out: dict[str, float] = {}
-    for layer in causal_lm_layers(model):
-        best = 0
-        for module in layer.modules:
-            for param in module.parameters():
-                if id(param) in seen or not param.requires_grad:
-                    continue
-                seen.add(id(param))
-                best = max(best, param.numel() * param.element_size())
-        out[layer.name] = float(best)
+    for layer, params in params_by_layer(model):
+        out[layer] = float(max((p.numel() * p.element_size() for _, p in params), default=0))
     return out
 
 
@@ -271,12 +260,9 @@ def _step_bytes(model: Any, request: PlanRequest) -> tuple[dict[str, float] | No
     profile (the planner's conservative estimate)."""
     from memtrain.optim.memory import model_step_bytes
 
-    if isinstance(model, ProfileResult):
+    model = _with_weights(model, request)
+    if model is None:
         return None, []
-    if isinstance(model, str):
-        from memtrain.models import build_causal_lm, load_config
-
-        model = build_causal_lm(load_config(model), request.dtype, "meta")
     return model_step_bytes(model, request.optimizers[0])
 
 
@@ -285,14 +271,23 @@ def _rank_state_bytes(model: Any, request: PlanRequest) -> dict[str, dict[str, i
     model is only a profile: the ZeRO division stands in)."""
     from memtrain.optim.sharded_memory import layer_rank_state_bytes
 
-    if isinstance(model, ProfileResult):
+    model = _with_weights(model, request)
+    if model is None:
         return None
-    if isinstance(model, str):
-        from memtrain.models import build_causal_lm, load_config
-
-        model = build_causal_lm(load_config(model), request.dtype, "meta")
     world = request.parallelism.world_size
     return {
         str(optimizer): layer_rank_state_bytes(model, optimizer, world)
         for optimizer in request.optimizers
     }
+
+
+def _with_weights(model: Any, request: PlanRequest) -> Any:
+    """A model whose weights' shapes can be read: a live one as it is, a preset or config on the
+    meta device; None for a bare profile."""
+    if isinstance(model, ProfileResult):
+        return None
+    if isinstance(model, str):
+        from memtrain.models import build_causal_lm, load_config
+
+        return build_causal_lm(load_config(model), request.dtype, "meta")
+    return model

@@ -60,17 +60,19 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, start:
         optimizer.step()
 
 
-def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0, **sizes: Any) -> nn.Module:
+    """A 2-layer Llama with tied embeddings; ``sizes`` override its config's fields."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
+    fields = {
+        "vocab_size": 128,
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+    }
+    config = transformers.LlamaConfig(**{**fields, **sizes})
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).to(dtype)

@@ -60,20 +60,9 @@ LR = 1e-2
 
 
 def _model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.optim.reference import tiny_llama
 
-    config = LlamaConfig(
-        vocab_size=311,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return tiny_llama(vocab_size=311, hidden_size=64, intermediate_size=160, head_dim=16)
 
 
 def _batches() -> list[torch.Tensor]:

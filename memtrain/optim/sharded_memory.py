@@ -71,7 +71,7 @@ def rank_state_bytes(
     """Optimizer-state bytes the rank with the most rows keeps for one weight of ``shape``."""
     spec = parse_optimizer_spec(spec)
     shape = tuple(int(s) for s in shape)
-    if world == 1 or not shape or sharded_step_kind(spec.name) == "whole":
+    if not shape or sharded_step_kind(spec.name) == "whole":
         return state_bytes_for(shape, dtype, spec)
     rows = math.ceil(shape[0] / world)
     options = dict(spec.options)

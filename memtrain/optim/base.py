@@ -18,6 +18,24 @@ class MemtrainOptimizer(torch.optim.Optimizer):
     """Base class: state tensors keep their own dtype on load, so a resumed run is bit-exact
     (float32 projections and statistics of bf16 weights stay float32, indices stay integers)."""
 
+    # The update reads whole matrices (QR, Newton-Schulz, row bands): on weights an engine
+    # shards (FSDP2's DTensors) ``step`` gathers one weight at a time
+    # (memtrain.optim.sharded.step_whole_matrices); the others step each rank's rows.
+    whole_matrices = False
+
+    def _gathered_step(self, closure: Callable[[], Any] | None) -> tuple[bool, Any]:
+        """(whether this step ran on gathered weights, the closure's loss): for a
+        ``whole_matrices`` optimizer over sharded weights, the whole step."""
+        from memtrain.optim.sharded import is_sharded, step_whole_matrices
+
+        if not self.whole_matrices:
+            return False, None
+        if not any(is_sharded(p) for g in self.param_groups for p in g["params"]):
+            return False, None
+        loss = self._run_closure(closure)
+        step_whole_matrices(self)
+        return True, loss
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader, then every state tensor put back in its saved dtype (torch casts
         floating ones, and even integer indices, to the parameter's dtype)."""

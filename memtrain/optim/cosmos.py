@@ -21,6 +21,7 @@ are float32 (float64 for float64 weights); ``M`` keeps the weight's dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -80,11 +81,18 @@ class COSMOS(GaLoreAdamW):
     iterations), ``step_rms`` ('unit' or 'paper'), ``scale`` (multiplies the step).
     """
 
+    whole_matrices = True  # QR and Newton-Schulz of whole matrices
+
     def __init__(self, params: Any, lr: float = 1e-3, **kwargs: Any):
         super().__init__(params, lr=lr, **kwargs)
         for group in self.param_groups:
             if "rank" in group:
                 fill_cosmos_group(group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        gathered, loss = self._gathered_step(closure)
+        return loss if gathered else super().step(closure)
 
     def _adam_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         if "rank" not in group:

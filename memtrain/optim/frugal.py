@@ -138,8 +138,13 @@ class FRUGAL(MemtrainOptimizer):
             if is_split_group(group):
                 fill_split_group(group)
 
+    whole_matrices = True  # row bands and subspace swaps read whole matrices
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        gathered, loss = self._gathered_step(closure)
+        if gathered:
+            return loss
         loss = self._run_closure(closure)
         for group in self.param_groups:
             params = grads_of(group)

@@ -127,8 +127,17 @@ WHOLE_MATRIX_STEPS = ("cosmos", "frugal", "adafactor")
 
 
 def sharded_step_kind(name: str) -> str:
-    """ "rows" or "whole" for optimizer ``name`` (see :data:`ROW_STEPS`)."""
+    """``rows`` or ``whole`` for optimizer ``name`` (see :data:`ROW_STEPS`)."""
     return "rows" if name in ROW_STEPS else "whole"
+
+
+def step_sharded(optimizer: torch.optim.Optimizer, name: str) -> None:
+    """One step of optimizer ``name`` over sharded weights: memtrain's optimizers gather what
+    they need themselves; torch's Adafactor is stepped one gathered weight at a time."""
+    if sharded_step_kind(name) == "whole" and not getattr(optimizer, "whole_matrices", False):
+        step_whole_matrices(optimizer)
+    else:
+        optimizer.step()
 
 
 @torch.no_grad()

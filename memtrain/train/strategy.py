@@ -24,7 +24,7 @@ from torch import nn
 
 from memtrain.dtypes import short_name
 from memtrain.errors import ConfigError, MemtrainError
-from memtrain.optim.sharded import init_states, sharded_step_kind, step_whole_matrices
+from memtrain.optim.sharded import init_states, step_sharded
 from memtrain.train.async_checkpoint import CheckpointWriter
 from memtrain.train.checkpoint import (
     CHECKPOINT,
@@ -452,13 +452,10 @@ class FSDPStrategy(DDPStrategy):
         self.optimizer = build_optimizer(self.model, spec, lr=float(opt.lr))
         for group in self.optimizer.param_groups:
             group["weight_decay"] = decay
-        self.whole_matrices = sharded_step_kind(spec.name) == "whole"
+        self.optimizer_name = spec.name
 
     def optimizer_step(self) -> None:
-        if self.whole_matrices:
-            step_whole_matrices(self.optimizer)
-        else:
-            self.optimizer.step()
+        step_sharded(self.optimizer, self.optimizer_name)
 
     def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, float | None]:
         from torch.distributed.tensor import DTensor

@@ -76,14 +76,17 @@ def _optimizer(model, spec: str):
     return build_optimizer(model, parse_optimizer_spec(spec), lr=LR)
 
 
-def _step(model, optimizer, ids: torch.Tensor, whole: bool) -> None:
-    from memtrain.optim.sharded import step_whole_matrices
+def _step(model, optimizer, ids: torch.Tensor, name: str | None = None) -> None:
+    """One step; ``name``: the optimizer on sharded weights, stepped as the fsdp launcher does
+    (memtrain's own ``step`` for all of memtrain's, gathering where they need whole matrices;
+    torch's Adafactor through ``step_whole_matrices``)."""
+    from memtrain.optim.sharded import step_sharded
 
     model(input_ids=ids, labels=ids).loss.backward()
-    if whole:
-        step_whole_matrices(optimizer)
-    else:
+    if name is None:
         optimizer.step()
+    else:
+        step_sharded(optimizer, name)
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -92,7 +95,7 @@ def _one_process(spec: str) -> dict[str, torch.Tensor]:
     model = _model()
     optimizer = _optimizer(model, spec)
     for ids in _batches():
-        _step(model, optimizer, ids, whole=False)
+        _step(model, optimizer, ids)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -104,7 +107,7 @@ def _sharded(spec: str):
         fully_shard(block)
     fully_shard(model)
     optimizer = _optimizer(model, spec)
-    return model, optimizer, sharded_step_kind(parse_optimizer_spec(spec).name) == "whole"
+    return model, optimizer, parse_optimizer_spec(spec).name
 
 
 def _full_weights(model) -> dict[str, torch.Tensor]:
@@ -118,7 +121,7 @@ def _worker(rank: int, world: int, init: str, out: str, specs: list[str]) -> Non
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from memtrain.optim.sharded import init_states, state_bytes_split
+    from memtrain.optim.sharded import init_states, state_bytes_split, step_sharded
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
@@ -126,19 +129,19 @@ def _worker(rank: int, world: int, init: str, out: str, specs: list[str]) -> Non
     try:
         for index, spec in enumerate(specs):
             batches = _batches()
-            model, optimizer, whole = _sharded(spec)
+            model, optimizer, name = _sharded(spec)
             for ids in batches[:-1]:
-                _step(model, optimizer, ids, whole)
+                _step(model, optimizer, ids, name)
             folder = os.path.join(out, f"spec{index}")
             model_state, optim_state = get_state_dict(model, optimizer)
             dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=folder)
-            _step(model, optimizer, batches[-1], whole)
+            _step(model, optimizer, batches[-1], name)
             state_bytes = [None] * world
             dist.all_gather_object(state_bytes, state_bytes_split(optimizer))
             uninterrupted = _full_weights(model)
 
-            model, optimizer, whole = _sharded(spec)
-            init_states(optimizer, functools.partial(_step_now, optimizer, whole))
+            model, optimizer, name = _sharded(spec)
+            init_states(optimizer, functools.partial(step_sharded, optimizer, name))
             model_state, optim_state = get_state_dict(model, optimizer)
             loaded = {"model": model_state, "optimizer": optim_state}
             dcp.load(loaded, checkpoint_id=folder)
@@ -148,7 +151,7 @@ def _worker(rank: int, world: int, init: str, out: str, specs: list[str]) -> Non
                 model_state_dict=loaded["model"],
                 optim_state_dict=loaded["optimizer"],
             )
-            _step(model, optimizer, batches[-1], whole)
+            _step(model, optimizer, batches[-1], name)
             results[spec] = {
                 "weights": uninterrupted,
                 "resumed": _full_weights(model),
@@ -158,15 +161,6 @@ def _worker(rank: int, world: int, init: str, out: str, specs: list[str]) -> Non
             torch.save(results, os.path.join(out, "results.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def _step_now(optimizer, whole: bool) -> None:
-    from memtrain.optim.sharded import step_whole_matrices
-
-    if whole:
-        step_whole_matrices(optimizer)
-    else:
-        optimizer.step()
 
 
 def _spawn(world: int, tmp_path: Path, specs: list[str]) -> dict:
@@ -213,7 +207,7 @@ def test_sharded_steps_equal_one_process_and_resume(world, tmp_path):
             assert torch.equal(got["resumed"][key], value), f"{spec} {key} after reload"
         model = _model()
         optimizer = _optimizer(model, spec)
-        _step(model, optimizer, _batches()[0], whole=False)
+        _step(model, optimizer, _batches()[0])
         single_bytes[spec] = sum(measured_state_bytes(optimizer).values())
     for spec in specs:
         # every rank holds its share of the row-sharded states and all of the replicated ones:

@@ -10,11 +10,14 @@ all-reduce of the small low-rank result). What DTensor cannot run is done here:
   rank computed identically, a replicated DTensor without another collective;
 - random projections are drawn from seeded generators, so every rank draws the same one;
 - 8-bit moments of a sharded tensor are quantised in blocks along each row
-  (:func:`memtrain.optim.moments`), so a rank's codes and scales are its own rows' and are
-  saved as row shards; for rows that are multiples of the block this is the unsharded layout.
+  (:mod:`memtrain.optim.moments`), so a rank's codes and scales are its own rows' and are
+  saved as row shards; for rows that are multiples of the block this is the unsharded layout;
+- optimizers whose update reads whole matrices step one gathered weight at a time
+  (:func:`step_whole_matrices`).
 
-Every state tensor is a DTensor (row-sharded like its weight, or replicated), so
-``torch.distributed.checkpoint`` saves and reloads each rank's part.
+A state is a DTensor (row-sharded like its weight, or replicated) or a plain tensor equal on
+every rank (step counters, the states of whole-matrix steps), so
+``torch.distributed.checkpoint`` saves each rank's part once and reloads it.
 """
 
 from __future__ import annotations

@@ -22,20 +22,23 @@ from memtrain.optim.base import init_step
 from memtrain.optim.galore_adamw import GaLoreAdamW, refresh_due
 from memtrain.optim.lowrank import add_projected_back, project, projection_side
 from memtrain.optim.moments import read_moments
+from memtrain.optim.sharded import settled, stacked_zeros
 
 NATURAL_DEFAULTS: dict[str, Any] = {"history": 10, "damping": 1e-3}
 
 
 def natural_gradient(low: torch.Tensor, history: torch.Tensor, damping: float) -> torch.Tensor:
     """``(damping I + H^T H)^-1 g`` through Woodbury, in float32 (float64 for float64 input);
-    ``history`` is ``k x d`` (the current gradient among its rows), ``low`` has ``d`` values."""
+    ``history`` is ``k`` low-rank gradients stacked on dim 0 (the current one among them), each
+    shaped like ``low`` (row-sharded like it, where it is: the ``k x k`` products then sum over
+    the ranks' rows in one all-reduce each)."""
     dtype = torch.float64 if low.dtype == torch.float64 else torch.float32
-    g = low.reshape(-1).to(dtype)
+    g = low.to(dtype)
     h = history.to(dtype)
-    gram = h @ h.mT
+    gram = settled(torch.einsum("kmr,jmr->kj", h, h))
     gram.diagonal().add_(damping)
-    coef = torch.linalg.solve(gram, h @ g)
-    return ((g - h.mT @ coef) / damping).view(low.shape)
+    coef = torch.linalg.solve(gram, settled(torch.einsum("kmr,mr->k", h, g)))
+    return (g - torch.einsum("k,kmr->mr", coef, h)) / damping
 
 
 def fill_natural_group(group: dict[str, Any]) -> None:
@@ -77,9 +80,9 @@ class NaturalGaLore(GaLoreAdamW):
         low = project(p.grad, state["projection"], side)
         size = int(group["history"])
         if "history" not in state:
-            state["history"] = low.new_zeros((size, low.numel()))
+            state["history"] = stacked_zeros(size, low)
         since = step % int(group["update_proj_gap"])  # steps since the last refresh
-        state["history"][since % size].copy_(low.reshape(-1))
+        state["history"][since % size].copy_(low)
         filled = state["history"][: min(size, since + 1)]
         natural = natural_gradient(low, filled, float(group["damping"])).to(low.dtype)
         beta1, beta2 = group["betas"]

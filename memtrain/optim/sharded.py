@@ -108,6 +108,24 @@ def from_rows(local_rows: torch.Tensor, ref: torch.Tensor, shape: tuple[int, ...
     )
 
 
+def stacked_zeros(count: int, ref: torch.Tensor) -> torch.Tensor:
+    """``count`` zero tensors shaped like ``ref`` stacked on a new dim 0; a row-sharded ``ref``'s
+    split moves to dim 1, so each rank holds its own rows of every one."""
+    zeros = torch.zeros((count, *local(ref).shape), dtype=ref.dtype, device=ref.device)
+    if not is_sharded(ref):
+        return zeros
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not row_sharded(ref):
+        return like(zeros, ref)
+    shape = torch.Size((count, *ref.shape))
+    placements = [Shard(1) if p.is_shard() else Replicate() for p in ref.placements]
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(
+        zeros, ref.device_mesh, placements, run_check=False, shape=shape, stride=stride
+    )
+
+
 # How each optimizer steps FSDP2's row shards: "rows" runs its own arithmetic on the shards
 # (DTensor ops; projections refreshed from a gathered gradient), with states sharded like the
 # weight where the update keeps rows apart and replicated where it sums over them (low-rank

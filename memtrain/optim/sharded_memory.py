@@ -6,8 +6,8 @@ rank's rows; a right projection's low-rank moments keep the weight's rows too, w
 projection itself (``r x n``) is whole on every rank; a left projection's moments (``r x n``)
 sum over the rows, so they and their projection are whole everywhere. 8-bit moments of a
 shard carry one scale per block of each row. Whole-matrix optimizers keep all their states on
-every rank; so are Natural GaLore's history of low-rank gradients and Adafactor's factored
-statistics (reductions over rows). Figures are for the rank with the most rows
+every rank; so are Adafactor's factored statistics (reductions over rows). Natural GaLore's
+history of low-rank gradients is split like their moments. Figures are for the rank with the most rows
 (``ceil(m / world)``), the peak one.
 """
 
@@ -95,9 +95,9 @@ def rank_state_bytes(
         stats = m + r + (rows * r if beta1 else 0)
         return (stats + r * n) * FLOAT32_BYTES + STEP_BYTES
     total = _moments(rows, r, dtype, options) + r * n * dtype.itemsize + STEP_BYTES
-    if spec.name == "natural-galore":  # its history of low-rank gradients is whole
+    if spec.name == "natural-galore":  # its history of low-rank gradients keeps the rows too
         history = int(options.get("history", NATURAL_GALORE_DEFAULTS["history"]))
-        total += history * m * r * dtype.itemsize
+        total += history * rows * r * dtype.itemsize
     return total
 
 

@@ -81,6 +81,8 @@ class NaturalGaLore(GaLoreAdamW):
         size = int(group["history"])
         if "history" not in state:
             state["history"] = stacked_zeros(size, low)
+        elif state["history"].dim() == 2:  # a checkpoint of the flat layout (before 2026-12-05)
+            state["history"] = state["history"].view(-1, *low.shape)
         since = step % int(group["update_proj_gap"])  # steps since the last refresh
         state["history"][since % size].copy_(low)
         filled = state["history"][: min(size, since + 1)]

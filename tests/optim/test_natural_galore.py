@@ -85,3 +85,22 @@ def test_large_damping_is_galore() -> None:
 def test_bad_group_keys_are_clear_errors(keys: dict, message: str) -> None:
     with pytest.raises(MemtrainError, match=message):
         NaturalGaLore(split_groups(mlp(), rank=2, **keys), lr=1e-3)
+
+
+def test_a_checkpoint_with_the_flat_history_resumes() -> None:
+    """States saved when the history was one flat row per gradient load and step the same."""
+    a, b = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
+    keys = {"rank": 4, "update_proj_gap": 5, "proj_method": "svd", "history": 3}
+    first = NaturalGaLore(split_groups(a, **keys), lr=1e-2)
+    train(a, first, steps=2)
+    saved = first.state_dict()
+    for state in saved["state"].values():
+        if "history" in state:
+            state["history"] = state["history"].reshape(state["history"].shape[0], -1)
+    b.load_state_dict(a.state_dict())
+    second = NaturalGaLore(split_groups(b, **keys), lr=1e-2)
+    second.load_state_dict(saved)
+    train(a, first, steps=2, start=2)
+    train(b, second, steps=2, start=2)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)

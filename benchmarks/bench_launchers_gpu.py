@@ -3,8 +3,8 @@ GPUs of one machine.
 
 A run is KIND[:NPROC] (``single``, ``torchrun``, ``fsdp``, ``deepspeed``); each is ``memtrain run
 RECIPE launcher.kind=KIND launcher.nproc=NPROC`` in a fresh process with the recipe's own plan,
-plus the ``--set`` overrides. Each row: tokens a second over the run (every rank's tokens),
-the last step's time, the measured GPU peak of the fullest rank (max_memory_allocated) beside
+plus the ``--set`` overrides. Each row: tokens a second over the run and after its first step
+(every rank's tokens), the last step's time, the measured GPU peak of the fullest rank (max_memory_allocated) beside
 the plan's prediction for it and the error, and, under FSDP2, each rank's measured parameter
 and optimizer-state bytes beside the plan's.
 
@@ -44,6 +44,7 @@ def run_one(recipe: str, spec: str, overrides: list[str], out_dir: Path) -> dict
         "status": "ok",
         "steps": train["steps_run"],
         "tokens_per_s": train["tokens_per_s"],
+        "steady_tokens_per_s": train.get("steady_tokens_per_s"),
         "last_step_s": metrics[-1].get("step_s") if metrics else None,
         "last_loss": train["last_loss"],
         "measured_gpu_peak_gib": _gib(memory.get("measured_gpu_peak_bytes")),

@@ -264,6 +264,7 @@ class Runner:
                 torch.cuda.reset_peak_memory_stats(device)
             tokens_per_step = recipe.data.seq * recipe.data.batch * readers
             losses: list[float] = []
+            step_times: list[float] = []
             digest = hashlib.sha256()
             first_position = self.stream.position * readers + data_rank
             started = time.perf_counter()
@@ -281,6 +282,7 @@ class Runner:
                         raise MemtrainError(f"the loss became {value} at step {step + 1}; stopping")
                     losses.append(value)
                     elapsed = time.perf_counter() - t0
+                    step_times.append(elapsed)
                     last = step + 1 == sched.steps
                     if metrics is not None and ((step + 1) % train.log_every == 0 or last):
                         record = {
@@ -309,6 +311,13 @@ class Runner:
                 "last_loss": losses[-1] if losses else None,
                 "wall_s": wall,
                 "tokens_per_s": tokens_per_step * len(losses) / wall if losses else None,
+                # the steps after the first (which compiles kernels and warms the allocator),
+                # checkpoint writes left out: the rate a long run settles at
+                "steady_tokens_per_s": (
+                    tokens_per_step * (len(step_times) - 1) / sum(step_times[1:])
+                    if len(step_times) > 1
+                    else None
+                ),
                 "memory": memory,
             }
             if strategy.writer is not None and strategy.writer.written:
@@ -549,6 +558,8 @@ def print_summary(summary: dict[str, Any], console) -> None:
             "loss first -> last", f"{train['first_loss']:.4f} -> {train['last_loss']:.4f}"
         )
         table.add_row("tokens / s", f"{train['tokens_per_s']:,.0f}")
+    if train.get("steady_tokens_per_s"):
+        table.add_row("tokens / s after step 1", f"{train['steady_tokens_per_s']:,.0f}")
     memory = train["memory"]
     if memory["predicted_gpu_peak_bytes"] is not None:
         table.add_row("predicted GPU peak (plan)", format_bytes(memory["predicted_gpu_peak_bytes"]))

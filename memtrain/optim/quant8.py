@@ -48,24 +48,15 @@ def quantized_bytes(numel: int) -> int:
 
 
 def quantize(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 codes shaped like ``values``, float32 absmax per block of :data:`BLOCK`)."""
-    flat = values.detach().reshape(-1).float()
-    pad = (-flat.numel()) % BLOCK
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
-    _, mids = _code_on(signed, flat.device)
-    codes = torch.bucketize(scaled, mids).to(torch.uint8)
-    return codes.view(-1)[: flat.numel()].view(values.shape).clone(), absmax
+    """(uint8 codes shaped like ``values``, float32 absmax per block of :data:`BLOCK`): the
+    values taken as one row, blocked from the first."""
+    codes, absmax = quantize_rows(values.reshape(1, -1), signed)
+    return codes.view(values.shape), absmax.view(-1)
 
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
     """Float32 values of a quantised state, shaped like ``codes``."""
-    code, _ = _code_on(signed, codes.device)
-    flat = code[codes.reshape(-1).long()]
-    pad = (-flat.numel()) % BLOCK
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK) * absmax.unsqueeze(1)
-    return blocks.view(-1)[: flat.numel()].view(codes.shape)
+    return dequantize_rows(codes.reshape(1, -1), absmax.view(1, -1), signed).view(codes.shape)
 
 
 def _as_rows(values: torch.Tensor) -> torch.Tensor:

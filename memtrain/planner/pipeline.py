@@ -79,20 +79,19 @@ def plan_model(model: Any, request: PlanRequest, reuse: Plan | None = None) -> P
         for optimizer in request.optimizers
     ]
     notes: list[str] = []
+    split = request.parallelism
+    per_rank = split is not None and not split.is_single
+    # per optimizer, per layer: one FSDP2 rank's optimizer-state bytes
+    states = _rank_state_bytes(model, request) if per_rank and split.engine == "fsdp" else None
     if request.gpu_budget_fraction is not None:
         unplanned = candidates[0][1]
-        if request.parallelism is not None and not request.parallelism.is_single:
-            # a share of one rank's unplanned step
-            states = (
-                _rank_state_bytes(model, request) if request.parallelism.engine == "fsdp" else {}
-            )
-            unplanned = per_rank_profile(
-                unplanned, request.parallelism, None, (states or {}).get(unplanned.optimizer)
-            )
+        if per_rank:  # a share of one rank's unplanned step
+            rank_states = (states or {}).get(unplanned.optimizer)
+            unplanned = per_rank_profile(unplanned, split, None, rank_states)
         hardware = _fraction_of_peak(hardware, unplanned, request.gpu_budget_fraction)
         notes.append(
             f"GPU budget: {request.gpu_budget_fraction:g} x the unplanned peak "
-            f"({format_bytes(candidates[0][1].simulated_peak_bytes)}) plus the device's "
+            f"({format_bytes(_unplanned_peak(unplanned))}) plus the device's "
             "reserve and allocator margin"
         )
     options = request.options
@@ -102,14 +101,11 @@ def plan_model(model: Any, request: PlanRequest, reuse: Plan | None = None) -> P
         notes.extend(step_notes)
     if options.largest_param_bytes is None and options.allow_state_offload:
         options = replace(options, largest_param_bytes=_largest_param_bytes(model, request))
-    if request.parallelism is None or request.parallelism.is_single:
+    if not per_rank:
         plan, rows = best_of(candidates, hardware, options)
     else:
         attention = attention_shape(model) if isinstance(model, str) else None
-        states = _rank_state_bytes(model, request) if request.parallelism.engine == "fsdp" else None
-        plan, rows = plan_per_rank(
-            candidates, hardware, request.parallelism, options, attention, states
-        )
+        plan, rows = plan_per_rank(candidates, hardware, split, options, attention, states)
     note = _pinnable_note(request, hardware)
     if note:
         plan.notes.append(note)
@@ -234,8 +230,13 @@ def _meta_twin_profile(model, seq: int, batch: int, optimizer: str, hardware: Ha
     )
 
 
+def _unplanned_peak(profile: ProfileResult) -> int:
+    """The step's peak with nothing planned (a per-rank profile has no timeline to simulate)."""
+    return profile.simulated_peak_bytes or profile.predicted_peak_bytes
+
+
 def _fraction_of_peak(hardware: HardwareModel, profile: ProfileResult, fraction: float):
-    peak = profile.simulated_peak_bytes or profile.predicted_peak_bytes  # per rank: no timeline
+    peak = _unplanned_peak(profile)
     budget = (hardware.gpu_reserved_bytes + fraction * peak) / (1 - hardware.allocator_margin)
     return hardware.with_capacity("gpu", int(budget))
 

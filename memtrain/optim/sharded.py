@@ -51,22 +51,27 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
+def _assemble(part: torch.Tensor, ref: torch.Tensor, placements, shape) -> torch.Tensor:
+    """This rank's ``part`` of a contiguous tensor of global ``shape`` placed on ``ref``'s
+    ranks as ``placements`` say, as a DTensor (no collective: every rank brings its own)."""
+    from torch.distributed.tensor import DTensor
+
+    shape = torch.Size(shape)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(
+        part, ref.device_mesh, placements, run_check=False, shape=shape, stride=stride
+    )
+
+
 def like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``value``, computed identically on every rank, as a replicated DTensor on ``ref``'s
     ranks when ``ref`` is sharded (no collective), else ``value`` itself."""
     if not is_sharded(ref):
         return value
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import Replicate
 
-    mesh = ref.device_mesh
-    return DTensor.from_local(
-        value,
-        mesh,
-        [Replicate()] * mesh.ndim,
-        run_check=False,
-        shape=value.shape,
-        stride=value.stride(),
-    )
+    value = value.contiguous()
+    return _assemble(value, ref, [Replicate()] * ref.device_mesh.ndim, value.shape)
 
 
 def settled(tensor: torch.Tensor) -> torch.Tensor:
@@ -95,17 +100,7 @@ def row_sharded(tensor: torch.Tensor) -> bool:
 def from_rows(local_rows: torch.Tensor, ref: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """This rank's rows of a tensor of global ``shape`` split along dim 0 exactly as ``ref``
     (a row-sharded DTensor) is, as a DTensor."""
-    from torch.distributed.tensor import DTensor
-
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(
-        local_rows,
-        ref.device_mesh,
-        ref.placements,
-        run_check=False,
-        shape=torch.Size(shape),
-        stride=stride,
-    )
+    return _assemble(local_rows, ref, ref.placements, shape)
 
 
 def stacked_zeros(count: int, ref: torch.Tensor) -> torch.Tensor:
@@ -114,16 +109,12 @@ def stacked_zeros(count: int, ref: torch.Tensor) -> torch.Tensor:
     zeros = torch.zeros((count, *local(ref).shape), dtype=ref.dtype, device=ref.device)
     if not is_sharded(ref):
         return zeros
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard
 
     if not row_sharded(ref):
         return like(zeros, ref)
-    shape = torch.Size((count, *ref.shape))
     placements = [Shard(1) if p.is_shard() else Replicate() for p in ref.placements]
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(
-        zeros, ref.device_mesh, placements, run_check=False, shape=shape, stride=stride
-    )
+    return _assemble(zeros, ref, placements, (count, *ref.shape))
 
 
 # How each optimizer steps FSDP2's row shards: "rows" runs its own arithmetic on the shards

@@ -160,7 +160,14 @@ def cosmos_state(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, 
     return m * n * dtype.itemsize + (n * r + r * r + m * r) * stat + STEP_BYTES
 
 
-def _factored_bytes(shape: tuple[int, ...], beta1: bool) -> int:
+def keeps_first_moment(options: dict[str, Any]) -> bool:
+    """Whether a (GaLore-)Adafactor spec keeps a first moment (``beta1`` given, not none)."""
+    return options.get("beta1") not in (None, "none", "None")
+
+
+def factored_state_bytes(shape: tuple[int, ...], beta1: bool) -> int:
+    """Adafactor's float32 statistics of a ``shape`` gradient (row and column means of its
+    last two dims; a 1-D one whole), plus the first moment with ``beta1``."""
     if len(shape) >= 2:
         stats = math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
     else:
@@ -173,12 +180,12 @@ def galore_adafactor_state(
     shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]
 ) -> int:
     """GaLoreAdafactor: factored float32 statistics of the low-rank gradient, float32 projection."""
-    beta1 = options.get("beta1") not in (None, "none", "None")
+    beta1 = keeps_first_moment(options)
     if not _projected(shape, options):
-        return _factored_bytes(shape, beta1) + STEP_BYTES
+        return factored_state_bytes(shape, beta1) + STEP_BYTES
     rank, side = _galore_side(shape, options)
     proj = math.prod(projection_shape(shape, rank, side)) * FLOAT32_BYTES
-    return _factored_bytes(low_rank_shape(shape, rank, side), beta1) + proj + STEP_BYTES
+    return factored_state_bytes(low_rank_shape(shape, rank, side), beta1) + proj + STEP_BYTES
 
 
 def frugal_state(shape: tuple[int, ...], dtype: torch.dtype, options: dict[str, Any]) -> int:

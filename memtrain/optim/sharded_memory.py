@@ -27,41 +27,37 @@ from memtrain.optim.memory import (
     OPTIMIZERS,
     STEP_BYTES,
     OptimizerSpec,
+    factored_state_bytes,
+    keeps_first_moment,
     parse_optimizer_spec,
     state_bytes_for,
 )
-from memtrain.optim.quant8 import BLOCK
+from memtrain.optim.quant8 import quantized_bytes
 from memtrain.optim.sharded import sharded_step_kind
 
 _GALORE_NAMES = ("galore", "galore-adamw", "natural-galore")
 
 
-def _row_blocked(rows: int, inner: int) -> int:
-    """One 8-bit moment of ``rows x inner`` values quantised in blocks along each row."""
-    return rows * inner + rows * math.ceil(inner / BLOCK) * FLOAT32_BYTES
-
-
 def _moments(rows: int, inner: int, dtype: torch.dtype, options: dict[str, Any]) -> int:
+    """Two moments of ``rows x inner`` values; 8-bit ones in blocks along each row, so each
+    row costs one state of ``inner`` values (:func:`quantized_bytes`)."""
     if int(options.get("bits", 32)) == 8:
-        return 2 * _row_blocked(rows, inner)
+        return 2 * rows * quantized_bytes(inner)
     return 2 * rows * inner * dtype.itemsize
 
 
-def _dense(shape: tuple[int, ...], rows: int, world: int, dtype: torch.dtype, spec) -> int:
+def _dense(shape: tuple[int, ...], rows: int, dtype: torch.dtype, spec: OptimizerSpec) -> int:
     inner = math.prod(shape[1:])
     name, options = spec.name, spec.options
     if name == "adamw8bit":
-        return 2 * _row_blocked(rows, inner) + STEP_BYTES
+        return _moments(rows, inner, dtype, {"bits": 8}) + STEP_BYTES
     if name in _GALORE_NAMES:
         return _moments(rows, inner, dtype, options) + STEP_BYTES
     if name == "galore-adafactor":
-        beta1 = options.get("beta1") not in (None, "none", "None")
-        first = rows * inner if beta1 else 0
+        first = rows * inner * FLOAT32_BYTES if keeps_first_moment(options) else 0
         if len(shape) >= 2:  # factored statistics are reductions: whole on every rank
-            stats = math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
-        else:
-            stats = rows
-        return (stats + first) * FLOAT32_BYTES + STEP_BYTES
+            return factored_state_bytes(shape, beta1=False) + first + STEP_BYTES
+        return rows * FLOAT32_BYTES + first + STEP_BYTES
     return state_bytes_for((rows, *shape[1:]), dtype, spec)
 
 
@@ -79,7 +75,7 @@ def rank_state_bytes(
         OPTIMIZERS[spec.name].projects and len(shape) == 2 and options.get("projected", True)
     )
     if not projected:
-        return _dense(shape, rows, world, dtype, spec)
+        return _dense(shape, rows, dtype, spec)
     if spec.name == "apollo-mini":
         options = {**APOLLO_MINI_DEFAULTS, **options}
     side = projection_side(shape, options.get("proj_type", GALORE_DEFAULTS["proj_type"]))
@@ -91,8 +87,7 @@ def rank_state_bytes(
         limiter = FLOAT32_BYTES if float(options.get("norm_growth", 1.01)) > 0 else 0
         return 2 * rows * r * dtype.itemsize + limiter + STEP_BYTES
     if spec.name == "galore-adafactor":  # factored statistics whole, first moment in rows
-        beta1 = options.get("beta1") not in (None, "none", "None")
-        stats = m + r + (rows * r if beta1 else 0)
+        stats = m + r + (rows * r if keeps_first_moment(options) else 0)
         return (stats + r * n) * FLOAT32_BYTES + STEP_BYTES
     total = _moments(rows, r, dtype, options) + r * n * dtype.itemsize + STEP_BYTES
     if spec.name == "natural-galore":  # its history of low-rank gradients keeps the rows too

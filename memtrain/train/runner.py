@@ -154,17 +154,16 @@ class Runner:
                 )
             if recipe.dry_run.only:
                 gpus = recipe.dry_run.world_size
-                more = (
-                    f"; training this split needs {gpus} GPUs: memtrain run with "
-                    "launcher.kind=deepspeed, launcher.zero_stage and launcher.sequence_parallel "
-                    "trains it (each rank planned with its ZeRO partition for its shard of the "
-                    "sequence), or memtrain export-deepspeed PLAN writes its config"
-                )
                 if recipe.dry_run.engine == "fsdp":
-                    more = (
-                        f"; training this split needs {gpus} GPUs: memtrain run with "
-                        f"launcher.kind=fsdp launcher.nproc={gpus} plans each rank this way"
+                    how = f"launcher.kind=fsdp launcher.nproc={gpus} plans each rank this way"
+                else:
+                    how = (
+                        "launcher.kind=deepspeed, launcher.zero_stage and "
+                        "launcher.sequence_parallel trains it (each rank planned with its ZeRO "
+                        "partition for its shard of the sequence), or memtrain export-deepspeed "
+                        "PLAN writes its config"
                     )
+                more = f"; training this split needs {gpus} GPUs: memtrain run with {how}"
                 console.print(
                     "dry run only (dry_run.only): no training here" + (more if gpus > 1 else "")
                 )

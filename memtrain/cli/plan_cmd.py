@@ -171,6 +171,8 @@ def plan_request(args: argparse.Namespace):
         raise MemtrainError("--profile fixes batch and optimizer; use --model to compare several")
     if args.step_in_backward and len(args.optimizer) > 1:
         raise MemtrainError("--step-in-backward plans one optimizer; name a single --optimizer")
+    parallelism = parallelism_from_args(args)
+    stay = parallelism is not None and parallelism.states_stay_on_gpu
     return PlanRequest(
         seq=args.seq,
         batches=batches,
@@ -179,16 +181,15 @@ def plan_request(args: argparse.Namespace):
         hardware=hardware_request(args),
         options=PlanOptions(
             fused_loss={"auto": None, "on": True, "off": False}[args.fused_loss],
-            # launcher.kind=fsdp keeps every rank's states and weights on its GPU
-            allow_state_offload=not args.no_state_offload and args.engine != "fsdp",
-            allow_param_offload=args.engine != "fsdp",
+            allow_state_offload=not args.no_state_offload and not stay,
+            allow_param_offload=not stay,
             chunk_options=_parse_chunks(args.chunks),
             always_store_ops=tuple(args.always_store),
             step_in_backward=args.step_in_backward,
             method=args.method,
             time_limit=args.time_limit,
         ),
-        parallelism=parallelism_from_args(args),
+        parallelism=parallelism,
     )
 
 
@@ -197,18 +198,16 @@ def parallelism_from_args(args: argparse.Namespace):
     from memtrain.planner.distributed import Parallelism
     from memtrain.units import parse_bytes
 
-    fsdp = args.engine == "fsdp"
-    master = {"auto": None, "on": True, "off": False}[args.master_weights]
-    parallelism = Parallelism(
+    parallelism = Parallelism.of_engine(
+        args.engine,
+        zero_stage=args.zero_stage,
+        master_weights={"auto": None, "on": True, "off": False}[args.master_weights],
         world_size=args.world_size,
-        zero_stage=3 if fsdp and args.zero_stage == 0 else args.zero_stage,
         sequence_parallel=args.sequence_parallel,
         gpus_per_node=args.gpus_per_node,
         interconnect_bandwidth=None
         if args.interconnect is None
         else parse_bytes(args.interconnect),
-        master_weights=False if fsdp and master is None else master,
-        engine=args.engine,
     )
     return None if parallelism.is_single else parallelism
 

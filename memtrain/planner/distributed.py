@@ -122,6 +122,22 @@ class Parallelism:
     def uses_master_weights(self) -> bool:
         return self.zero_stage >= 1 if self.master_weights is None else self.master_weights
 
+    @classmethod
+    def of_engine(
+        cls, engine: str, zero_stage: int = 0, master_weights: bool | None = None, **split: Any
+    ) -> Parallelism:
+        """The split ``engine`` runs: ``fsdp`` shards everything (stage 3 when no stage is
+        given) and keeps weights in their own dtype (no fp32 master copy unless asked)."""
+        if engine == "fsdp":
+            zero_stage = zero_stage or 3
+            master_weights = False if master_weights is None else master_weights
+        return cls(zero_stage=zero_stage, master_weights=master_weights, engine=engine, **split)
+
+    @property
+    def states_stay_on_gpu(self) -> bool:
+        """FSDP2 runs keep every rank's weights and optimizer states on its GPU."""
+        return self.engine == "fsdp"
+
     @property
     def is_single(self) -> bool:
         """One GPU, no ZeRO: nothing that changes the profile."""

@@ -17,13 +17,11 @@ def dry_run_plan(section, console, step_in_backward: bool = False) -> dict[str, 
     stepping inside backward, as the recipe trains); print the plan and return its figures."""
     optimizers = section.optimizer
     optimizer = optimizers[0] if isinstance(optimizers, list) else optimizers
-    fsdp = section.engine == "fsdp"
-    parallelism = Parallelism(
+    parallelism = Parallelism.of_engine(
+        section.engine,
+        zero_stage=section.zero_stage,
         world_size=section.world_size,
-        zero_stage=3 if fsdp and section.zero_stage == 0 else section.zero_stage,
         sequence_parallel=section.sequence_parallel,
-        master_weights=False if fsdp else None,
-        engine=section.engine,
     )
     request = PlanRequest(
         seq=section.seq,
@@ -35,9 +33,8 @@ def dry_run_plan(section, console, step_in_backward: bool = False) -> dict[str, 
         options=PlanOptions(
             step_in_backward=step_in_backward,
             streamed_kinds=STREAMED_KINDS if parallelism.is_single else None,
-            # launcher.kind=fsdp keeps every rank's states and weights on its GPU
-            allow_state_offload=not fsdp,
-            allow_param_offload=not fsdp,
+            allow_state_offload=not parallelism.states_stay_on_gpu,
+            allow_param_offload=not parallelism.states_stay_on_gpu,
         ),
         parallelism=parallelism,
     )

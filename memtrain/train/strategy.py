@@ -416,12 +416,8 @@ class FSDPStrategy(DDPStrategy):
         (ZeRO-3's split, by rows) and the host shared with the ranks beside it."""
         from memtrain.planner.distributed import Parallelism
 
-        return Parallelism(
-            world_size=self.world.world_size,
-            zero_stage=3,
-            gpus_per_node=_ranks_per_host(self.world),
-            master_weights=False,
-            engine="fsdp",
+        return Parallelism.of_engine(
+            "fsdp", world_size=self.world.world_size, gpus_per_node=_ranks_per_host(self.world)
         )
 
     def model_state_bytes(self) -> dict[str, int]:

@@ -3,6 +3,13 @@
 Optimizers read the moments, update them in place and write them back; with 32-bit states
 :func:`read_moments` hands out the state tensors themselves and :func:`write_moments` does
 nothing, so the full-precision path costs no copy.
+
+8-bit states keep the *square root* of the second moment. Adam divides the first moment by
+that root, and the two have the same scale (``|m| <= c * sqrt(v)``), so a value too small for
+its block's code underflows in both together. Quantising ``v`` itself squares its dynamic range:
+a small ``v`` fell below the code's floor and was stored as 0 while ``m`` kept its value, and
+the next step divided by almost nothing. States written in that older layout (``exp_avg_sq_*``
+keys) are still read.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from memtrain.optim.quant8 import dequantize, dequantize_rows, quantize, quantiz
 from memtrain.optim.sharded import from_rows, is_sharded, like, local, row_sharded
 
 STATE_BITS = (32, 8)
-_QUANT_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+_ROOT_KEYS = ("exp_avg_sq_root_codes", "exp_avg_sq_root_absmax")
+_SQUARED_KEYS = ("exp_avg_sq_codes", "exp_avg_sq_absmax")  # the older layout, read only
+_QUANT_KEYS = ("exp_avg_codes", "exp_avg_absmax", *_ROOT_KEYS, *_SQUARED_KEYS)
 
 
 def check_bits(bits: int) -> int:
@@ -39,7 +48,10 @@ def read_moments(
             zeros = torch.zeros_like(like, dtype=torch.float32)
             return zeros, zeros.clone()
         first = _dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True)
-        second = _dequantize(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False)
+        if _ROOT_KEYS[0] in state:
+            second = _dequantize(*(state[key] for key in _ROOT_KEYS), signed=False).square_()
+        else:
+            second = _dequantize(*(state[key] for key in _SQUARED_KEYS), signed=False)
         return first, second
     if "exp_avg" not in state:
         state["exp_avg"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
@@ -56,9 +68,10 @@ def write_moments(
             state["exp_avg"], state["exp_avg_sq"] = first, second
         return
     state["exp_avg_codes"], state["exp_avg_absmax"] = _quantize(first, signed=True)
-    state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = _quantize(
-        second.clamp(min=0), signed=False
-    )
+    root = _quantize(second.clamp(min=0).sqrt(), signed=False)
+    state[_ROOT_KEYS[0]], state[_ROOT_KEYS[1]] = root
+    for key in _SQUARED_KEYS:
+        state.pop(key, None)
 
 
 def _quantize(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -172,7 +172,6 @@ def plan_request(args: argparse.Namespace):
     if args.step_in_backward and len(args.optimizer) > 1:
         raise MemtrainError("--step-in-backward plans one optimizer; name a single --optimizer")
     parallelism = parallelism_from_args(args)
-    stay = parallelism is not None and parallelism.states_stay_on_gpu
     return PlanRequest(
         seq=args.seq,
         batches=batches,
@@ -181,8 +180,7 @@ def plan_request(args: argparse.Namespace):
         hardware=hardware_request(args),
         options=PlanOptions(
             fused_loss={"auto": None, "on": True, "off": False}[args.fused_loss],
-            allow_state_offload=not args.no_state_offload and not stay,
-            allow_param_offload=not stay,
+            allow_state_offload=not args.no_state_offload,
             chunk_options=_parse_chunks(args.chunks),
             always_store_ops=tuple(args.always_store),
             step_in_backward=args.step_in_backward,

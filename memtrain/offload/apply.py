@@ -112,6 +112,7 @@ class OffloadHandle:
         host_pool_bytes: Mapping[str, int] | None = None,
         nvme_bytes: int | None = None,
         profile: Any = None,
+        engine_moves_states: bool = False,
     ) -> None:
         self.model = model
         self.policy = policy
@@ -123,12 +124,14 @@ class OffloadHandle:
         self._attention_parts: list[BlockParts] = []  # token-wise layers' attention calls
         # memtrain.kernels.patch_causal_lm_loss leaves this attribute on the model
         self.fused_loss = hasattr(model, "_memtrain_stock_forward")
-        self.optimizer_attached = False
+        # Another engine (FSDP2's CPU offload) moves parameters, gradients and states where the
+        # plan puts them: this handle runs the activation decisions only.
+        self.optimizer_attached = engine_moves_states
         self._cleanups: list[Any] = []
         self.steps = 0
         params = list(model.parameters())
         self.device = params[0].device if params else torch.device("cpu")
-        streamed = self._check_param_offload()
+        streamed = [] if engine_moves_states else self._check_param_offload()
         self._modes: dict[str, ActivationMode] = {  # how each layer is executed
             name: resolve(policy.layers[name], modules, name)
             for name, modules in layers.items()
@@ -439,13 +442,17 @@ def apply(
     host_pool_bytes: Mapping[str, int] | None = None,
     nvme_bytes: int | None = None,
     profile: Any = None,
+    engine_moves_states: bool = False,
 ) -> OffloadHandle:
     """Install ``plan`` (a ``Plan``, its dict, a plan file, or an :class:`OffloadPolicy`).
 
     ``layers`` maps layer names to modules (default: embed, block.<i>, norm, lm_head of a
     Hugging Face causal LM). Host pools are sized from ``host_pool_bytes``, else from
     ``profile`` (the profiler's result for this model and batch: exact for this executor), else
-    from the plan's per-layer shares. Returns a handle; ``handle.remove()`` restores the model.
+    from the plan's per-layer shares. ``engine_moves_states``: the engine the model trains
+    under places parameters, gradients and optimizer states as the plan says (FSDP2's CPU
+    offload), so no parameter is streamed here. Returns a handle; ``handle.remove()`` restores
+    the model.
     """
     from_plan = not isinstance(plan, OffloadPolicy)
     policy = policy_from_plan(plan, cxl_node=cxl_node)
@@ -472,6 +479,7 @@ def apply(
         host_pool_bytes=host_pool_bytes,
         nvme_bytes=nvme_bytes,
         profile=profile,
+        engine_moves_states=engine_moves_states,
     )
 
 

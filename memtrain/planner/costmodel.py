@@ -25,6 +25,7 @@ Sequence tiling with ``c`` chunks divides a block's tileable bytes in flight by 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memtrain.hardware.tiers import HOST_TIERS, HardwareModel
@@ -58,9 +59,13 @@ def available_tiers(hardware: HardwareModel) -> list[str]:
 
 
 def available_modes(
-    hardware: HardwareModel, allow_state_offload: bool = True, allow_param_offload: bool = True
+    hardware: HardwareModel,
+    allow_state_offload: bool = True,
+    allow_param_offload: bool = True,
+    only: Sequence[str] | None = None,
 ) -> list[str]:
-    """State placements to choose from; parameters leave the GPU only where allowed (ZeRO-3)."""
+    """State placements to choose from; parameters leave the GPU only where allowed (ZeRO-3);
+    ``only``: the placements the executing engine can run (None: all of them)."""
     tiers = set(available_tiers(hardware))
     if not allow_state_offload or "cpu" not in tiers:
         return ["gpu"]
@@ -69,6 +74,7 @@ def available_modes(
         for m in STATE_MODES
         if STATE_MODES[m]["optimizer"] in tiers
         and (allow_param_offload or STATE_MODES[m]["params"] == "gpu")
+        and (only is None or m == "gpu" or m in only)
     ]
 
 
@@ -196,6 +202,12 @@ def stored_query_grad(layer: LayerCosts, j: int) -> Lin:
     if layer.query_bytes <= 0:
         return Lin()
     return Lin(const=layer.query_bytes) - layer.query_bytes * _frac(j, "x", "rec")
+
+
+def host_states(problem: PlanProblem, layer: LayerCosts) -> float:
+    """A layer's optimizer-state bytes once placed off the GPU: on float32 masters, or on the
+    parameters' own dtype where the host step has none (``problem.host_masters``)."""
+    return layer.host_state_bytes if problem.host_masters else layer.state_bytes
 
 
 def _mode(j: int, mode: str) -> Lin:
@@ -390,10 +402,11 @@ def build_terms(
         for m in modes:
             placed = optimizer_host_bytes(
                 STATE_MODES[m],
-                layer.host_state_bytes,
+                host_states(problem, layer),
                 layer.param_count,
                 layer.param_bytes,
                 problem.overlap_host_step,
+                problem.host_masters,
             )
             for t, nbytes in placed.items():
                 if nbytes and t in base:
@@ -427,7 +440,7 @@ def build_terms(
         nvme_modes = [m for m in modes if STATE_MODES[m]["optimizer"] == "nvme"]
         for j in range(n if nvme_modes else 0):
             window = lin_sum(
-                layers[k].host_state_bytes * _mode(k, m)
+                host_states(problem, layers[k]) * _mode(k, m)
                 for k in nvme_state_window(j, n)
                 for m in nvme_modes
             )

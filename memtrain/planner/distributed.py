@@ -60,6 +60,10 @@ def _ceil_div(value: float, by: int) -> int:
 ENGINES = ("zero", "fsdp")  # how model states are sharded (Parallelism.engine)
 
 
+# Where FSDP2 can keep a unit's states: all on its GPU, or all on the host (CPUOffloadPolicy).
+FSDP_STATE_MODES = ("gpu", "all:cpu")
+
+
 @dataclass(frozen=True)
 class Parallelism:
     """How a training step is split over GPUs.
@@ -133,10 +137,27 @@ class Parallelism:
             master_weights = False if master_weights is None else master_weights
         return cls(zero_stage=zero_stage, master_weights=master_weights, engine=engine, **split)
 
-    @property
-    def states_stay_on_gpu(self) -> bool:
-        """FSDP2 runs keep every rank's weights and optimizer states on its GPU."""
-        return self.engine == "fsdp"
+    def engine_options(self, options: Any, dtype: str) -> Any:
+        """``options`` (a PlanOptions) for what this engine executes on a model of ``dtype``.
+
+        FSDP2's CPU offload (``CPUOffloadPolicy`` on a block's ``fully_shard``) moves a block's
+        parameters, gradients and optimizer states together, and its optimizer steps those
+        shards in their own dtype on the CPU (no float32 master copy). DeepSpeed runs every
+        placement; where it keeps fp32 master weights of a 16-bit model, the per-rank states
+        already hold them (:func:`per_rank_profile`), so its host step adds no second copy."""
+        from dataclasses import replace
+
+        if self.engine != "fsdp":
+            if self.uses_master_weights and _dtype_bytes(dtype) < 4:
+                return replace(options, host_masters=False)
+            return options
+        return replace(
+            options,
+            allow_param_offload=options.allow_state_offload,
+            state_modes=FSDP_STATE_MODES,
+            host_masters=False,
+            streamed_kinds=("block",),
+        )
 
     @property
     def is_single(self) -> bool:

@@ -100,15 +100,18 @@ def optimizer_host_bytes(
     param_count: float,
     param_bytes: float,
     overlap: bool = False,
+    masters: bool = True,
 ) -> dict[str, float]:
     """Host bytes per tier of one layer whose parameters, gradients and states are placed as
     ``mode`` says (a value of memtrain.planner.costmodel.STATE_MODES): float32 masters, gradient
     buffers in the parameters' dtype (none when ``overlap``: the ring of
-    :func:`grad_staging_bytes` instead) and states."""
+    :func:`grad_staging_bytes` instead) and states. ``masters=False``: the optimizer steps the
+    parameters in their own dtype (FSDP2's CPU offload steps each rank's shards where they
+    live), so there is no float32 copy and ``host_state`` is on that dtype."""
     optimizer = mode["optimizer"]
     if optimizer == "gpu":
         return {}
-    out = {"cpu": master_bytes(param_count)}
+    out = {"cpu": master_bytes(param_count) if masters else 0.0}
     if not overlap:
         out["cpu"] += grad_buffer_bytes(param_count, param_bytes)
     # NVMe states pass through host memory a few layers at a time: nvme_state_window

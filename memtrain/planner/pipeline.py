@@ -95,6 +95,8 @@ def plan_model(model: Any, request: PlanRequest, reuse: Plan | None = None) -> P
             "reserve and allocator margin"
         )
     options = request.options
+    if per_rank:  # the placements the sharding engine can run
+        options = split.engine_options(options, candidates[0][1].dtype)
     if options.step_in_backward and options.step_bytes is None:
         step_bytes, step_notes = _step_bytes(model, request)
         options = replace(options, step_bytes=step_bytes)

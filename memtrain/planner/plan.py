@@ -15,8 +15,9 @@ from typing import Any
 
 from memtrain.errors import ConfigError, MemtrainError, check_schema
 from memtrain.hardware.tiers import HOST_TIERS, HardwareModel
-from memtrain.planner.costmodel import STATE_MODES, available_modes, available_tiers
+from memtrain.planner.costmodel import STATE_MODES, available_modes, available_tiers, host_states
 from memtrain.planner.evaluate import LayerDecision, evaluate, keep_all, recompute_all
+from memtrain.planner.hostmem import master_bytes
 from memtrain.planner.layer_plan import LayerPlan
 from memtrain.planner.layout import assign_offsets, host_pool_buffers, staging_buffers
 from memtrain.planner.problem import PlanProblem, build_problem, has_logits
@@ -67,6 +68,11 @@ class PlanOptions:
     # missing: bounded by the layer's parameter bytes. memtrain.planner.pipeline fills it in
     # from the model.
     largest_param_bytes: Mapping[str, float] | None = None
+    # What the engine that moves states can run (memtrain.planner.distributed.Parallelism
+    # .engine_options): the state placements (None: every one in costmodel.STATE_MODES) and
+    # whether its host step keeps float32 masters (PlanProblem.host_masters).
+    state_modes: Sequence[str] | None = None
+    host_masters: bool = True
 
 
 @dataclass
@@ -219,6 +225,20 @@ def _gpu_resident(problem: PlanProblem, decisions: list[LayerDecision]) -> dict[
     return {k: int(v) for k, v in out.items()}
 
 
+def _host_resident(problem: PlanProblem, decisions: list[LayerDecision]) -> dict[str, int]:
+    """Parameter, gradient and optimizer-state bytes the GPU hands to the host for the whole
+    step (states with their float32 masters where the host step keeps them)."""
+    out = {"params": 0.0, "grads": 0.0, "optimizer": 0.0}
+    for layer, decision in zip(problem.layers, decisions, strict=True):
+        where = STATE_MODES[decision.states]
+        out["params"] += layer.param_bytes if where["params"] != "gpu" else 0.0
+        out["grads"] += layer.grad_bytes if where["grads"] != "gpu" else 0.0
+        if where["optimizer"] != "gpu":
+            masters = master_bytes(layer.param_count) if problem.host_masters else 0.0
+            out["optimizer"] += host_states(problem, layer) + masters
+    return {k: int(v) for k, v in out.items()}
+
+
 def _hardware_summary(hardware: HardwareModel) -> dict[str, Any]:
     return {
         "device": hardware.device.name,
@@ -239,7 +259,7 @@ def _solve(
     return solve(
         problem,
         hardware,
-        available_modes(hardware, state_offload, options.allow_param_offload),
+        available_modes(hardware, state_offload, options.allow_param_offload, options.state_modes),
         chunk_options=options.chunk_options,
         method=options.method,
         gap_tolerance=options.gap_tolerance,
@@ -355,6 +375,8 @@ def make_plan(
         )
     if options.overlap_host_step:
         problem = replace(problem, overlap_host_step=True)
+    if not options.host_masters:
+        problem = replace(problem, host_masters=False)
     result = _solve(problem, hardware, options)
     if not result.feasible or result.evaluation is None:
         raise _infeasible(problem, hardware, options)
@@ -388,6 +410,7 @@ def make_plan(
         predicted={
             **result.evaluation.to_dict(),
             "gpu_resident_bytes": _gpu_resident(problem, result.decisions),
+            "host_resident_bytes": _host_resident(problem, result.decisions),
             "gpu_moments": [[m, int(v)] for m, v in result.evaluation.gpu_moments],
         },
         baselines=baselines,

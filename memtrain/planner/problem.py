@@ -93,6 +93,10 @@ class PlanProblem:
     # The host optimizer steps each layer as its gradients arrive, during the rest of backward
     # (memtrain.offload.optimizer, overlap=True): only what backward cannot hide is a tail.
     overlap_host_step: bool = False
+    # Host-placed states step float32 master copies (memtrain's host optimizer, DeepSpeed's
+    # ZeRO-Offload); False: the parameters themselves in their dtype, with states on that dtype
+    # (FSDP2's CPU offload), so a layer's host states are its ``state_bytes``.
+    host_masters: bool = True
 
     def runs(self) -> list[tuple[int, int]]:
         """Maximal runs ``[start, end)`` of consecutive layers with equal signatures."""

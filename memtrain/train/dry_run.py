@@ -29,12 +29,11 @@ def dry_run_plan(section, console, step_in_backward: bool = False) -> dict[str, 
         optimizers=(optimizer,),
         dtype=section.dtype,
         hardware=section.hardware_request(),
-        # one GPU: what memtrain's executor runs (it streams blocks' weights); several: ZeRO-3
+        # one GPU: what memtrain's executor runs (it streams blocks' weights); several: what
+        # the engine runs (ZeRO-3 any layer's, FSDP2 whole blocks: Parallelism.engine_options)
         options=PlanOptions(
             step_in_backward=step_in_backward,
             streamed_kinds=STREAMED_KINDS if parallelism.is_single else None,
-            allow_state_offload=not parallelism.states_stay_on_gpu,
-            allow_param_offload=not parallelism.states_stay_on_gpu,
         ),
         parallelism=parallelism,
     )

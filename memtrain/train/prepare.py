@@ -258,14 +258,18 @@ def prepare(
         if plan_obj is not None:
             from memtrain.offload import apply
 
-            handle = apply(model, plan_obj, profile=profile)
+            # without memtrain's optimizer, the caller's engine places the model states
+            handle = apply(
+                model, plan_obj, profile=profile, engine_moves_states=not build_optimizer
+            )
         if not build_optimizer:
             built = None
             if handle is not None and handle.needs_optimizer_offload:
                 handle.optimizer_attached = True  # the caller's optimizer moves the states
                 notes.append(
-                    "optimizer states off the GPU are the caller's optimizer's to move (DeepSpeed "
-                    "ZeRO-Offload: memtrain.offload.deepspeed_config(plan))"
+                    "model states off the GPU are the caller's engine's to move (DeepSpeed "
+                    "ZeRO-Offload: memtrain.offload.deepspeed_config(plan); FSDP2: "
+                    "memtrain.offload.shard_as_planned(model, plan))"
                 )
         elif handle is not None and handle.needs_optimizer_offload:
             from memtrain.offload import offload_optimizer

@@ -453,8 +453,11 @@ class Runner:
         plan = self.prepared.plan
         if all(h is not None for h in held) and plan is not None:
             resident = plan.predicted.get("gpu_resident_bytes", {})
+            host = plan.predicted.get("host_resident_bytes", {})
+            predicted = {k: resident.get(k) for k in ("params", "optimizer")}
+            predicted.update({f"host_{k}": host.get(k) for k in ("params", "optimizer")})
             memory["model_states_per_rank"] = {
-                "predicted": {k: resident.get(k) for k in ("params", "optimizer")},
+                "predicted": {k: v for k, v in predicted.items() if k in held[0]},
                 "measured": held,
             }
         return strategy.gather(mine)

@@ -404,11 +404,12 @@ class FSDPStrategy(DDPStrategy):
     optimizer steps those shards: torch's and memtrain's row-wise ones (AdamW, 8-bit AdamW,
     GaLore, APOLLO, ...) on each rank's rows, the others one gathered weight at a time
     (:mod:`memtrain.optim.sharded`). Every rank holds a replica's activations, so the plan's
-    activation modes run inside each rank; its optimizer states stay on the device (no host
-    step, no parameter streaming). Checkpoints: torch.distributed.checkpoint under
+    activation modes run inside each rank; blocks the plan puts on the host are sharded with
+    FSDP2's CPU offload (their weights, gradients and optimizer states in host memory, stepped
+    there: memtrain.offload.shard_as_planned). Checkpoints: torch.distributed.checkpoint under
     ``out_dir/fsdp/step<N>``, with the client state (data position, RNG, recipe) beside it."""
 
-    prepare_options = {"build_optimizer": False, "state_offload": False}
+    prepare_options = {"build_optimizer": False, "state_offload": True}
     background_checkpoints = False  # every rank writes its shard inside dcp.save
 
     def plan_parallelism(self, recipe: Recipe):
@@ -421,27 +422,39 @@ class FSDPStrategy(DDPStrategy):
         )
 
     def model_state_bytes(self) -> dict[str, int]:
+        """This rank's parameter and optimizer-state bytes on its device and on the host (where
+        the shards are; in a CPU run, the blocks FSDP2 was told to offload)."""
         from memtrain.optim.memory import measured_state_bytes
         from memtrain.optim.sharded import local
 
-        params = sum(local(p).nbytes for p in self.model.parameters())
-        return {"params": params, "optimizer": sum(measured_state_bytes(self.optimizer).values())}
+        out = {"params": 0, "optimizer": 0, "host_params": 0, "host_optimizer": 0}
+        states = measured_state_bytes(self.optimizer)
+        for p in self.model.parameters():
+            if self.device.type == "cpu":
+                host = id(p) in self.host_param_ids
+            else:
+                host = local(p).device.type == "cpu"
+            out[("host_" if host else "") + "params"] += local(p).nbytes
+            out[("host_" if host else "") + "optimizer"] += states.get(id(p), 0)
+        return out
 
     def setup(self, prepared, recipe: Recipe, out_dir: Path) -> None:
-        from torch.distributed.fsdp import fully_shard
-
         from memtrain.models.build import causal_lm_layers
+        from memtrain.offload.fsdp import shard_as_planned
         from memtrain.optim import build_optimizer
         from memtrain.optim.memory import parse_optimizer_spec
 
         self.model = self.forward = prepared.model
         self.clip, self.keep = recipe.schedule.grad_clip, recipe.train.keep_checkpoints
         self.path = out_dir / FSDP_CHECKPOINTS
-        for layer in causal_lm_layers(self.model):
-            if layer.kind == "block":
-                for block in layer.modules:
-                    fully_shard(block)
-        fully_shard(self.model)
+        self.host_blocks = shard_as_planned(self.model, prepared.plan)
+        self.host_param_ids = {  # the sharded parameters (DTensors) of those blocks
+            id(p)
+            for layer in causal_lm_layers(self.model)
+            if layer.name in self.host_blocks
+            for module in layer.modules
+            for p in module.parameters()
+        }
         opt = recipe.optimizer
         spec = parse_optimizer_spec(opt.spec)
         decay = float(spec.options.get("weight_decay", opt.weight_decay))

@@ -357,7 +357,8 @@ def test_fsdp_engine_plans_each_ranks_rows_of_the_states(tiny_path, capsys):
             assert rank.optimizer_state_bytes == pytest.approx(even.optimizer_state_bytes, rel=0.02)
         else:
             assert rank.optimizer_state_bytes > 1.2 * even.optimizer_state_bytes
-    # The CLI plans it: ZeRO stage 3 and no fp32 master weights implied; states stay on the GPU.
+    # The CLI plans it: ZeRO stage 3 and no fp32 master weights implied; the states fit on the
+    # GPU, so they stay there.
     code = main(
         ["plan", "--model", tiny_path, "--seq", str(SEQ), "--world-size", "4", "--engine", "fsdp"]
         + ["--optimizer", "galore:rank=8", "--gpu-budget", "1GiB", "--cpu", "1GiB", "--json"]
@@ -386,3 +387,55 @@ def test_fsdp_buffers_hold_the_root_and_two_blocks_at_any_world_size(whole):
         fsdp = Parallelism(world_size=world, zero_stage=3, master_weights=False, engine="fsdp")
         assert comm_buffer_bytes(whole, fsdp) == expected
     assert comm_buffer_bytes(whole, Parallelism(zero_stage=3, master_weights=False)) == 0
+
+
+def test_fsdp_engine_offloads_whole_blocks_and_counts_no_master_copy():
+    """A rank whose GPU cannot hold every block's states puts whole blocks on the host, as
+    FSDP2's CPUOffloadPolicy runs them: parameters, gradients and optimizer states together, the
+    host holding the rank's rows of each in the model's dtype (no float32 masters). DeepSpeed
+    (the zero engine) keeps fp32 masters of a 16-bit model, and its per-rank states already
+    hold them: its host counts them once."""
+    from memtrain.hardware.request import HardwareRequest
+    from memtrain.models import build_causal_lm, load_config
+    from memtrain.optim.sharded_memory import layer_rank_state_bytes
+    from memtrain.planner.pipeline import PlanRequest, plan_model
+
+    def plan_for(engine: str):
+        split = Parallelism.of_engine(engine, world_size=2, zero_stage=3)
+        request = PlanRequest(
+            seq=2048,
+            optimizers=("adamw",),
+            dtype="bf16",
+            parallelism=split,
+            hardware=HardwareRequest("h100-sxm-80g", "6GiB", "64GiB"),
+        )
+        planned = plan_model("llama-3.2-1b", request)
+        rows = None
+        if engine == "fsdp":  # each rank's rows of the states (memtrain.optim.sharded_memory)
+            meta = build_causal_lm(load_config("llama-3.2-1b"), "bf16", "meta")
+            rows = layer_rank_state_bytes(meta, "adamw", 2)
+        rank = per_rank_profile(planned.profile, split, None, rows)
+        layers = {layer.name: layer for layer in rank.layers}
+        return planned.plan, layers
+
+    plan, layers = plan_for("fsdp")
+    placed = {(x.params, x.grads, x.optimizer) for x in plan.layers}
+    assert placed == {("gpu",) * 3, ("cpu",) * 3}
+    host = [x.name for x in plan.layers if x.optimizer == "cpu"]
+    assert host and all(name.startswith("block.") for name in host)
+    assert plan.predicted["host_resident_bytes"] == {
+        "params": sum(layers[n].param_bytes for n in host),
+        "grads": sum(layers[n].grad_bytes for n in host),
+        "optimizer": sum(layers[n].optimizer_state_bytes for n in host),  # bf16 moments
+    }
+    assert plan.predicted["peak_bytes"]["cpu"] >= sum(
+        plan.predicted["host_resident_bytes"].values()
+    )
+
+    plan, layers = plan_for("zero")
+    host = [x.name for x in plan.layers if x.optimizer == "cpu"]
+    assert host
+    # fp32 master and moments: 12 bytes a parameter, once
+    states = sum(layers[n].optimizer_state_bytes for n in host)
+    assert states == pytest.approx(6 * sum(layers[n].param_bytes for n in host), rel=1e-6)
+    assert plan.predicted["host_resident_bytes"]["optimizer"] == states

@@ -3,7 +3,8 @@
 Sharding the tiny Llama's weights along dim 0 changes nothing a GaLore step computes (every
 other optimizer: tests/optim/test_sharded.py): losses, gradient norms and final weights equal a
 2-rank DDP run's on the same data, each rank holds the parameter and state bytes its per-rank
-plan predicts, and a run whose every process is killed (SIGKILL) mid-run resumes from its DCP
+plan predicts on the device and on the host (the plan's budget puts a block's model states on
+the host, which FSDP2's CPU offload runs), and a run whose every process is killed (SIGKILL) mid-run resumes from its DCP
 checkpoint to exactly the uninterrupted run's weights.
 """
 
@@ -23,7 +24,7 @@ from memtrain.cli import main
 from tests.train.test_distributed_run import _run, _write
 
 FSDP = ["launcher.kind=fsdp", "launcher.nproc=2"]
-PLAN = {"gpu_budget_fraction": 0.85}  # some activations swapped or recomputed
+PLAN = {"gpu_budget_fraction": 0.85}  # FSDP2: a block's model states on the host
 
 
 def _metrics(out_dir: Path) -> list[dict]:
@@ -79,8 +80,13 @@ def test_fsdp_galore_equals_ddp_and_a_killed_run_resumes_exactly(tmp_path):
     # predicted to the byte here (even shards; uneven ones give rank 0 one row more).
     plan = yaml.safe_load((out / "plan.yaml").read_text())
     assert plan["parallelism"]["engine"] == "fsdp" and plan["parallelism"]["world_size"] == 2
+    # The budget leaves no room for every block's states: the plan puts a block's on the host,
+    # which FSDP2's CPU offload runs (its weights, gradients and GaLore states stepped there).
+    host = [x["name"] for x in plan["layers"] if x["optimizer"] == "cpu"]
+    assert host and all(x["params"] == x["optimizer"] for x in plan["layers"])
     held = summary["train"]["memory"]["model_states_per_rank"]
-    for kind in ("params", "optimizer"):
+    for kind in ("params", "optimizer", "host_params", "host_optimizer"):
+        assert held["predicted"][kind] > 0, kind
         for rank in held["measured"]:
             assert abs(rank[kind] - held["predicted"][kind]) <= 0.01 * held["predicted"][kind]
     a, b = _metrics(tmp_path / "ddp"), _metrics(out)

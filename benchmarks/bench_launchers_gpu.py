@@ -4,9 +4,10 @@ GPUs of one machine.
 A run is KIND[:NPROC] (``single``, ``torchrun``, ``fsdp``, ``deepspeed``); each is ``memtrain run
 RECIPE launcher.kind=KIND launcher.nproc=NPROC`` in a fresh process with the recipe's own plan,
 plus the ``--set`` overrides. Each row: tokens a second over the run and after its first step
-(every rank's tokens), the last step's time, the measured GPU peak of the fullest rank (max_memory_allocated) beside
-the plan's prediction for it and the error, and, under FSDP2, each rank's measured parameter
-and optimizer-state bytes beside the plan's.
+(every rank's tokens), the last step's time beside the plan's, the measured GPU peak of the
+fullest rank (max_memory_allocated) beside the plan's prediction for it and the error, the
+plan's host peak beside the process's peak resident set, and, under FSDP2, each rank's measured
+parameter and optimizer-state bytes on the device and on the host beside the plan's.
 
 Example (the FSDP2 GaLore recipe on one GPU, beside one process):
   python -m benchmarks.bench_launchers_gpu --recipe recipes/llama-1b-fsdp-galore.yaml \\
@@ -21,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from benchmarks.harness import GiB, parser, results_for
 
@@ -39,6 +42,12 @@ def run_one(recipe: str, spec: str, overrides: list[str], out_dir: Path) -> dict
     train = json.loads(summary_path.read_text())["train"]
     memory = train["memory"]
     metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").open()]
+    plan = (
+        yaml.safe_load((out_dir / "plan.yaml").read_text())
+        if (out_dir / "plan.yaml").exists()
+        else None
+    )
+    predicted_step = plan["predicted"]["step_time_s"] if plan else None
     row: dict[str, Any] = {
         "run": spec,
         "status": "ok",
@@ -50,6 +59,9 @@ def run_one(recipe: str, spec: str, overrides: list[str], out_dir: Path) -> dict
         "measured_gpu_peak_gib": _gib(memory.get("measured_gpu_peak_bytes")),
         "predicted_gpu_peak_gib": _gib(memory.get("predicted_gpu_peak_bytes")),
         "error": memory.get("error"),
+        "predicted_step_s": predicted_step,
+        "predicted_host_peak_gib": _gib(memory.get("predicted_host_peak_bytes")),
+        "measured_host_rss_peak_gib": _gib(memory.get("measured_host_rss_peak_bytes")),
     }
     if "model_states_per_rank" in memory:
         row["model_states_per_rank"] = memory["model_states_per_rank"]

@@ -521,10 +521,22 @@ def gpu_memory_limit(limit: str | int | None, plan: PlanSection, device) -> dict
     return out
 
 
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set (Linux reports kilobytes; None where unknown)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)
+
+
 def memory_summary(
     prepared, device: torch.device, limit: int | None = None, enforced: bool = False
 ) -> dict[str, Any]:
-    """Measured against predicted device memory (measured only where an allocator reports it)."""
+    """Measured against predicted device memory (measured only where an allocator reports it),
+    and the plan's host peak beside the process's peak resident set (which also holds the
+    libraries, the data and whatever the plan does not place)."""
     predicted = None
     if prepared.plan is not None:
         predicted = prepared.plan.predicted["peak_bytes"].get("gpu")
@@ -537,6 +549,11 @@ def memory_summary(
         result["error"] = (measured - predicted) / predicted
     if device.type == "cuda":  # what the allocator held, fragmentation included
         result["measured_gpu_reserved_peak_bytes"] = torch.cuda.max_memory_reserved(device)
+    if prepared.plan is not None:
+        result["predicted_host_peak_bytes"] = prepared.plan.predicted["peak_bytes"].get("cpu")
+    rss = peak_rss_bytes()
+    if rss is not None:
+        result["measured_host_rss_peak_bytes"] = rss
     if limit is not None:
         result["gpu_memory_limit_bytes"] = limit
         result["gpu_memory_limit_enforced"] = enforced

@@ -90,3 +90,17 @@ def test_offloaded_blocks_train_exactly_as_resident_ones(tmp_path: Path):
     assert moved > 1e-3  # the steps did move the weights
     for key in resident:
         assert torch.equal(resident[key], offloaded[key]), key
+
+
+def test_adam_on_host_shards_takes_the_fused_kernel_unless_the_spec_picks_one():
+    from memtrain.optim.memory import parse_optimizer_spec
+    from memtrain.train.strategy import host_step_spec
+
+    def options(text: str, on_host: bool = True) -> dict:
+        return host_step_spec(parse_optimizer_spec(text), on_host).options
+
+    assert options("adamw") == {"fused": True}
+    assert options("adam:eps=1e-6")["fused"] is True
+    assert options("adamw", on_host=False) == {}
+    assert options("adamw:foreach=false") == {"foreach": False}
+    assert "fused" not in options("galore:rank=8")

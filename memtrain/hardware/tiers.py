@@ -73,7 +73,10 @@ class HardwareModel:
     cpu_optimizer_bandwidth: float = DEFAULT_CPU_OPTIMIZER_BANDWIDTH
     allocator_margin: float = 0.05
     gpu_reserved_bytes: int = GiB // 2
-    tile_overhead_s: float = 50e-6  # fixed cost of one extra sequence chunk in one layer pass
+    # Host time to issue one sequence chunk of one layer pass (memtrain.planner.costmodel.
+    # chunk_issue_time): about 4 ms for a Llama block under token-wise recompute (measured on an
+    # H100 host: Llama-3.1-8B at 8,192 tokens in 8 chunks was host-bound at 4-5 ms a chunk pass).
+    tile_overhead_s: float = 4e-3
     source: str = ""
     notes: list[str] = field(default_factory=list)
     # What ``memtrain calibrate`` read on the machine (None: not measured): MemAvailable and the

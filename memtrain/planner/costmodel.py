@@ -210,6 +210,16 @@ def host_states(problem: PlanProblem, layer: LayerCosts) -> float:
     return layer.host_state_bytes if problem.host_masters else layer.state_bytes
 
 
+def chunk_issue_time(pass_time: float, chunks: int, issue_s: float) -> float:
+    """Seconds a layer pass of ``pass_time`` on the GPU takes beyond that when split into
+    ``chunks`` sequence chunks, each taking ``issue_s`` of host time to issue: the GPU runs
+    one chunk while the host issues the next, so the pass takes the longer of the two, and
+    the chunks cost nothing more while the GPU work is longer."""
+    if chunks <= 1:
+        return 0.0
+    return max(0.0, chunks * issue_s - max(pass_time, issue_s))
+
+
 def _mode(j: int, mode: str) -> Lin:
     return Lin.var((j, "m", mode))
 
@@ -339,14 +349,18 @@ def build_terms(
             )
         )
 
-        extra = (chunks - 1) * hardware.tile_overhead_s if layer.tileable and chunks > 1 else 0.0
-        recompute = layer.recompute_time * _frac(j, "x", "rec")
+        tiled = layer.tileable and chunks > 1
+        issue = hardware.tile_overhead_s
+        extra_fwd = chunk_issue_time(layer.forward_time, chunks, issue) if tiled else 0.0
+        extra_bwd = chunk_issue_time(layer.backward_time, chunks, issue) if tiled else 0.0
+        extra_rec = chunk_issue_time(layer.recompute_time, chunks, issue) if tiled else 0.0
+        recompute = (layer.recompute_time + extra_rec) * _frac(j, "x", "rec")
         if layer.droppable_anchor:  # whole-layer checkpointing also reruns attention
             recompute = recompute + (layer.forward_time - layer.recompute_time) * _frac(
                 j, "f", "full"
             )
         compute_parts += [
-            Lin(const=layer.forward_time + layer.backward_time + 2 * extra),
+            Lin(const=layer.forward_time + layer.backward_time + extra_fwd + extra_bwd),
             recompute,
         ]
 
@@ -357,7 +371,9 @@ def build_terms(
         fwd = [out_bytes * (1 / d2h), in_bytes * (1 / h2d), (out_bytes + in_bytes) * (1 / duplex)]
         for t in host:
             fwd.append(swapped[j][t] * (1 / hardware.tiers[t].write_bandwidth))
-        windows.append(Window(f"forward {layer.name}", Lin(const=layer.forward_time + extra), fwd))
+        windows.append(
+            Window(f"forward {layer.name}", Lin(const=layer.forward_time + extra_fwd), fwd)
+        )
 
         # Backward window: prefetch of layer j-1's swapped bytes, streamed parameters,
         # gradients going to a host optimizer.
@@ -370,7 +386,7 @@ def build_terms(
         windows.append(
             Window(
                 f"backward {layer.name}",
-                Lin(const=layer.backward_time + extra) + recompute,
+                Lin(const=layer.backward_time + extra_bwd) + recompute,
                 bwd,
             )
         )

@@ -467,14 +467,11 @@ class FSDPStrategy(DDPStrategy):
         step_sharded(self.optimizer, self.optimizer_name)
 
     def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, float | None]:
-        from torch.distributed.tensor import DTensor
-
         loss = self.model(input_ids=ids, labels=ids).loss
         loss.backward()  # reduce-scatter: each rank gets its shard of the averaged gradients
         grad_norm = None
         if self.clip:
-            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-            grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+            grad_norm = clip_when_needed(list(self.model.parameters()), self.clip)
         self.optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
@@ -528,6 +525,21 @@ class FSDPStrategy(DDPStrategy):
             for old in stale_tags(self.path, step, self.keep):
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
+
+
+def clip_when_needed(params: list[torch.Tensor], max_norm: float) -> float:
+    """``clip_grad_norm_`` (sharded gradients included), returning the norm, that scales the
+    gradients only when the norm is over ``max_norm``: torch multiplies by a coefficient clamped
+    to 1 to avoid a device sync, a pass over every gradient that changes nothing, and under
+    FSDP2's CPU offload a pass over host memory (0.5 s of an 8B model's step)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = nn.utils.get_total_norm(grads, 2.0)
+    total = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if max_norm / (total + 1e-6) < 1.0:
+        nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return total
 
 
 def host_step_spec(spec, on_host: bool):

@@ -104,3 +104,22 @@ def test_adam_on_host_shards_takes_the_fused_kernel_unless_the_spec_picks_one():
     assert options("adamw", on_host=False) == {}
     assert options("adamw:foreach=false") == {"foreach": False}
     assert "fused" not in options("galore:rank=8")
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clipping_scales_only_over_the_limit_and_equals_torch(max_norm):
+    from memtrain.train.strategy import clip_when_needed
+
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(30, 7, generator=gen)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs, strict=True):
+        a.grad = torch.randn(a.shape, generator=gen)
+        b.grad = a.grad.clone()
+    before = [p.grad for p in ours]
+    norm = clip_when_needed(ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert norm == pytest.approx(float(expected), rel=1e-6)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.grad, b.grad)
+    assert all(a is b for a, b in zip(before, [p.grad for p in ours], strict=True))

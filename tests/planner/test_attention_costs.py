@@ -3,6 +3,8 @@ set is not divided by sequence chunks, and what fits is kept rather than swapped
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from memtrain.hardware.tiers import load_hardware
@@ -108,3 +110,32 @@ def test_blocks_drop_stored_attention_when_memory_is_short(profile_64k):
     assert tight.predicted["step_time_s"] > roomy.predicted["step_time_s"]
     usable = tight.to_dict()["hardware"]["usable_bytes"]["gpu"]
     assert tight.predicted["peak_bytes"]["gpu"] <= usable
+
+
+def test_chunks_cost_host_time_only_where_it_outlasts_the_gpu_work():
+    from memtrain.planner.costmodel import chunk_issue_time
+
+    assert chunk_issue_time(0.001, 1, 4e-3) == 0.0  # one chunk: nothing extra
+    assert chunk_issue_time(1.0, 64, 4e-3) == 0.0  # 64 x 4 ms hides behind a 1 s pass
+    assert chunk_issue_time(0.010, 8, 4e-3) == pytest.approx(8 * 4e-3 - 0.010)
+    assert chunk_issue_time(0.001, 8, 4e-3) == pytest.approx(7 * 4e-3)  # host-bound throughout
+
+
+def test_a_short_sequence_is_not_cut_into_many_chunks(profile):
+    """8,192 tokens of the 1.2B Llama: each block pass is a few milliseconds on the GPU, so
+    every chunk beyond what memory needs costs its host time and the plan takes one; priced as
+    free, chunks lower the peak at no cost and the plan takes many."""
+    hardware = load_hardware("h100-sxm-80g", gpu_budget="12GiB")
+    tight = make_plan(profile, hardware, PlanOptions(fused_loss=True))
+    free = make_plan(profile, replace(hardware, tile_overhead_s=0.0), PlanOptions(fused_loss=True))
+    assert tight.chunks == 1 < free.chunks  # free chunks: as many as lower the peak
+    eight = make_plan(profile, hardware, PlanOptions(fused_loss=True, chunk_options=[8]))
+    priced = (
+        eight.predicted["compute_s"]
+        - make_plan(
+            profile,
+            replace(hardware, tile_overhead_s=0.0),
+            PlanOptions(fused_loss=True, chunk_options=[8]),
+        ).predicted["compute_s"]
+    )
+    assert priced > 0  # 8 chunks of a few-millisecond pass are host-bound

@@ -137,3 +137,24 @@ def _nvme_path(policy: OffloadPolicy) -> str:
     if not policy.nvme_path:
         raise MemtrainError("the plan offloads to NVMe but names no path; plan with --nvme PATH")
     return str(policy.nvme_path)
+
+
+# Where ZeRO's optimizers keep each rank's fp32 partition (the master weights): stage 3, and
+# stages 1 and 2.
+_FP32_PARTITIONS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups")
+
+
+def zero_state_tensors(optimizer: Any) -> list[Any] | None:
+    """The tensors a ZeRO optimizer keeps for one rank's optimizer state: its fp32 partitions
+    and the states of the optimizer that steps them (None: not a ZeRO optimizer)."""
+    import torch
+
+    partitions = [getattr(optimizer, name, None) for name in _FP32_PARTITIONS]
+    partitions = [p for p in partitions if isinstance(p, list)]
+    inner = getattr(optimizer, "optimizer", None)
+    if not partitions or inner is None or not hasattr(inner, "state"):
+        return None
+    tensors = [t for group in partitions for t in group if isinstance(t, torch.Tensor)]
+    for state in inner.state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return [t for t in tensors if t.numel() > 0]

@@ -72,8 +72,9 @@ class Parallelism:
     ranks share each sequence (it must divide ``world_size``; the other factor is data parallel).
     ``gpus_per_node`` ranks share one host (its CPU optimizer bandwidth).
     ``interconnect_bandwidth`` (bytes/s per GPU for collectives) overrides the device preset's.
-    ``master_weights``: fp32 master weights and fp32 optimizer states for 16-bit training, as
-    DeepSpeed keeps them; ``None`` turns them on with ZeRO (stage >= 1).
+    ``master_weights``: fp32 master weights and fp32 optimizer states, as DeepSpeed keeps them
+    (its fp32 partition is a copy of fp32 weights too); ``None`` turns them on with ZeRO
+    (stage >= 1).
     ``engine``: ``"zero"`` (DeepSpeed's flat partitions: every byte of state divided by the
     ranks) or ``"fsdp"`` (FSDP2 splits each weight's rows; what each rank keeps of an
     optimizer's states follows :mod:`memtrain.optim.sharded_memory`).
@@ -137,18 +138,18 @@ class Parallelism:
             master_weights = False if master_weights is None else master_weights
         return cls(zero_stage=zero_stage, master_weights=master_weights, engine=engine, **split)
 
-    def engine_options(self, options: Any, dtype: str) -> Any:
-        """``options`` (a PlanOptions) for what this engine executes on a model of ``dtype``.
+    def engine_options(self, options: Any) -> Any:
+        """``options`` (a PlanOptions) for what this engine executes.
 
         FSDP2's CPU offload (``CPUOffloadPolicy`` on a block's ``fully_shard``) moves a block's
         parameters, gradients and optimizer states together, and its optimizer steps those
         shards in their own dtype on the CPU (no float32 master copy). DeepSpeed runs every
-        placement; where it keeps fp32 master weights of a 16-bit model, the per-rank states
-        already hold them (:func:`per_rank_profile`), so its host step adds no second copy."""
+        placement; where it keeps fp32 master weights, the per-rank states already hold them
+        (:func:`per_rank_profile`), so its host step adds no second copy."""
         from dataclasses import replace
 
         if self.engine != "fsdp":
-            if self.uses_master_weights and _dtype_bytes(dtype) < 4:
+            if self.uses_master_weights:
                 return replace(options, host_masters=False)
             return options
         return replace(
@@ -344,7 +345,8 @@ def per_rank_profile(
     parallelism.check(profile.seq, attention)
     bandwidth = parallelism.bandwidth(profile.target)
     elem = _dtype_bytes(profile.dtype)
-    master = parallelism.uses_master_weights and elem < 4
+    # DeepSpeed's ZeRO keeps an fp32 copy of each rank's partition, a clone even of fp32 weights
+    master = parallelism.uses_master_weights
     share = (n - 1) / n
     replicate_kv = attention is not None and sp > 1 and attention.kv_heads < sp
 
@@ -352,7 +354,7 @@ def per_rank_profile(
     for layer in profile.layers:
         params, grads, states = layer.param_bytes, layer.grad_bytes, layer.optimizer_state_bytes
         if master and grads > 0:
-            # fp32 moments in place of the 16-bit ones, plus an fp32 copy of the weights.
+            # fp32 moments in place of narrower ones, plus an fp32 copy of the weights.
             states = states * 4 // elem + params * 4 // elem
         if state_bytes is not None and layer.name in state_bytes:
             states = int(state_bytes[layer.name])

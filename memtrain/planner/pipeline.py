@@ -96,7 +96,7 @@ def plan_model(model: Any, request: PlanRequest, reuse: Plan | None = None) -> P
         )
     options = request.options
     if per_rank:  # the placements the sharding engine can run
-        options = split.engine_options(options, candidates[0][1].dtype)
+        options = split.engine_options(options)
     if options.step_in_backward and options.step_bytes is None:
         step_bytes, step_notes = _step_bytes(model, request)
         options = replace(options, step_bytes=step_bytes)

@@ -318,6 +318,32 @@ class DeepSpeedStrategy(DDPStrategy):
     def param_groups(self) -> list[dict[str, Any]]:
         return self.engine.optimizer.param_groups
 
+    def model_state_bytes(self) -> dict[str, int] | None:
+        """This rank's parameter bytes (its ZeRO-3 partitions) and optimizer-state bytes (the
+        fp32 partitions ZeRO keeps as master weights, and the states of the optimizer that
+        steps them), on its device and on the host; None where the engine's optimizer is not
+        one of ZeRO's."""
+        from memtrain.offload.deepspeed import zero_state_tensors
+
+        tensors = zero_state_tensors(self.engine.optimizer)
+        if tensors is None:
+            return None
+        out = {"params": 0, "optimizer": 0, "host_params": 0, "host_optimizer": 0}
+        on_host = self.device.type != "cpu"  # in a CPU run, host and device are one memory
+        for p in self.model.parameters():
+            part = getattr(p, "ds_tensor", p)
+            where = "host_params" if on_host and part.device.type == "cpu" else "params"
+            out[where] += part.numel() * part.element_size()
+        seen: set[int] = set()
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            if storage._cdata in seen:
+                continue
+            seen.add(storage._cdata)
+            where = "host_optimizer" if on_host and tensor.device.type == "cpu" else "optimizer"
+            out[where] += storage.nbytes()
+        return out
+
     def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, float | None]:
         if self.ulysses is None:
             loss = backward = self.engine(input_ids=ids, labels=ids).loss

@@ -231,6 +231,15 @@ def test_deepspeed_zero3_two_ranks_trains_and_resumes(tmp_path):
     split = plan["parallelism"]
     assert (split["engine"], split["zero_stage"], split["world_size"]) == ("zero", 3, 2)
     assert "ZeRO partition" in summary["train"]["memory"]["note"]
+    # What each rank holds, measured in the engine: its ZeRO-3 partitions of the weights, and
+    # the fp32 partitions (masters, a copy even of fp32 weights) with AdamW's moments on them,
+    # against the plan's bytes (device and host together: on the CPU they are one memory).
+    held = summary["train"]["memory"]["model_states_per_rank"]
+    for kind in ("params", "optimizer"):
+        predicted = held["predicted"][kind] + held["predicted"][f"host_{kind}"]
+        for rank in held["measured"]:
+            measured = rank[kind] + rank[f"host_{kind}"]
+            assert abs(measured - predicted) <= 0.02 * predicted, (kind, measured, predicted)
     # Resume through engine.load_checkpoint: one more step, metrics continue.
     _run(path, "schedule.steps=3", "train.checkpoint_every=3")
     summary = json.loads((out / "summary.json").read_text())

@@ -276,6 +276,11 @@ class OffloadHandle:
             )
 
     @property
+    def attention_parts(self) -> list[BlockParts]:
+        """The parts of the layers whose mode calls the attention kernels itself."""
+        return list(self._attention_parts)
+
+    @property
     def own_attention_layers(self) -> list[str]:
         """Layers whose mode calls the attention kernels itself (token-wise or tiled recompute)
         instead of the model's attention function."""

@@ -72,6 +72,9 @@ class BlockParts:
         self.routers_collected = False
         self.fused_failed = False  # the fused kernels refused this layer's shapes
         self.fused_ran = False
+        # Under Ulysses sequence parallelism (memtrain.offload.sequence_exchange): attention
+        # runs on all tokens of this rank's heads, between all-to-alls
+        self.exchange = None
 
     def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         return self.adapter.qkv(h, cos, sin)
@@ -222,7 +225,17 @@ class _StoredAttention(torch.autograd.Function):
         q_r, k_r, v_r = _regenerate(parts, h_r, cos, sin, ns, chunks)
         q, k, v = _join(q_s, q_r), _join(k_s, k_r), _join(v_s, v_r)
         del q_r, k_r, v_r
+        exchange = parts.exchange
+        if exchange is not None:  # all tokens of this rank's heads
+            if mask is not None:
+                raise MemtrainError(
+                    f"layer {parts.name}: token-wise recompute under sequence parallelism runs "
+                    "causal attention only; this batch has an attention mask beyond it"
+                )
+            q, k, v = exchange.to_heads(q), exchange.to_heads(k), exchange.to_heads(v)
         out, lse, extra = parts.attention(q, k, v, mask)
+        if exchange is not None:
+            out = exchange.to_tokens(out)
         batch, heads, tokens, dim = out.shape
         a = out.transpose(1, 2).reshape(batch, tokens, heads * dim)
         ctx.parts = parts
@@ -244,7 +257,12 @@ class _StoredAttention(torch.autograd.Function):
         batch, tokens, heads, dim = ctx.out_shape
         out = a.view(batch, tokens, heads, dim).transpose(1, 2)
         grad_out = grad_a.reshape(batch, tokens, heads, dim).transpose(1, 2)
-        rows_run = parts.rows_run(ctx.extra)
+        exchange = parts.exchange
+        if exchange is not None:  # the kernel's layout: all tokens of this rank's heads
+            out, grad_out = exchange.to_heads(out), exchange.to_heads(grad_out)
+        # query rows in sequence order interleave with the rebuild of this rank's tokens: not
+        # where the rows hold every rank's tokens
+        rows_run = parts.rows_run(ctx.extra) and exchange is None
         if not ctx.out_strided and not rows_run:  # the kernel's own layout (rows: per chunk)
             out = out.contiguous()
         rebuild = _Rebuild(parts, h_r, cos, sin, ns, weights, ctx.needs_input_grad[3], ctx.autocast)
@@ -260,8 +278,12 @@ class _StoredAttention(torch.autograd.Function):
         else:  # the whole-sequence kernel, then each recomputed chunk's pre-attention work
             q = _join(q_s, regenerated[0])
             del regenerated
+            if exchange is not None:
+                q, k, v = exchange.to_heads(q), exchange.to_heads(k), exchange.to_heads(v)
             dq, dk, dv = parts.attention_backward(grad_out, q, k, v, out, lse, ctx.extra)
             del q
+            if exchange is not None:  # back to this rank's tokens, every head
+                dq, dk, dv = exchange.to_tokens(dq), exchange.to_tokens(dk), exchange.to_tokens(dv)
             for start, end in reversed(chunk_ranges(ns, tokens, chunks)):
                 span = slice(start, end)
                 pending = rebuild.open(start, end)

@@ -71,18 +71,23 @@ def check_model(model: torch.nn.Module, degree: int) -> None:
         )
 
 
-def check_plan(handle: Any, degree: int) -> None:
-    """Refuse a plan whose layers run token-wise or tiled recompute: those modes call the
-    attention kernels themselves, outside the Ulysses all-to-all. Keep, swap, whole-layer
-    recompute (which reruns the layer, exchanges included) and MLP chunks run inside each rank."""
-    names = [] if handle is None or degree == 1 else handle.own_attention_layers
-    if names:
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        raise ConfigError(
-            f"launcher.sequence_parallel={degree}: the plan recomputes {shown} token-wise, "
-            "which runs attention outside Ulysses; give the plan more GPU memory "
-            "(plan.gpu_budget) or set plan.enabled=false"
-        )
+def exchange_plan(handle: Any, group: Any, degree: int) -> int:
+    """Give the plan's layers that call the attention kernels themselves (token-wise and tiled
+    recompute) Ulysses' all-to-alls around those calls (memtrain.offload.sequence_exchange);
+    keep, swap, whole-layer recompute (which reruns the layer, exchanges included) and MLP
+    chunks run inside each rank as they are. Heads that do not split evenly over the ranks are
+    refused in one line. Returns how many layers exchange."""
+    if handle is None or degree == 1:
+        return 0
+    from memtrain.offload.sequence_exchange import HeadExchange
+
+    exchange = HeadExchange(group, degree)
+    parts = handle.attention_parts
+    for part in parts:
+        exchange.check_heads(part.spec.heads, part.spec.kv_heads, part.name)
+    for part in parts:
+        part.exchange = exchange
+    return len(parts)
 
 
 class UlyssesSP:

@@ -296,12 +296,17 @@ class DeepSpeedStrategy(DDPStrategy):
             (out_dir / "deepspeed_config.json").write_text(json.dumps(config, indent=1))
         mpu = None
         if self.sequence_parallel > 1:
-            from memtrain.train.sequence_parallel import UlyssesSP, check_plan
+            from memtrain.train.sequence_parallel import UlyssesSP, exchange_plan
 
-            check_plan(prepared.handle, self.sequence_parallel)
             self.ulysses = UlyssesSP(
                 self.model, self.sequence_parallel, recipe.data.batch, recipe.data.seq
             )
+            try:  # token-wise layers run their own attention: between Ulysses' all-to-alls
+                exchange_plan(prepared.handle, self.ulysses.group, self.sequence_parallel)
+            except MemtrainError:
+                self.ulysses.close()
+                self.ulysses = None
+                raise
             mpu = self.ulysses.mpu  # gradients reduced over the sequence and data ranks
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(

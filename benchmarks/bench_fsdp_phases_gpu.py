@@ -55,7 +55,7 @@ def main() -> None:
     from memtrain.optim import build_optimizer
     from memtrain.optim.memory import parse_optimizer_spec
     from memtrain.planner.distributed import Parallelism
-    from memtrain.train.strategy import clip_when_needed, host_step_spec
+    from memtrain.train.fsdp_step import clip_when_needed, host_step_spec
     from memtrain.units import parse_bytes
 
     cuda = args.device == "cuda"

@@ -36,6 +36,7 @@ from memtrain.train.checkpoint import (
     clear_partial,
     newest_good,
 )
+from memtrain.train.fsdp_step import clip_when_needed
 from memtrain.train.launch import DEEPSPEED_OPTIMIZERS, World
 from memtrain.train.recipe import Recipe
 
@@ -474,6 +475,7 @@ class FSDPStrategy(DDPStrategy):
         from memtrain.offload.fsdp import shard_as_planned
         from memtrain.optim import build_optimizer
         from memtrain.optim.memory import parse_optimizer_spec
+        from memtrain.train.fsdp_step import host_step_spec
 
         self.model = self.forward = prepared.model
         self.clip, self.keep = recipe.schedule.grad_clip, recipe.train.keep_checkpoints
@@ -556,35 +558,6 @@ class FSDPStrategy(DDPStrategy):
             for old in stale_tags(self.path, step, self.keep):
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
-
-
-def clip_when_needed(params: list[torch.Tensor], max_norm: float) -> float:
-    """``clip_grad_norm_`` (sharded gradients included), returning the norm, that scales the
-    gradients only when the norm is over ``max_norm``: torch multiplies by a coefficient clamped
-    to 1 to avoid a device sync, a pass over every gradient that changes nothing, and under
-    FSDP2's CPU offload a pass over host memory (0.5 s of an 8B model's step)."""
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = nn.utils.get_total_norm(grads, 2.0)
-    total = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    if max_norm / (total + 1e-6) < 1.0:
-        nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return total
-
-
-def host_step_spec(spec, on_host: bool):
-    """torch's Adam/AdamW with its fused kernel where FSDP2 steps some shards on the CPU and the
-    spec picks no implementation: torch's default there is a loop over the tensors, which
-    steps bf16 shards several times slower (benchmarks/bench_host_optimizer.py --dtype
-    bfloat16); the update is AdamW's either way."""
-    from dataclasses import replace
-
-    if not on_host or spec.name not in ("adamw", "adam"):
-        return spec
-    if {"fused", "foreach"} & set(spec.options):
-        return spec
-    return replace(spec, options={**spec.options, "fused": True})
 
 
 def _ranks_per_host(world: World) -> int:

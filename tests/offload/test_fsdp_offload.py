@@ -94,7 +94,7 @@ def test_offloaded_blocks_train_exactly_as_resident_ones(tmp_path: Path):
 
 def test_adam_on_host_shards_takes_the_fused_kernel_unless_the_spec_picks_one():
     from memtrain.optim.memory import parse_optimizer_spec
-    from memtrain.train.strategy import host_step_spec
+    from memtrain.train.fsdp_step import host_step_spec
 
     def options(text: str, on_host: bool = True) -> dict:
         return host_step_spec(parse_optimizer_spec(text), on_host).options
@@ -108,7 +108,7 @@ def test_adam_on_host_shards_takes_the_fused_kernel_unless_the_spec_picks_one():
 
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])
 def test_clipping_scales_only_over_the_limit_and_equals_torch(max_norm):
-    from memtrain.train.strategy import clip_when_needed
+    from memtrain.train.fsdp_step import clip_when_needed
 
     gen = torch.Generator().manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(30, 7, generator=gen)) for _ in range(3)]

@@ -24,6 +24,8 @@ from memtrain.train.sequence_parallel import UlyssesSP, exchange_plan
 from tests.train.test_run_and_resume import TINY
 
 TOLERANCE = 1e-5
+# A rank's plan with no host memory and a budget its activations do not fit: token-wise recompute
+TOKENWISE = {"gpu_budget_fraction": 0.6, "cpu": "0"}
 
 
 def _write(
@@ -164,11 +166,13 @@ def test_zero3_two_ranks_share_each_sequence_as_one_process_across_a_resume(tmp_
 @pytest.mark.slow
 def test_four_ranks_two_sequence_groups_as_two_data_parallel_ranks(tmp_path):
     """SP=2 x DP=2: each group reads its own batches, as each rank of a 2-rank data-parallel
-    run does, and the step is that run's."""
+    run does, and the step is that run's, here with every rank recomputing token-wise."""
     pytest.importorskip("deepspeed")
     before = _shm_buffers()
     want = _run(_write(tmp_path, "dp2", nproc=2, degree=1))
-    out = _run(_write(tmp_path, "sp2dp2", nproc=4, degree=2))
+    out = _run(_write(tmp_path, "sp2dp2", nproc=4, degree=2, plan=TOKENWISE))
+    layers = yaml.safe_load((out / "plan.yaml").read_text())["layers"]
+    assert any(x["recompute"] > 0 and x["name"].startswith("block.") for x in layers)
     assert _shm_buffers() <= before  # DeepSpeed's CPU all-reduce buffers are released
     ranks = json.loads((out / "summary.json").read_text())["train"]["ranks"]
     digests = [r["data_digest"] for r in ranks]
@@ -186,8 +190,7 @@ def test_tokenwise_recompute_inside_two_ranks_equals_one_process(tmp_path, one_p
     activations: the blocks recompute token-wise, calling attention themselves, on all tokens
     of the rank's heads between DeepSpeed's all-to-alls. Without the exchange each rank would
     attend over its own tokens only (a first loss 0.03 off)."""
-    plan = {"gpu_budget_fraction": 0.6, "cpu": "0"}
-    out = _run(_write(tmp_path, "sp2tokenwise", nproc=2, degree=2, plan=plan))
+    out = _run(_write(tmp_path, "sp2tokenwise", nproc=2, degree=2, plan=TOKENWISE))
     layers = yaml.safe_load((out / "plan.yaml").read_text())["layers"]
     assert any(x["recompute"] > 0 and x["name"].startswith("block.") for x in layers)
     _assert_same_steps(out, one_process)

@@ -180,6 +180,9 @@ def prepare(
 
     ``parallelism``: this process is one rank of that split (FSDP2 with ``engine="fsdp"``):
     the plan is the rank's, with its share of the weights, gradients and optimizer states.
+    With ``build_optimizer=False, state_offload=True`` it may put whole blocks' model states on
+    the host; shard the model with ``memtrain.offload.shard_as_planned(model, prepared.plan)``
+    so FSDP2's CPU offload runs them.
 
     ``step_in_backward``: the caller steps the optimizer inside backward
     (:func:`memtrain.optim.register_step_in_backward`), so the plan counts no resident

@@ -108,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="zero",
         help="zero: DeepSpeed ZeRO (states divided evenly); fsdp: the per-rank plan memtrain run "
         "executes with launcher.kind=fsdp (FSDP2 row shards: ZeRO stage 3, fp32 master weights "
-        "off, each optimizer's states split as it steps them)",
+        "off, each optimizer's states split as it steps them; blocks that do not fit go to "
+        "the host whole, as FSDP2's CPU offload runs them)",
     )
     multi.add_argument(
         "--master-weights",

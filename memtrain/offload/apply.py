@@ -277,14 +277,9 @@ class OffloadHandle:
 
     @property
     def attention_parts(self) -> list[BlockParts]:
-        """The parts of the layers whose mode calls the attention kernels itself."""
+        """The parts of the layers whose mode calls the attention kernels itself (token-wise or
+        tiled recompute) instead of the model's attention function."""
         return list(self._attention_parts)
-
-    @property
-    def own_attention_layers(self) -> list[str]:
-        """Layers whose mode calls the attention kernels itself (token-wise or tiled recompute)
-        instead of the model's attention function."""
-        return [parts.name for parts in self._attention_parts]
 
     def block_parts(self, module: nn.Module, name: str) -> BlockParts:
         """A Llama-family block's parts, whose attention kernel :meth:`stats` reports."""

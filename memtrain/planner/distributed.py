@@ -146,7 +146,7 @@ class Parallelism:
         shards in their own dtype on the CPU (no float32 master copy). DeepSpeed runs every
         placement; where it keeps fp32 master weights, the per-rank states already hold them
         (:func:`per_rank_profile`), so its host step adds no second copy."""
-        from dataclasses import replace
+        from memtrain.planner.costmodel import STREAMED_KINDS
 
         if self.engine != "fsdp":
             if self.uses_master_weights:
@@ -157,7 +157,7 @@ class Parallelism:
             allow_param_offload=options.allow_state_offload,
             state_modes=FSDP_STATE_MODES,
             host_masters=False,
-            streamed_kinds=("block",),
+            streamed_kinds=STREAMED_KINDS,  # FSDP2's units: one per decoder block
         )
 
     @property

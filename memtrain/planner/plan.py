@@ -214,29 +214,25 @@ def _layer_entry(layer, decision: LayerDecision, chunks: int) -> LayerPlan:
     )
 
 
-def _gpu_resident(problem: PlanProblem, decisions: list[LayerDecision]) -> dict[str, int]:
-    """Parameter, gradient and optimizer-state bytes on the GPU through the whole step."""
-    out = {"params": 0.0, "grads": 0.0, "optimizer": 0.0}
+def _resident(problem: PlanProblem, decisions: list[LayerDecision]) -> dict[str, dict[str, int]]:
+    """Parameter, gradient and optimizer-state bytes through the whole step: ``gpu`` those on
+    the GPU (``grads`` is 0 when stepping inside backward), ``host`` those it hands to the host
+    (states with their float32 masters where the host step keeps them)."""
+    out = {tier: {"params": 0.0, "grads": 0.0, "optimizer": 0.0} for tier in ("gpu", "host")}
     for layer, decision in zip(problem.layers, decisions, strict=True):
         where = STATE_MODES[decision.states]
-        out["params"] += layer.param_bytes if where["params"] == "gpu" else 0.0
-        out["grads"] += layer.grad_bytes if where["grads"] == "gpu" else 0.0
-        out["optimizer"] += layer.state_bytes if where["optimizer"] == "gpu" else 0.0
-    return {k: int(v) for k, v in out.items()}
-
-
-def _host_resident(problem: PlanProblem, decisions: list[LayerDecision]) -> dict[str, int]:
-    """Parameter, gradient and optimizer-state bytes the GPU hands to the host for the whole
-    step (states with their float32 masters where the host step keeps them)."""
-    out = {"params": 0.0, "grads": 0.0, "optimizer": 0.0}
-    for layer, decision in zip(problem.layers, decisions, strict=True):
-        where = STATE_MODES[decision.states]
-        out["params"] += layer.param_bytes if where["params"] != "gpu" else 0.0
-        out["grads"] += layer.grad_bytes if where["grads"] != "gpu" else 0.0
-        if where["optimizer"] != "gpu":
-            masters = master_bytes(layer.param_count) if problem.host_masters else 0.0
-            out["optimizer"] += host_states(problem, layer) + masters
-    return {k: int(v) for k, v in out.items()}
+        masters = master_bytes(layer.param_count) if problem.host_masters else 0.0
+        placed = {
+            "params": (layer.param_bytes, layer.param_bytes),
+            "grads": (layer.grad_bytes, layer.grad_bytes),
+            "optimizer": (layer.state_bytes, host_states(problem, layer) + masters),
+        }
+        for kind, (on_gpu, on_host) in placed.items():
+            if where[kind] == "gpu":
+                out["gpu"][kind] += on_gpu
+            else:
+                out["host"][kind] += on_host
+    return {tier: {k: int(v) for k, v in parts.items()} for tier, parts in out.items()}
 
 
 def _hardware_summary(hardware: HardwareModel) -> dict[str, Any]:
@@ -380,6 +376,7 @@ def make_plan(
     result = _solve(problem, hardware, options)
     if not result.feasible or result.evaluation is None:
         raise _infeasible(problem, hardware, options)
+    resident = _resident(problem, result.decisions)
     baselines: dict[str, dict[str, Any]] = {}
     for name in BASELINES:
         decisions = baseline_decisions(problem, hardware, name)
@@ -409,8 +406,8 @@ def make_plan(
         layers=layers,
         predicted={
             **result.evaluation.to_dict(),
-            "gpu_resident_bytes": _gpu_resident(problem, result.decisions),
-            "host_resident_bytes": _host_resident(problem, result.decisions),
+            "gpu_resident_bytes": resident["gpu"],
+            "host_resident_bytes": resident["host"],
             "gpu_moments": [[m, int(v)] for m, v in result.evaluation.gpu_moments],
         },
         baselines=baselines,

@@ -268,7 +268,6 @@ def prepare(
         if not build_optimizer:
             built = None
             if handle is not None and handle.needs_optimizer_offload:
-                handle.optimizer_attached = True  # the caller's optimizer moves the states
                 notes.append(
                     "model states off the GPU are the caller's engine's to move (DeepSpeed "
                     "ZeRO-Offload: memtrain.offload.deepspeed_config(plan); FSDP2: "

@@ -32,6 +32,22 @@ class HardwareRequest:
             self.hardware, gpu_budget=self.gpu_budget, cpu=self.cpu, cxl=self.cxl, nvme=self.nvme
         )
 
+    def check_sizes(self, where: str) -> None:
+        """Read every tier size now, so a bad one is a one-line error naming ``where`` (a
+        recipe section) even where nothing is planned from it (a dry-run-only recipe)."""
+        from memtrain.errors import ConfigError, MemtrainError
+        from memtrain.hardware.tiers import parse_nvme
+        from memtrain.units import parse_bytes
+
+        for name in ("gpu_budget", "cpu", "cxl", "nvme"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                parse_nvme(value) if name == "nvme" else parse_bytes(value)
+            except MemtrainError as exc:
+                raise ConfigError(f"{where}.{name}: {exc}") from None
+
     def hardware_request(self) -> HardwareRequest:
         """The hardware fields alone (from a subclass such as a recipe section)."""
         names = [f.name for f in fields(HardwareRequest)]

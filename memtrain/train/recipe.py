@@ -236,6 +236,9 @@ def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     if dry is not None and not dry.model:
         raise ConfigError(f"{source}: dry_run needs a model (a preset name or config path)")
     _check_optimizer(recipe.optimizer, source)
+    recipe.plan.check_sizes(f"{source}: plan")
+    if dry is not None:
+        dry.check_sizes(f"{source}: dry_run")
     fraction = recipe.plan.gpu_budget_fraction
     if fraction is not None and not 0 < fraction <= 1:
         raise ConfigError(f"{source}: plan.gpu_budget_fraction must be in (0, 1], got {fraction}")

@@ -37,6 +37,11 @@ def test_shipped_recipes_validate(path):
         ({"model": {"preset": "gpt2"}, "plan": {"gpu_budget_fraction": 1.5}}, "(0, 1]"),
         ({"model": {"preset": "gpt2"}, "train": {"resume": "yes"}}, "train.resume must be bool"),
         ([1, 2], "a YAML mapping"),
+        ({"model": {"preset": "gpt2"}, "plan": {"cpu": "lots"}}, "plan.cpu: cannot read size"),
+        (
+            {"dry_run": {"model": "gpt2", "only": True, "nvme": "2TB"}},
+            "dry_run.nvme: cannot read NVMe tier",
+        ),
     ],
 )
 def test_bad_recipes_are_refused(raw, message):
